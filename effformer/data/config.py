@@ -1,0 +1,104 @@
+"""The data part of a run's config: fields, defaults and validation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+# Field name -> default. `image_size` is set per dataset by `default_data_config`.
+_DEFAULTS: dict[str, Any] = {
+    "name": None,
+    "data_dir": None,
+    "image_size": None,
+    "crop_padding": 0,
+    "flip": False,
+    "randaugment_num_layers": 0,
+    "randaugment_magnitude": 0.0,
+    "random_erasing": 0.0,
+    "num_workers": 0,
+}
+FIELDS = tuple(_DEFAULTS)
+IMAGE_AUGMENTATION_FIELDS = ("crop_padding", "flip", "randaugment_num_layers", "random_erasing")
+
+
+def default_data_config(name: str) -> ml_collections.ConfigDict:
+    """Every data field for dataset ``name``, augmentation off, in-process loading.
+
+    Fields: ``name``; ``data_dir`` (None: $TFDS_DATA_DIR or ~/tensorflow_datasets);
+    ``image_size`` (resize target; None keeps the native size, 224 by default for
+    datasets whose images vary in size); ``crop_padding`` (random crop after zero
+    padding by this many pixels, 0 = off); ``flip`` (random horizontal flip);
+    ``randaugment_num_layers`` and ``randaugment_magnitude`` (0 = off; magnitude in
+    [0, 10]); ``random_erasing`` (probability, 0 = off); ``num_workers`` (worker
+    processes, 0 = in-process).
+    """
+    from effformer.data.registry import get_dataset_spec
+
+    spec = get_dataset_spec(name)
+    config = ml_collections.ConfigDict(dict(_DEFAULTS))
+    config.name = name
+    config.image_size = spec.default_image_size
+    return config
+
+
+def _fail(field: str, expected: str, value: Any) -> None:
+    raise ValueError(f"data config field {field!r}: expected {expected}, got {value!r}.")
+
+
+def validate_data_config(data_config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
+    """Checks field names and values; returns a plain dict with defaults filled in.
+
+    Raises:
+      ValueError naming the field, what it expects and what it received.
+    """
+    given = dict(data_config.to_dict() if hasattr(data_config, "to_dict") else data_config)
+    unknown = sorted(set(given) - set(FIELDS))
+    if unknown:
+        raise ValueError(
+            f"Unknown data config field(s) {unknown}; known fields are {list(FIELDS)}."
+        )
+    if given.get("name") is None:
+        raise ValueError("data config field 'name' is required (a dataset name), got None.")
+    from effformer.data.registry import get_dataset_spec
+
+    spec = get_dataset_spec(given["name"])
+    config = dict(_DEFAULTS)
+    config["image_size"] = spec.default_image_size
+    config.update(given)
+
+    if config["data_dir"] is not None and not isinstance(config["data_dir"], str):
+        _fail("data_dir", "a path string or None", config["data_dir"])
+    size = config["image_size"]
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+        _fail("image_size", "a positive int or None", size)
+    for field in ("crop_padding", "randaugment_num_layers", "num_workers"):
+        value = config[field]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            _fail(field, "an int >= 0", value)
+    if not isinstance(config["flip"], bool):
+        _fail("flip", "a bool", config["flip"])
+    magnitude = config["randaugment_magnitude"]
+    if (
+        isinstance(magnitude, bool)
+        or not isinstance(magnitude, int | float)
+        or not 0 <= magnitude <= 10
+    ):
+        _fail("randaugment_magnitude", "a number in [0, 10]", magnitude)
+    erasing = config["random_erasing"]
+    if isinstance(erasing, bool) or not isinstance(erasing, int | float) or not 0 <= erasing <= 1:
+        _fail("random_erasing", "a probability in [0, 1]", erasing)
+
+    if spec.task != "image_classification":
+        for field in IMAGE_AUGMENTATION_FIELDS:
+            if config[field]:
+                _fail(
+                    field,
+                    f"0/False for {spec.name!r} ({spec.task}: image augmentation does not apply)",
+                    config[field],
+                )
+        if config["image_size"] is not None:
+            _fail("image_size", f"None for {spec.name!r} ({spec.task})", config["image_size"])
+    elif spec.default_image_size is not None and config["image_size"] is None:
+        _fail("image_size", f"a positive int for {spec.name!r} (its images vary in size)", None)
+    return config
