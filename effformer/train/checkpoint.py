@@ -1,0 +1,158 @@
+"""Checkpoints: train state and data-iterator state, saved together by orbax.
+
+Layout of a workdir::
+
+    config.json            the resolved config (eval needs nothing else)
+    checkpoints/<step>/    state/ (TrainState arrays)  data/ (iterator state, JSON)
+    metrics.jsonl, tb/     metric logs
+
+Saves are asynchronous and atomic (orbax writes to a temporary directory and
+renames it when complete), so an interrupted save never replaces the last
+good checkpoint. A checkpoint that fails to restore is reported by name,
+moved aside to ``checkpoints/<step>.corrupt``, and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+CONFIG_FILE = "config.json"
+# Config fields that define what the checkpointed parameters are; a workdir
+# refuses a config that changes them.
+IDENTITY_FIELDS = ("model.name", "model.tiny", "model.kwargs", "data.name", "task.name")
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
+    path = Path(workdir) / CONFIG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
+    path = Path(workdir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No {CONFIG_FILE} in workdir {str(workdir)!r}: it is not a training workdir "
+            "(run `effformer train --config ... --workdir DIR` first)."
+        )
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def _field(config: Any, dotted: str) -> Any:
+    value = config
+    for part in dotted.split("."):
+        value = value.get(part) if hasattr(value, "get") else None
+    if isinstance(value, ml_collections.ConfigDict):
+        return json.loads(value.to_json_best_effort(sort_keys=True))
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def check_workdir_matches(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
+    """Raise if ``workdir`` already holds a run of a different model, dataset or task."""
+    if not (Path(workdir) / CONFIG_FILE).is_file():
+        return
+    saved = load_config(workdir)
+    for field in IDENTITY_FIELDS:
+        old, new = _field(saved, field), _field(config, field)
+        if old != new:
+            raise ValueError(
+                f"Workdir {str(workdir)!r} holds a run with config.{field}={old!r}, but this config has "
+                f"{new!r}. Use a new --workdir, or restore the original config.{field} to resume."
+            )
+
+
+class Checkpointer:
+    """Thin wrapper around ``ocp.CheckpointManager`` for (train state, data state)."""
+
+    def __init__(self, workdir: str | Path, config: ml_collections.ConfigDict | None = None):
+        config = config or ml_collections.ConfigDict(
+            dict(keep=2, best_metric="", best_mode="max", async_save=False)
+        )
+        self.directory = Path(workdir).absolute() / "checkpoints"
+        policies: list[Any] = [checkpoint_managers.LatestN(n=int(config.keep))]
+        if config.best_metric:
+            metric, sign = config.best_metric, (1.0 if config.best_mode == "max" else -1.0)
+            policies.append(
+                checkpoint_managers.BestN(
+                    get_metric_fn=lambda m: sign * float(m[metric]),
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
+        options = ocp.CheckpointManagerOptions(
+            create=True,
+            enable_async_checkpointing=bool(config.async_save),
+            preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data")
+        )
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_state: dict, metrics: dict | None = None) -> None:
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+        )
+        self.manager.save(step, args=args, metrics=metrics, force=True)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, dict] | None:
+        """Restore ``step`` (default: the latest that restores cleanly).
+
+        Returns (step, state, data_state), or None when there is no checkpoint.
+        ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with shardings.
+        """
+        steps = self.all_steps()
+        if step is not None:
+            if step not in steps:
+                raise ValueError(
+                    f"No checkpoint for step {step} in {self.directory}; available: {steps}."
+                )
+            return step, *self._restore_step(step, abstract_state)
+        for candidate in reversed(steps):
+            try:
+                return candidate, *self._restore_step(candidate, abstract_state)
+            except Exception as error:  # noqa: BLE001 - any failure means this checkpoint is unusable.
+                corrupt = self.directory / f"{candidate}.corrupt"
+                logging.error(
+                    "Checkpoint %s failed to restore (%s: %s); moved it to %s and trying the previous one.",
+                    self.directory / str(candidate),
+                    type(error).__name__,
+                    error,
+                    corrupt,
+                )
+                (self.directory / str(candidate)).rename(corrupt)
+                self.manager.reload()
+        return None
+
+    def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+            ),
+        )
+        state = restored["state"]
+        jax.block_until_ready(state)
+        return state, restored["data"]

@@ -1,0 +1,71 @@
+"""Evaluation: a full pass over a split, from a live state or from a workdir."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from effformer.data import create_input_pipeline
+from effformer.train import sharding
+from effformer.train.checkpoint import Checkpointer, load_config
+from effformer.train.experiment import Experiment, build_experiment, eval_batch_size
+from effformer.train.schedules import eval_kwargs
+from effformer.train.steps import make_eval_step
+
+
+def eval_params(exp: Experiment, state: Any) -> Any:
+    """The parameters evaluation uses: the EMA when the config keeps one."""
+    return state.ema_params if exp.config.ema_decay > 0 else state.params
+
+
+def run_evaluation(exp: Experiment, params: Any, split: str | None = None) -> dict[str, float]:
+    """Metrics averaged over every example of ``split`` (default: the dataset's eval split)."""
+    split = split or exp.info.eval_split
+    if split not in exp.info.splits:
+        raise ValueError(f"split must be one of {sorted(exp.info.splits)}, got {split!r}.")
+    model_kwargs = eval_kwargs(exp.config.model_schedules, exp.steps_per_epoch, exp.num_train_steps)
+    eval_step = make_eval_step(exp, model_kwargs)
+    pipeline = create_input_pipeline(
+        exp.config.data,
+        split=split,
+        global_batch_size=eval_batch_size(exp.config),
+        train=False,
+        seed=exp.config.seed,
+    )
+    totals: dict[str, np.ndarray] = {}
+    batch_sharding = sharding.batch_sharding(exp.mesh)
+    for local_batch in pipeline:
+        metrics = eval_step(params, sharding.global_batch(local_batch, batch_sharding))
+        for name, (total, weight) in jax.device_get(metrics).items():
+            # Sums in float64 on the host: exact for counts, order-independent enough for losses.
+            previous = totals.get(name, np.zeros(2, np.float64))
+            totals[name] = previous + np.array([total, weight], np.float64)
+    return {name: float(total / max(weight, 1.0)) for name, (total, weight) in totals.items()}
+
+
+def evaluate(
+    workdir: str | Path, *, step: int | None = None, split: str | None = None
+) -> dict[str, float]:
+    """Restore the checkpoint of ``workdir`` (latest, or ``step``) and evaluate it on ``split``.
+
+    Needs nothing but the workdir: the config saved there rebuilds the model.
+    """
+    config = load_config(workdir)
+    exp = build_experiment(config)
+    checkpointer = Checkpointer(workdir)
+    try:
+        restored = checkpointer.restore(exp.abstract_state, step=step)
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise FileNotFoundError(f"No checkpoint in {Path(workdir) / 'checkpoints'} to evaluate.")
+    restored_step, state, _ = restored
+    metrics = run_evaluation(exp, eval_params(exp, state), split)
+    logging.info(
+        "Evaluated step %d on %s: %s", restored_step, split or exp.info.eval_split, metrics
+    )
+    return {"step": restored_step, **metrics}

@@ -1,0 +1,137 @@
+"""Everything built from a config before the first step, shared by train and eval.
+
+:func:`build_experiment` resolves the dataset, task, model, optimizer, mesh and
+the shapes and shardings of the train state, all without running the model,
+so config errors surface before any compilation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from effformer import models
+from effformer.data import DatasetInfo, get_dataset_info
+from effformer.train import sharding
+from effformer.train.config import validate_config
+from effformer.train.optim import create_optimizer
+from effformer.train.state import TrainState
+from effformer.train.tasks import Task, create_task
+
+
+@dataclasses.dataclass
+class Experiment:
+    config: ml_collections.ConfigDict
+    info: DatasetInfo
+    task: Task
+    model: nn.Module
+    tx: optax.GradientTransformation
+    lr_schedule: optax.Schedule
+    mesh: Mesh
+    num_train_steps: int
+    steps_per_epoch: float
+    abstract_state: Any  # TrainState of ShapeDtypeStructs carrying their shardings.
+    state_shardings: Any
+    init_state: Callable[[], TrainState]
+
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        return sharding.batch_sharding(self.mesh)
+
+
+def _check_batch_sizes(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    micro = config.global_batch_size // config.grad_accum_steps
+    for name, size in (
+        ("global_batch_size / grad_accum_steps", micro),
+        ("eval batch size", eval_batch_size(config)),
+    ):
+        if size % num_devices:
+            raise ValueError(
+                f"config {name} = {size} must be divisible by the {num_devices} devices of the mesh; "
+                f"choose a multiple of {num_devices}."
+            )
+    if config.global_batch_size % jax.process_count():
+        raise ValueError(
+            f"config.global_batch_size={config.global_batch_size} must be divisible by the "
+            f"{jax.process_count()} processes."
+        )
+
+
+def eval_batch_size(config: ml_collections.ConfigDict) -> int:
+    return int(config.eval_batch_size or config.global_batch_size)
+
+
+def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
+    validate_config(config)
+    info = get_dataset_info(config.data)
+    task = create_task(config.task, info)
+    mesh = sharding.create_mesh(config.mesh)
+    _check_batch_sizes(config, mesh.size)
+
+    train_examples = info.splits[info.train_split]
+    steps_per_epoch = train_examples / config.global_batch_size
+    if config.num_train_steps:
+        num_train_steps = int(config.num_train_steps)
+    else:
+        num_train_steps = max(1, math.ceil(config.num_epochs * steps_per_epoch))
+
+    overrides = {**config.model.kwargs.to_dict(), **task.model_overrides()}
+    model = models.create(config.model.name, tiny=config.model.tiny, **overrides)
+    tx, lr_schedule = create_optimizer(config.optimizer, num_train_steps)
+    use_ema = config.ema_decay > 0
+
+    def init_fn(rng: jax.Array) -> TrainState:
+        init_rng, state_rng = jax.random.split(rng)
+        variables = model.init({"params": init_rng, "dropout": init_rng}, **model.dummy_inputs(1))
+        extra = set(variables) - {"params"}
+        if extra:
+            raise ValueError(
+                f"Model {config.model.name!r} creates variable collections {sorted(extra)} besides "
+                "'params'; the trainer keeps only parameters."
+            )
+        params = variables["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            ema_params=params if use_ema else None,
+            rng=state_rng,
+        )
+
+    rng = jax.random.PRNGKey(config.seed)
+    shapes = jax.eval_shape(init_fn, rng)
+    shardings = sharding.state_shardings(shapes, mesh)
+    abstract_state = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )
+
+    def init_state() -> TrainState:
+        return jax.jit(init_fn, out_shardings=shardings)(rng)
+
+    return Experiment(
+        config=config,
+        info=info,
+        task=task,
+        model=model,
+        tx=tx,
+        lr_schedule=lr_schedule,
+        mesh=mesh,
+        num_train_steps=num_train_steps,
+        steps_per_epoch=steps_per_epoch,
+        abstract_state=abstract_state,
+        state_shardings=shardings,
+        init_state=init_state,
+    )
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
+    return jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32

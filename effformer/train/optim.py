@@ -1,0 +1,95 @@
+"""Optimisers and learning-rate schedules from the config.
+
+``create_optimizer(config.optimizer, num_train_steps)`` returns an optax
+transformation (clipping, the optimiser with decoupled weight decay under a
+mask, and the schedule) and the schedule itself, for logging.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+OPTIMIZERS = ("adamw", "sgd", "lamb")
+LR_SCHEDULES = ("cosine", "linear", "constant")
+
+
+def create_learning_rate_schedule(
+    config: ml_collections.ConfigDict, num_train_steps: int
+) -> optax.Schedule:
+    """Linear warm-up from 0 to ``config.learning_rate``, then cosine / linear decay or constant.
+
+    Decays reach ``learning_rate * min_lr_ratio`` at step ``num_train_steps``.
+    """
+    if config.schedule not in LR_SCHEDULES:
+        raise ValueError(
+            f"config.optimizer.schedule must be one of {LR_SCHEDULES}, got {config.schedule!r}."
+        )
+    warmup = int(config.warmup_steps)
+    if not 0 <= warmup < max(num_train_steps, 1):
+        raise ValueError(
+            f"config.optimizer.warmup_steps must be in [0, num_train_steps={num_train_steps}), got {warmup}."
+        )
+    peak = float(config.learning_rate)
+    end = peak * float(config.min_lr_ratio)
+    decay_steps = max(num_train_steps - warmup, 1)
+    if config.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=float(config.min_lr_ratio))
+    elif config.schedule == "linear":
+        decay = optax.linear_schedule(peak, end, decay_steps)
+    else:
+        decay = optax.constant_schedule(peak)
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def weight_decay_mask(params: Any, no_decay_names: Sequence[str]) -> Any:
+    """True where weight decay applies.
+
+    Excluded: every parameter with fewer than 2 dimensions (norm scales and
+    biases) and every parameter whose name is in ``no_decay_names`` (for
+    example Mamba's ``A_log`` and ``D``, or position embeddings a model marks).
+    """
+    excluded = set(no_decay_names)
+
+    def decays(path: tuple[Any, ...], leaf: Any) -> bool:
+        name = getattr(path[-1], "key", getattr(path[-1], "name", str(path[-1])))
+        return jnp.ndim(leaf) >= 2 and name not in excluded
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def create_optimizer(
+    config: ml_collections.ConfigDict, num_train_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optax transformation named by ``config.name`` and its learning-rate schedule."""
+    if config.name not in OPTIMIZERS:
+        raise ValueError(f"config.optimizer.name must be one of {OPTIMIZERS}, got {config.name!r}.")
+    schedule = create_learning_rate_schedule(config, num_train_steps)
+    mask: Callable[[Any], Any] = lambda params: weight_decay_mask(
+        params, tuple(config.no_decay_names)
+    )
+    wd = float(config.weight_decay)
+    if config.name == "adamw":
+        tx = optax.adamw(
+            schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=wd, mask=mask
+        )
+    elif config.name == "lamb":
+        tx = optax.lamb(
+            schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=wd, mask=mask
+        )
+    else:
+        # Coupled L2 as in PyTorch's SGD(weight_decay=...): added to the gradient before momentum.
+        tx = optax.chain(
+            optax.add_decayed_weights(wd, mask=mask),
+            optax.sgd(schedule, momentum=config.momentum or None, nesterov=bool(config.nesterov)),
+        )
+    if config.grad_clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(float(config.grad_clip_norm)), tx)
+    return tx, schedule

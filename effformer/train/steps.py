@@ -1,0 +1,131 @@
+"""The jitted train and eval steps.
+
+One train step = one optimizer update over the global batch. With
+``grad_accum_steps = k`` the batch is cut into k interleaved micro-batches
+(example i goes to micro-batch i mod k, so each stays spread over all
+devices) whose gradient SUMS are accumulated by ``lax.scan`` and divided once
+by the total loss weight: the update equals the one of the whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from effformer.train.experiment import Experiment, compute_dtype
+from effformer.train.schedules import train_kwargs_fn
+from effformer.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+
+
+def _cast_floats(tree: Any, dtype: jnp.dtype) -> Any:
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+    )
+
+
+def _split_micro(batch: Batch, k: int) -> Batch:
+    def split(x):
+        return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(exp: Experiment) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    config, task, model = exp.config, exp.task, exp.model
+    accum = int(config.grad_accum_steps)
+    dtype = compute_dtype(config)
+    schedule_kwargs = train_kwargs_fn(config.model_schedules, exp.steps_per_epoch)
+    ema_decay = float(config.ema_decay)
+
+    def micro_loss(params, batch, rng, model_kwargs):
+        if dtype != jnp.float32:
+            params, batch = _cast_floats(params, dtype), _cast_floats(batch, dtype)
+        outputs = model.apply(
+            {"params": params},
+            **task.model_inputs(batch),
+            train=True,
+            rngs={"dropout": rng},
+            **model_kwargs,
+        )
+        loss_sum, weight, metrics = task.loss_and_metrics(outputs, batch)
+        return loss_sum, (weight, metrics)
+
+    grad_fn = jax.grad(micro_loss, has_aux=True)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        step_rng = jax.random.fold_in(state.rng, state.step)
+        prepare_rng, dropout_rng = jax.random.split(step_rng)
+        model_kwargs = schedule_kwargs(state.step)
+        batch = task.prepare_batch(batch, prepare_rng, train=True)
+        micro_batches = _split_micro(batch, accum)
+
+        def accumulate(carry, inputs):
+            grads_sum, weight_sum, metric_sums = carry
+            index, micro = inputs
+            grads, (weight, metrics) = grad_fn(
+                state.params, micro, jax.random.fold_in(dropout_rng, index), model_kwargs
+            )
+            grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+            metric_sums = jax.tree.map(jnp.add, metric_sums, metrics)
+            return (grads_sum, weight_sum + weight, metric_sums), None
+
+        zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+        metric_shapes = jax.eval_shape(
+            lambda: micro_loss(
+                state.params, jax.tree.map(lambda x: x[0], micro_batches), dropout_rng, model_kwargs
+            )
+        )[1][1]
+        zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
+        (grads, weight, metric_sums), _ = jax.lax.scan(
+            accumulate,
+            (zero_grads, jnp.zeros((), jnp.float32), zero_metrics),
+            (jnp.arange(accum), micro_batches),
+        )
+        grads = jax.tree.map(lambda g: g / jnp.maximum(weight, 1.0), grads)
+        updates, opt_state = exp.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema_params
+        if ema_decay > 0:
+            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+        metrics = {
+            name: total / jnp.maximum(count, 1.0) for name, (total, count) in metric_sums.items()
+        }
+        metrics["learning_rate"] = exp.lr_schedule(state.step)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics.update({f"schedule/{name}": value for name, value in model_kwargs.items()})
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema
+        )
+        return new_state, metrics
+
+    return jax.jit(
+        train_step,
+        in_shardings=(exp.state_shardings, exp.batch_sharding),
+        out_shardings=(exp.state_shardings, None),
+        donate_argnums=0,
+    )
+
+
+def make_eval_step(exp: Experiment, model_kwargs: dict[str, float]) -> Callable[[Any, Batch], dict]:
+    """(params, batch) -> metric sums and weights, for exact accumulation over batches."""
+    config, task, model = exp.config, exp.task, exp.model
+    dtype = compute_dtype(config)
+    params_sharding = exp.state_shardings.params
+
+    def eval_step(params: Any, batch: Batch) -> dict:
+        if dtype != jnp.float32:
+            params, batch = _cast_floats(params, dtype), _cast_floats(batch, dtype)
+        batch = task.prepare_batch(batch, jax.random.PRNGKey(0), train=False)
+        outputs = model.apply(
+            {"params": params}, **task.model_inputs(batch), train=False, **model_kwargs
+        )
+        _, _, metrics = task.loss_and_metrics(outputs, batch)
+        return metrics
+
+    return jax.jit(eval_step, in_shardings=(params_sharding, exp.batch_sharding))

@@ -1,0 +1,321 @@
+"""Tasks: what a batch holds, what the model is given, and how it is scored.
+
+A task turns a batch (a dict of arrays from the input pipeline) into the
+model's keyword arguments, and the model's output into a loss and metrics.
+Losses are returned as a SUM with its weight (the number of examples or of
+target tokens), so that micro-batches, devices and padded eval batches all
+combine exactly: the trainer divides once, at the end.
+
+Metrics are ``name -> (sum, weight)``; the reported value is sum / weight.
+
+To add a task: subclass :class:`Task`, decorate it with :func:`register_task`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+Array = jax.Array
+Batch = dict[str, Array]
+Metrics = dict[str, tuple[Array, Array]]
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    TASKS[cls.name] = cls
+    return cls
+
+
+def create_task(config: ml_collections.ConfigDict, dataset_info: Any) -> Task:
+    """The task named ``config.name`` (``config`` is ``config.task``)."""
+    if config.name not in TASKS:
+        raise ValueError(f"config.task.name must be one of {sorted(TASKS)}, got {config.name!r}.")
+    return TASKS[config.name](config, dataset_info)
+
+
+class Task:
+    """Base class. Subclasses set ``name`` and override what differs."""
+
+    name = ""
+    required_keys: tuple[str, ...] = ()
+
+    def __init__(self, config: ml_collections.ConfigDict, dataset_info: Any):
+        self.config = config
+        self.info = dataset_info
+
+    def model_overrides(self) -> dict[str, Any]:
+        """Arguments for ``effformer.models.create`` that the data decides (class count, sizes)."""
+        return {}
+
+    def check_batch(self, batch: Batch) -> None:
+        missing = [key for key in self.required_keys if key not in batch]
+        if missing:
+            raise ValueError(
+                f"Task {self.name!r} needs batch keys {list(self.required_keys)}; missing {missing} "
+                f"(batch has {sorted(batch)})."
+            )
+
+    def prepare_batch(self, batch: Batch, rng: Array, train: bool) -> Batch:
+        """On-device preprocessing inside the jitted step (e.g. Mixup); identity by default."""
+        return batch
+
+    def model_inputs(self, batch: Batch) -> dict[str, Array]:
+        return {"inputs": batch["inputs"]}
+
+    def loss_and_metrics(self, outputs: Array, batch: Batch) -> tuple[Array, Array, Metrics]:
+        """(loss sum, loss weight, metrics) for one batch."""
+        raise NotImplementedError
+
+
+def _example_weights(batch: Batch, size: int) -> Array:
+    return batch["mask"].astype(jnp.float32) if "mask" in batch else jnp.ones((size,), jnp.float32)
+
+
+def smoothed_one_hot(labels: Array, num_classes: int, label_smoothing: float) -> Array:
+    """One-hot targets with ``label_smoothing`` mass spread uniformly over all classes."""
+    one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    return one_hot * (1.0 - label_smoothing) + label_smoothing / num_classes
+
+
+@register_task
+class ClassificationTask(Task):
+    """Image or sequence classification: logits [b, classes] against integer labels [b].
+
+    Training targets use label smoothing and, when configured, Mixup/CutMix
+    (image inputs only); evaluation uses the plain labels.
+    """
+
+    name = "image_classification"
+    required_keys = ("inputs", "label")
+
+    def model_overrides(self) -> dict[str, Any]:
+        overrides: dict[str, Any] = {"num_classes": self.info.num_classes}
+        if len(self.info.input_shape) == 3:  # images [H, W, C]
+            height, width, channels = self.info.input_shape
+            if height != width:
+                raise ValueError(
+                    f"image_classification expects square images, got {self.info.input_shape}."
+                )
+            overrides.update(image_size=height, num_channels=channels)
+        else:
+            length, channels = self.info.input_shape  # signals [L, C]
+            overrides.update(seq_len=length, input_dim=channels)
+        return overrides
+
+    def _mixing(self) -> bool:
+        return self.config.mixup_alpha > 0 or self.config.cutmix_alpha > 0
+
+    def prepare_batch(self, batch: Batch, rng: Array, train: bool) -> Batch:
+        num_classes = self.info.num_classes
+        smoothing = self.config.label_smoothing if train else 0.0
+        targets = smoothed_one_hot(batch["label"], num_classes, smoothing)
+        batch = dict(batch, targets=targets)
+        if train and self._mixing():
+            from effformer.data.mixup import mix_batch
+
+            inputs, targets = mix_batch(
+                rng,
+                batch["inputs"],
+                targets,
+                mixup_alpha=self.config.mixup_alpha,
+                cutmix_alpha=self.config.cutmix_alpha,
+                switch_prob=self.config.mix_switch_prob,
+            )
+            batch.update(inputs=inputs, targets=targets)
+        return batch
+
+    def loss_and_metrics(self, outputs: Array, batch: Batch) -> tuple[Array, Array, Metrics]:
+        logits = outputs.astype(jnp.float32)
+        weights = _example_weights(batch, logits.shape[0])
+        losses = optax.softmax_cross_entropy(logits, batch["targets"])
+        correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+        loss_sum, count = jnp.sum(losses * weights), jnp.sum(weights)
+        return (
+            loss_sum,
+            count,
+            {"loss": (loss_sum, count), "accuracy": (jnp.sum(correct * weights), count)},
+        )
+
+
+@register_task
+class SequenceClassificationTask(ClassificationTask):
+    """Classification of sequences [b, L, C] (e.g. MNIST-1D); no Mixup."""
+
+    name = "sequence_classification"
+
+    def _mixing(self) -> bool:
+        return False
+
+
+@register_task
+class DistillationTask(ClassificationTask):
+    """Classification trained against a teacher's logits stored in the batch.
+
+    loss = w * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+         + (1 - w) * cross-entropy(student, label)
+    with ``w = config.distill_weight`` and ``T = config.distill_temperature``
+    (Hinton et al.); the T^2 keeps the soft term's gradient scale independent of T.
+    """
+
+    name = "distillation"
+    required_keys = ("inputs", "label", "teacher_logits")
+
+    def _mixing(self) -> bool:
+        return False  # Mixed inputs would no longer match the stored teacher logits.
+
+    def loss_and_metrics(self, outputs: Array, batch: Batch) -> tuple[Array, Array, Metrics]:
+        logits = outputs.astype(jnp.float32)
+        temperature = float(self.config.distill_temperature)
+        weight = float(self.config.distill_weight)
+        weights = _example_weights(batch, logits.shape[0])
+        teacher = jax.nn.softmax(batch["teacher_logits"].astype(jnp.float32) / temperature)
+        student_log = jax.nn.log_softmax(logits / temperature)
+        kl = jnp.sum(teacher * (jnp.log(jnp.clip(teacher, 1e-30)) - student_log), axis=-1)
+        hard = optax.softmax_cross_entropy(logits, batch["targets"])
+        losses = weight * temperature**2 * kl + (1.0 - weight) * hard
+        correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+        count = jnp.sum(weights)
+        return (
+            jnp.sum(losses * weights),
+            count,
+            {
+                "loss": (jnp.sum(losses * weights), count),
+                "distill_kl": (jnp.sum(kl * weights), count),
+                "accuracy": (jnp.sum(correct * weights), count),
+            },
+        )
+
+
+def _token_loss(logits: Array, targets: Array, weights: Array) -> tuple[Array, Array, Metrics]:
+    logits = logits.astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    loss_sum, count = jnp.sum(losses * weights), jnp.sum(weights)
+    return (
+        loss_sum,
+        count,
+        {"loss": (loss_sum, count), "accuracy": (jnp.sum(correct * weights), count)},
+    )
+
+
+def _sequence_inputs(batch: Batch, keys: tuple[str, ...]) -> dict[str, Array]:
+    return {key: batch[key] for key in keys if key in batch}
+
+
+@register_task
+class CausalLMTask(Task):
+    """Next-token prediction: logits [b, L, V] at position t predict ``targets[t]``.
+
+    Batch: ``inputs`` [b, L] int; optional ``targets`` (default: inputs shifted
+    left, the last position unscored), ``weights`` [b, L] (0 for padding),
+    ``segment_ids`` and ``positions`` for packed sequences.
+    """
+
+    name = "causal_lm"
+    required_keys = ("inputs",)
+
+    def model_overrides(self) -> dict[str, Any]:
+        vocab = getattr(self.info, "vocab_size", None)
+        return {"vocab_size": vocab} if vocab else {}
+
+    def model_inputs(self, batch: Batch) -> dict[str, Array]:
+        return _sequence_inputs(batch, ("inputs", "segment_ids", "positions"))
+
+    def loss_and_metrics(self, outputs: Array, batch: Batch) -> tuple[Array, Array, Metrics]:
+        if "targets" in batch:
+            targets = batch["targets"]
+            weights = batch.get("weights", jnp.ones(targets.shape, jnp.float32))
+        else:
+            inputs = batch["inputs"]
+            targets = jnp.pad(inputs[:, 1:], ((0, 0), (0, 1)))
+            weights = jnp.ones(inputs.shape, jnp.float32).at[:, -1].set(0.0)
+            if "weights" in batch:
+                weights = weights * jnp.pad(batch["weights"][:, 1:], ((0, 0), (0, 1)))
+            if "segment_ids" in batch:
+                # A token does not predict the first token of the next packed sequence.
+                segments = batch["segment_ids"]
+                same = jnp.pad(segments[:, 1:] == segments[:, :-1], ((0, 0), (0, 1)))
+                weights = weights * same
+        weights = weights.astype(jnp.float32)
+        if "mask" in batch:
+            weights = weights * batch["mask"][:, None]
+        return _token_loss(outputs, targets, weights)
+
+
+@register_task
+class MaskedLMTask(Task):
+    """Masked-token prediction (BERT): the corruption is made on device from the step's key.
+
+    Of the non-padding tokens (``inputs != pad_id``), ``mask_rate`` are chosen;
+    of those 80% become ``mask_token_id``, 10% a random token, 10% stay. Only
+    chosen positions are scored. Evaluation corrupts with a fixed key, so its
+    score is deterministic.
+    """
+
+    name = "masked_lm"
+    required_keys = ("inputs",)
+
+    def model_overrides(self) -> dict[str, Any]:
+        vocab = getattr(self.info, "vocab_size", None)
+        return {"vocab_size": vocab} if vocab else {}
+
+    def prepare_batch(self, batch: Batch, rng: Array, train: bool) -> Batch:
+        cfg = self.config
+        tokens = batch["inputs"]
+        if not train:
+            rng = jax.random.PRNGKey(0)
+        choose_rng, kind_rng, token_rng = jax.random.split(rng, 3)
+        real = tokens != cfg.get("pad_id", 0)
+        chosen = (jax.random.uniform(choose_rng, tokens.shape) < cfg.get("mask_rate", 0.15)) & real
+        kind = jax.random.uniform(kind_rng, tokens.shape)
+        random_tokens = jax.random.randint(token_rng, tokens.shape, 0, self.info.vocab_size)
+        corrupted = jnp.where(chosen & (kind < 0.8), cfg.mask_token_id, tokens)
+        corrupted = jnp.where(chosen & (kind >= 0.8) & (kind < 0.9), random_tokens, corrupted)
+        return dict(batch, inputs=corrupted, targets=tokens, weights=chosen.astype(jnp.float32))
+
+    def model_inputs(self, batch: Batch) -> dict[str, Array]:
+        return _sequence_inputs(batch, ("inputs", "segment_ids", "positions"))
+
+    def loss_and_metrics(self, outputs: Array, batch: Batch) -> tuple[Array, Array, Metrics]:
+        weights = batch["weights"]
+        if "mask" in batch:
+            weights = weights * batch["mask"][:, None]
+        return _token_loss(outputs, batch["targets"], weights)
+
+
+@register_task
+class Seq2SeqTask(Task):
+    """Sequence-to-sequence with teacher forcing.
+
+    Batch: ``inputs`` [b, Ls] and ``targets`` [b, Lt] int, 0 = padding. The
+    decoder reads ``targets`` shifted right with ``bos_id`` first and predicts
+    ``targets``; padding targets are unscored.
+    """
+
+    name = "seq2seq"
+    required_keys = ("inputs", "targets")
+
+    def model_overrides(self) -> dict[str, Any]:
+        vocab = getattr(self.info, "vocab_size", None)
+        return {"vocab_size": vocab} if vocab else {}
+
+    def model_inputs(self, batch: Batch) -> dict[str, Array]:
+        targets = batch["targets"]
+        bos = jnp.full((targets.shape[0], 1), self.config.get("bos_id", 0), targets.dtype)
+        decoder_inputs = jnp.concatenate([bos, targets[:, :-1]], axis=1)
+        return {"inputs": batch["inputs"], "decoder_inputs": decoder_inputs}
+
+    def loss_and_metrics(self, outputs: Array, batch: Batch) -> tuple[Array, Array, Metrics]:
+        targets = batch["targets"]
+        weights = batch.get("weights", (targets != self.config.get("pad_id", 0))).astype(
+            jnp.float32
+        )
+        if "mask" in batch:
+            weights = weights * batch["mask"][:, None]
+        return _token_loss(outputs, targets, weights)

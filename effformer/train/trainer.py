@@ -1,0 +1,171 @@
+"""The one training loop: ``train_and_evaluate(config, workdir)``.
+
+Running it again on the same workdir resumes from the latest checkpoint, with
+the data iterator where it was: a run stopped at step N and resumed ends with
+the same parameters, bit for bit, as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from effformer.data import create_input_pipeline
+from effformer.train import sharding
+from effformer.train.checkpoint import Checkpointer, check_workdir_matches, save_config
+from effformer.train.config import validate_config
+from effformer.train.evaluate import eval_params, run_evaluation
+from effformer.train.experiment import build_experiment
+from effformer.train.metric_writers import MetricWriter, ProgressBar
+from effformer.train.steps import make_train_step
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the run stopped without saving."""
+
+
+class _StopSignal:
+    """Turns SIGTERM into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # Not the main thread (e.g. some notebook runners): no handler.
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint after this step, then stopping.")
+        self.received = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    stop_after_steps: int | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``config`` in ``workdir`` (resuming if it holds a checkpoint), then evaluate.
+
+    Args:
+      config: a full config (see effformer.train.config.default_config).
+      workdir: where the config, checkpoints and metrics go.
+      stop_after_steps: stop (after saving) once this many steps ran in THIS call,
+        as a preemption would; None runs to ``num_train_steps``.
+      on_step: called with (step, train metrics) after every step (notebooks, tests).
+    Returns:
+      {"step": last step, "train": last train metrics, "eval": final eval metrics
+      (empty if the run stopped early)}.
+    """
+    if config.multihost:
+        jax.distributed.initialize()
+    validate_config(config)
+    workdir = Path(workdir)
+    check_workdir_matches(config, workdir)
+    exp = build_experiment(config)
+    save_config(config, workdir)
+
+    checkpointer = Checkpointer(workdir, config.checkpoint)
+    writer = MetricWriter(workdir)
+    pipeline = create_input_pipeline(
+        config.data,
+        split=exp.info.train_split,
+        global_batch_size=config.global_batch_size,
+        train=True,
+        seed=config.seed,
+    )
+    try:
+        restored = checkpointer.restore(exp.abstract_state)
+        if restored is None:
+            state, step = exp.init_state(), 0
+        else:
+            step, state, data_state = restored
+            pipeline.set_state(data_state)
+            logging.info("Resumed from step %d in %s.", step, workdir)
+        result = _train_loop(
+            exp, state, step, pipeline, checkpointer, writer, stop_after_steps, on_step
+        )
+    finally:
+        checkpointer.close()
+        writer.close()
+    return result
+
+
+def _train_loop(exp, state, step, pipeline, checkpointer, writer, stop_after_steps, on_step):
+    config = exp.config
+    total = exp.num_train_steps
+    train_step = make_train_step(exp)
+    batch_sharding = sharding.batch_sharding(exp.mesh)
+    progress = ProgressBar(total, step, config.global_batch_size, enabled=config.progress_bar)
+    first_step = step
+    train_metrics: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
+    last_saved = step if step > 0 else None
+
+    if step >= total:  # Already finished: report the final evaluation again.
+        eval_metrics = run_evaluation(exp, eval_params(exp, state))
+        return {"step": step, "train": train_metrics, "eval": eval_metrics}
+    with _StopSignal() as stop:
+        while step < total:
+            batch = sharding.global_batch(next(pipeline), batch_sharding)
+            state, metrics = train_step(state, batch)
+            step += 1
+            train_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not np.isfinite(train_metrics["loss"]):
+                raise NonFiniteLossError(
+                    f"Loss is {train_metrics['loss']} at step {step}. Stopped without saving; the last "
+                    f"good checkpoint (step {last_saved}) in {checkpointer.directory} is intact. Try a "
+                    "lower config.optimizer.learning_rate, warm-up or config.optimizer.grad_clip_norm."
+                )
+            if on_step is not None:
+                on_step(step, train_metrics)
+            is_last = step == total
+            if step % config.log_every_steps == 0 or is_last or step == first_step + 1:
+                writer.write(step, "train", train_metrics)
+                progress.update(step, train_metrics["loss"], force_newline=is_last)
+            eval_now = is_last or (config.eval_every_steps and step % config.eval_every_steps == 0)
+            if eval_now:
+                eval_metrics = run_evaluation(exp, eval_params(exp, state))
+                writer.write(step, "eval", eval_metrics)
+                if jax.process_index() == 0:
+                    print(f"eval at step {step}: " + _format(eval_metrics), flush=True)
+            stopping = stop.received or (
+                stop_after_steps is not None and step - first_step >= stop_after_steps
+            )
+            save_now = (
+                is_last
+                or stopping
+                or (config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0)
+            )
+            if save_now:
+                checkpointer.save(
+                    step, state, pipeline.get_state(), metrics=eval_metrics if eval_now else None
+                )
+                last_saved = step
+            if stopping and not is_last:
+                logging.warning("Stopping at step %d (checkpoint saved).", step)
+                checkpointer.wait()
+                return {"step": step, "train": train_metrics, "eval": {}}
+    progress.close()
+    checkpointer.wait()
+    return {"step": step, "train": train_metrics, "eval": eval_metrics}
+
+
+def _format(metrics: dict[str, float]) -> str:
+    return " ".join(f"{name}={value:.4f}" for name, value in sorted(metrics.items()))

@@ -1,0 +1,67 @@
+"""A tiny registered classifier and a config factory for trainer tests."""
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+import pytest
+
+from effformer.models import register
+from effformer.train import default_config
+
+
+class TinyClassifier(nn.Module):
+    """Flatten -> Dense -> GELU -> dropout -> Dense: enough to exercise the trainer."""
+
+    num_classes: int = 10
+    image_size: int = 8
+    num_channels: int = 1
+    hidden: int = 16
+    dropout: float = 0.1
+
+    def dummy_inputs(self, batch_size: int) -> dict:
+        return {
+            "inputs": jnp.zeros((batch_size, self.image_size, self.image_size, self.num_channels))
+        }
+
+    @nn.compact
+    def __call__(self, inputs, *, train: bool = False, scale: float = 1.0):
+        x = inputs.reshape(inputs.shape[0], -1)
+        x = nn.gelu(nn.Dense(self.hidden)(x))
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        return nn.Dense(self.num_classes)(x) * scale
+
+
+@register("test_tiny_classifier", tiny=dict(hidden=8))
+def test_tiny_classifier(**overrides) -> nn.Module:
+    """Test-only MLP classifier."""
+    return TinyClassifier(**overrides)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture
+def make_config(data_dir):
+    def make(**changes) -> ml_collections.ConfigDict:
+        config = default_config()
+        config.model.name = "test_tiny_classifier"
+        config.data.name = "digits"
+        config.data.data_dir = data_dir
+        config.task.name = "image_classification"
+        config.global_batch_size = 32
+        config.num_train_steps = 6
+        config.optimizer.learning_rate = 3e-3
+        config.log_every_steps = 2
+        config.progress_bar = False
+        config.checkpoint.async_save = False
+        for dotted, value in changes.items():
+            parent = config
+            *parents, leaf = dotted.split("__")
+            for part in parents:
+                parent = parent[part]
+            parent[leaf] = value
+        return config
+
+    return make

@@ -1,0 +1,106 @@
+"""The optimiser factory, learning-rate schedules, weight-decay masks and model schedules."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from effformer.train.config import default_config
+from effformer.train.optim import create_optimizer, weight_decay_mask
+from effformer.train.schedules import eval_kwargs, make_schedule, validate_model_schedules
+
+
+def _optimizer_config(**changes):
+    config = default_config().optimizer
+    config.update(changes)
+    return config
+
+
+def test_weight_decay_mask_excludes_norms_biases_and_named_params():
+    params = {
+        "dense": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)},
+        "norm": {"scale": jnp.ones(4)},
+        "mixer": {
+            "A_log": jnp.ones((4, 2)),
+            "D": jnp.ones(4),
+            "in_proj": {"kernel": jnp.ones((4, 8))},
+        },
+    }
+    mask = weight_decay_mask(params, ("A_log", "D"))
+    assert mask["dense"] == {"kernel": True, "bias": False}
+    assert mask["norm"] == {"scale": False}
+    assert mask["mixer"] == {"A_log": False, "D": False, "in_proj": {"kernel": True}}
+
+
+def test_adamw_decays_only_masked_parameters():
+    config = _optimizer_config(learning_rate=0.1, weight_decay=0.5, schedule="constant")
+    tx, _ = create_optimizer(config, num_train_steps=10)
+    params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero_grads, tx.init(params), params)
+    np.testing.assert_allclose(updates["w"], -0.1 * 0.5 * np.ones((2, 2)), rtol=1e-6)
+    np.testing.assert_allclose(updates["b"], 0.0)
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd", "lamb"])
+def test_each_optimizer_reduces_a_quadratic(name):
+    config = _optimizer_config(
+        name=name, learning_rate=0.05, schedule="constant", grad_clip_norm=1.0
+    )
+    tx, _ = create_optimizer(config, num_train_steps=100)
+    params = {"w": jnp.array([[3.0, -2.0]])}
+    state = tx.init(params)
+    loss = lambda p: jnp.sum(p["w"] ** 2)
+    start = loss(params)
+    for _ in range(30):
+        updates, state = tx.update(jax.grad(loss)(params), state, params)
+        params = jax.tree.map(jnp.add, params, updates)
+    assert loss(params) < 0.5 * start
+
+
+def test_learning_rate_schedules():
+    _, cosine = create_optimizer(
+        _optimizer_config(learning_rate=1.0, warmup_steps=10, schedule="cosine"), 110
+    )
+    assert float(cosine(0)) == 0.0
+    np.testing.assert_allclose(float(cosine(5)), 0.5)
+    np.testing.assert_allclose(float(cosine(10)), 1.0)
+    np.testing.assert_allclose(float(cosine(60)), 0.5, atol=1e-6)
+    np.testing.assert_allclose(float(cosine(110)), 0.0, atol=1e-6)
+    _, linear = create_optimizer(
+        _optimizer_config(learning_rate=1.0, schedule="linear", min_lr_ratio=0.5), 10
+    )
+    np.testing.assert_allclose([float(linear(s)) for s in (0, 5, 10)], [1.0, 0.75, 0.5])
+
+
+def test_bad_optimizer_settings():
+    with pytest.raises(ValueError, match="config.optimizer.name"):
+        create_optimizer(_optimizer_config(name="adamax"), 10)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        create_optimizer(_optimizer_config(warmup_steps=20), 10)
+    with pytest.raises(ValueError, match="config.optimizer.schedule"):
+        create_optimizer(_optimizer_config(schedule="exp"), 10)
+
+
+def test_model_schedules_illama_constant_and_linear():
+    step = ml_collections.ConfigDict(dict(kind="step", start=1.0, end=0.0, cutoff_epochs=2))
+    linear = ml_collections.ConfigDict(dict(kind="linear", start=1.0, end=0.0, cutoff_steps=10))
+    step_fn, linear_fn = make_schedule(step, steps_per_epoch=5), make_schedule(linear, 5)
+    assert [float(step_fn(s)) for s in (0, 9, 10)] == [1.0, 1.0, 0.0]
+    np.testing.assert_allclose([float(linear_fn(s)) for s in (0, 5, 10, 20)], [1.0, 0.5, 0.0, 0.0])
+    schedules = ml_collections.ConfigDict(
+        dict(
+            soft_mask_ratio=dict(kind="linear", start=1.0, end=0.0, cutoff_steps=10, eval_value=0.0)
+        )
+    )
+    assert eval_kwargs(schedules, 5, 100) == {"soft_mask_ratio": 0.0}
+
+
+def test_bad_model_schedules():
+    with pytest.raises(ValueError, match="kind must be one of"):
+        validate_model_schedules(ml_collections.ConfigDict(dict(r=dict(kind="cosine"))))
+    with pytest.raises(ValueError, match="exactly one of cutoff_steps and cutoff_epochs"):
+        validate_model_schedules(
+            ml_collections.ConfigDict(dict(r=dict(kind="step", start=1, end=0)))
+        )

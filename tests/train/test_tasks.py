@@ -1,0 +1,150 @@
+"""Each task's loss against a value computed by hand (numpy, float64)."""
+
+import types
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from effformer.train.tasks import TASKS, create_task
+
+
+def _task(name, info=None, **fields):
+    config = ml_collections.ConfigDict(
+        dict(
+            name=name,
+            label_smoothing=0.0,
+            mixup_alpha=0.0,
+            cutmix_alpha=0.0,
+            mix_switch_prob=0.5,
+            distill_temperature=1.0,
+            distill_weight=1.0,
+        )
+    )
+    config.update(fields)
+    info = info or types.SimpleNamespace(num_classes=3, input_shape=(4, 4, 1), vocab_size=5)
+    return create_task(config, info)
+
+
+def _log_softmax(x):
+    x = np.asarray(x, np.float64)
+    return (
+        x
+        - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - x.max(-1, keepdims=True)
+    )
+
+
+def test_classification_loss_with_label_smoothing_and_padding_mask():
+    task = _task("image_classification", label_smoothing=0.3)
+    logits = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [5.0, 0.0, 0.0]], np.float32)
+    batch = {
+        "inputs": jnp.zeros((3, 4, 4, 1)),
+        "label": jnp.array([0, 2, 1]),
+        "mask": jnp.array([True, True, False]),
+    }
+    prepared = task.prepare_batch(batch, jax.random.PRNGKey(0), train=True)
+    loss_sum, weight, metrics = task.loss_and_metrics(jnp.asarray(logits), prepared)
+    targets = np.full((3, 3), 0.1)
+    targets[np.arange(3), [0, 2, 1]] += 0.7
+    per_example = -(targets * _log_softmax(logits)).sum(-1)
+    np.testing.assert_allclose(loss_sum, per_example[:2].sum(), rtol=1e-6)
+    assert weight == 2.0
+    assert (
+        metrics["accuracy"][0] == 2.0
+    )  # Both unmasked examples are right; the masked one is not counted.
+    # No smoothing at evaluation.
+    eval_batch = task.prepare_batch(batch, jax.random.PRNGKey(0), train=False)
+    np.testing.assert_array_equal(eval_batch["targets"], np.eye(3)[[0, 2, 1]])
+
+
+def test_classification_mixup_keeps_label_mass():
+    task = _task("image_classification", mixup_alpha=0.8, cutmix_alpha=1.0)
+    batch = {
+        "inputs": jax.random.normal(jax.random.PRNGKey(1), (4, 4, 4, 1)),
+        "label": jnp.array([0, 1, 2, 0]),
+    }
+    prepared = task.prepare_batch(batch, jax.random.PRNGKey(2), train=True)
+    np.testing.assert_allclose(prepared["targets"].sum(-1), 1.0, rtol=1e-6)
+    assert not np.allclose(prepared["inputs"], batch["inputs"])
+
+
+def test_distillation_loss_is_t2_scaled_kl_plus_hard_ce():
+    task = _task("distillation", distill_temperature=2.0, distill_weight=0.25)
+    student = np.array([[1.0, 0.0, -1.0]], np.float32)
+    teacher = np.array([[0.0, 2.0, 0.5]], np.float32)
+    batch = {
+        "inputs": jnp.zeros((1, 4, 4, 1)),
+        "label": jnp.array([1]),
+        "teacher_logits": jnp.asarray(teacher),
+    }
+    batch = task.prepare_batch(batch, jax.random.PRNGKey(0), train=True)
+    loss_sum, _, _ = task.loss_and_metrics(jnp.asarray(student), batch)
+    p_teacher = np.exp(_log_softmax(teacher / 2.0))
+    kl = (p_teacher * (np.log(p_teacher) - _log_softmax(student / 2.0))).sum()
+    hard = -_log_softmax(student)[0, 1]
+    np.testing.assert_allclose(loss_sum, 0.25 * 4.0 * kl + 0.75 * hard, rtol=1e-5)
+
+
+def test_causal_lm_shifts_targets_and_respects_packing():
+    task = _task("causal_lm")
+    tokens = np.array([[1, 2, 3, 4]])
+    segments = np.array([[1, 1, 2, 2]])
+    logits = np.random.default_rng(0).normal(size=(1, 4, 5)).astype(np.float32)
+    batch = {"inputs": jnp.asarray(tokens), "segment_ids": jnp.asarray(segments)}
+    loss_sum, weight, _ = task.loss_and_metrics(jnp.asarray(logits), batch)
+    logp = _log_softmax(logits)
+    # Position 0 predicts token 2; position 1 would predict the next segment's first token (unscored);
+    # position 2 predicts token 4; the last position predicts nothing.
+    expected = -(logp[0, 0, 2] + logp[0, 2, 4])
+    np.testing.assert_allclose(loss_sum, expected, rtol=1e-6)
+    assert weight == 2.0
+    assert set(task.model_inputs(batch)) == {"inputs", "segment_ids"}
+
+
+def test_masked_lm_scores_only_corrupted_positions():
+    task = _task("masked_lm", mask_token_id=4, mask_rate=0.5)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(1, 4, size=(8, 16)))
+    batch = task.prepare_batch({"inputs": tokens}, jax.random.PRNGKey(3), train=True)
+    chosen = np.asarray(batch["weights"]) > 0
+    assert 0 < chosen.mean() < 1
+    unchanged = np.asarray(batch["inputs"]) == np.asarray(tokens)
+    assert unchanged[~chosen].all()
+    assert (np.asarray(batch["inputs"])[chosen] == 4).mean() > 0.5
+    # Evaluation corruption is deterministic.
+    a = task.prepare_batch({"inputs": tokens}, jax.random.PRNGKey(1), train=False)
+    b = task.prepare_batch({"inputs": tokens}, jax.random.PRNGKey(2), train=False)
+    np.testing.assert_array_equal(a["inputs"], b["inputs"])
+    logits = jnp.zeros((8, 16, 5))
+    loss_sum, weight, _ = task.loss_and_metrics(logits, batch)
+    np.testing.assert_allclose(loss_sum, chosen.sum() * np.log(5), rtol=1e-6)
+
+
+def test_seq2seq_teacher_forcing_and_padding():
+    task = _task("seq2seq", bos_id=0, pad_id=0)
+    batch = {"inputs": jnp.array([[3, 4]]), "targets": jnp.array([[2, 3, 0]])}
+    inputs = task.model_inputs(batch)
+    np.testing.assert_array_equal(inputs["decoder_inputs"], [[0, 2, 3]])
+    logits = np.random.default_rng(1).normal(size=(1, 3, 5)).astype(np.float32)
+    loss_sum, weight, _ = task.loss_and_metrics(jnp.asarray(logits), batch)
+    logp = _log_softmax(logits)
+    np.testing.assert_allclose(loss_sum, -(logp[0, 0, 2] + logp[0, 1, 3]), rtol=1e-6)
+    assert weight == 2.0
+
+
+def test_unknown_task_and_missing_batch_key():
+    with pytest.raises(ValueError, match="config.task.name must be one of"):
+        _task("regression")
+    task = _task("distillation")
+    with pytest.raises(ValueError, match="teacher_logits"):
+        task.check_batch({"inputs": 0, "label": 0})
+    assert {
+        "image_classification",
+        "sequence_classification",
+        "causal_lm",
+        "masked_lm",
+        "seq2seq",
+        "distillation",
+    } <= set(TASKS)

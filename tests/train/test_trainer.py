@@ -1,0 +1,176 @@
+"""End-to-end trainer tests on the embedded digits dataset with a tiny model."""
+
+import logging
+import os
+import signal
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from effformer.train import NonFiniteLossError, evaluate, train_and_evaluate
+from effformer.train.checkpoint import Checkpointer
+from effformer.train.experiment import build_experiment
+from effformer.train.metric_writers import read_metrics
+
+
+def _losses(workdir) -> list[float]:
+    return [r["loss"] for r in read_metrics(workdir, "train")]
+
+
+def _restore_params(config, workdir, step=None):
+    exp = build_experiment(config)
+    checkpointer = Checkpointer(workdir)
+    try:
+        restored_step, state, data_state = checkpointer.restore(exp.abstract_state, step=step)
+    finally:
+        checkpointer.close()
+    return restored_step, jax.device_get(state.params), data_state
+
+
+def test_train_then_eval_round_trip(make_config, tmp_path):
+    config = make_config(num_train_steps=8)
+    result = train_and_evaluate(config, tmp_path)
+    assert result["step"] == 8
+    assert set(result["eval"]) == {"loss", "accuracy"}
+    reloaded = evaluate(tmp_path)
+    assert reloaded["step"] == 8
+    assert reloaded["accuracy"] == result["eval"]["accuracy"]
+    assert reloaded["loss"] == result["eval"]["loss"]
+    assert (tmp_path / "config.json").is_file()
+    assert list((tmp_path / "tb").iterdir()), "TensorBoard event file missing"
+    # Running train again on a finished workdir reports the same final evaluation.
+    again = train_and_evaluate(config, tmp_path)
+    assert again["eval"] == result["eval"]
+
+
+def test_resume_is_bitwise_exact(make_config, tmp_path):
+    config = make_config(num_train_steps=6, log_every_steps=1)
+    config.task.label_smoothing = 0.1
+    train_and_evaluate(config, tmp_path / "straight")
+    partial = train_and_evaluate(config, tmp_path / "resumed", stop_after_steps=3)
+    assert partial["step"] == 3 and partial["eval"] == {}
+    train_and_evaluate(config, tmp_path / "resumed")
+    _, straight, straight_data = _restore_params(config, tmp_path / "straight")
+    _, resumed, resumed_data = _restore_params(config, tmp_path / "resumed")
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert straight_data == resumed_data
+    assert _losses(tmp_path / "straight") == _losses(tmp_path / "resumed")
+
+
+def test_same_seed_same_losses_and_other_seed_differs(make_config, tmp_path):
+    config = make_config(log_every_steps=1)
+    train_and_evaluate(config, tmp_path / "a")
+    train_and_evaluate(config, tmp_path / "b")
+    train_and_evaluate(make_config(log_every_steps=1, seed=1), tmp_path / "c")
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+    assert _losses(tmp_path / "a") != _losses(tmp_path / "c")
+
+
+def test_one_device_and_eight_devices_agree(make_config, tmp_path):
+    assert jax.device_count() == 8
+    one = make_config(log_every_steps=1, mesh__num_devices=1)
+    eight = make_config(log_every_steps=1, mesh__num_devices=8)
+    train_and_evaluate(one, tmp_path / "one")
+    train_and_evaluate(eight, tmp_path / "eight")
+    np.testing.assert_allclose(_losses(tmp_path / "one"), _losses(tmp_path / "eight"), rtol=1e-5)
+
+
+def test_fsdp_mesh_matches_data_parallel(make_config, tmp_path):
+    train_and_evaluate(make_config(log_every_steps=1), tmp_path / "dp")
+    train_and_evaluate(make_config(log_every_steps=1, mesh__fsdp=4), tmp_path / "fsdp")
+    np.testing.assert_allclose(_losses(tmp_path / "dp"), _losses(tmp_path / "fsdp"), rtol=1e-5)
+
+
+def test_gradient_accumulation_equals_full_batch(make_config, tmp_path):
+    # Dropout differs between micro-batches by design, so compare without it.
+    full = make_config(log_every_steps=1, num_train_steps=3)
+    accum = make_config(log_every_steps=1, num_train_steps=3, grad_accum_steps=2)
+    for config in (full, accum):
+        config.model.kwargs.dropout = 0.0
+    train_and_evaluate(full, tmp_path / "full")
+    train_and_evaluate(accum, tmp_path / "accum")
+    _, a, _ = _restore_params(full, tmp_path / "full")
+    _, b, _ = _restore_params(accum, tmp_path / "accum")
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_sigterm_saves_and_stops(make_config, tmp_path):
+    config = make_config(num_train_steps=10)
+
+    def send_sigterm(step, metrics):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    result = train_and_evaluate(config, tmp_path, on_step=send_sigterm)
+    assert result["step"] == 3
+    step, _, _ = _restore_params(config, tmp_path)
+    assert step == 3
+    assert train_and_evaluate(config, tmp_path)["step"] == 10
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(make_config, tmp_path, caplog):
+    config = make_config(num_train_steps=4)
+    config.checkpoint.every_steps = 2
+    config.checkpoint.keep = 3
+    train_and_evaluate(config, tmp_path)
+    latest = tmp_path / "checkpoints" / "4" / "state"
+    for path in latest.rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"garbage")
+    with caplog.at_level(logging.ERROR):
+        metrics = evaluate(tmp_path)
+    assert metrics["step"] == 2
+    assert "checkpoints/4" in caplog.text
+    assert (tmp_path / "checkpoints" / "4.corrupt").is_dir()
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(make_config, tmp_path):
+    config = make_config(num_train_steps=40)
+    config.checkpoint.every_steps = 1
+    config.optimizer.name = "sgd"
+    config.optimizer.learning_rate = 1e12
+    with pytest.raises(NonFiniteLossError, match="at step"):
+        train_and_evaluate(config, tmp_path)
+    step, params, _ = _restore_params(config, tmp_path)
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+    assert step >= 1
+
+
+def test_model_schedule_reaches_the_model(make_config, tmp_path):
+    config = make_config(num_train_steps=4, log_every_steps=1)
+    config.model_schedules.scale = dict(
+        kind="linear", start=1.0, end=0.0, cutoff_steps=4, eval_value=1.0
+    )
+    seen = []
+    train_and_evaluate(config, tmp_path, on_step=lambda step, m: seen.append(m["schedule/scale"]))
+    np.testing.assert_allclose(seen, [1.0, 0.75, 0.5, 0.25])
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(model__name="no_such_model"), "config.model.name"),
+        (dict(data__name="no_such_data"), "config.data.name"),
+        (dict(task__name="no_such_task"), "config.task.name"),
+        (dict(optimizer__name="adamax_typo"), "config.optimizer.name"),
+        (dict(global_batch_size=30), "divisible by the 8 devices"),
+        (dict(global_batch_size=0), "config.global_batch_size is required"),
+        (dict(num_epochs=1.0), "exactly one of"),
+    ],
+)
+def test_bad_config_fails_before_training(make_config, tmp_path, changes, message):
+    with pytest.raises(ValueError, match=message):
+        train_and_evaluate(make_config(**changes), tmp_path)
+    assert not (Path(tmp_path) / "checkpoints").exists()
+
+
+def test_workdir_of_another_model_is_refused(make_config, tmp_path):
+    train_and_evaluate(make_config(num_train_steps=2), tmp_path)
+    other = make_config(num_train_steps=2)
+    other.model.kwargs.hidden = 32
+    with pytest.raises(ValueError, match="config.model.kwargs"):
+        train_and_evaluate(other, tmp_path)
