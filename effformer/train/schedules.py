@@ -7,7 +7,7 @@ each step and passes the results as keyword arguments to ``model.apply``.
 
 Config: ``config.model_schedules.<argument name> = ConfigDict(kind=..., ...)``
   kind "fixed":  ``value`` at every step.
-  kind "step":   ``start`` until the cutoff, then ``end`` (iLLaMA's "constant").
+  kind "constant": ``start`` until the cutoff, then ``end`` (iLLaMA's name for it).
   kind "linear": ``start`` to ``end`` linearly over [0, cutoff], then ``end``.
   The cutoff is ``cutoff_steps`` or ``cutoff_epochs`` (one of them).
   ``eval_value`` (optional) is passed at evaluation; default: the value at the
@@ -21,7 +21,9 @@ from collections.abc import Callable
 import jax.numpy as jnp
 import ml_collections
 
-SCHEDULE_KINDS = ("fixed", "step", "linear")
+SCHEDULE_KINDS = ("fixed", "constant", "linear")
+# Model arguments whose values must stay in a range; a schedule leaving it is refused.
+VALUE_BOUNDS = {"soft_mask_ratio": (0.0, 1.0), "drop_path_rate": (0.0, 1.0)}
 
 
 def validate_model_schedules(schedules: ml_collections.ConfigDict) -> None:
@@ -36,6 +38,15 @@ def validate_model_schedules(schedules: ml_collections.ConfigDict) -> None:
                 raise ValueError(f"{where}.{field} is required for kind {kind!r}.")
         if kind != "fixed" and (("cutoff_steps" in spec) == ("cutoff_epochs" in spec)):
             raise ValueError(f"{where}: give exactly one of cutoff_steps and cutoff_epochs.")
+        for field in ("cutoff_steps", "cutoff_epochs"):
+            if field in spec and spec[field] < 0:
+                raise ValueError(f"{where}.{field} must be >= 0, got {spec[field]}.")
+        if name in VALUE_BOUNDS:
+            low, high = VALUE_BOUNDS[name]
+            for field in ("value", "start", "end", "eval_value"):
+                value = spec.get(field)
+                if value is not None and not low <= value <= high:
+                    raise ValueError(f"{where}.{field} must be in [{low}, {high}], got {value}.")
 
 
 def make_schedule(spec: ml_collections.ConfigDict, steps_per_epoch: float) -> Callable:
@@ -47,7 +58,7 @@ def make_schedule(spec: ml_collections.ConfigDict, steps_per_epoch: float) -> Ca
     else:
         cutoff = float(spec.cutoff_epochs) * steps_per_epoch
     start, end = float(spec.start), float(spec.end)
-    if spec.kind == "step":
+    if spec.kind == "constant":
         return lambda step: jnp.where(step < cutoff, start, end).astype(jnp.float32)
     cutoff = max(cutoff, 1.0)
 

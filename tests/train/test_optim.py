@@ -84,7 +84,7 @@ def test_bad_optimizer_settings():
 
 
 def test_model_schedules_illama_constant_and_linear():
-    step = ml_collections.ConfigDict(dict(kind="step", start=1.0, end=0.0, cutoff_epochs=2))
+    step = ml_collections.ConfigDict(dict(kind="constant", start=1.0, end=0.0, cutoff_epochs=2))
     linear = ml_collections.ConfigDict(dict(kind="linear", start=1.0, end=0.0, cutoff_steps=10))
     step_fn, linear_fn = make_schedule(step, steps_per_epoch=5), make_schedule(linear, 5)
     assert [float(step_fn(s)) for s in (0, 9, 10)] == [1.0, 1.0, 0.0]
@@ -102,5 +102,5 @@ def test_bad_model_schedules():
         validate_model_schedules(ml_collections.ConfigDict(dict(r=dict(kind="cosine"))))
     with pytest.raises(ValueError, match="exactly one of cutoff_steps and cutoff_epochs"):
         validate_model_schedules(
-            ml_collections.ConfigDict(dict(r=dict(kind="step", start=1, end=0)))
+            ml_collections.ConfigDict(dict(r=dict(kind="constant", start=1, end=0)))
         )
