@@ -29,6 +29,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.model.tiny = False  # Use the model's test-sized preset.
     config.model.kwargs = ml_collections.ConfigDict()  # Overrides passed to create().
 
+    # Every data field with its default; an experiment replaces this with
+    # default_data_config(name), whose defaults suit that dataset.
     config.data = default_data_config("digits")
     config.data.name = ""
 

@@ -174,3 +174,28 @@ def test_workdir_of_another_model_is_refused(make_config, tmp_path):
     other.model.kwargs.hidden = 32
     with pytest.raises(ValueError, match="config.model.kwargs"):
         train_and_evaluate(other, tmp_path)
+
+
+def test_ema_parameters_are_kept_and_used_for_eval(make_config, tmp_path):
+    from effformer.train.evaluate import run_evaluation
+
+    config = make_config(num_train_steps=4, ema_decay=0.5)
+    result = train_and_evaluate(config, tmp_path)
+    exp = build_experiment(config)
+    checkpointer = Checkpointer(tmp_path)
+    try:
+        _, state, _ = checkpointer.restore(exp.abstract_state)
+    finally:
+        checkpointer.close()
+    params, ema = jax.tree.leaves(state.params), jax.tree.leaves(state.ema_params)
+    assert any(not np.array_equal(p, e) for p, e in zip(params, ema, strict=True))
+    assert run_evaluation(exp, state.ema_params) == result["eval"]
+
+
+def test_bfloat16_compute_trains(make_config, tmp_path):
+    config = make_config(num_train_steps=8, log_every_steps=1, compute_dtype="bfloat16")
+    config.optimizer.learning_rate = 1e-2
+    result = train_and_evaluate(config, tmp_path)
+    losses = _losses(tmp_path)
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert 0.0 <= result["eval"]["accuracy"] <= 1.0
