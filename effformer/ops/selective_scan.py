@@ -1,0 +1,323 @@
+"""Mamba's selective scan: the op, its argument checks and its implementations.
+
+Semantics are those of the original ``selective_scan_ref`` (state-spaces/mamba,
+``mamba_ssm/ops/selective_scan_interface.py``); see Gu & Dao (2023), Algorithm 2:
+
+    delta <- softplus(delta + delta_bias)          (each optional)
+    dA_t  = exp(delta_t * A)                       [batch, d, n]
+    dBu_t = delta_t * B_t * u_t                    [batch, d, n]
+    x_t   = dA_t * x_{t-1} + dBu_t,   x_{-1} = 0
+    y_t   = <x_t, C_t>  (sum over n) + D * u_t
+    out   = y * silu(z)
+
+Shapes: u, delta, z ``[batch, d, L]``; A ``[d, n]``; B and C each ``[d, n]``
+(time-invariant), ``[batch, n, L]`` (shared by all channels) or
+``[batch, groups, n, L]`` (channel ``c`` uses group ``c // (d // groups)``);
+D and delta_bias ``[d]``; mask ``[batch, L]`` bool, True for a real token.
+At a masked position the state passes through unchanged (dA = 1, dBu = 0: the
+processed delta is set to 0 *after* bias and softplus, so neither leaks into
+padding) and the output is zero.
+
+Computation is in float32 (float64 when the inputs are float64, for the
+float64 references in tests); the output has u's dtype; the last state is
+``[batch, d, n]`` in the compute dtype.
+
+Implementations (all share the pre- and post-processing above and differ only
+in how the recurrence over time is evaluated):
+
+  * ``"reference"``: ``lax.scan`` over time, one step per position, state in
+    the original ``[batch, d, n]`` layout. Slow and obviously correct.
+  * ``"associative"``: ``lax.associative_scan`` over all L positions with the
+    combine ``((a1, b1), (a2, b2)) -> (a2 * a1, a2 * b1 + b2)``. Materialises
+    ``[L, batch, d, n]`` arrays (memory grows with L).
+  * ``"chunked"``: the sequence is cut into chunks of ``chunk_size`` steps; an
+    outer ``lax.scan`` carries the state from chunk to chunk and each chunk is
+    ``jax.checkpoint``-ed, so the backward pass keeps only the chunk-boundary
+    states and recomputes one chunk at a time (memory proportional to the
+    chunk length, not L). Inside a chunk the steps run sequentially with the
+    state laid out ``[batch, n, d]`` (channels contiguous, so every step is a
+    wide vectorised, multi-threaded elementwise update and the sum over n is a
+    vertical add), never materialising the ``[batch, d, n, L]`` tensor. This is
+    the fastest on CPU (measured: experiments/benchmarks/README.md, section
+    "Selective scan") and the default.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+IMPLEMENTATIONS = ("reference", "associative", "chunked")
+# Chosen by measurement on a 2-core CPU (experiments/benchmarks/selective_scan.py).
+DEFAULT_IMPLEMENTATION = "chunked"
+DEFAULT_CHUNK_SIZE = 64
+# Time steps unrolled per iteration of the sequential loops of the chunked path:
+# halves the loop overhead without bloating the program (measured; 4 was no faster).
+_UNROLL = 2
+
+
+def _shape_error(name: str, expected: str, got) -> ValueError:
+    return ValueError(f"selective_scan: {name} must have shape {expected}, got {tuple(got)}.")
+
+
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias, mask) -> None:
+    if u.ndim != 3:
+        raise _shape_error("u", "[batch, d, L]", u.shape)
+    batch, d, length = u.shape
+    if delta.shape != u.shape:
+        raise _shape_error("delta", f"{tuple(u.shape)} (that of u)", delta.shape)
+    if z is not None and z.shape != u.shape:
+        raise _shape_error("z", f"{tuple(u.shape)} (that of u)", z.shape)
+    if A.ndim != 2 or A.shape[0] != d:
+        raise _shape_error("A", f"[d={d}, n]", A.shape)
+    n = A.shape[1]
+    for name, value in (("B", B), ("C", C)):
+        if value.ndim == 2:
+            ok = value.shape == (d, n)
+        elif value.ndim == 3:
+            ok = value.shape == (batch, n, length)
+        elif value.ndim == 4:
+            groups = value.shape[1]
+            ok = value.shape == (batch, groups, n, length) and groups > 0 and d % groups == 0
+        else:
+            ok = False
+        if not ok:
+            raise _shape_error(
+                name,
+                f"[d={d}, n={n}], [batch={batch}, n={n}, L={length}] or "
+                f"[batch={batch}, groups dividing d={d}, n={n}, L={length}]",
+                value.shape,
+            )
+    for name, value in (("D", D), ("delta_bias", delta_bias)):
+        if value is not None and value.shape != (d,):
+            raise _shape_error(name, f"[d={d}]", value.shape)
+    if mask is not None and mask.shape != (batch, length):
+        raise _shape_error("mask", f"[batch={batch}, L={length}]", mask.shape)
+    if not isinstance(A, jax.core.Tracer) and bool(jnp.any(A > 0)):
+        # Under jit A is abstract and this cannot be checked; the Mamba block builds
+        # A = -exp(A_log), which is negative by construction.
+        raise ValueError(
+            "selective_scan: A must be <= 0 everywhere (a decaying state, |exp(delta * A)| <= 1); "
+            f"got max(A) = {float(jnp.max(A))}."
+        )
+
+
+def selective_scan(
+    u: Array,
+    delta: Array,
+    A: Array,
+    B: Array,
+    C: Array,
+    D: Array | None = None,
+    z: Array | None = None,
+    delta_bias: Array | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    *,
+    mask: Array | None = None,
+    implementation: str | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Array | tuple[Array, Array]:
+    """Mamba's selective scan (see the module docstring for the equations).
+
+    Args:
+      u, delta: [batch, d, L].
+      A: [d, n], entries <= 0 (checked when A is concrete).
+      B, C: [d, n], [batch, n, L] or [batch, groups, n, L].
+      D, delta_bias: [d] or None.
+      z: [batch, d, L] or None; the output is multiplied by silu(z).
+      delta_softplus: apply softplus to delta + delta_bias.
+      return_last_state: also return the state after the last step.
+      mask: [batch, L] bool (True = real token) or None. Masked positions leave
+        the state unchanged and output zero.
+      implementation: "reference", "associative", "chunked" or None (the fastest
+        on this backend, ``DEFAULT_IMPLEMENTATION``).
+      chunk_size: steps per chunk of the "chunked" implementation.
+    Returns:
+      out [batch, d, L] in u's dtype, and with ``return_last_state`` the last
+      state [batch, d, n] in the compute dtype (float32, or float64 for float64
+      inputs).
+    """
+    if implementation is None:
+        implementation = DEFAULT_IMPLEMENTATION
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"selective_scan: implementation must be one of {IMPLEMENTATIONS} or None, "
+            f"got {implementation!r}."
+        )
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"selective_scan: chunk_size must be a positive int, got {chunk_size!r}.")
+    u, delta, A, B, C = (jnp.asarray(a) for a in (u, delta, A, B, C))
+    D, z, delta_bias, mask = (
+        None if a is None else jnp.asarray(a) for a in (D, z, delta_bias, mask)
+    )
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias, mask)
+    return _selective_scan(
+        u, delta, A, B, C, D, z, delta_bias, mask, delta_softplus, return_last_state,
+        implementation, chunk_size,
+    )  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnums=(9, 10, 11, 12))
+def _selective_scan(
+    u, delta, A, B, C, D, z, delta_bias, mask, delta_softplus, return_last_state,
+    implementation, chunk_size,
+):  # fmt: skip
+    dtype = jnp.promote_types(u.dtype, jnp.float32)
+    u_c = u.astype(dtype)
+    dt = delta.astype(dtype)
+    if delta_bias is not None:
+        dt = dt + delta_bias.astype(dtype)[:, None]
+    if delta_softplus:
+        dt = jax.nn.softplus(dt)
+    if mask is not None:
+        # After bias and softplus: dt = 0 gives dA = exp(0) = 1 and dBu = 0 exactly.
+        dt = jnp.where(mask[:, None, :], dt, 0)
+    A, B, C = A.astype(dtype), B.astype(dtype), C.astype(dtype)
+
+    if implementation == "reference":
+        y, last_state = _scan_reference(u_c, dt, A, B, C)
+    elif implementation == "associative":
+        y, last_state = _scan_associative(u_c, dt, A, B, C)
+    else:
+        y, last_state = _scan_chunked(u_c, dt, A, B, C, chunk_size)
+
+    if D is not None:
+        y = y + D.astype(dtype)[:, None] * u_c
+    if z is not None:
+        y = y * jax.nn.silu(z.astype(dtype))
+    if mask is not None:
+        y = jnp.where(mask[:, None, :], y, 0)
+    out = y.astype(u.dtype)
+    return (out, last_state) if return_last_state else out
+
+
+def _expand_groups(BC: Array, d: int) -> Array:
+    """[batch, groups, n, L] -> [batch, d, n, L], channel c using group c // (d // groups)."""
+    return jnp.repeat(BC, d // BC.shape[1], axis=1)
+
+
+def _scan_reference(u, dt, A, B, C):
+    """One lax.scan step per position, in the original [batch, d, n] layout.
+
+    u, dt: [batch, d, L]; returns y [batch, d, L] (before D and z), x_last [batch, d, n].
+    """
+    batch, d, _ = u.shape
+    n = A.shape[1]
+
+    def per_step(BC):  # -> time-major [L, batch, d, n] view, or None if time-invariant
+        if BC.ndim == 2:
+            return None
+        if BC.ndim == 3:
+            return jnp.moveaxis(BC, -1, 0)[:, :, None, :]
+        return jnp.moveaxis(_expand_groups(BC, d), -1, 0)
+
+    B_t, C_t = per_step(B), per_step(C)
+
+    def step(x, inputs):
+        u_i, dt_i, B_i, C_i = inputs
+        B_i = B if B_i is None else B_i
+        C_i = C if C_i is None else C_i
+        x = jnp.exp(dt_i[..., None] * A) * x + (dt_i * u_i)[..., None] * B_i
+        return x, jnp.sum(x * C_i, axis=-1)
+
+    x0 = jnp.zeros((batch, d, n), u.dtype)
+    xs = (jnp.moveaxis(u, -1, 0), jnp.moveaxis(dt, -1, 0), B_t, C_t)
+    x_last, y = jax.lax.scan(step, x0, xs)
+    return jnp.moveaxis(y, 0, -1), x_last
+
+
+def _time_major_nd(u, dt, A, B, C):
+    """Inputs in the layout of the fast paths: time first, state [batch, n, *channels].
+
+    ``channels`` is ``(d,)``, or ``(groups, d // groups)`` when B or C is grouped
+    (channels split as the original's ``repeat`` orders them). The ungrouped
+    layout is kept 3-D because XLA's CPU loops over a 4-D state with a unit
+    axis ran about 2x slower (measured). Every per-step array broadcasts
+    against the state:
+      dt, u: [L, batch, 1, *channels]; A: [n, *channels];
+      B, C: [n, *channels] when time-invariant (returned with a ``None`` per-step
+            array), else per step [L, batch, n, 1 or groups, (1)].
+    """
+    batch, d, length = u.shape
+    n = A.shape[1]
+    # B and C may be grouped differently; the lcm of two divisors of d divides d.
+    groups = math.lcm(*(a.shape[1] for a in (B, C) if a.ndim == 4), 1)
+    channels = (d,) if groups == 1 else (groups, d // groups)
+
+    def per_channel(a):  # [batch, d, L] -> [L, batch, 1, *channels]
+        return jnp.moveaxis(a, -1, 0).reshape(length, batch, 1, *channels)
+
+    def per_step(BC):
+        if BC.ndim == 2:
+            return BC.T.reshape(n, *channels), None
+        if BC.ndim == 3:
+            return None, jnp.moveaxis(BC, -1, 0).reshape(length, batch, n, *(1,) * len(channels))
+        BC = jnp.repeat(BC, groups // BC.shape[1], axis=1)
+        return None, jnp.transpose(BC, (3, 0, 2, 1))[..., None]
+
+    return per_channel(dt), per_channel(u), A.T.reshape(n, *channels), per_step(B), per_step(C)
+
+
+def _from_time_major(y, x_last, batch, d):
+    """y [L, batch, *channels] -> [batch, d, L]; x [batch, n, *channels] -> [batch, d, n]."""
+    length = y.shape[0]
+    y = jnp.moveaxis(y.reshape(length, batch, d), 0, -1)
+    x_last = jnp.swapaxes(x_last.reshape(batch, -1, d), 1, 2)
+    return y, x_last
+
+
+def _scan_associative(u, dt, A, B, C):
+    """lax.associative_scan over all L positions (materialises [L, batch, n, d])."""
+    batch, d, _ = u.shape
+    dt_t, u_t, A_t, (B_fixed, B_t), (C_fixed, C_t) = _time_major_nd(u, dt, A, B, C)
+    dA = jnp.exp(dt_t * A_t)
+    dBu = (dt_t * u_t) * (B_fixed if B_t is None else B_t)
+
+    def combine(earlier, later):
+        a1, b1 = earlier
+        a2, b2 = later
+        return a2 * a1, a2 * b1 + b2
+
+    _, x = jax.lax.associative_scan(combine, (dA, dBu), axis=0)
+    y = jnp.sum(x * (C_fixed if C_t is None else C_t), axis=2)
+    return _from_time_major(y, x[-1], batch, d)
+
+
+def _scan_chunked(u, dt, A, B, C, chunk_size):
+    """Chunks of ``chunk_size`` steps, state carried between them, each chunk rematerialised."""
+    batch, d, length = u.shape
+    dt_t, u_t, A_t, (B_fixed, B_t), (C_fixed, C_t) = _time_major_nd(u, dt, A, B, C)
+    chunk = min(chunk_size, length)
+    num_chunks = -(-length // chunk)
+    pad = num_chunks * chunk - length
+
+    def to_chunks(a):
+        if a is None:
+            return None
+        # Padded steps have dt = 0: the state passes through them unchanged.
+        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+        return a.reshape(num_chunks, chunk, *a.shape[1:])
+
+    xs = tuple(to_chunks(a) for a in (dt_t, u_t, B_t, C_t))
+
+    def step(x, inputs):
+        dt_i, u_i, B_i, C_i = inputs
+        B_i = B_fixed if B_i is None else B_i
+        C_i = C_fixed if C_i is None else C_i
+        x = jnp.exp(dt_i * A_t) * x + (dt_i * u_i) * B_i
+        return x, jnp.sum(x * C_i, axis=1)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def run_chunk(x, chunk_inputs):
+        return jax.lax.scan(step, x, chunk_inputs, unroll=min(_UNROLL, chunk))
+
+    x0 = jnp.zeros((batch, *A_t.shape), u.dtype)
+    x_last, y = jax.lax.scan(run_chunk, x0, xs)
+    y = y.reshape(num_chunks * chunk, *y.shape[2:])[:length]
+    return _from_time_major(y, x_last, batch, d)
