@@ -1,0 +1,199 @@
+"""Packing variable-length sequences into fixed-length rows (padding-free batches).
+
+ByteTransformer removes padding so that no work is spent on it; with XLA's
+static shapes the equivalent is to pack several sequences into each row of a
+fixed ``[rows, row_length]`` batch and tell the model where each one starts:
+
+* ``segment_ids [rows, row_length]`` int32: 1, 2, ... for the sequences of a
+  row in order, 0 for the padding left at the end of the row. Attention uses
+  them so that no token sees another sequence (``AttentionMask`` segments).
+* ``positions [rows, row_length]`` int32: 0, 1, ... restarting in every
+  sequence, so position encodings see each sequence as if it were alone.
+* ``weights [rows, row_length]`` float32: 1 on real tokens, 0 on padding, for
+  the loss (the ``causal_lm`` task multiplies the target's weight in, and
+  does not let a sequence's last token predict the next sequence's first).
+
+Rows are filled first-fit: each sequence goes into the first row (of those
+still open) with room for it, in the order given, so the result is
+deterministic. Everything is plain numpy, usable in a grain ``map`` /
+``batch`` stage or on its own; :func:`pack_stream` packs an iterator of
+examples (a grain dataset iterator, for instance) into batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+Example = np.ndarray | Mapping[str, Any]
+
+PACKING_KEYS = ("segment_ids", "positions", "weights")
+
+
+def _features(example: Example, index: int) -> dict[str, np.ndarray]:
+    """The example as ``{name: 1-D array}`` with one common length."""
+    features = {"inputs": example} if not isinstance(example, Mapping) else dict(example)
+    arrays = {name: np.asarray(value) for name, value in features.items()}
+    lengths = {name: value.shape for name, value in arrays.items()}
+    if (
+        any(len(shape) != 1 for shape in lengths.values())
+        or len({shape[0] for shape in lengths.values()}) > 1
+    ):
+        raise ValueError(
+            f"pack_sequences: example {index} must be a 1-D array or a dict of 1-D arrays of "
+            f"one length, got shapes {lengths}."
+        )
+    clash = set(arrays) & set(PACKING_KEYS)
+    if clash:
+        raise ValueError(
+            f"pack_sequences: example {index} has keys {sorted(clash)} that packing creates."
+        )
+    return arrays
+
+
+def _first_fit(lengths: Sequence[int], row_length: int) -> list[list[int]]:
+    """Indices of the sequences in each row, filled first-fit in the given order."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for index, length in enumerate(lengths):
+        if length > row_length:
+            raise ValueError(
+                f"pack_sequences: sequence {index} has length {length}, longer than the "
+                f"row_length {row_length}; truncate or split it first."
+            )
+        for row, room in enumerate(free):
+            if length <= room:
+                rows[row].append(index)
+                free[row] -= length
+                break
+        else:
+            rows.append([index])
+            free.append(row_length - length)
+    return rows
+
+
+def _assemble(
+    features: Sequence[dict[str, np.ndarray]],
+    rows: Sequence[Sequence[int]],
+    row_length: int,
+    num_rows: int,
+    pad_id: int,
+) -> dict[str, np.ndarray]:
+    names = list(features[0]) if features else ["inputs"]
+    packed = {
+        name: np.full(
+            (num_rows, row_length), pad_id, features[0][name].dtype if features else np.int32
+        )
+        for name in names
+    }
+    segment_ids = np.zeros((num_rows, row_length), np.int32)
+    positions = np.zeros((num_rows, row_length), np.int32)
+    for row, members in enumerate(rows):
+        start = 0
+        for segment, index in enumerate(members, start=1):
+            example = features[index]
+            if list(example) != names:
+                raise ValueError(
+                    f"pack_sequences: example {index} has keys {sorted(example)}, the first has "
+                    f"{sorted(names)}; all examples need the same keys."
+                )
+            length = len(example[names[0]])
+            for name in names:
+                packed[name][row, start : start + length] = example[name]
+            segment_ids[row, start : start + length] = segment
+            positions[row, start : start + length] = np.arange(length)
+            start += length
+    packed.update(
+        segment_ids=segment_ids, positions=positions, weights=(segment_ids != 0).astype(np.float32)
+    )
+    return packed
+
+
+def pack_sequences(
+    examples: Sequence[Example],
+    row_length: int,
+    *,
+    num_rows: int | None = None,
+    pad_id: int = 0,
+) -> dict[str, np.ndarray]:
+    """Pack 1-D sequences (or dicts of equal-length 1-D arrays) into rows.
+
+    Args:
+      examples: arrays ``[length_i]``, or dicts of them (e.g. inputs and
+        targets); a bare array is packed under the key ``"inputs"``.
+      row_length: the length of every row; a longer sequence is an error.
+      num_rows: pad the result to this many rows (an error if more are needed);
+        default as many as the first-fit packing uses.
+      pad_id: the value of padding tokens.
+    Returns:
+      ``{feature: [rows, row_length], "segment_ids", "positions", "weights"}``.
+    """
+    if not isinstance(row_length, int) or row_length < 1:
+        raise ValueError(f"pack_sequences: row_length must be a positive int, got {row_length!r}.")
+    features = [_features(example, index) for index, example in enumerate(examples)]
+    lengths = [len(next(iter(f.values()))) if f else 0 for f in features]
+    rows = _first_fit(lengths, row_length)
+    if num_rows is None:
+        num_rows = len(rows)
+    elif len(rows) > num_rows:
+        raise ValueError(
+            f"pack_sequences: the sequences need {len(rows)} rows of {row_length}, more than "
+            f"num_rows={num_rows}."
+        )
+    return _assemble(features, rows, row_length, num_rows, pad_id)
+
+
+def unpack_sequences(packed: Mapping[str, np.ndarray], key: str = "inputs") -> list[np.ndarray]:
+    """The sequences of ``packed[key]`` row by row, segment by segment (inverse of packing)."""
+    sequences = []
+    for row_values, row_segments in zip(
+        np.asarray(packed[key]), np.asarray(packed["segment_ids"]), strict=True
+    ):
+        for segment in range(1, int(row_segments.max(initial=0)) + 1):
+            sequences.append(row_values[row_segments == segment])
+    return sequences
+
+
+def pack_stream(
+    examples: Iterable[Example],
+    row_length: int,
+    rows_per_batch: int,
+    *,
+    pad_id: int = 0,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Pack a stream of examples into batches of ``rows_per_batch`` rows.
+
+    Examples are taken in order into a batch's open rows (first-fit); a batch
+    is emitted, padded to ``rows_per_batch`` rows, when the next example fits
+    in none of them and all rows are open, and at the end of the stream.
+    """
+    if not isinstance(rows_per_batch, int) or rows_per_batch < 1:
+        raise ValueError(
+            f"pack_stream: rows_per_batch must be a positive int, got {rows_per_batch!r}."
+        )
+    pending: list[dict[str, np.ndarray]] = []
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for example in examples:
+        features = _features(example, len(pending))
+        length = len(next(iter(features.values())))
+        if length > row_length:
+            raise ValueError(
+                f"pack_stream: a sequence has length {length}, longer than the row_length "
+                f"{row_length}; truncate or split it first."
+            )
+        row = next((r for r, room in enumerate(free) if length <= room), None)
+        if row is None and len(rows) == rows_per_batch:
+            yield _assemble(pending, rows, row_length, rows_per_batch, pad_id)
+            pending, rows, free = [], [], []
+        if row is None:
+            rows.append([])
+            free.append(row_length)
+            row = len(rows) - 1
+        rows[row].append(len(pending))
+        free[row] -= length
+        pending.append(features)
+    if pending:
+        yield _assemble(pending, rows, row_length, rows_per_batch, pad_id)
