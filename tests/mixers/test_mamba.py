@@ -1,0 +1,159 @@
+"""Tests of the Mamba mixer: decoding equals the parallel forward, causality, padding, init."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from effformer.mixers.mamba import MambaMixer
+from effformer.ops.masks import AttentionMask
+
+BATCH, LENGTH, D_MODEL = 2, 9, 8
+
+
+def make(x64=False, **kwargs):
+    mixer = MambaMixer(d_model=D_MODEL, d_state=4, **kwargs)
+    dtype = jnp.float64 if x64 else jnp.float32
+    x = jax.random.normal(jax.random.key(1), (BATCH, LENGTH, D_MODEL), dtype)
+    params = jax.jit(mixer.init)(jax.random.key(0), x)["params"]
+    if x64:
+        params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+    return mixer, params, x
+
+
+def padding_mask(segment_ids) -> AttentionMask:
+    segment_ids = jnp.asarray(segment_ids, jnp.int32)
+    return AttentionMask(q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
+
+
+@pytest.mark.parametrize("implementation", ["reference", "chunked"])
+def test_decode_token_by_token_equals_parallel_forward(x64, implementation):
+    mixer, params, x = make(x64=True, implementation=implementation, chunk_size=4)
+    parallel, intermediates = jax.jit(
+        lambda x: mixer.apply({"params": params}, x, mutable=["intermediates"])
+    )(x)
+    cache = mixer.init(jax.random.key(0), x[:, :1], decode=True)["cache"]
+    assert cache["conv_state"].shape == (BATCH, 2 * D_MODEL, 4)
+    assert cache["ssm_state"].shape == (BATCH, 2 * D_MODEL, 4)
+    np.testing.assert_array_equal(cache["ssm_state"], 0.0)
+    step = jax.jit(lambda cache, token: mixer.apply({"params": params, "cache": cache}, token,
+                                                     decode=True, mutable=["cache"]))  # fmt: skip
+    outputs = []
+    for t in range(LENGTH):
+        out, variables = step(cache, x[:, t : t + 1])
+        cache = variables["cache"]
+        outputs.append(out)
+    np.testing.assert_allclose(jnp.concatenate(outputs, axis=1), parallel, rtol=1e-10, atol=1e-12)
+    (ssm_state,) = intermediates["intermediates"]["ssm_state"]
+    (conv_state,) = intermediates["intermediates"]["conv_state"]
+    np.testing.assert_allclose(cache["ssm_state"], ssm_state, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(cache["conv_state"], conv_state, rtol=1e-12, atol=1e-12)
+
+
+def test_output_never_depends_on_later_inputs(x64):
+    mixer, params, x = make(x64=True, implementation="chunked", chunk_size=4)
+    jacobian = jax.jit(jax.jacrev(lambda x: mixer.apply({"params": params}, x)))(x[:1])
+    # [1, L, D, 1, L', D] -> influence of input t' on output t, summed over features.
+    influence = np.abs(np.asarray(jacobian)[0, :, :, 0]).sum(axis=(1, 3))
+    future = np.triu(np.ones((LENGTH, LENGTH), bool), k=1)
+    np.testing.assert_array_equal(influence[future], 0.0)
+    assert np.all(influence[~future] > 0)  # every earlier token reaches the output
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_batch_equals_unpadded_sequences(x64, side):
+    mixer, params, x = make(x64=True, chunk_size=4)
+    lengths = [LENGTH, 5]
+    positions = np.arange(LENGTH)[None, :]
+    if side == "right":
+        real = positions < np.array(lengths)[:, None]
+    else:
+        real = positions >= LENGTH - np.array(lengths)[:, None]
+    x = jnp.where(real[..., None], x, 7.0)  # garbage in the padding
+    apply = jax.jit(lambda x, mask=None: mixer.apply({"params": params}, x, mask=mask))
+    out = apply(x, padding_mask(real.astype(np.int32)))
+    for b in range(BATCH):
+        alone = apply(x[b : b + 1, real[b]])
+        np.testing.assert_allclose(out[b, real[b]], alone[0], rtol=1e-10, atol=1e-12)
+        np.testing.assert_array_equal(out[b, ~real[b]], 0.0)
+
+
+def test_padded_token_in_decode_leaves_the_cache_unchanged(x64):
+    mixer, params, x = make(x64=True)
+    cache = mixer.init(jax.random.key(0), x[:, :1], decode=True)["cache"]
+    variables = {"params": params, "cache": cache}
+    _, updated = mixer.apply(variables, x[:, :1], decode=True, mutable=["cache"])
+    variables["cache"] = updated["cache"]
+    out, after = mixer.apply(variables, x[:, 1:2], decode=True, mutable=["cache"],
+                             mask=padding_mask([[0], [1]]))  # fmt: skip
+    np.testing.assert_array_equal(out[0], 0.0)
+    for name in ("conv_state", "ssm_state"):
+        np.testing.assert_array_equal(after["cache"][name][0], updated["cache"][name][0])
+        assert not np.allclose(after["cache"][name][1], updated["cache"][name][1])
+
+
+def test_implementations_agree_and_gradients_are_finite():
+    mixer, params, x = make(implementation="reference")
+    fast = MambaMixer(d_model=D_MODEL, d_state=4, implementation="chunked", chunk_size=4)
+    np.testing.assert_allclose(
+        fast.apply({"params": params}, x), mixer.apply({"params": params}, x), rtol=1e-5, atol=1e-6
+    )
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(fast.apply({"params": p}, x) ** 2)))(params)
+    for path, grad in jax.tree_util.tree_leaves_with_path(grads):
+        assert np.all(np.isfinite(grad)) and np.any(grad != 0), path
+
+
+def test_initialisation_follows_the_original():
+    d_model, d_state = 64, 16
+    mixer = MambaMixer(d_model=d_model)
+    x = jnp.zeros((1, 3, d_model))
+    params = jax.jit(mixer.init)(jax.random.key(0), x)["params"]
+    E, R = 2 * d_model, math.ceil(d_model / 16)
+    shapes = jax.tree.map(jnp.shape, params)
+    assert shapes == {
+        "in_proj": {"kernel": (d_model, 2 * E)},
+        "conv_kernel": (4, E),
+        "conv_bias": (E,),
+        "x_proj": {"kernel": (E, R + 2 * d_state)},
+        "dt_proj_kernel": (R, E),
+        "dt_proj_bias": (E,),
+        "A_log": (E, d_state),
+        "D": (E,),
+        "out_proj": {"kernel": (E, d_model)},
+    }
+    dt = np.asarray(jax.nn.softplus(params["dt_proj_bias"]))
+    assert np.all(dt >= 0.001 * (1 - 1e-5)) and np.all(dt <= 0.1 * (1 + 1e-5))
+    # log-uniform: log dt is uniform on [log 0.001, log 0.1], mean log(0.01), std 4.6/sqrt(12).
+    log_dt = np.log(dt)
+    assert abs(log_dt.mean() - math.log(0.01)) < 0.4
+    assert abs(log_dt.std() - math.log(100) / math.sqrt(12)) < 0.3
+    np.testing.assert_allclose(
+        params["A_log"], np.log(np.tile(np.arange(1, 17), (E, 1))), rtol=1e-6
+    )
+    np.testing.assert_array_equal(params["D"], 1.0)
+    dt_limit = R**-0.5
+    assert np.all(np.abs(params["dt_proj_kernel"]) <= dt_limit)
+    assert np.abs(params["dt_proj_kernel"]).max() > 0.8 * dt_limit
+    in_limit = d_model**-0.5  # PyTorch's default Linear init, as the original keeps
+    assert np.all(np.abs(params["in_proj"]["kernel"]) <= in_limit)
+    assert np.abs(params["in_proj"]["kernel"]).max() > 0.9 * in_limit
+
+
+def test_dt_floor_applies():
+    mixer = MambaMixer(d_model=D_MODEL, dt_min=1e-6, dt_max=2e-6)
+    params = jax.jit(mixer.init)(jax.random.key(0), jnp.zeros((1, 2, D_MODEL)))["params"]
+    np.testing.assert_allclose(jax.nn.softplus(params["dt_proj_bias"]), 1e-4, rtol=1e-3)
+
+
+def test_bad_inputs():
+    mixer, params, x = make()
+    with pytest.raises(
+        ValueError, match=r"x must have shape \[batch, L, d_model=8\], got \(2, 9, 5\)"
+    ):
+        mixer.apply({"params": params}, x[..., :5])
+    with pytest.raises(ValueError, match=r"decode=True advances one token .*got \(2, 9, 8\)"):
+        mixer.apply({"params": params}, x, decode=True, mutable=["cache"])
+    with pytest.raises(ValueError, match=r"q_segment_ids must have shape \(2, 9\).*got \(2, 4\)"):
+        mixer.apply({"params": params}, x, mask=padding_mask(np.ones((BATCH, 4))))
