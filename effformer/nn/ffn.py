@@ -194,7 +194,7 @@ FFNS: dict[str, tuple[type[nn.Module], str]] = {
 }
 
 
-def make_ffn(name: str, hidden_dim: int, **kwargs: Any) -> nn.Module:
+def make_ffn(name: str, hidden_dim: int, /, **kwargs: Any) -> nn.Module:
     """Build an FFN by name.
 
     ``"gelu"``, ``"gelu_tanh"``, ``"relu"``, ``"silu"`` give an :class:`MLP` with

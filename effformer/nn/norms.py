@@ -81,7 +81,7 @@ class RMSNorm(nn.Module):
 _NORMS = {"layer_norm": LayerNorm, "rms_norm": RMSNorm}
 
 
-def make_norm(name: str, **kwargs: Any) -> nn.Module:
+def make_norm(name: str, /, **kwargs: Any) -> nn.Module:
     """Build a norm by name: ``"layer_norm"`` or ``"rms_norm"``; kwargs go to its class."""
     if name not in _NORMS:
         raise ValueError(f"make_norm: unknown name {name!r}; expected one of {sorted(_NORMS)}.")

@@ -341,7 +341,7 @@ POSITION_ENCODINGS: dict[str, Callable[..., PositionEncoding]] = {
 }
 
 
-def make_position_encoding(name: str, **kwargs: Any) -> PositionEncoding:
+def make_position_encoding(name: str, /, **kwargs: Any) -> PositionEncoding:
     """Build a position encoding by name (see ``POSITION_ENCODINGS``); kwargs go to its class."""
     if name not in POSITION_ENCODINGS:
         raise ValueError(

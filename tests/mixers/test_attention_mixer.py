@@ -1,0 +1,303 @@
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from effformer.mixers import CrossAttention, MultiHeadAttention, make_mixer
+from effformer.nn.position import make_position_encoding
+from effformer.ops.masks import AttentionMask
+
+B, L, D = 2, 6, 12
+
+
+def _x(seed=0, length=L, dim=D, dtype=jnp.float32):
+    return jax.random.normal(jax.random.key(seed), (B, length, dim), dtype)
+
+
+def _randomise_biases(variables, seed=7):
+    """Zero/one-initialised biases and scales (and T5's small bias table) would hide a
+    missing term: make them standard normal."""
+    key = jax.random.key(seed)
+
+    def fill(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "bias" in name or "scale" in name:
+            return jax.random.normal(
+                jax.random.fold_in(key, hash(name) % 2**31), leaf.shape, leaf.dtype
+            )
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(fill, variables)
+
+
+def _manual(
+    params,
+    x,
+    context=None,
+    *,
+    num_heads,
+    num_kv_heads=None,
+    visible=None,
+    bias=None,
+    rotate=None,
+    qk_norm_eps=None,
+):
+    """Straight einsum attention with repeated kv heads and a dense boolean mask [B, Lq, Lk]."""
+    context = x if context is None else context
+    num_kv_heads = num_kv_heads or num_heads
+
+    def proj(name, inp):
+        out = jnp.einsum("bld,dhk->blhk", inp, params[name]["kernel"])
+        return out + params[name]["bias"] if "bias" in params[name] else out
+
+    q, k, v = proj("query", x), proj("key", context), proj("value", context)
+    if qk_norm_eps is not None:
+        rms = lambda t, s: t / jnp.sqrt(jnp.mean(t**2, -1, keepdims=True) + qk_norm_eps) * s
+        q = rms(q, params["query_norm"]["scale"])
+        k = rms(k, params["key_norm"]["scale"])
+    if rotate is not None:
+        q, k = rotate(q, k)
+    k = jnp.repeat(k, num_heads // num_kv_heads, axis=2)
+    v = jnp.repeat(v, num_heads // num_kv_heads, axis=2)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1])
+    if bias is not None:
+        logits = logits + bias
+    if visible is not None:
+        logits = jnp.where(visible[:, None], logits, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if visible is not None:
+        probs = jnp.where(visible[:, None].any(-1, keepdims=True), probs, 0.0)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    y = jnp.einsum("bqhd,hdo->bqo", out, params["out"]["kernel"])
+    return y + params["out"]["bias"] if "bias" in params["out"] else y
+
+
+def _causal(length=L):
+    return jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (B, length, length))
+
+
+@pytest.mark.parametrize(
+    "implementation, causal",
+    [(None, False), ("reference", True), ("xla", True), ("xla_blockwise", True)],
+)
+def test_mixer_matches_manual_einsum(x64, implementation, causal):
+    x = _x(dtype=jnp.float64)
+    module = MultiHeadAttention(num_heads=3, implementation=implementation, param_dtype=jnp.float64)
+    variables = _randomise_biases(module.init(jax.random.key(1), x))
+    mask = AttentionMask(causal=True) if causal else None
+    visible = _causal() if causal else None
+
+    def loss(params, x):
+        return jnp.sum(jnp.sin(module.apply({"params": params}, x, mask=mask)))
+
+    def manual_loss(params, x):
+        return jnp.sum(jnp.sin(_manual(params, x, num_heads=3, visible=visible)))
+
+    params = variables["params"]
+    np.testing.assert_allclose(
+        module.apply(variables, x, mask=mask),
+        _manual(params, x, num_heads=3, visible=visible),
+        atol=1e-10,
+    )
+    grads = jax.grad(loss, argnums=(0, 1))(params, x)
+    manual_grads = jax.grad(manual_loss, argnums=(0, 1))(params, x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-9), grads, manual_grads)
+
+
+def test_projection_flags_and_shapes():
+    x = _x()
+    cct = MultiHeadAttention(num_heads=2, qkv_bias=False, out_bias=True)
+    params = cct.init(jax.random.key(0), x)["params"]
+    assert "bias" not in params["query"] and "bias" in params["out"]
+    assert params["query"]["kernel"].shape == (D, 2, 6)
+    gqa = MultiHeadAttention(num_heads=4, num_kv_heads=2, head_dim=5, out_features=7)
+    params = jax.tree.map(jnp.shape, gqa.init(jax.random.key(0), x))["params"]
+    assert params["key"]["kernel"] == (D, 2, 5) and params["query"]["kernel"] == (D, 4, 5)
+    assert gqa.apply(gqa.init(jax.random.key(0), x), x).shape == (B, L, 7)
+
+
+@pytest.mark.parametrize("num_kv_heads", [1, 2])
+def test_gqa_matches_repeated_kv_heads(num_kv_heads):
+    x = _x()
+    module = MultiHeadAttention(num_heads=4, num_kv_heads=num_kv_heads)
+    variables = _randomise_biases(module.init(jax.random.key(1), x))
+    want = _manual(
+        variables["params"], x, num_heads=4, num_kv_heads=num_kv_heads, visible=_causal()
+    )
+    got = module.apply(variables, x, mask=AttentionMask(causal=True))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_qk_norm():
+    x = _x()
+    module = MultiHeadAttention(num_heads=2, qk_norm=True)
+    variables = _randomise_biases(module.init(jax.random.key(1), x))
+    assert variables["params"]["query_norm"]["scale"].shape == (6,)
+    want = _manual(variables["params"], x, num_heads=2, qk_norm_eps=1e-6)
+    np.testing.assert_allclose(module.apply(variables, x), want, atol=1e-5)
+
+
+def _positions(length=L, offset=0):
+    return jnp.broadcast_to(jnp.arange(offset, offset + length), (B, length))
+
+
+@pytest.mark.parametrize("name", ["rope", "alibi", "t5"])
+def test_position_encoding_hooks(name):
+    x = _x()
+    encoding = make_position_encoding(name)
+    module = MultiHeadAttention(num_heads=3, position_encoding=encoding)
+    positions = _positions(offset=3)
+    variables = _randomise_biases(module.init(jax.random.key(1), x, positions=positions))
+    pe_vars = {"params": variables["params"].get("position_encoding", {})}
+    rotate = bias = None
+    if name == "rope":
+        rotate = lambda q, k: encoding.apply({}, q, k, positions, positions, method="rotate")
+    else:
+        bias = encoding.apply(pe_vars, positions, positions, 3, method="attention_bias")
+    want = _manual(variables["params"], x, num_heads=3, rotate=rotate, bias=bias)
+    got = module.apply(variables, x, positions=positions)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # The encoding really acts: without it the output differs.
+    plain = _manual(variables["params"], x, num_heads=3)
+    assert not np.allclose(got, plain, atol=1e-4)
+
+
+def test_rope2d_needs_grid_positions():
+    module = MultiHeadAttention(num_heads=3, position_encoding=make_position_encoding("rope2d"))
+    with pytest.raises(ValueError, match=r"positions \[B, L, 2\] are required.*got None"):
+        module.init(jax.random.key(0), _x())
+    grid = jnp.stack(jnp.meshgrid(jnp.arange(2), jnp.arange(3), indexing="ij"), -1).reshape(1, 6, 2)
+    grid = jnp.broadcast_to(grid, (B, L, 2))
+    variables = module.init(jax.random.key(0), _x(), positions=grid)
+    assert module.apply(variables, _x(), positions=grid).shape == (B, L, D)
+
+
+def _decode_all(module, variables, x, chunks, max_length=None):
+    """Run x through the cache in the given chunk lengths; concatenate the outputs."""
+    cache = module.init(jax.random.key(0), jnp.zeros((B, max_length or x.shape[1], D)), decode=True)
+    cache = cache["cache"]
+
+    @jax.jit  # one compilation per chunk length instead of op-by-op dispatch
+    def step(cache, chunk):
+        return module.apply(
+            {"params": variables["params"], "cache": cache},
+            chunk,
+            decode=True,
+            mask=AttentionMask(causal=True),
+            mutable=["cache"],
+        )
+
+    outs, start = [], 0
+    for size in chunks:
+        out, mutated = step(cache, x[:, start : start + size])
+        cache = mutated["cache"]
+        outs.append(out)
+        start += size
+    assert int(cache["cache_index"]) == start
+    return jnp.concatenate(outs, axis=1)
+
+
+@pytest.mark.parametrize("name", ["none", "rope", "alibi", "t5"])
+def test_kv_cached_decoding_equals_full_causal(name):
+    x = _x(length=L)
+    kwargs = {"t5": {"bidirectional": False}, "alibi": {"causal": True}}.get(name, {})
+    encoding = make_position_encoding(name, **kwargs)
+    module = MultiHeadAttention(num_heads=4, num_kv_heads=2, position_encoding=encoding)
+    variables = _randomise_biases(module.init(jax.random.key(1), x))
+    full = module.apply(variables, x, mask=AttentionMask(causal=True))
+    steps = _decode_all(module, variables, x, [1] * L)
+    np.testing.assert_allclose(steps, full, atol=1e-5)
+    # A prompt of several tokens, then single steps, in a longer cache, agrees too.
+    chunked = _decode_all(module, variables, x, [3, 1, 1, 1], max_length=L + 4)
+    np.testing.assert_allclose(chunked, full, atol=1e-5)
+
+
+def test_cache_layout_and_decode_errors():
+    module = MultiHeadAttention(num_heads=4, num_kv_heads=2, max_decode_length=9)
+    variables = module.init(jax.random.key(0), _x(), decode=True)
+    shapes = jax.tree.map(jnp.shape, variables["cache"])
+    assert shapes["cached_key"] == shapes["cached_value"] == (B, 9, 2, 3)
+    assert shapes["cache_index"] == ()
+    with pytest.raises(ValueError, match="decode=True needs mask None or a causal AttentionMask"):
+        module.apply(variables, _x(length=1), decode=True, mask=AttentionMask(), mutable=["cache"])
+    with pytest.raises(ValueError, match="decode step length must be <= max_length=9, got 10"):
+        module.apply(variables, _x(length=10), decode=True, mutable=["cache"])
+
+
+def test_packed_sequences_equal_separate_runs():
+    """Two sequences packed in one row (segment ids, positions restarting) == run alone."""
+    module = MultiHeadAttention(num_heads=3, position_encoding=make_position_encoding("rope"))
+    x = _x()
+    variables = _randomise_biases(module.init(jax.random.key(1), x))
+    segments = jnp.array([[1, 1, 1, 1, 2, 2], [1, 1, 1, 2, 2, 0]])
+    positions = jnp.array([[0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 1, 0]])
+    mask = AttentionMask(causal=True, q_segment_ids=segments, kv_segment_ids=segments)
+    packed = module.apply(variables, x, mask=mask, positions=positions)
+    causal = AttentionMask(causal=True)
+    for b, pieces in enumerate([[(0, 4), (4, 6)], [(0, 3), (3, 5)]]):
+        for start, stop in pieces:
+            alone = module.apply(variables, x[b : b + 1, start:stop], mask=causal)
+            np.testing.assert_allclose(packed[b, start:stop], alone[0], atol=1e-5)
+    # The padding token sees nothing: its attention output is zero, so y = out bias.
+    np.testing.assert_allclose(packed[1, 5], variables["params"]["out"]["bias"], atol=1e-6)
+
+
+def test_attention_dropout():
+    x = _x()
+    module = MultiHeadAttention(num_heads=3, attention_dropout_rate=0.5)
+    variables = module.init(jax.random.key(1), x)
+    det = module.apply(variables, x)
+    np.testing.assert_allclose(det, MultiHeadAttention(num_heads=3).apply(variables, x))
+    a = module.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.key(2)})
+    b = module.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.key(3)})
+    assert not np.allclose(a, b)
+
+
+def test_cross_attention_matches_manual_with_context_mask():
+    x, context = _x(), _x(seed=3, length=4, dim=5)
+    module = CrossAttention(num_heads=3)
+    variables = _randomise_biases(module.init(jax.random.key(1), x, context))
+    context_mask = jnp.array([[True, True, False, True], [False] * 4])
+    visible = jnp.broadcast_to(context_mask[:, None, :], (B, L, 4))
+    want = _manual(variables["params"], x, context, num_heads=3, visible=visible)
+    got = module.apply(variables, x, context, context_mask=context_mask)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # No visible key: the attention output is zero, only the output bias remains.
+    np.testing.assert_allclose(got[1], jnp.broadcast_to(variables["params"]["out"]["bias"], (L, D)))
+    with pytest.raises(ValueError, match=r"context_mask must have shape \(2, 4\), got \(2, 3\)"):
+        module.apply(variables, x, context, context_mask=context_mask[:, :3])
+
+
+def test_bad_configuration_errors():
+    x = _x()
+    with pytest.raises(
+        ValueError, match="num_heads must divide the model width 12.*got num_heads=5"
+    ):
+        MultiHeadAttention(num_heads=5).init(jax.random.key(0), x)
+    with pytest.raises(
+        ValueError, match="num_kv_heads must divide num_heads=4, got num_kv_heads=3"
+    ):
+        MultiHeadAttention(num_heads=4, num_kv_heads=3).init(jax.random.key(0), x)
+    with pytest.raises(
+        ValueError, match=r"positions must have shape \(2, 6\) \(or batch 1\), got \(2, 5\)"
+    ):
+        MultiHeadAttention(num_heads=3).init(jax.random.key(0), x, positions=_positions(5))
+    with pytest.raises(ValueError, match=r"x must be \[B, L, D\], got shape \(6, 12\)"):
+        MultiHeadAttention(num_heads=3).init(jax.random.key(0), x[0])
+    with pytest.raises(ValueError, match="make_mixer: unknown name 'lstm'"):
+        make_mixer("lstm")
+
+
+def test_mask_takes_explicit_positions():
+    """A causal mask orders tokens by the given positions, not by array index."""
+    x = _x()
+    module = MultiHeadAttention(num_heads=3)
+    variables = module.init(jax.random.key(1), x)
+    reversed_positions = _positions()[:, ::-1]
+    got = module.apply(variables, x, mask=AttentionMask(causal=True), positions=reversed_positions)
+    want = module.apply(variables, x[:, ::-1], mask=AttentionMask(causal=True))[:, ::-1]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    explicit = dataclasses.replace(AttentionMask(causal=True))
+    assert explicit.q_positions is None  # the caller's mask is not modified
