@@ -9,8 +9,9 @@ from typing import Any
 import flax.linen as nn
 
 from effformer.mixers.attention import CrossAttention, MultiHeadAttention
+from effformer.mixers.mamba import MambaMixer
 
-MIXERS: dict[str, type[nn.Module]] = {"attention": MultiHeadAttention}
+MIXERS: dict[str, type[nn.Module]] = {"attention": MultiHeadAttention, "mamba": MambaMixer}
 
 
 def make_mixer(name: str, /, **kwargs: Any) -> nn.Module:
@@ -20,4 +21,4 @@ def make_mixer(name: str, /, **kwargs: Any) -> nn.Module:
     return MIXERS[name](**kwargs)
 
 
-__all__ = ["MIXERS", "CrossAttention", "MultiHeadAttention", "make_mixer"]
+__all__ = ["MIXERS", "CrossAttention", "MambaMixer", "MultiHeadAttention", "make_mixer"]

@@ -301,3 +301,8 @@ def test_mask_takes_explicit_positions():
     np.testing.assert_allclose(got, want, atol=1e-5)
     explicit = dataclasses.replace(AttentionMask(causal=True))
     assert explicit.q_positions is None  # the caller's mask is not modified
+
+
+def test_make_mixer_by_name():
+    assert isinstance(make_mixer("attention", num_heads=2), MultiHeadAttention)
+    assert type(make_mixer("mamba", d_model=8)).__name__ == "MambaMixer"
