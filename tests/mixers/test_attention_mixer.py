@@ -306,3 +306,24 @@ def test_mask_takes_explicit_positions():
 def test_make_mixer_by_name():
     assert isinstance(make_mixer("attention", num_heads=2), MultiHeadAttention)
     assert type(make_mixer("mamba", d_model=8)).__name__ == "MambaMixer"
+
+
+def test_bfloat16_compute_with_float32_params():
+    x = _x()
+    module = MultiHeadAttention(
+        num_heads=3,
+        qk_norm=True,
+        dtype=jnp.bfloat16,
+        position_encoding=make_position_encoding("rope"),
+    )
+    variables = module.init(jax.random.key(1), x)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
+    got = module.apply(variables, x, mask=AttentionMask(causal=True))
+    assert got.dtype == jnp.bfloat16
+    want = MultiHeadAttention(
+        num_heads=3, qk_norm=True, position_encoding=make_position_encoding("rope")
+    ).apply(variables, x, mask=AttentionMask(causal=True))
+    # bf16 keeps 8 bits of mantissa through a few matmuls: agree to a few percent.
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=5e-2, rtol=5e-2)
+    cache = module.init(jax.random.key(0), x, decode=True)["cache"]
+    assert cache["cached_key"].dtype == jnp.bfloat16
