@@ -1,1 +1,25 @@
-"""effformer.ops."""
+"""effformer.ops: pure array functions, each with a plain reference beside its fast paths."""
+
+from effformer.ops.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from effformer.ops.attention import dot_product_attention
+from effformer.ops.masks import (
+    AttentionMask,
+    causal_mask,
+    dense_mask,
+    sliding_window_mask,
+    soft_causal_mask,
+    validate_mask,
+    visibility,
+)
+
+__all__ = [
+    "ATTENTION_IMPLEMENTATIONS",
+    "AttentionMask",
+    "causal_mask",
+    "dense_mask",
+    "dot_product_attention",
+    "sliding_window_mask",
+    "soft_causal_mask",
+    "validate_mask",
+    "visibility",
+]

@@ -1,0 +1,339 @@
+"""The one attention op: softmax attention with a structural mask.
+
+``dot_product_attention`` computes, per head,
+``softmax(scale * q k^T + bias, over visible keys) * w  @ v`` where the visible
+keys and the post-softmax weight ``w`` (iLLaMA's soft-causal multiplier) come
+from an :class:`~effformer.ops.masks.AttentionMask`, and ``w`` also carries
+dropout's ``keep / (1 - rate)``. Implementations:
+
+``"reference"``
+    Dense ``[B, 1, Lq, Lk]`` mask from ``masks.dense_mask``, kv heads repeated,
+    plain softmax, computed in the input dtype (float64 works). The slow twin.
+``"xla"``
+    Scores materialised and left for XLA to fuse; the mask is computed by
+    broadcasting positions and segment ids, GQA by a grouped einsum (no
+    repeat). Computes in float32 (float64 for float64 inputs).
+``"xla_blockwise"``
+    :mod:`effformer.ops.attention_blockwise`: online softmax over blocks,
+    memory linear in length forward and backward, fully hidden blocks skipped.
+``"cudnn"``
+    GPU only: ``jax.nn.dot_product_attention(implementation="cudnn")``, for
+    float16/bfloat16 with no mask, causal, or causal sliding window, with
+    ``Lq == Lk`` and default positions (cuDNN aligns causal masks top-left).
+
+``implementation=None`` picks cuDNN on GPU where it applies (and there is no
+dropout and no bias), else ``"xla"`` when ``Lq * Lk <= XLA_MAX_SCORES``, else
+``"xla_blockwise"``.
+
+A query that sees no key (a padding query) outputs exactly zero, with finite
+gradients, in every implementation.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+
+from effformer.ops import masks
+from effformer.ops.attention_blockwise import (
+    DEFAULT_BLOCK_K,
+    DEFAULT_BLOCK_Q,
+    blockwise_attention,
+    dropout_keep,
+    grouped_bias,
+)
+from effformer.ops.masks import AttentionMask
+
+Array = jax.Array
+
+IMPLEMENTATIONS = ("reference", "xla", "xla_blockwise", "cudnn")
+
+# Above this many scores per (batch, head) the automatic choice is the blockwise
+# path. On the 2-core development CPU the two are on par up to 512 x 512 (where
+# the blockwise path is a single block), and from 1K x 1K on the blockwise path
+# is ~3x faster forward and ~2-20x faster forward + backward, since its blocks
+# stay in cache (experiments/benchmarks/README.md, "Attention"). Below it the
+# XLA path is preferred: plain autodiff, and it compiles faster.
+XLA_MAX_SCORES = 512 * 512
+
+_CUDNN_DTYPES = (jnp.float16, jnp.bfloat16)
+
+logger = logging.getLogger(__name__)
+_logged_fallbacks: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged_fallbacks:
+        _logged_fallbacks.add(message)
+        logger.info(message)
+
+
+def _masked_softmax(logits: Array, visible: Array | None) -> Array:
+    """Softmax over the visible keys; a row with none visible is all zeros, not NaN."""
+    if visible is not None:
+        logits = jnp.where(visible, logits, -jnp.inf)
+    row_max = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    unnormalised = jnp.exp(logits - row_max)  # exp(-inf) = 0 for hidden keys
+    total = unnormalised.sum(axis=-1, keepdims=True)
+    return unnormalised / jnp.where(total == 0.0, 1.0, total)
+
+
+def _reference(q, k, v, mask, bias, scale, keep) -> Array:
+    """Dense mask, repeated kv heads, input dtype. ``keep`` is a [B, H, Lq, Lk] dropout mask."""
+    batch, q_len, num_heads, _ = q.shape
+    kv_len, num_kv_heads = k.shape[1], k.shape[2]
+    k = jnp.repeat(k, num_heads // num_kv_heads, axis=2)
+    v = jnp.repeat(v, num_heads // num_kv_heads, axis=2)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * jnp.asarray(scale, q.dtype)
+    if bias is not None:
+        logits = logits + bias.astype(q.dtype)
+    visible = masks.dense_mask(mask, batch, q_len, kv_len)
+    probs = _masked_softmax(logits, visible)
+    if mask.soft_causal_ratio is not None:
+        q_pos, kv_pos = masks.resolve_positions(mask, batch, q_len, kv_len)
+        ratio = jnp.asarray(mask.soft_causal_ratio, q.dtype)
+        tril = (kv_pos[:, None, None, :] <= q_pos[:, None, :, None]).astype(q.dtype)
+        probs = probs * (ratio + (1 - ratio) * tril)
+    if keep is not None:
+        probs = probs * keep
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v).astype(q.dtype)
+
+
+def _xla(q, k, v, mask, bias, scale, keep) -> Array:
+    """Materialised scores [B, Hkv, G, Lq, Lk], mask by broadcasting positions."""
+    batch, q_len, num_heads, head_dim = q.shape
+    kv_len, num_kv_heads = k.shape[1], k.shape[2]
+    groups = num_heads // num_kv_heads
+    dtype = jnp.promote_types(q.dtype, jnp.float32)
+    qg = (q.astype(dtype) * jnp.asarray(scale, dtype)).reshape(
+        batch, q_len, num_kv_heads, groups, head_dim
+    )
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k.astype(dtype))
+    if bias is not None:
+        logits = logits + grouped_bias(bias.astype(dtype), num_heads, num_kv_heads)
+    visible = None
+    q_pos, kv_pos = masks.resolve_positions(mask, batch, q_len, kv_len)
+    q_pos, kv_pos = q_pos[:, None, None, :, None], kv_pos[:, None, None, None, :]
+    if not mask.is_trivial:
+        q_seg = kv_seg = None
+        if mask.q_segment_ids is not None:
+            q_seg = jnp.broadcast_to(mask.q_segment_ids, (batch, q_len))[:, None, None, :, None]
+            kv_seg = jnp.broadcast_to(mask.kv_segment_ids, (batch, kv_len))[:, None, None, None, :]
+        visible = masks.visibility(mask, q_pos, kv_pos, q_seg, kv_seg)
+    probs = _masked_softmax(logits, visible)
+    if mask.soft_causal_ratio is not None:
+        ratio = jnp.asarray(mask.soft_causal_ratio, dtype)
+        probs = probs * (ratio + (1 - ratio) * (kv_pos <= q_pos).astype(dtype))
+    if keep is not None:
+        probs = probs * keep.reshape(probs.shape)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v.astype(dtype))
+    return out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)
+
+
+def _cudnn_unsupported_reason(q, k, mask, dropout_rate) -> str | None:
+    """Why cuDNN cannot compute this call exactly, or None if it can."""
+    if q.dtype not in _CUDNN_DTYPES:
+        return f"cuDNN attention needs float16 or bfloat16 inputs, got {q.dtype}"
+    if dropout_rate > 0.0:
+        return "cuDNN attention is not used with dropout"
+    if mask is None:
+        return None
+    if mask.q_segment_ids is not None:
+        return "cuDNN attention here does not take segment ids"
+    if mask.soft_causal_ratio is not None:
+        return "cuDNN attention cannot apply a soft-causal ratio"
+    if mask.q_positions is not None or mask.kv_positions is not None:
+        return "cuDNN attention here takes only default positions"
+    is_local = mask.window_left is not None or mask.window_right is not None
+    if (mask.causal or is_local) and q.shape[1] != k.shape[1]:
+        return "cuDNN aligns causal/window masks top-left, which differs from ours when Lq != Lk"
+    if not mask.causal and is_local and mask.window_right != 0:
+        return "cuDNN sliding windows must be causal (window_right=0)"
+    return None
+
+
+def cudnn_arguments(mask: AttentionMask | None) -> dict:
+    """Keyword arguments of ``jax.nn.dot_product_attention`` expressing a supported mask."""
+    if mask is None or mask.is_trivial:
+        return {}
+    is_causal = mask.causal or mask.window_right == 0
+    arguments = {"is_causal": is_causal}
+    if mask.window_left is not None:
+        arguments["local_window_size"] = (mask.window_left, 0)
+    return arguments
+
+
+def _cudnn(q, k, v, mask, bias, scale) -> Array:
+    if bias is not None:  # jax wants a 4-d bias in the inputs' dtype
+        bias = jnp.reshape(bias, (1,) * (4 - bias.ndim) + bias.shape).astype(q.dtype)
+    return jax.nn.dot_product_attention(
+        q, k, v, bias=bias, scale=scale, implementation="cudnn", **cudnn_arguments(mask)
+    )
+
+
+def _validate(q, k, v, mask, bias, implementation, dropout_rate, dropout_rng) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if jnp.ndim(x) != 4:
+            raise ValueError(
+                f"dot_product_attention: {name} must have rank 4 [batch, length, heads, head_dim], "
+                f"got shape {jnp.shape(x)}."
+            )
+    batch, _, num_heads, head_dim = q.shape
+    for name, x in (("k", k), ("v", v)):
+        if x.shape[0] != batch:
+            raise ValueError(
+                f"dot_product_attention: {name} batch must equal q's batch {batch}, "
+                f"got {name}.shape={x.shape}."
+            )
+        if x.shape[3] != head_dim:
+            raise ValueError(
+                f"dot_product_attention: {name} head_dim must equal q's head_dim {head_dim}, "
+                f"got {name}.shape={x.shape}."
+            )
+    if v.shape[1:3] != k.shape[1:3]:
+        raise ValueError(
+            "dot_product_attention: v must have k's length and heads "
+            f"{k.shape[1:3]}, got v.shape={v.shape}."
+        )
+    num_kv_heads = k.shape[2]
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"dot_product_attention: q heads ({num_heads}) must be a multiple of k/v heads, "
+            f"got {num_kv_heads} k/v heads."
+        )
+    if not (q.dtype == k.dtype == v.dtype) or not jnp.issubdtype(q.dtype, jnp.floating):
+        raise ValueError(
+            "dot_product_attention: q, k, v must share one floating dtype, "
+            f"got {q.dtype}, {k.dtype}, {v.dtype}."
+        )
+    if bias is not None:
+        target = (batch, num_heads, q.shape[1], k.shape[1])
+        ok = jnp.ndim(bias) <= 4
+        if ok:
+            padded = (1,) * (4 - jnp.ndim(bias)) + tuple(jnp.shape(bias))
+            ok = all(b in (1, t) for b, t in zip(padded, target, strict=True))
+        if not ok:
+            raise ValueError(
+                f"dot_product_attention: bias must be broadcastable to {target} "
+                f"[batch, heads, q_len, kv_len], got shape {jnp.shape(bias)}."
+            )
+    if mask is not None:
+        if not isinstance(mask, AttentionMask):
+            raise ValueError(
+                f"dot_product_attention: mask must be an AttentionMask or None, got {type(mask)}."
+            )
+        masks.validate_mask(mask, batch, q.shape[1], k.shape[1])
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"dot_product_attention: implementation must be one of {IMPLEMENTATIONS} or None, "
+            f"got {implementation!r}."
+        )
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(
+            f"dot_product_attention: dropout_rate must be in [0, 1), got {dropout_rate}."
+        )
+    if dropout_rate > 0.0 and dropout_rng is None:
+        raise ValueError(
+            f"dot_product_attention: dropout_rate={dropout_rate} needs a dropout_rng, got None."
+        )
+
+
+def _choose_implementation(q, k, mask, bias, dropout_rate) -> str:
+    if jax.default_backend() == "gpu":
+        reason = _cudnn_unsupported_reason(q, k, mask, dropout_rate)
+        if reason is None and bias is not None:
+            reason = "cuDNN attention is not chosen automatically with a bias"
+        if reason is None:
+            return "cudnn"
+        fallback = "xla" if q.shape[1] * k.shape[1] <= XLA_MAX_SCORES else "xla_blockwise"
+        _log_once(f"dot_product_attention: using {fallback!r} instead of 'cudnn': {reason}.")
+        return fallback
+    return "xla" if q.shape[1] * k.shape[1] <= XLA_MAX_SCORES else "xla_blockwise"
+
+
+def dot_product_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    mask: AttentionMask | None = None,
+    bias: Array | None = None,
+    scale: float | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+    implementation: str | None = None,
+    block_q: int = DEFAULT_BLOCK_Q,
+    block_k: int = DEFAULT_BLOCK_K,
+) -> Array:
+    """Softmax attention with a structural mask.
+
+    Args:
+      q: [B, Lq, H, Dh] queries.
+      k, v: [B, Lk, Hkv, Dh] keys and values; ``H % Hkv == 0`` (grouped-query
+        attention: query head ``h`` uses kv head ``h // (H // Hkv)``).
+      mask: which keys each query sees, and the soft-causal ratio; see
+        :mod:`effformer.ops.masks`. Default positions align the last query with
+        the last key (Lq=1 against a full cache); pass positions explicitly
+        for a partially filled cache.
+      bias: added to the logits, broadcastable to [B, H, Lq, Lk] (ALiBi, T5).
+      scale: logit scale, default ``1 / sqrt(Dh)``.
+      dropout_rate: dropout on the attention probabilities (scaled by
+        ``1 / (1 - rate)``); needs ``dropout_rng``. Not available with cuDNN.
+      implementation: one of ``IMPLEMENTATIONS`` or None (see module docstring).
+      block_q, block_k: block sizes of ``"xla_blockwise"`` (any positive size;
+        lengths need not be multiples).
+    Returns:
+      [B, Lq, H, Dh] in q's dtype.
+    """
+    _validate(q, k, v, mask, bias, implementation, dropout_rate, dropout_rng)
+    for name, size in (("block_q", block_q), ("block_k", block_k)):
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"dot_product_attention: {name} must be a positive int, got {size!r}.")
+    if scale is None:
+        scale = 1.0 / float(q.shape[-1]) ** 0.5
+    if implementation is None:
+        implementation = _choose_implementation(q, k, mask, bias, dropout_rate)
+    if implementation == "cudnn":
+        backend = jax.default_backend()
+        if backend != "gpu":
+            raise ValueError(
+                f"dot_product_attention: implementation='cudnn' needs a GPU backend, got {backend!r}."
+            )
+        reason = _cudnn_unsupported_reason(q, k, mask, dropout_rate)
+        if reason is not None:
+            raise ValueError(
+                f"dot_product_attention: implementation='cudnn' unsupported: {reason}."
+            )
+        return _cudnn(q, k, v, mask, bias, scale)
+
+    if mask is None:
+        mask = AttentionMask()
+    if implementation == "xla_blockwise":
+        return blockwise_attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            bias=bias,
+            scale=scale,
+            dropout_rate=dropout_rate,
+            dropout_rng=dropout_rng,
+            block_q=block_q,
+            block_k=block_k,
+        )
+    keep = None
+    if dropout_rate > 0.0:
+        batch, q_len, num_heads, _ = q.shape
+        shape = (batch, num_heads, q_len, k.shape[1])
+        dtype = (
+            q.dtype if implementation == "reference" else jnp.promote_types(q.dtype, jnp.float32)
+        )
+        keep = dropout_keep(dropout_rng, 0, dropout_rate, shape).astype(dtype) / (
+            1.0 - dropout_rate
+        )
+    if implementation == "reference":
+        return _reference(q, k, v, mask, bias, scale, keep)
+    return _xla(q, k, v, mask, bias, scale, keep)
