@@ -16,6 +16,7 @@ Run:
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import jax
@@ -29,14 +30,22 @@ from effformer.ops.selective_scan import IMPLEMENTATIONS, selective_scan
 FLOPS_PER_ELEMENT = 6
 
 
-def median_time(fn, *args, reps: int) -> float:
+def wall_times(fn, *args, reps: int) -> list[float]:
+    """Wall times of ``reps`` calls after a warm-up; one call when a call takes over 2 s."""
+    start = time.perf_counter()
     jax.block_until_ready(fn(*args))
+    if time.perf_counter() - start > 2.0:
+        reps = 1
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return times
+
+
+def median_time(fn, *args, reps: int) -> float:
+    return float(np.median(wall_times(fn, *args, reps=reps)))
 
 
 def machine_rates(reps: int) -> dict[str, float]:
@@ -113,7 +122,10 @@ def main() -> None:
     args = parser.parse_args()
 
     rates = machine_rates(args.reps)
-    print(f"backend: {jax.default_backend()}, devices: {jax.device_count()}\n")
+    print(
+        f"backend: {jax.default_backend()}, devices: {jax.device_count()}, "
+        f"load average at start: {os.getloadavg()[0]:.1f} (other processes share the cores)\n"
+    )
     print("| machine | measured |\n| --- | --- |")
     print(f"| memory bandwidth (copy) | {rates['bandwidth'] / 1e9:.1f} GB/s |")
     print(f"| float32 matmul 2048^3 | {rates['matmul'] / 1e9:.1f} GFLOP/s |")
@@ -127,8 +139,8 @@ def main() -> None:
     print()
 
     print(
-        "| implementation | L | forward ms | forward temp MB | fwd+bwd ms | fwd+bwd temp MB |\n"
-        "| --- | --- | --- | --- | --- | --- |"
+        "| implementation | L | forward ms (median / min) | forward temp MB "
+        "| fwd+bwd ms (median / min) | fwd+bwd temp MB |\n| --- | --- | --- | --- | --- | --- |"
     )
     for length in args.lengths:
         inputs = make_inputs(args.batch, args.d, args.n, length)
@@ -140,8 +152,9 @@ def main() -> None:
                 if temp > args.max_temp_gb * 1e9:
                     cells += ["skipped (memory)", f"{temp / 1e6:.0f}"]
                     continue
+                times = wall_times(compiled, *inputs, reps=args.reps)
                 cells += [
-                    f"{median_time(compiled, *inputs, reps=args.reps) * 1e3:.1f}",
+                    f"{np.median(times) * 1e3:.1f} / {np.min(times) * 1e3:.1f}",
                     f"{temp / 1e6:.0f}",
                 ]
             print(f"| {implementation} | {length} | " + " | ".join(cells) + " |", flush=True)
