@@ -80,7 +80,8 @@ def _causal(length=L):
 
 @pytest.mark.parametrize(
     "implementation, causal",
-    [(None, False), ("reference", True), ("xla", True), ("xla_blockwise", True)],
+    # The op's own tests compare its implementations; here two suffice to check the mixer.
+    [(None, False), ("xla_blockwise", True)],
 )
 def test_mixer_matches_manual_einsum(x64, implementation, causal):
     x = _x(dtype=jnp.float64)
@@ -96,26 +97,31 @@ def test_mixer_matches_manual_einsum(x64, implementation, causal):
         return jnp.sum(jnp.sin(_manual(params, x, num_heads=3, visible=visible)))
 
     params = variables["params"]
-    np.testing.assert_allclose(
-        module.apply(variables, x, mask=mask),
-        _manual(params, x, num_heads=3, visible=visible),
-        atol=1e-10,
-    )
-    grads = jax.grad(loss, argnums=(0, 1))(params, x)
-    manual_grads = jax.grad(manual_loss, argnums=(0, 1))(params, x)
+    # jit: one compilation each instead of op-by-op dispatch of the backward pass.
+    forward = jax.jit(lambda params, x: module.apply({"params": params}, x, mask=mask))
+    manual = jax.jit(lambda params, x: _manual(params, x, num_heads=3, visible=visible))
+    np.testing.assert_allclose(forward(params, x), manual(params, x), atol=1e-10)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+    manual_grads = jax.jit(jax.grad(manual_loss, argnums=(0, 1)))(params, x)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-9), grads, manual_grads)
 
 
 def test_projection_flags_and_shapes():
     x = _x()
+    shapes = lambda module: jax.eval_shape(module.init_with_output, jax.random.key(0), x)
     cct = MultiHeadAttention(num_heads=2, qkv_bias=False, out_bias=True)
-    params = cct.init(jax.random.key(0), x)["params"]
+    params = shapes(cct)[1]["params"]
     assert "bias" not in params["query"] and "bias" in params["out"]
     assert params["query"]["kernel"].shape == (D, 2, 6)
     gqa = MultiHeadAttention(num_heads=4, num_kv_heads=2, head_dim=5, out_features=7)
-    params = jax.tree.map(jnp.shape, gqa.init(jax.random.key(0), x))["params"]
-    assert params["key"]["kernel"] == (D, 2, 5) and params["query"]["kernel"] == (D, 4, 5)
-    assert gqa.apply(gqa.init(jax.random.key(0), x), x).shape == (B, L, 7)
+    out, variables = shapes(gqa)
+    params = variables["params"]
+    assert params["key"]["kernel"].shape == (D, 2, 5) and params["query"]["kernel"].shape == (
+        D,
+        4,
+        5,
+    )
+    assert out.shape == (B, L, 7)
 
 
 @pytest.mark.parametrize("num_kv_heads", [1, 2])
@@ -199,7 +205,7 @@ def _decode_all(module, variables, x, chunks, max_length=None):
     return jnp.concatenate(outs, axis=1)
 
 
-@pytest.mark.parametrize("name", ["none", "rope", "alibi", "t5"])
+@pytest.mark.parametrize("name", ["rope", "alibi", "t5"])
 def test_kv_cached_decoding_equals_full_causal(name):
     x = _x(length=L)
     kwargs = {"t5": {"bidirectional": False}, "alibi": {"causal": True}}.get(name, {})
@@ -231,15 +237,19 @@ def test_packed_sequences_equal_separate_runs():
     module = MultiHeadAttention(num_heads=3, position_encoding=make_position_encoding("rope"))
     x = _x()
     variables = _randomise_biases(module.init(jax.random.key(1), x))
-    segments = jnp.array([[1, 1, 1, 1, 2, 2], [1, 1, 1, 2, 2, 0]])
-    positions = jnp.array([[0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 1, 0]])
+    segments = jnp.array([[1, 1, 1, 2, 2, 2], [1, 1, 1, 2, 2, 0]])
+    positions = jnp.array([[0, 1, 2, 0, 1, 2], [0, 1, 2, 0, 1, 0]])
     mask = AttentionMask(causal=True, q_segment_ids=segments, kv_segment_ids=segments)
     packed = module.apply(variables, x, mask=mask, positions=positions)
     causal = AttentionMask(causal=True)
-    for b, pieces in enumerate([[(0, 4), (4, 6)], [(0, 3), (3, 5)]]):
-        for start, stop in pieces:
-            alone = module.apply(variables, x[b : b + 1, start:stop], mask=causal)
-            np.testing.assert_allclose(packed[b, start:stop], alone[0], atol=1e-5)
+    # The three length-3 sequences run alone as one batch, the length-2 one on its own.
+    threes = jnp.stack([x[0, :3], x[0, 3:], x[1, :3]])
+    alone3 = module.apply(variables, threes, mask=causal)
+    alone2 = module.apply(variables, x[1:, 3:5], mask=causal)
+    np.testing.assert_allclose(packed[0, :3], alone3[0], atol=1e-5)
+    np.testing.assert_allclose(packed[0, 3:], alone3[1], atol=1e-5)
+    np.testing.assert_allclose(packed[1, :3], alone3[2], atol=1e-5)
+    np.testing.assert_allclose(packed[1, 3:5], alone2[0], atol=1e-5)
     # The padding token sees nothing: its attention output is zero, so y = out bias.
     np.testing.assert_allclose(packed[1, 5], variables["params"]["out"]["bias"], atol=1e-6)
 
