@@ -10,6 +10,9 @@ Markdown tables:
 * forward + backward (value and gradients w.r.t. q, k, v), the same columns;
 * with ``--tune``: the blockwise path's block sizes at one length.
 
+``jax.nn`` rows are ``jax.nn.dot_product_attention(is_causal=True,
+implementation="xla")``, the library's own materialising path, for comparison.
+
 The reference and XLA paths materialise Lq x Lk scores, so they run only where
 XLA's own estimate stays under ``--max-bytes``.
 
@@ -41,6 +44,8 @@ def _inputs(length: int):
 
 def _program(implementation: str, backward: bool, **block_sizes):
     def forward(q, k, v):
+        if implementation == "jax.nn":  # the library's own XLA path, as a baseline
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
         return dot_product_attention(
             q, k, v, mask=AttentionMask(causal=True), implementation=implementation, **block_sizes
         )
@@ -108,7 +113,7 @@ def main():
     if args.tune:
         _tune(args.tune_length, args.repeats, args.max_bytes)
         return
-    implementations = ("reference", "xla", "xla_blockwise")
+    implementations = ("reference", "xla", "xla_blockwise", "jax.nn")
     _table("Forward", implementations, args.lengths, False, args.repeats, args.max_bytes)
     _table(
         "Forward + backward",
