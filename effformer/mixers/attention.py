@@ -137,7 +137,8 @@ class MultiHeadAttention(_AttentionProjections):
     the cached keys, and ``cache_index``). Each ``apply(..., decode=True,
     mutable=["cache"])`` call writes its L new keys at ``cache_index`` (keys are
     stored already rotated) and attends causally over the cache; unfilled slots
-    lie after every query and so are masked.
+    lie after every query and so are masked. A step that would run past
+    ``max_length`` returns NaN (the index is traced, so it cannot raise).
     """
 
     position_encoding: PositionEncoding | None = None
@@ -180,20 +181,24 @@ class MultiHeadAttention(_AttentionProjections):
         q, k, v = self._project_qkv(x, x)
 
         if decode and self.has_variable("cache", "cached_key"):
-            q, k, v, mask, bias = self._decode_step(q, k, v, mask, positions)
-        else:
-            if positions is None:
-                positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-            if decode:
-                self._init_cache(k, positions)
-            bias = None
-            if encoding is not None:
-                q, k = encoding.rotate(q, k, positions, positions)
-                bias = encoding.attention_bias(positions, positions, q.shape[2])
-            if mask is not None and positions.ndim == 2 and mask.q_positions is None:
-                # The explicit positions order the tokens for causal / window masks
-                # (packed rows restart at 0 in each segment).
-                mask = dataclasses.replace(mask, q_positions=positions, kv_positions=positions)
+            q, k, v, mask, bias, overflow = self._decode_step(q, k, v, mask, positions)
+            y = self._attend(q, k, v, mask, bias, deterministic, dim)
+            # The cache index is traced, so a full cache cannot raise; dynamic_update_slice
+            # would silently overwrite the last slots. NaN makes the mistake visible.
+            return jnp.where(overflow, jnp.asarray(jnp.nan, y.dtype), y)
+
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        if decode:
+            self._cache_variables(k, positions)
+        bias = None
+        if encoding is not None:
+            q, k = encoding.rotate(q, k, positions, positions)
+            bias = encoding.attention_bias(positions, positions, q.shape[2])
+        if mask is not None and positions.ndim == 2 and mask.q_positions is None:
+            # The explicit positions order the tokens for causal / window masks
+            # (packed rows restart at 0 in each segment).
+            mask = dataclasses.replace(mask, q_positions=positions, kv_positions=positions)
         return self._attend(q, k, v, mask, bias, deterministic, dim)
 
     def _cache_variables(self, k: Array, positions: Array):
@@ -214,9 +219,6 @@ class MultiHeadAttention(_AttentionProjections):
         )
         cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
         return cached_key, cached_value, cached_positions, cache_index
-
-    def _init_cache(self, k: Array, positions: Array) -> None:
-        self._cache_variables(k, positions)
 
     def _decode_step(self, q, k, v, mask, positions):
         owner = type(self).__name__
@@ -246,12 +248,13 @@ class MultiHeadAttention(_AttentionProjections):
                 f"segment ids or positions (the cache supplies them), got {mask}."
             )
         index = cache_index.value
+        overflow = index + length > max_length
         slots = jnp.broadcast_to(index + jnp.arange(length, dtype=jnp.int32), (batch, length))
         if positions is None:
             positions = slots
         encoding = self.position_encoding
         if encoding is not None:
-            q, k = encoding.rotate(q, k, positions, jnp.asarray(positions))
+            q, k = encoding.rotate(q, k, positions, positions)
         start = (0, index) + (0,) * (k.ndim - 2)
         cached_key.value = jax.lax.dynamic_update_slice(
             cached_key.value, k.astype(cached_key.value.dtype), start
@@ -275,7 +278,7 @@ class MultiHeadAttention(_AttentionProjections):
             q_positions=slots,
             kv_positions=all_slots,
         )
-        return q, cached_key.value, cached_value.value, decode_mask, bias
+        return q, cached_key.value, cached_value.value, decode_mask, bias, overflow
 
 
 class CrossAttention(_AttentionProjections):

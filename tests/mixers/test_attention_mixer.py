@@ -1,4 +1,5 @@
 import dataclasses
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,7 @@ def _randomise_biases(variables, seed=7):
         name = jax.tree_util.keystr(path)
         if "bias" in name or "scale" in name:
             return jax.random.normal(
-                jax.random.fold_in(key, hash(name) % 2**31), leaf.shape, leaf.dtype
+                jax.random.fold_in(key, zlib.crc32(name.encode())), leaf.shape, leaf.dtype
             )
         return leaf
 
@@ -230,6 +231,10 @@ def test_cache_layout_and_decode_errors():
         module.apply(variables, _x(length=1), decode=True, mask=AttentionMask(), mutable=["cache"])
     with pytest.raises(ValueError, match="decode step length must be <= max_length=9, got 10"):
         module.apply(variables, _x(length=10), decode=True, mutable=["cache"])
+    # Running past the end of the cache gives NaN instead of overwriting the last slots.
+    fits, mutated = module.apply(variables, _x(length=8), decode=True, mutable=["cache"])
+    past, _ = module.apply({**variables, **mutated}, _x(length=2), decode=True, mutable=["cache"])
+    assert np.isfinite(fits).all() and np.isnan(past).all()
 
 
 def test_packed_sequences_equal_separate_runs():
