@@ -154,6 +154,19 @@ def test_reference_follows_the_soft_causal_definition(x64):
     _assert_close(out[0, :, 0], probs @ np.asarray(v[0, :, 0]), 1e-12)
 
 
+@pytest.mark.parametrize("implementation", FAST)
+def test_bfloat16_inputs_compute_in_float32(implementation):
+    """bf16 in, bf16 out; the result is the float32 result rounded (bf16 has 8 mantissa bits)."""
+    q, k, v, _, _ = _inputs(13, 13, None, jnp.float32)
+    mask = AttentionMask(causal=True)
+    single = _attend(implementation, q, k, v, mask=mask, **BLOCKS)
+    half = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    out = _attend(implementation, *half, mask=mask, **BLOCKS)
+    assert out.dtype == jnp.bfloat16
+    # Inputs rounded to bf16 (relative 2^-9) move O(1) outputs by a few 1e-3.
+    _assert_close(out, single, 3e-2)
+
+
 @pytest.mark.parametrize("implementation", ("reference", *FAST))
 def test_fully_masked_rows_are_zero_with_finite_grads(implementation):
     q, k, v, bias, d_out = _inputs(13, 13, (1, 4, 13, 13), jnp.float32)
