@@ -47,7 +47,9 @@ def register(name: str, *, tiny: Mapping[str, Any]) -> Callable[[ModelBuilder], 
 
     def decorator(builder: ModelBuilder) -> ModelBuilder:
         if name in _REGISTRY and _REGISTRY[name].builder is not builder:
-            raise ValueError(f"A model named {name!r} is already registered by {_REGISTRY[name].builder}.")
+            raise ValueError(
+                f"A model named {name!r} is already registered by {_REGISTRY[name].builder}."
+            )
         doc = (builder.__doc__ or "").strip()
         _REGISTRY[name] = ModelSpec(name, builder, dict(tiny), doc.splitlines()[0] if doc else "")
         return builder

@@ -48,7 +48,9 @@ class AttentionMask:
         for name in ("window_left", "window_right"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
-                raise ValueError(f"AttentionMask.{name} must be a non-negative int or None, got {value!r}.")
+                raise ValueError(
+                    f"AttentionMask.{name} must be a non-negative int or None, got {value!r}."
+                )
         if self.causal and self.soft_causal_ratio is not None:
             raise ValueError(
                 "AttentionMask: causal=True and soft_causal_ratio are exclusive; the soft-causal "
@@ -94,10 +96,20 @@ def default_positions(batch: int, q_len: int, kv_len: int) -> tuple[Array, Array
     return q_positions, kv_positions
 
 
-def resolve_positions(mask: AttentionMask, batch: int, q_len: int, kv_len: int) -> tuple[Array, Array]:
+def resolve_positions(
+    mask: AttentionMask, batch: int, q_len: int, kv_len: int
+) -> tuple[Array, Array]:
     q_default, kv_default = default_positions(batch, q_len, kv_len)
-    q_positions = q_default if mask.q_positions is None else jnp.broadcast_to(mask.q_positions, (batch, q_len))
-    kv_positions = kv_default if mask.kv_positions is None else jnp.broadcast_to(mask.kv_positions, (batch, kv_len))
+    q_positions = (
+        q_default
+        if mask.q_positions is None
+        else jnp.broadcast_to(mask.q_positions, (batch, q_len))
+    )
+    kv_positions = (
+        kv_default
+        if mask.kv_positions is None
+        else jnp.broadcast_to(mask.kv_positions, (batch, kv_len))
+    )
     return q_positions.astype(jnp.int32), kv_positions.astype(jnp.int32)
 
 
@@ -120,10 +132,14 @@ def validate_mask(mask: AttentionMask, batch: int, q_len: int, kv_len: int) -> N
             )
     ratio = mask.soft_causal_ratio
     if ratio is not None and jnp.ndim(ratio) != 0:
-        raise ValueError(f"AttentionMask.soft_causal_ratio must be a scalar, got shape {jnp.shape(ratio)}.")
+        raise ValueError(
+            f"AttentionMask.soft_causal_ratio must be a scalar, got shape {jnp.shape(ratio)}."
+        )
 
 
-def visibility(mask: AttentionMask, q_pos: Array, kv_pos: Array, q_seg: Array | None, kv_seg: Array | None) -> Array:
+def visibility(
+    mask: AttentionMask, q_pos: Array, kv_pos: Array, q_seg: Array | None, kv_seg: Array | None
+) -> Array:
     """Boolean visibility for broadcastable position/segment blocks.
 
     Args:
