@@ -11,6 +11,7 @@ from effformer.ops.masks import (
     validate_mask,
     visibility,
 )
+from effformer.ops.selective_scan import selective_scan
 
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
@@ -18,6 +19,7 @@ __all__ = [
     "causal_mask",
     "dense_mask",
     "dot_product_attention",
+    "selective_scan",
     "sliding_window_mask",
     "soft_causal_mask",
     "validate_mask",
