@@ -238,10 +238,11 @@ class CausalLMTask(Task):
             if "weights" in batch:
                 weights = weights * jnp.pad(batch["weights"][:, 1:], ((0, 0), (0, 1)))
             if "segment_ids" in batch:
-                # A token does not predict the first token of the next packed sequence.
+                # A token does not predict the first token of the next packed sequence,
+                # and padding (segment 0) is never a target.
                 segments = batch["segment_ids"]
-                same = jnp.pad(segments[:, 1:] == segments[:, :-1], ((0, 0), (0, 1)))
-                weights = weights * same
+                same = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)
+                weights = weights * jnp.pad(same, ((0, 0), (0, 1)))
         weights = weights.astype(jnp.float32)
         if "mask" in batch:
             weights = weights * batch["mask"][:, None]

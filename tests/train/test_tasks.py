@@ -104,6 +104,14 @@ def test_causal_lm_shifts_targets_and_respects_packing():
     assert set(task.model_inputs(batch)) == {"inputs", "segment_ids"}
 
 
+def test_causal_lm_does_not_score_padding_after_packed_sequences():
+    task = _task("causal_lm")
+    batch = {"inputs": jnp.array([[1, 2, 3, 0, 0]]), "segment_ids": jnp.array([[1, 1, 1, 0, 0]])}
+    logits = jnp.asarray(np.random.default_rng(2).normal(size=(1, 5, 5)).astype(np.float32))
+    _, weight, _ = task.loss_and_metrics(logits, batch)
+    assert weight == 2.0  # 1 -> 2 and 2 -> 3 only.
+
+
 def test_masked_lm_scores_only_corrupted_positions():
     task = _task("masked_lm", mask_token_id=4, mask_rate=0.5)
     tokens = jnp.asarray(np.random.default_rng(0).integers(1, 4, size=(8, 16)))
