@@ -196,7 +196,11 @@ def create_input_pipeline(
     if num_examples == 0:
         raise ValueError(f"split: {spec.name!r} split {split!r} has no examples.")
 
-    transform = ExampleTransform(spec, config, train=train, seed=int(seed))
+    generated = spec.generated  # Token datasets: records are already model examples.
+    if generated is not None:
+        transform = generated.example_transform()
+    else:
+        transform = ExampleTransform(spec, config, train=train, seed=int(seed))
     if train:
         # map_with_index after repeat: the index is the position in the global stream.
         examples = grain.MapDataset.source(source).shuffle(seed=int(seed)).repeat()
@@ -205,7 +209,10 @@ def create_input_pipeline(
     else:
         num_batches = math.ceil(num_examples / global_batch_size)
         examples = grain.MapDataset.range(num_batches * global_batch_size)
-        examples = examples.map(EvalExample(source, transform, info.input_shape))
+        if generated is not None:
+            examples = examples.map(generated.eval_example(source))
+        else:
+            examples = examples.map(EvalExample(source, transform, info.input_shape))
     host_batch_size = global_batch_size // process_count
     batches = examples[process_index::process_count].batch(host_batch_size, drop_remainder=True)
     identity = {

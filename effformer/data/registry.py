@@ -7,7 +7,10 @@ Two kinds of dataset share one interface:
 * prepared TFDS datasets (``cifar10``, ``cifar100``, ``oxford_flowers102``,
   ``imagenet2012``): read if the user has built them in data_dir with
   ``--file_format=array_record``; otherwise opening them fails at once with the
-  command that prepares them.
+  command that prepares them;
+* generated token datasets (``copy``, ``addition``, ... see
+  ``effformer/data/tasks``): examples computed on the fly from a seed, served
+  as grain random-access sources; registered with :func:`register_dataset`.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class DatasetInfo:
     splits: dict[str, int]  # split name -> number of examples
     train_split: str
     eval_split: str
+    vocab_size: int | None = None  # Token datasets: the model's vocabulary size.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +55,9 @@ class DatasetSpec:
       builder: "module:Class" of an embedded builder; None for prepared TFDS data.
       default_image_size: 224 where image sizes vary (resize needed), else None.
       prepare_hint: extra instructions for preparing a TFDS dataset.
+      generated: a generated dataset (``effformer.data.tasks``) that serves
+        ``info``, ``as_data_source(split)``, ``example_transform()`` and
+        ``eval_example(source)`` itself; None for TFDS data.
     """
 
     name: str
@@ -69,6 +76,7 @@ class DatasetSpec:
     builder: str | None = None
     default_image_size: int | None = None
     prepare_hint: str = ""
+    generated: Any = None
 
 
 _SPECS: dict[str, DatasetSpec] = {
@@ -184,12 +192,28 @@ class DatasetNotPreparedError(FileNotFoundError):
     """A TFDS dataset is not prepared (as array_record) in the data_dir."""
 
 
+def register_dataset(spec: DatasetSpec) -> DatasetSpec:
+    """Adds ``spec`` under ``spec.name`` (generated datasets register themselves this way)."""
+    if spec.name in _SPECS:
+        raise ValueError(f"register_dataset: a dataset named {spec.name!r} is already registered.")
+    _SPECS[spec.name] = spec
+    return spec
+
+
+def _import_generated_datasets() -> None:
+    # effformer.data.tasks registers its datasets when imported; it imports this
+    # module, so it is imported here, on the first lookup, rather than at the top.
+    importlib.import_module("effformer.data.tasks")
+
+
 def list_datasets() -> list[str]:
     """Names accepted as ``data_config.name``."""
+    _import_generated_datasets()
     return sorted(_SPECS)
 
 
 def get_dataset_spec(name: str) -> DatasetSpec:
+    _import_generated_datasets()
     if name not in _SPECS:
         raise ValueError(
             f"data config field 'name': unknown dataset {name!r}; known: {list_datasets()}."
@@ -211,6 +235,8 @@ def load_builder(spec: DatasetSpec, data_dir: str | None) -> Any:
       DatasetNotPreparedError: a TFDS dataset missing from data_dir (or stored in a
         format other than array_record), with the command that prepares it.
     """
+    if spec.generated is not None:
+        return spec.generated
     import tensorflow_datasets as tfds
 
     data_dir = resolve_data_dir(data_dir)
@@ -248,6 +274,8 @@ def _input_shape(spec: DatasetSpec, image_size: int | None) -> tuple[int, ...]:
 
 
 def dataset_info(spec: DatasetSpec, builder: Any, image_size: int | None) -> DatasetInfo:
+    if spec.generated is not None:
+        return spec.generated.info
     splits = {name: int(split.num_examples) for name, split in builder.info.splits.items()}
     return DatasetInfo(
         name=spec.name,
