@@ -102,6 +102,7 @@ def main() -> None:
     peak = matmul_peak_flops()
     cases = [
         ("vit_digits", {}, (8, 8, 1), 10),
+        ("vit_digits", {"patch_size": 1}, (8, 8, 1), 10),  # pixel tokens: 64 + class token
         ("cct_7_3x1", {}, (32, 32, 3), 10),
     ]
     print(

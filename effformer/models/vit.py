@@ -1,0 +1,339 @@
+"""One configurable encoder classifier: ViT, ViT-Lite, CVT and CCT.
+
+The four families differ only in parts chosen by fields of
+:class:`VisionTransformer` (SHI-Labs/Compact-Transformers, ``src/cct.py``,
+``src/vit.py``, ``src/cvt.py``; Dosovitskiy et al. for ViT):
+
+=========== ============================ ============ ================== ==========
+family      tokenizer                    pooling      layer ordering     qkv bias
+=========== ============================ ============ ================== ==========
+ViT         patches (any size down to 1) class token  pre-norm           yes
+ViT-Lite    patches                      class token  CCT                no
+CVT         patches                      SeqPool      CCT                no
+CCT         convolutions + max pooling   SeqPool      CCT                no
+=========== ============================ ============ ================== ==========
+
+Every family: tokens -> (class token) -> + position embedding -> dropout ->
+encoder blocks -> final LayerNorm -> pooling -> linear classifier. The
+learned position table has one row per token *including* the class token, as
+in both original codes. Stochastic depth grows linearly with depth,
+``rate * i / (num_layers - 1)`` for block i (``torch.linspace(0, rate, L)``).
+
+A model is built for one input size (``image_size``, ``num_channels``); a
+learned table trained at one size is carried to another by
+:func:`interpolate_position_embedding` (CCT-14/7x2 224 -> 384 fine-tuning).
+
+The named variants (and their parameter counts) are in
+:mod:`effformer.models.vit_variants`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from effformer.nn.block import ResidualBlock
+from effformer.nn.norms import LayerNorm
+from effformer.nn.pooling import ClassToken, SeqPool, mean_pool
+from effformer.nn.position import LearnedPositionEmbedding, SinusoidalPositionEncoding
+from effformer.nn.tokenizers import ConvTokenizer, PatchEmbed
+
+Array = jax.Array
+Dtype = Any
+
+TOKENIZERS = ("patch", "conv")
+POOLINGS = ("class_token", "seq_pool", "mean")
+POSITION_EMBEDDINGS = ("learned", "sinusoidal", "none")
+
+truncated_normal_002 = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def conv_tokenizer_grid(image_size: int, kernel_size: int, num_conv_layers: int) -> int:
+    """Side of the token grid of CCT's conv tokenizer on a square ``image_size`` input.
+
+    Each block: Conv(k, stride max(1, k//2 - 1), padding max(1, k//2)) then
+    MaxPool(3, stride 2, padding 1), with PyTorch's floor rounding.
+    """
+    stride, padding = max(1, kernel_size // 2 - 1), max(1, kernel_size // 2)
+    side = image_size
+    for _ in range(num_conv_layers):
+        side = (side + 2 * padding - kernel_size) // stride + 1
+        side = (side + 2 * 1 - 3) // 2 + 1
+    return side
+
+
+class VisionTransformer(nn.Module):
+    """Image classifier: ``inputs [B, image_size, image_size, num_channels] -> logits [B, num_classes]``.
+
+    Attributes:
+      num_classes, image_size, num_channels: what the data decides (the task
+        passes them to ``effformer.models.create``).
+      tokenizer: ``"patch"`` (non-overlapping ``patch_size`` patches, any
+        divisor of ``image_size`` down to 1) or ``"conv"`` (CCT's
+        ``conv_layers`` blocks of ``conv_kernel_size`` convolutions).
+      embed_dim, num_layers, num_heads, mlp_ratio: encoder shape; the FFN is
+        ``int(embed_dim * mlp_ratio)`` wide.
+      pooling: ``"class_token"`` (first token), ``"seq_pool"`` (CCT) or ``"mean"``.
+      position_embedding: ``"learned"`` (truncated normal, ``position_init_std``:
+        CCT 0.2, ViT 0.02), ``"sinusoidal"`` (fixed, sin/cos interleaved as in
+        CCT's ``sine`` option: no parameters) or ``"none"``.
+      block_ordering: ``"pre_norm"`` (ViT) or ``"cct"`` (see ``ResidualBlock``).
+      qkv_bias: biases on q/k/v (ViT yes, CCT no; the output projection always has one).
+      norm_epsilon: LayerNorm epsilon (ViT 1e-6, CCT's PyTorch default 1e-5).
+      dropout_rate: CCT's ``dropout``: after the position embedding, on the
+        attention output projection and inside the FFN.
+      attention_dropout_rate: on the attention probabilities.
+      drop_path_rate: stochastic depth of the last block (linear from 0).
+      attention_implementation: passed to ``dot_product_attention``.
+    """
+
+    num_classes: int = 1000
+    image_size: int = 224
+    num_channels: int = 3
+    tokenizer: str = "patch"
+    patch_size: int = 16
+    conv_kernel_size: int = 3
+    conv_layers: int = 1
+    conv_planes: int = 64
+    embed_dim: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    pooling: str = "class_token"
+    position_embedding: str = "learned"
+    position_init_std: float = 0.02
+    block_ordering: str = "pre_norm"
+    qkv_bias: bool = True
+    norm_epsilon: float = 1e-6
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    attention_implementation: str | None = None
+    dtype: Dtype | None = None
+
+    # ------------------------------------------------------------------ shape arithmetic
+
+    def check_config(self) -> None:
+        """Raise ValueError naming the field for any configuration that cannot be built."""
+        name = type(self).__name__
+        choices = (
+            ("tokenizer", self.tokenizer, TOKENIZERS),
+            ("pooling", self.pooling, POOLINGS),
+            ("position_embedding", self.position_embedding, POSITION_EMBEDDINGS),
+        )
+        for field, value, allowed in choices:
+            if value not in allowed:
+                raise ValueError(f"{name}: {field} must be one of {allowed}, got {value!r}.")
+        for field in ("num_classes", "image_size", "num_channels", "embed_dim", "num_layers"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: {field} must be a positive int, got {value!r}.")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"{name}: num_heads must divide embed_dim={self.embed_dim}, "
+                f"got num_heads={self.num_heads}."
+            )
+        if self.tokenizer == "patch" and (self.patch_size < 1 or self.image_size % self.patch_size):
+            raise ValueError(
+                f"{name}: patch_size must be a positive divisor of image_size={self.image_size}, "
+                f"got patch_size={self.patch_size}."
+            )
+        if self.tokenizer == "conv" and self.conv_layers < 1:
+            raise ValueError(f"{name}: conv_layers must be >= 1, got {self.conv_layers}.")
+        # With padding max(1, k//2) every conv and pool keeps at least one row, so any
+        # positive image_size gives a non-empty grid for the conv tokenizer.
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        """(rows, columns) of image tokens the tokenizer makes from one image."""
+        if self.tokenizer == "patch":
+            side = self.image_size // self.patch_size
+        else:
+            side = conv_tokenizer_grid(self.image_size, self.conv_kernel_size, self.conv_layers)
+        return side, side
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the image tokens (the class token)."""
+        return 1 if self.pooling == "class_token" else 0
+
+    @property
+    def sequence_length(self) -> int:
+        """Tokens the encoder sees: image tokens plus the class token if any."""
+        rows, cols = self.token_grid
+        return rows * cols + self.num_prefix_tokens
+
+    def dummy_inputs(self, batch_size: int) -> dict[str, Array]:
+        shape = (batch_size, self.image_size, self.image_size, self.num_channels)
+        return {"inputs": jnp.zeros(shape, jnp.float32)}
+
+    # ------------------------------------------------------------------ forward
+
+    def _check_inputs(self, inputs: Array) -> None:
+        expected = (self.image_size, self.image_size, self.num_channels)
+        if inputs.ndim != 4 or tuple(inputs.shape[1:]) != expected:
+            hint = ""
+            if inputs.ndim == 4 and inputs.shape[-1] == self.num_channels:
+                hint = (
+                    " Build the model for that size (create(..., image_size=...)); "
+                    "interpolate_position_embedding carries learned weights across sizes."
+                )
+            raise ValueError(
+                f"{type(self).__name__}: inputs must be [B, {expected[0]}, {expected[1]}, "
+                f"{expected[2]}] (image_size={self.image_size}, num_channels="
+                f"{self.num_channels}), got shape {tuple(inputs.shape)}.{hint}"
+            )
+
+    def _tokenize(self, inputs: Array) -> Array:
+        if self.tokenizer == "patch":
+            tokens, _ = PatchEmbed(
+                self.patch_size, self.embed_dim, use_bias=True, dtype=self.dtype, name="tokenizer"
+            )(inputs)
+        else:
+            tokens, _ = ConvTokenizer(
+                self.embed_dim,
+                kernel_size=self.conv_kernel_size,
+                num_conv_layers=self.conv_layers,
+                in_planes=self.conv_planes,
+                dtype=self.dtype,
+                name="tokenizer",
+            )(inputs)
+        return tokens
+
+    def _embed_positions(self, x: Array) -> Array:
+        positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+        if self.position_embedding == "learned":
+            encoding = LearnedPositionEmbedding(
+                max_length=self.sequence_length,
+                init_std=self.position_init_std,
+                name="position_embedding",
+            )
+            return encoding.embed(x, positions)
+        if self.position_embedding == "sinusoidal":
+            # CCT's `sine` table: channel 2i holds sin, 2i+1 cos, of p / 10000^(2i/D).
+            return SinusoidalPositionEncoding(interleaved=True).embed(x, positions)
+        return x
+
+    @nn.compact
+    def __call__(
+        self, inputs: Array, *, train: bool = False, drop_path_rate: float | Array | None = None
+    ) -> Array:
+        """inputs [B, H, W, C] -> logits [B, num_classes] (float32 unless ``dtype`` says otherwise).
+
+        ``drop_path_rate`` (a trainer schedule) replaces the attribute as the
+        last block's stochastic-depth rate.
+        """
+        self.check_config()
+        self._check_inputs(inputs)
+        deterministic = not train
+        x = self._tokenize(inputs)
+        if self.pooling == "class_token":
+            x = ClassToken(name="class_token")(x)
+        x = self._embed_positions(x)
+        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+
+        max_rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
+        for i in range(self.num_layers):
+            # torch.linspace(0, rate, L): block i drops with rate * i / (L - 1).
+            fraction = i / (self.num_layers - 1) if self.num_layers > 1 else 0.0
+            block_rate = max_rate * fraction
+            block = ResidualBlock(
+                mixer="attention",
+                mixer_kwargs=dict(
+                    num_heads=self.num_heads,
+                    qkv_bias=self.qkv_bias,
+                    out_bias=True,
+                    attention_dropout_rate=self.attention_dropout_rate,
+                    implementation=self.attention_implementation,
+                    dtype=self.dtype,
+                ),
+                ffn="gelu",
+                ffn_hidden_dim=int(self.embed_dim * self.mlp_ratio),
+                ffn_kwargs=dict(dropout_rate=self.dropout_rate, dtype=self.dtype),
+                norm_epsilon=self.norm_epsilon,
+                ordering=self.block_ordering,
+                dropout_rate=self.dropout_rate,
+                dtype=self.dtype,
+                name=f"block_{i}",
+            )
+            # A Python 0.0 rate skips DropPath entirely (block 0, or no stochastic depth).
+            x = block(x, deterministic=deterministic, drop_path_rate=block_rate)
+        x = LayerNorm(self.norm_epsilon, dtype=self.dtype, name="final_norm")(x)
+
+        if self.pooling == "class_token":
+            pooled = x[:, 0]
+        elif self.pooling == "seq_pool":
+            pooled = SeqPool(dtype=self.dtype, name="seq_pool")(x)
+        else:
+            pooled = mean_pool(x)
+        return nn.Dense(
+            self.num_classes,
+            kernel_init=truncated_normal_002,
+            dtype=self.dtype,
+            name="head",
+        )(pooled)
+
+
+def interpolate_position_embedding(
+    params: dict, source: VisionTransformer, target: VisionTransformer
+) -> dict:
+    """Carry ``source``'s parameters to ``target``, a model for another input size.
+
+    The learned position table's image-token rows are resized bilinearly on
+    their grid (half-pixel centres, no antialiasing: ``F.interpolate(...,
+    mode='bilinear')`` as in Compact-Transformers' ``resize_pos_embed`` from
+    timm); the class token's row is kept. Every other parameter must have the
+    same shape in both models and is returned unchanged.
+
+    params: ``source``'s ``params`` collection -> ``target``'s.
+    """
+    for model, role in ((source, "source"), (target, "target")):
+        if model.position_embedding != "learned":
+            raise ValueError(
+                f"interpolate_position_embedding: {role} must use position_embedding='learned', "
+                f"got {model.position_embedding!r}."
+            )
+    if source.num_prefix_tokens != target.num_prefix_tokens:
+        raise ValueError(
+            "interpolate_position_embedding: source and target must both have a class token "
+            f"or both not; got {source.num_prefix_tokens} and {target.num_prefix_tokens} prefix "
+            "tokens."
+        )
+    table = params["position_embedding"]["embedding"]
+    if table.shape[0] != source.sequence_length:
+        raise ValueError(
+            f"interpolate_position_embedding: the table has {table.shape[0]} rows but source "
+            f"makes {source.sequence_length} tokens."
+        )
+    prefix = source.num_prefix_tokens
+    grid = table[prefix:].reshape(*source.token_grid, table.shape[-1])
+    resized = jax.image.resize(
+        grid.astype(jnp.float32),
+        (*target.token_grid, table.shape[-1]),
+        method="bilinear",
+        antialias=False,
+    ).astype(table.dtype)
+    new_table = jnp.concatenate([table[:prefix], resized.reshape(-1, table.shape[-1])], axis=0)
+    new_params = {**params, "position_embedding": {"embedding": new_table}}
+    expected = jax.eval_shape(
+        lambda: target.init(jax.random.PRNGKey(0), **target.dummy_inputs(1))["params"]
+    )
+    got_shapes = jax.tree_util.tree_flatten_with_path(new_params)[0]
+    want_shapes = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+    for path, value in got_shapes:
+        want = want_shapes.pop(path, None)
+        if want is None or tuple(want.shape) != tuple(value.shape):
+            raise ValueError(
+                f"interpolate_position_embedding: parameter {jax.tree_util.keystr(path)} has "
+                f"shape {tuple(value.shape)} in source, but target expects "
+                f"{None if want is None else tuple(want.shape)}."
+            )
+    if want_shapes:
+        missing = [jax.tree_util.keystr(path) for path in want_shapes]
+        raise ValueError(
+            f"interpolate_position_embedding: source lacks target parameters {missing}."
+        )
+    return new_params

@@ -1,0 +1,30 @@
+"""The README demo: a small vision Transformer (CCT-2/3x1, 203,275 parameters) on digits.
+
+    .venv/bin/effformer train --config experiments/digits/vit.py --workdir /tmp/digits_vit
+    .venv/bin/effformer eval --workdir /tmp/digits_vit
+
+The model is experiments/cct/digits.py's ``cct`` arm (one 3x3 conv + max pool
+tokenizer -> 16 tokens, 2 layers of width 128, SeqPool), 20 epochs of batch
+128 (225 steps). A plain patch ViT (``vit_digits``, patch 2) reached only
+87-92% in the same budget in our tries, hence the convolutional tokenizer.
+
+Measured on the 2-core development CPU with `train_and_evaluate` on this exact
+config (experiments/cct/compare.py --epochs 20, seeds 0, 1, 2), while other
+jobs held the load average near 11: test accuracy 97.8%, 98.3%, 98.9%, at
+about 150 training examples/s under that load (about 3 minutes per run).
+"""
+
+import importlib.util
+from pathlib import Path
+
+
+def get_config(arg=None):
+    del arg
+    path = Path(__file__).resolve().parents[1] / "cct" / "digits.py"
+    spec = importlib.util.spec_from_file_location("cct_digits", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("cct")
+    config.num_epochs = 20.0
+    config.progress_bar = True
+    return config
