@@ -9,9 +9,14 @@ from typing import Any
 import flax.linen as nn
 
 from effformer.mixers.attention import CrossAttention, MultiHeadAttention
+from effformer.mixers.combiner import CombinerAttention
 from effformer.mixers.mamba import MambaMixer
 
-MIXERS: dict[str, type[nn.Module]] = {"attention": MultiHeadAttention, "mamba": MambaMixer}
+MIXERS: dict[str, type[nn.Module]] = {
+    "attention": MultiHeadAttention,
+    "mamba": MambaMixer,
+    "combiner": CombinerAttention,
+}
 
 
 def make_mixer(name: str, /, **kwargs: Any) -> nn.Module:
@@ -21,4 +26,11 @@ def make_mixer(name: str, /, **kwargs: Any) -> nn.Module:
     return MIXERS[name](**kwargs)
 
 
-__all__ = ["MIXERS", "CrossAttention", "MambaMixer", "MultiHeadAttention", "make_mixer"]
+__all__ = [
+    "MIXERS",
+    "CombinerAttention",
+    "CrossAttention",
+    "MambaMixer",
+    "MultiHeadAttention",
+    "make_mixer",
+]
