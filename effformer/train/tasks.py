@@ -214,7 +214,8 @@ class CausalLMTask(Task):
 
     Batch: ``inputs`` [b, L] int; optional ``targets`` (default: inputs shifted
     left, the last position unscored), ``weights`` [b, L] (0 for padding),
-    ``segment_ids`` and ``positions`` for packed sequences.
+    ``segment_ids`` and ``positions`` for packed sequences, ``prefix_lengths``
+    [b] for prefix LMs.
     """
 
     name = "causal_lm"
@@ -225,7 +226,8 @@ class CausalLMTask(Task):
         return {"vocab_size": vocab} if vocab else {}
 
     def model_inputs(self, batch: Batch) -> dict[str, Array]:
-        return _sequence_inputs(batch, ("inputs", "segment_ids", "positions"))
+        # prefix_lengths [b]: a prefix LM attends bidirectionally inside each row's prefix.
+        return _sequence_inputs(batch, ("inputs", "segment_ids", "positions", "prefix_lengths"))
 
     def loss_and_metrics(self, outputs: Array, batch: Batch) -> tuple[Array, Array, Metrics]:
         if "targets" in batch:
