@@ -1,5 +1,7 @@
 """A tiny registered classifier and a config factory for trainer tests."""
 
+import functools
+
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
@@ -37,6 +39,28 @@ def test_tiny_classifier(**overrides) -> nn.Module:
     return TinyClassifier(**overrides)
 
 
+def build_config(data_dir: str, **changes) -> ml_collections.ConfigDict:
+    """A 6-step run of the tiny classifier on digits; ``a__b=v`` sets ``config.a.b = v``."""
+    config = default_config()
+    config.model.name = "test_tiny_classifier"
+    config.data.name = "digits"
+    config.data.data_dir = data_dir
+    config.task.name = "image_classification"
+    config.global_batch_size = 32
+    config.num_train_steps = 6
+    config.optimizer.learning_rate = 3e-3
+    config.log_every_steps = 2
+    config.progress_bar = False
+    config.checkpoint.async_save = False
+    for dotted, value in changes.items():
+        parent = config
+        *parents, leaf = dotted.split("__")
+        for part in parents:
+            parent = parent[part]
+        parent[leaf] = value
+    return config
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tfds"))
@@ -44,24 +68,15 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture
 def make_config(data_dir):
-    def make(**changes) -> ml_collections.ConfigDict:
-        config = default_config()
-        config.model.name = "test_tiny_classifier"
-        config.data.name = "digits"
-        config.data.data_dir = data_dir
-        config.task.name = "image_classification"
-        config.global_batch_size = 32
-        config.num_train_steps = 6
-        config.optimizer.learning_rate = 3e-3
-        config.log_every_steps = 2
-        config.progress_bar = False
-        config.checkpoint.async_save = False
-        for dotted, value in changes.items():
-            parent = config
-            *parents, leaf = dotted.split("__")
-            for part in parents:
-                parent = parent[part]
-            parent[leaf] = value
-        return config
+    return functools.partial(build_config, data_dir)
 
-    return make
+
+@pytest.fixture(scope="session")
+def baseline_run(data_dir, tmp_path_factory):
+    """One uninterrupted run on all 8 devices that several tests compare against."""
+    from effformer.train import train_and_evaluate
+
+    config = build_config(data_dir, log_every_steps=1)
+    workdir = tmp_path_factory.mktemp("baseline")
+    result = train_and_evaluate(config, workdir)
+    return config, workdir, result

@@ -29,59 +29,53 @@ def _restore_params(config, workdir, step=None):
     return restored_step, jax.device_get(state.params), data_state
 
 
-def test_train_then_eval_round_trip(make_config, tmp_path):
-    config = make_config(num_train_steps=8)
-    result = train_and_evaluate(config, tmp_path)
-    assert result["step"] == 8
+def test_train_then_eval_round_trip(baseline_run):
+    config, workdir, result = baseline_run
+    assert result["step"] == 6
     assert set(result["eval"]) == {"loss", "accuracy"}
-    reloaded = evaluate(tmp_path)
-    assert reloaded["step"] == 8
+    reloaded = evaluate(workdir)
+    assert reloaded["step"] == 6
     assert reloaded["accuracy"] == result["eval"]["accuracy"]
     assert reloaded["loss"] == result["eval"]["loss"]
-    assert (tmp_path / "config.json").is_file()
-    assert list((tmp_path / "tb").iterdir()), "TensorBoard event file missing"
+    assert (workdir / "config.json").is_file()
+    assert list((workdir / "tb").iterdir()), "TensorBoard event file missing"
     # Running train again on a finished workdir reports the same final evaluation.
-    again = train_and_evaluate(config, tmp_path)
+    again = train_and_evaluate(config, workdir)
     assert again["eval"] == result["eval"]
 
 
-def test_resume_is_bitwise_exact(make_config, tmp_path):
-    config = make_config(num_train_steps=6, log_every_steps=1)
-    config.task.label_smoothing = 0.1
-    train_and_evaluate(config, tmp_path / "straight")
-    partial = train_and_evaluate(config, tmp_path / "resumed", stop_after_steps=3)
+def test_resume_is_bitwise_exact(baseline_run, tmp_path):
+    config, straight_dir, _ = baseline_run
+    partial = train_and_evaluate(config, tmp_path, stop_after_steps=3)
     assert partial["step"] == 3 and partial["eval"] == {}
-    train_and_evaluate(config, tmp_path / "resumed")
-    _, straight, straight_data = _restore_params(config, tmp_path / "straight")
-    _, resumed, resumed_data = _restore_params(config, tmp_path / "resumed")
+    train_and_evaluate(config, tmp_path)
+    _, straight, straight_data = _restore_params(config, straight_dir)
+    _, resumed, resumed_data = _restore_params(config, tmp_path)
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
     assert straight_data == resumed_data
-    assert _losses(tmp_path / "straight") == _losses(tmp_path / "resumed")
+    assert _losses(straight_dir) == _losses(tmp_path)
 
 
-def test_same_seed_same_losses_and_other_seed_differs(make_config, tmp_path):
-    config = make_config(log_every_steps=1)
-    train_and_evaluate(config, tmp_path / "a")
-    train_and_evaluate(config, tmp_path / "b")
-    train_and_evaluate(make_config(log_every_steps=1, seed=1), tmp_path / "c")
-    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
-    assert _losses(tmp_path / "a") != _losses(tmp_path / "c")
+def test_same_seed_same_losses_and_other_seed_differs(baseline_run, make_config, tmp_path):
+    config, baseline_dir, _ = baseline_run
+    train_and_evaluate(config, tmp_path / "same")
+    train_and_evaluate(make_config(log_every_steps=1, seed=1), tmp_path / "other")
+    assert _losses(baseline_dir) == _losses(tmp_path / "same")
+    assert _losses(baseline_dir) != _losses(tmp_path / "other")
 
 
-def test_one_device_and_eight_devices_agree(make_config, tmp_path):
+def test_one_device_and_eight_devices_agree(baseline_run, make_config, tmp_path):
     assert jax.device_count() == 8
-    one = make_config(log_every_steps=1, mesh__num_devices=1)
-    eight = make_config(log_every_steps=1, mesh__num_devices=8)
-    train_and_evaluate(one, tmp_path / "one")
-    train_and_evaluate(eight, tmp_path / "eight")
-    np.testing.assert_allclose(_losses(tmp_path / "one"), _losses(tmp_path / "eight"), rtol=1e-5)
+    _, eight_dir, _ = baseline_run  # The baseline uses all 8 devices.
+    train_and_evaluate(make_config(log_every_steps=1, mesh__num_devices=1), tmp_path)
+    np.testing.assert_allclose(_losses(tmp_path), _losses(eight_dir), rtol=1e-5)
 
 
-def test_fsdp_mesh_matches_data_parallel(make_config, tmp_path):
-    train_and_evaluate(make_config(log_every_steps=1), tmp_path / "dp")
-    train_and_evaluate(make_config(log_every_steps=1, mesh__fsdp=4), tmp_path / "fsdp")
-    np.testing.assert_allclose(_losses(tmp_path / "dp"), _losses(tmp_path / "fsdp"), rtol=1e-5)
+def test_fsdp_mesh_matches_data_parallel(baseline_run, make_config, tmp_path):
+    _, data_parallel_dir, _ = baseline_run
+    train_and_evaluate(make_config(log_every_steps=1, mesh__fsdp=4), tmp_path)
+    np.testing.assert_allclose(_losses(tmp_path), _losses(data_parallel_dir), rtol=1e-5)
 
 
 def test_gradient_accumulation_equals_full_batch(make_config, tmp_path):
