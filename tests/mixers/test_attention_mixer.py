@@ -12,25 +12,37 @@ from effformer.ops.masks import AttentionMask
 
 B, L, D = 2, 6, 12
 
+# Compilation is the cost of these tests on CPU. Op-by-op (eager) Flax code compiles one
+# small XLA program per primitive and shape (over a hundred per test) and a jitted init
+# compiles the truncated-normal sampler (~1 s), so: variables come from jax.eval_shape
+# (no compilation) filled by NumPy, inputs from NumPy, and each test runs its module
+# calls and reference computations in one jax.jit.
+
 
 def _x(seed=0, length=L, dim=D, dtype=jnp.float32):
-    return jax.random.normal(jax.random.key(seed), (B, length, dim), dtype)
+    return np.random.default_rng(seed).normal(size=(B, length, dim)).astype(dtype)
 
 
-def _randomise_biases(variables, seed=7):
-    """Zero/one-initialised biases and scales (and T5's small bias table) would hide a
-    missing term: make them standard normal."""
-    key = jax.random.key(seed)
+def _variables(module, *args, randomise=True, **kwargs):
+    """The variables ``module.init(key, *args, **kwargs)`` makes, with the shapes and dtypes
+    of init (from jax.eval_shape) and NumPy values: kernels N(0, 0.02^2) like the default
+    init; biases and scales (and T5's small bias table) N(0, 1), since zero/one-initialised
+    ones would hide a missing term (with ``randomise=False`` zero and one, as init makes
+    them); the decode cache zero, as init makes it."""
+    shapes = jax.eval_shape(lambda *a: module.init(jax.random.key(1), *a, **kwargs), *args)
 
     def fill(path, leaf):
         name = jax.tree_util.keystr(path)
+        if name.startswith("['cache']"):
+            return np.zeros(leaf.shape, leaf.dtype)
+        rng = np.random.default_rng(zlib.crc32(name.encode()))
         if "bias" in name or "scale" in name:
-            return jax.random.normal(
-                jax.random.fold_in(key, zlib.crc32(name.encode())), leaf.shape, leaf.dtype
-            )
-        return leaf
+            if not randomise:
+                return np.full(leaf.shape, float("scale" in name), leaf.dtype)
+            return rng.normal(size=leaf.shape).astype(leaf.dtype)
+        return (rng.normal(size=leaf.shape) * 0.02).astype(leaf.dtype)
 
-    return jax.tree_util.tree_map_with_path(fill, variables)
+    return jax.device_put(jax.tree_util.tree_map_with_path(fill, shapes))
 
 
 def _manual(
@@ -76,7 +88,7 @@ def _manual(
 
 
 def _causal(length=L):
-    return jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (B, length, length))
+    return np.broadcast_to(np.tril(np.ones((length, length), bool)), (B, length, length))
 
 
 @pytest.mark.parametrize(
@@ -87,7 +99,7 @@ def _causal(length=L):
 def test_mixer_matches_manual_einsum(x64, implementation, causal):
     x = _x(dtype=jnp.float64)
     module = MultiHeadAttention(num_heads=3, implementation=implementation, param_dtype=jnp.float64)
-    variables = _randomise_biases(module.init(jax.random.key(1), x))
+    variables = _variables(module, x)
     mask = AttentionMask(causal=True) if causal else None
     visible = _causal() if causal else None
 
@@ -97,13 +109,15 @@ def test_mixer_matches_manual_einsum(x64, implementation, causal):
     def manual_loss(params, x):
         return jnp.sum(jnp.sin(_manual(params, x, num_heads=3, visible=visible)))
 
-    params = variables["params"]
-    # jit: one compilation each instead of op-by-op dispatch of the backward pass.
-    forward = jax.jit(lambda params, x: module.apply({"params": params}, x, mask=mask))
-    manual = jax.jit(lambda params, x: _manual(params, x, num_heads=3, visible=visible))
-    np.testing.assert_allclose(forward(params, x), manual(params, x), atol=1e-10)
-    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
-    manual_grads = jax.jit(jax.grad(manual_loss, argnums=(0, 1)))(params, x)
+    @jax.jit  # one compilation for both forward passes and both gradients
+    def run(params, x):
+        forward = module.apply({"params": params}, x, mask=mask)
+        manual = _manual(params, x, num_heads=3, visible=visible)
+        grads = jax.grad(loss, argnums=(0, 1))(params, x)
+        return forward, manual, grads, jax.grad(manual_loss, argnums=(0, 1))(params, x)
+
+    forward, manual, grads, manual_grads = run(variables["params"], x)
+    np.testing.assert_allclose(forward, manual, atol=1e-10)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-9), grads, manual_grads)
 
 
@@ -129,25 +143,38 @@ def test_projection_flags_and_shapes():
 def test_gqa_matches_repeated_kv_heads(num_kv_heads):
     x = _x()
     module = MultiHeadAttention(num_heads=4, num_kv_heads=num_kv_heads)
-    variables = _randomise_biases(module.init(jax.random.key(1), x))
-    want = _manual(
-        variables["params"], x, num_heads=4, num_kv_heads=num_kv_heads, visible=_causal()
-    )
-    got = module.apply(variables, x, mask=AttentionMask(causal=True))
+
+    variables = _variables(module, x)
+
+    @jax.jit
+    def run(variables, x):
+        want = _manual(
+            variables["params"], x, num_heads=4, num_kv_heads=num_kv_heads, visible=_causal()
+        )
+        return module.apply(variables, x, mask=AttentionMask(causal=True)), want
+
+    got, want = run(variables, x)
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_qk_norm():
     x = _x()
     module = MultiHeadAttention(num_heads=2, qk_norm=True)
-    variables = _randomise_biases(module.init(jax.random.key(1), x))
+
+    variables = _variables(module, x)
+    run = jax.jit(
+        lambda variables, x: (
+            module.apply(variables, x),
+            _manual(variables["params"], x, num_heads=2, qk_norm_eps=1e-6),
+        )
+    )
+    got, want = run(variables, x)
     assert variables["params"]["query_norm"]["scale"].shape == (6,)
-    want = _manual(variables["params"], x, num_heads=2, qk_norm_eps=1e-6)
-    np.testing.assert_allclose(module.apply(variables, x), want, atol=1e-5)
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def _positions(length=L, offset=0):
-    return jnp.broadcast_to(jnp.arange(offset, offset + length), (B, length))
+    return np.broadcast_to(np.arange(offset, offset + length, dtype=np.int32), (B, length))
 
 
 @pytest.mark.parametrize("name", ["rope", "alibi", "t5"])
@@ -156,35 +183,41 @@ def test_position_encoding_hooks(name):
     encoding = make_position_encoding(name)
     module = MultiHeadAttention(num_heads=3, position_encoding=encoding)
     positions = _positions(offset=3)
-    variables = _randomise_biases(module.init(jax.random.key(1), x, positions=positions))
-    pe_vars = {"params": variables["params"].get("position_encoding", {})}
-    rotate = bias = None
-    if name == "rope":
-        rotate = lambda q, k: encoding.apply({}, q, k, positions, positions, method="rotate")
-    else:
-        bias = encoding.apply(pe_vars, positions, positions, 3, method="attention_bias")
-    want = _manual(variables["params"], x, num_heads=3, rotate=rotate, bias=bias)
-    got = module.apply(variables, x, positions=positions)
+
+    variables = _variables(module, x, positions=positions)
+
+    @jax.jit
+    def run(variables, x, positions):
+        pe_vars = {"params": variables["params"].get("position_encoding", {})}
+        rotate = bias = None
+        if name == "rope":
+            rotate = lambda q, k: encoding.apply({}, q, k, positions, positions, method="rotate")
+        else:
+            bias = encoding.apply(pe_vars, positions, positions, 3, method="attention_bias")
+        want = _manual(variables["params"], x, num_heads=3, rotate=rotate, bias=bias)
+        got = module.apply(variables, x, positions=positions)
+        return got, want, _manual(variables["params"], x, num_heads=3)
+
+    got, want, plain = run(variables, x, positions)
     np.testing.assert_allclose(got, want, atol=1e-5)
     # The encoding really acts: without it the output differs.
-    plain = _manual(variables["params"], x, num_heads=3)
     assert not np.allclose(got, plain, atol=1e-4)
 
 
 def test_rope2d_needs_grid_positions():
     module = MultiHeadAttention(num_heads=3, position_encoding=make_position_encoding("rope2d"))
     with pytest.raises(ValueError, match=r"positions \[B, L, 2\] are required.*got None"):
-        module.init(jax.random.key(0), _x())
-    grid = jnp.stack(jnp.meshgrid(jnp.arange(2), jnp.arange(3), indexing="ij"), -1).reshape(1, 6, 2)
-    grid = jnp.broadcast_to(grid, (B, L, 2))
-    variables = module.init(jax.random.key(0), _x(), positions=grid)
-    assert module.apply(variables, _x(), positions=grid).shape == (B, L, D)
+        jax.eval_shape(lambda: module.init(jax.random.key(0), _x()))
+    grid = np.stack(np.meshgrid(np.arange(2), np.arange(3), indexing="ij"), -1).reshape(1, 6, 2)
+    grid = np.broadcast_to(grid, (B, L, 2))
+    variables = _variables(module, _x(), positions=grid)
+    out = jax.jit(lambda v, x, grid: module.apply(v, x, positions=grid))(variables, _x(), grid)
+    assert out.shape == (B, L, D) and np.isfinite(out).all()
 
 
 def _decode_all(module, variables, x, chunks, max_length=None):
     """Run x through the cache in the given chunk lengths; concatenate the outputs."""
-    cache = module.init(jax.random.key(0), jnp.zeros((B, max_length or x.shape[1], D)), decode=True)
-    cache = cache["cache"]
+    cache = _variables(module, np.zeros((B, max_length or x.shape[1], D)), decode=True)["cache"]
 
     @jax.jit  # one compilation per chunk length instead of op-by-op dispatch
     def step(cache, chunk):
@@ -212,8 +245,8 @@ def test_kv_cached_decoding_equals_full_causal(name):
     kwargs = {"t5": {"bidirectional": False}, "alibi": {"causal": True}}.get(name, {})
     encoding = make_position_encoding(name, **kwargs)
     module = MultiHeadAttention(num_heads=4, num_kv_heads=2, position_encoding=encoding)
-    variables = _randomise_biases(module.init(jax.random.key(1), x))
-    full = module.apply(variables, x, mask=AttentionMask(causal=True))
+    variables = _variables(module, x)
+    full = jax.jit(lambda v, x: module.apply(v, x, mask=AttentionMask(causal=True)))(variables, x)
     steps = _decode_all(module, variables, x, [1] * L)
     np.testing.assert_allclose(steps, full, atol=1e-5)
     # A prompt of several tokens, then single steps, in a longer cache, agrees too.
@@ -223,17 +256,30 @@ def test_kv_cached_decoding_equals_full_causal(name):
 
 def test_cache_layout_and_decode_errors():
     module = MultiHeadAttention(num_heads=4, num_kv_heads=2, max_decode_length=9)
-    variables = module.init(jax.random.key(0), _x(), decode=True)
+    variables = _variables(module, _x(), decode=True)
     shapes = jax.tree.map(jnp.shape, variables["cache"])
     assert shapes["cached_key"] == shapes["cached_value"] == (B, 9, 2, 3)
     assert shapes["cache_index"] == ()
+    # (eval_shape: the errors are raised while tracing; nothing needs compiling.)
     with pytest.raises(ValueError, match="decode=True needs mask None or a causal AttentionMask"):
-        module.apply(variables, _x(length=1), decode=True, mask=AttentionMask(), mutable=["cache"])
+        jax.eval_shape(
+            lambda: module.apply(
+                variables, _x(length=1), decode=True, mask=AttentionMask(), mutable=["cache"]
+            )
+        )
     with pytest.raises(ValueError, match="decode step length must be <= max_length=9, got 10"):
-        module.apply(variables, _x(length=10), decode=True, mutable=["cache"])
+        jax.eval_shape(
+            lambda: module.apply(variables, _x(length=10), decode=True, mutable=["cache"])
+        )
+
     # Running past the end of the cache gives NaN instead of overwriting the last slots.
-    fits, mutated = module.apply(variables, _x(length=8), decode=True, mutable=["cache"])
-    past, _ = module.apply({**variables, **mutated}, _x(length=2), decode=True, mutable=["cache"])
+    @jax.jit
+    def fill(variables, eight, two):
+        fits, mutated = module.apply(variables, eight, decode=True, mutable=["cache"])
+        past, _ = module.apply({**variables, **mutated}, two, decode=True, mutable=["cache"])
+        return fits, past
+
+    fits, past = fill(variables, _x(length=8), _x(length=2))
     assert np.isfinite(fits).all() and np.isnan(past).all()
 
 
@@ -241,16 +287,23 @@ def test_packed_sequences_equal_separate_runs():
     """Two sequences packed in one row (segment ids, positions restarting) == run alone."""
     module = MultiHeadAttention(num_heads=3, position_encoding=make_position_encoding("rope"))
     x = _x()
-    variables = _randomise_biases(module.init(jax.random.key(1), x))
     segments = jnp.array([[1, 1, 1, 2, 2, 2], [1, 1, 1, 2, 2, 0]])
     positions = jnp.array([[0, 1, 2, 0, 1, 2], [0, 1, 2, 0, 1, 0]])
-    mask = AttentionMask(causal=True, q_segment_ids=segments, kv_segment_ids=segments)
-    packed = module.apply(variables, x, mask=mask, positions=positions)
-    causal = AttentionMask(causal=True)
-    # The three length-3 sequences run alone as one batch, the length-2 one on its own.
-    threes = jnp.stack([x[0, :3], x[0, 3:], x[1, :3]])
-    alone3 = module.apply(variables, threes, mask=causal)
-    alone2 = module.apply(variables, x[1:, 3:5], mask=causal)
+
+    variables = _variables(module, x)
+
+    @jax.jit
+    def run(variables, x, segments, positions):
+        mask = AttentionMask(causal=True, q_segment_ids=segments, kv_segment_ids=segments)
+        packed = module.apply(variables, x, mask=mask, positions=positions)
+        causal = AttentionMask(causal=True)
+        # The three length-3 sequences run alone as one batch, the length-2 one on its own.
+        threes = jnp.stack([x[0, :3], x[0, 3:], x[1, :3]])
+        alone3 = module.apply(variables, threes, mask=causal)
+        alone2 = module.apply(variables, x[1:, 3:5], mask=causal)
+        return packed, alone3, alone2
+
+    packed, alone3, alone2 = run(variables, x, segments, positions)
     np.testing.assert_allclose(packed[0, :3], alone3[0], atol=1e-5)
     np.testing.assert_allclose(packed[0, 3:], alone3[1], atol=1e-5)
     np.testing.assert_allclose(packed[1, :3], alone3[2], atol=1e-5)
@@ -262,27 +315,44 @@ def test_packed_sequences_equal_separate_runs():
 def test_attention_dropout():
     x = _x()
     module = MultiHeadAttention(num_heads=3, attention_dropout_rate=0.5)
-    variables = module.init(jax.random.key(1), x)
-    det = module.apply(variables, x)
-    np.testing.assert_allclose(det, MultiHeadAttention(num_heads=3).apply(variables, x))
-    a = module.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.key(2)})
-    b = module.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.key(3)})
+
+    variables = _variables(module, x, randomise=False)
+
+    @jax.jit
+    def run(variables, x):
+        det = module.apply(variables, x)
+        plain = MultiHeadAttention(num_heads=3).apply(variables, x)
+        a = module.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.key(2)})
+        b = module.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.key(3)})
+        return det, plain, a, b
+
+    det, plain, a, b = run(variables, x)
+    np.testing.assert_allclose(det, plain)
     assert not np.allclose(a, b)
 
 
 def test_cross_attention_matches_manual_with_context_mask():
     x, context = _x(), _x(seed=3, length=4, dim=5)
     module = CrossAttention(num_heads=3)
-    variables = _randomise_biases(module.init(jax.random.key(1), x, context))
     context_mask = jnp.array([[True, True, False, True], [False] * 4])
-    visible = jnp.broadcast_to(context_mask[:, None, :], (B, L, 4))
-    want = _manual(variables["params"], x, context, num_heads=3, visible=visible)
-    got = module.apply(variables, x, context, context_mask=context_mask)
+
+    variables = _variables(module, x, context)
+
+    @jax.jit
+    def run(variables, x, context, context_mask):
+        visible = jnp.broadcast_to(context_mask[:, None, :], (B, L, 4))
+        want = _manual(variables["params"], x, context, num_heads=3, visible=visible)
+        got = module.apply(variables, x, context, context_mask=context_mask)
+        return got, want
+
+    got, want = run(variables, x, context, context_mask)
     np.testing.assert_allclose(got, want, atol=1e-5)
     # No visible key: the attention output is zero, only the output bias remains.
     np.testing.assert_allclose(got[1], jnp.broadcast_to(variables["params"]["out"]["bias"], (L, D)))
     with pytest.raises(ValueError, match=r"context_mask must have shape \(2, 4\), got \(2, 3\)"):
-        module.apply(variables, x, context, context_mask=context_mask[:, :3])
+        jax.eval_shape(
+            lambda: module.apply(variables, x, context, context_mask=context_mask[:, :3])
+        )
 
 
 def test_bad_configuration_errors():
@@ -309,10 +379,17 @@ def test_mask_takes_explicit_positions():
     """A causal mask orders tokens by the given positions, not by array index."""
     x = _x()
     module = MultiHeadAttention(num_heads=3)
-    variables = module.init(jax.random.key(1), x)
     reversed_positions = _positions()[:, ::-1]
-    got = module.apply(variables, x, mask=AttentionMask(causal=True), positions=reversed_positions)
-    want = module.apply(variables, x[:, ::-1], mask=AttentionMask(causal=True))[:, ::-1]
+
+    variables = _variables(module, x, randomise=False)
+
+    @jax.jit
+    def run(variables, x, reversed_positions):
+        causal = AttentionMask(causal=True)
+        got = module.apply(variables, x, mask=causal, positions=reversed_positions)
+        return got, module.apply(variables, x[:, ::-1], mask=causal)[:, ::-1]
+
+    got, want = run(variables, x, reversed_positions)
     np.testing.assert_allclose(got, want, atol=1e-5)
     explicit = dataclasses.replace(AttentionMask(causal=True))
     assert explicit.q_positions is None  # the caller's mask is not modified
@@ -331,14 +408,21 @@ def test_bfloat16_compute_with_float32_params():
         dtype=jnp.bfloat16,
         position_encoding=make_position_encoding("rope"),
     )
-    variables = module.init(jax.random.key(1), x)
-    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
-    got = module.apply(variables, x, mask=AttentionMask(causal=True))
-    assert got.dtype == jnp.bfloat16
-    want = MultiHeadAttention(
+    reference = MultiHeadAttention(
         num_heads=3, qk_norm=True, position_encoding=make_position_encoding("rope")
-    ).apply(variables, x, mask=AttentionMask(causal=True))
+    )
+
+    variables = _variables(module, x, randomise=False)
+
+    @jax.jit
+    def run(variables, x):
+        got = module.apply(variables, x, mask=AttentionMask(causal=True))
+        return got, reference.apply(variables, x, mask=AttentionMask(causal=True))
+
+    got, want = run(variables, x)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
+    assert got.dtype == jnp.bfloat16
     # bf16 keeps 8 bits of mantissa through a few matmuls: agree to a few percent.
     np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=5e-2, rtol=5e-2)
-    cache = module.init(jax.random.key(0), x, decode=True)["cache"]
+    cache = jax.eval_shape(lambda x: module.init(jax.random.key(0), x, decode=True), x)["cache"]
     assert cache["cached_key"].dtype == jnp.bfloat16
