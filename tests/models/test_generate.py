@@ -38,20 +38,37 @@ def _recompute(full_logits, prompts, lengths, new, choose):
     return tokens, scores
 
 
-@pytest.mark.parametrize(
-    "name, overrides",
-    [
-        ("lm_decoder", dict(layer_pattern="global,local:3", position_encoding="rope")),
-        ("lm_decoder", dict(num_layers=1, position_encoding="learned")),
-        ("lm_hybrid_mamba", {}),
-    ],
-)
-def test_greedy_cached_generation_equals_recomputation(name, overrides):
-    model = models.create(name, tiny=True, **overrides)
-    variables = _init(model)
-    out = generate(model, variables["params"], PROMPTS, LENGTHS, max_new_tokens=NEW,
-                   return_logits=True)  # fmt: skip
-    apply = jax.jit(lambda tokens: model.apply(variables, tokens))
+# Each case is a separate cache path: RoPE with a local-window cache, a learned position
+# table, and Mamba's recurrent state next to an attention cache (two layers suffice).
+DECODERS = {
+    "rope_local": ("lm_decoder", dict(layer_pattern="global,local:3", position_encoding="rope")),
+    "learned": ("lm_decoder", dict(num_layers=1, position_encoding="learned")),
+    "hybrid_mamba": ("lm_hybrid_mamba", dict(num_layers=2, layer_pattern="mamba,global")),
+}
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    """case -> (model, variables, jitted full apply, greedy output), each built once."""
+    built = {}
+
+    def get(case):
+        if case not in built:
+            name, overrides = DECODERS[case]
+            model = models.create(name, tiny=True, **overrides)
+            variables = _init(model)
+            apply = jax.jit(lambda tokens: model.apply(variables, tokens))
+            greedy = generate(model, variables["params"], PROMPTS, LENGTHS, max_new_tokens=NEW,
+                              return_logits=True)  # fmt: skip
+            built[case] = model, variables, apply, greedy
+        return built[case]
+
+    return get
+
+
+@pytest.mark.parametrize("case", list(DECODERS))
+def test_greedy_cached_generation_equals_recomputation(decoder, case):
+    _, _, apply, out = decoder(case)
     tokens, scores = _recompute(
         apply, PROMPTS, LENGTHS, NEW, lambda t, logits: jnp.argmax(logits, -1)
     )
@@ -64,20 +81,19 @@ def test_greedy_cached_generation_equals_recomputation(name, overrides):
         np.testing.assert_array_equal(out.sequences[row, :length], PROMPTS[row, :length])
 
 
-def test_top_k_sampling_equals_recomputation_and_stays_in_the_top_k():
-    model = models.create("lm_decoder", tiny=True)
-    variables = _init(model)
+def test_top_k_sampling_equals_recomputation_and_stays_in_the_top_k(decoder):
+    model, variables, apply, _ = decoder("rope_local")
     rng = jax.random.PRNGKey(7)
     kwargs = dict(temperature=0.8, top_k=3)
     out = generate(model, variables["params"], PROMPTS, LENGTHS, max_new_tokens=NEW, rng=rng,
                    return_logits=True, **kwargs)  # fmt: skip
-    apply = jax.jit(lambda tokens: model.apply(variables, tokens))
+    sample = jax.jit(lambda logits, key: sample_logits(logits, key, **kwargs))
     tokens, scores = _recompute(
         apply,
         PROMPTS,
         LENGTHS,
         NEW,
-        lambda t, logits: sample_logits(logits, jax.random.fold_in(rng, t), **kwargs),
+        lambda t, logits: sample(logits, jax.random.fold_in(rng, t)),
     )
     np.testing.assert_array_equal(out.sequences, tokens)
     for row, length in enumerate(LENGTHS):
@@ -89,18 +105,17 @@ def test_top_k_sampling_equals_recomputation_and_stays_in_the_top_k():
 def test_sampling_rules():
     logits = jnp.array([[0.0, 3.0, 1.0, 2.0]])
     assert int(sample_logits(logits, jax.random.PRNGKey(0))[0]) == 1
-    samples = jax.vmap(
+    samples = jax.jit(jax.vmap(
         lambda k: sample_logits(logits, k, temperature=1.0, top_k=2)[0]
-    )(jax.random.split(jax.random.PRNGKey(1), 200))  # fmt: skip
+    ))(jax.random.split(jax.random.PRNGKey(1), 200))  # fmt: skip
     assert set(np.asarray(samples).tolist()) == {1, 3}
     top1 = sample_logits(logits, jax.random.PRNGKey(2), temperature=5.0, top_k=1)
     assert int(top1[0]) == 1
 
 
-def test_eos_pads_the_rest_of_a_row():
-    model = models.create("lm_decoder", tiny=True)
-    params = _init(model)["params"]
-    greedy = generate(model, params, PROMPTS, LENGTHS, max_new_tokens=NEW)
+def test_eos_pads_the_rest_of_a_row(decoder):
+    model, variables, _, greedy = decoder("rope_local")
+    params = variables["params"]
     eos = int(greedy.new_tokens[0, 0])
     out = generate(model, params, PROMPTS, LENGTHS, max_new_tokens=NEW, eos_id=eos, pad_id=63)
     for row in range(3):
@@ -133,9 +148,9 @@ def test_encoder_decoder_cached_generation_equals_recomputation():
     assert default.sequences.shape == (2, 3) and np.all(np.asarray(default.sequences[:, 0]) == 1)
 
 
-def test_bad_generation_requests_raise():
-    model = models.create("lm_decoder", tiny=True)
-    params = _init(model)["params"]
+def test_bad_generation_requests_raise(decoder):
+    model, variables, _, _ = decoder("rope_local")
+    params = variables["params"]
     with pytest.raises(ValueError, match="need 7 cached positions, more than the cache_length 5"):
         generate(model, params, PROMPTS, LENGTHS, max_new_tokens=NEW, cache_length=5)
     learned = models.create("lm_decoder", tiny=True, position_encoding="learned", max_length=6)

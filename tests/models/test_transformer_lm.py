@@ -22,11 +22,15 @@ def _init(model, **inputs):
     return model.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}, **inputs)
 
 
-def _embedding_jacobian(model, variables, inputs, out_index, **kwargs):
-    """d sum(logits[0, out_index]) / d token-embedding [L, D] (via a perturbation on nn.Embed)."""
+def _embedding_jacobian(model, variables, inputs, out_indices, **kwargs):
+    """|d sum(logits[0, t]) / d token-embedding| summed over D, [len(out_indices), L].
+
+    One compiled VJP (a perturbation on nn.Embed), vmapped over one-hot cotangents at
+    the output positions t in out_indices, so every position costs no new compilation.
+    """
     length = inputs.shape[1]
 
-    def output(delta):
+    def per_position(delta):
         def add_delta(next_fun, args, call_kwargs, context):
             out = next_fun(*args, **call_kwargs)
             is_embedding = (
@@ -38,10 +42,14 @@ def _embedding_jacobian(model, variables, inputs, out_index, **kwargs):
 
         with nn.intercept_methods(add_delta):
             logits = model.apply(variables, inputs, **kwargs)
-        return jnp.sum(logits[0, out_index])
+        return jnp.sum(logits[0], axis=-1)  # [L]: sum(logits[0, t]) for every t
 
-    delta = jnp.zeros((length, model.embed_dim))
-    return np.asarray(jnp.abs(jax.jit(jax.grad(output))(delta)).sum(-1))
+    @jax.jit
+    def reach(cotangents):
+        _, vjp = jax.vjp(per_position, jnp.zeros((length, model.embed_dim)))
+        return jnp.abs(jax.vmap(lambda c: vjp(c)[0])(cotangents)).sum(-1)
+
+    return np.asarray(reach(jax.nn.one_hot(jnp.asarray(out_indices), length)))
 
 
 # ---------------------------------------------------------------------------- patterns
@@ -86,18 +94,18 @@ def test_the_pattern_builds_the_layers_it_says():
         **TINY,
     )
     inputs = jnp.arange(8, dtype=jnp.int32)[None] % 32
-    params = _init(model, inputs=inputs)["params"]["decoder"]
+    params = jax.eval_shape(lambda: _init(model, inputs=inputs))["params"]["decoder"]
     assert "A_log" in params["layer_0_mamba"]
     assert "query" in params["layer_1_attention"] and "query" in params["layer_2_attention"]
     assert "layer_0_attention" not in params and "layer_1_mamba" not in params
     # Layer 2 is local with window 2: with only that layer, position t sees t-1 and t.
     local = TransformerLM(num_layers=1, layer_pattern="local:2", **TINY)
     variables = _init(local, inputs=inputs)
-    reach = _embedding_jacobian(local, variables, inputs, 5) > 0
+    (reach,) = _embedding_jacobian(local, variables, inputs, [5]) > 0
     np.testing.assert_array_equal(reach, (np.arange(8) >= 4) & (np.arange(8) <= 5))
     bidirectional = TransformerLM(kind="encoder", num_layers=1, layer_pattern="local:4", **TINY)
     variables = _init(bidirectional, inputs=inputs)
-    reach = _embedding_jacobian(bidirectional, variables, inputs, 4) > 0
+    (reach,) = _embedding_jacobian(bidirectional, variables, inputs, [4]) > 0
     np.testing.assert_array_equal(reach, (np.arange(8) >= 2) & (np.arange(8) <= 6))
 
 
@@ -118,8 +126,10 @@ def test_decoder_is_causal_by_gradient(pattern, position_encoding):
     )
     inputs = jax.random.randint(jax.random.PRNGKey(2), (1, 10), 0, 32)
     variables = _init(model, inputs=inputs)
-    for t in (0, 4, 9):
-        reach = _embedding_jacobian(model, variables, inputs, t)
+    positions = (0, 4, 9)
+    for t, reach in zip(
+        positions, _embedding_jacobian(model, variables, inputs, positions), strict=True
+    ):
         assert np.all(reach[t + 1 :] == 0), f"position {t} depends on later tokens"
         assert np.all(reach[: t + 1] > 0), f"position {t} misses an earlier token"
 
@@ -128,15 +138,14 @@ def test_encoder_sees_both_sides_and_prefix_lm_sees_its_prefix():
     inputs = jax.random.randint(jax.random.PRNGKey(3), (1, 8), 0, 32)
     encoder = TransformerLM(kind="encoder", num_layers=2, **TINY)
     variables = _init(encoder, inputs=inputs)
-    assert np.all(_embedding_jacobian(encoder, variables, inputs, 2) > 0)
+    assert np.all(_embedding_jacobian(encoder, variables, inputs, [2]) > 0)
 
     prefix = TransformerLM(kind="prefix_lm", num_layers=2, **TINY)
     lengths = jnp.array([3])
     variables = _init(prefix, inputs=inputs, prefix_lengths=lengths)
     kwargs = dict(prefix_lengths=lengths)
-    inside = _embedding_jacobian(prefix, variables, inputs, 0, **kwargs) > 0
+    inside, after = _embedding_jacobian(prefix, variables, inputs, [0, 5], **kwargs) > 0
     np.testing.assert_array_equal(inside, np.arange(8) < 3)  # the prefix, both ways
-    after = _embedding_jacobian(prefix, variables, inputs, 5, **kwargs) > 0
     np.testing.assert_array_equal(after, np.arange(8) <= 5)  # prefix + causal
 
 
@@ -146,47 +155,38 @@ def test_encoder_decoder_cross_attention_sees_the_whole_source_and_no_padding():
     target = jnp.array([[1, 2, 3, 4]], jnp.int32)
     variables = _init(model, inputs=source, decoder_inputs=target)
 
-    def first_target_logit(source_embedding):
-        def replace(next_fun, args, kwargs, context):
-            out = next_fun(*args, **kwargs)
-            if (
-                context.method_name == "__call__"
-                and isinstance(context.module, nn.Embed)
-                and out.shape[1] == source.shape[1]
-            ):
-                return source_embedding[None]
-            return out
+    def per_position(deltas):
+        """Per target position t: sum(logits[0, t]), with deltas added to the embeddings."""
+        source_delta, target_delta = deltas
 
-        with nn.intercept_methods(replace):
-            logits = model.apply(variables, source, target)
-        return jnp.sum(logits[0, 0])
-
-    embedded = model.apply(variables, source, method=lambda m, x: m.token_embedding(x))[0]
-    reach = np.asarray(jnp.abs(jax.jit(jax.grad(first_target_logit))(embedded)).sum(-1))
-    assert np.all(reach[:5] > 0), "the first target token must see every real source token"
-    assert np.all(reach[5:] == 0), "padding source tokens must be invisible"
-    # The decoder itself stays causal.
-    decoder_grad = _decoder_reach(model, variables, source, target, 1)
-    np.testing.assert_array_equal(decoder_grad > 0, np.arange(4) <= 1)
-
-
-def _decoder_reach(model, variables, source, target, out_index):
-    def output(delta):
         def add(next_fun, args, kwargs, context):
             out = next_fun(*args, **kwargs)
-            if (
-                context.method_name == "__call__"
-                and isinstance(context.module, nn.Embed)
-                and out.shape[1] == target.shape[1]
-            ):
-                return out + delta[None]
+            if context.method_name == "__call__" and isinstance(context.module, nn.Embed):
+                if out.shape[1] == source.shape[1]:
+                    return out + source_delta[None]
+                if out.shape[1] == target.shape[1]:
+                    return out + target_delta[None]
             return out
 
         with nn.intercept_methods(add):
-            return jnp.sum(model.apply(variables, source, target)[0, out_index])
+            return jnp.sum(model.apply(variables, source, target)[0], axis=-1)
 
-    delta = jnp.zeros((target.shape[1], model.embed_dim))
-    return np.asarray(jnp.abs(jax.jit(jax.grad(output))(delta)).sum(-1))
+    @jax.jit
+    def reach(cotangents):  # One compiled VJP for both checks.
+        zeros = (
+            jnp.zeros((source.shape[1], model.embed_dim)),
+            jnp.zeros((target.shape[1], model.embed_dim)),
+        )
+        _, vjp = jax.vjp(per_position, zeros)
+        grads = jax.vmap(lambda c: vjp(c)[0])(cotangents)
+        return jax.tree.map(lambda g: jnp.abs(g).sum(-1), grads)
+
+    source_reach, decoder_reach = reach(jax.nn.one_hot(jnp.array([0, 1]), target.shape[1]))
+    reach = np.asarray(source_reach[0])  # of the first target token
+    assert np.all(reach[:5] > 0), "the first target token must see every real source token"
+    assert np.all(reach[5:] == 0), "padding source tokens must be invisible"
+    # The decoder itself stays causal (target token 1 sees target tokens 0 and 1).
+    np.testing.assert_array_equal(np.asarray(decoder_reach[1]) > 0, np.arange(4) <= 1)
 
 
 # ---------------------------------------------------------------------------- packing
@@ -220,15 +220,17 @@ def test_packed_batch_equals_padded_batch_losses_and_gradients(pattern, position
     task = CausalLMTask(ml_collections.ConfigDict({"name": "causal_lm"}), None)
 
     @jax.jit
-    def loss(params, batch):
-        logits = model.apply({"params": params}, **task.model_inputs(batch))
-        return task.loss_and_metrics(logits, batch)[:2]
+    def loss_grads_logits(params, batch):  # One compilation per layout.
+        def loss(params):
+            logits = model.apply({"params": params}, **task.model_inputs(batch))
+            loss_sum, count = task.loss_and_metrics(logits, batch)[:2]
+            return loss_sum, (count, logits)
 
-    packed_sum, packed_count = loss(params, packed)
-    grad_fn = jax.jit(jax.grad(lambda p, batch: loss(p, batch)[0]))
-    packed_grads = grad_fn(params, packed)
-    padded_sum, padded_count = loss(params, padded)
-    padded_grads = grad_fn(params, padded)
+        (loss_sum, (count, logits)), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        return loss_sum, count, grads, logits
+
+    packed_sum, packed_count, packed_grads, packed_logits = loss_grads_logits(params, packed)
+    padded_sum, padded_count, padded_grads, padded_logits = loss_grads_logits(params, padded)
     # Every sequence of n tokens scores n - 1 next-token predictions in both layouts.
     assert float(packed_count) == float(padded_count) == sum(len(s) - 1 for s in sequences)
     np.testing.assert_allclose(packed_sum, padded_sum, rtol=1e-5)
@@ -239,8 +241,6 @@ def test_packed_batch_equals_padded_batch_losses_and_gradients(pattern, position
     )
     # Per sequence: the logits of each sequence are the same in both layouts
     # (first-fit reorders the sequences; their lengths are distinct and identify them).
-    apply = jax.jit(lambda p, batch: model.apply({"params": p}, **task.model_inputs(batch)))
-    packed_logits, padded_logits = apply(params, packed), apply(params, padded)
     segments = np.asarray(packed["segment_ids"])
     seen = []
     for row in range(segments.shape[0]):
@@ -285,8 +285,13 @@ def test_masked_lm_scores_only_masked_positions():
     np.testing.assert_array_equal(corrupted[~chosen], np.asarray(tokens)[~chosen])
 
     params = _init(model, inputs=batch["inputs"])["params"]
-    logits = jax.jit(model.apply)({"params": params}, **task.model_inputs(batch))
-    grad = jax.jit(jax.grad(lambda x: task.loss_and_metrics(x, batch)[0]))(logits)
+
+    @jax.jit
+    def loss_grad_wrt_logits(params, batch):  # One compilation.
+        logits = model.apply({"params": params}, **task.model_inputs(batch))
+        return jax.grad(lambda x: task.loss_and_metrics(x, batch)[0])(logits)
+
+    grad = loss_grad_wrt_logits(params, batch)
     per_position = np.asarray(jnp.abs(grad).sum(-1))
     assert np.all(per_position[~chosen] == 0) and np.all(per_position[chosen] > 0)
 
@@ -313,12 +318,14 @@ def test_gqa_classifier_and_untied_head_shapes():
     )
     inputs = jnp.ones((2, 6), jnp.int32)
     segments = jnp.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
-    variables = _init(model, inputs=inputs, segment_ids=segments)
-    assert model.apply(variables, inputs, segment_ids=segments).shape == (2, 3)
+    # Shapes only: abstract evaluation traces the same code without compiling it.
+    variables = jax.eval_shape(lambda: _init(model, inputs=inputs, segment_ids=segments))
+    logits = jax.eval_shape(lambda v: model.apply(v, inputs, segment_ids=segments), variables)
+    assert logits.shape == (2, 3)
     key_kernel = variables["params"]["encoder"]["layer_0_attention"]["key"]["kernel"]
     assert key_kernel.shape == (16, 1, 8)
     untied = TransformerLM(num_layers=1, tie_embeddings=False, **TINY)
-    variables = _init(untied, inputs=inputs)
+    variables = jax.eval_shape(lambda: _init(untied, inputs=inputs))
     assert variables["params"]["lm_head"]["kernel"].shape == (16, 32)
 
 
@@ -326,23 +333,30 @@ def test_gqa_classifier_and_untied_head_shapes():
 
 
 def test_bad_inputs_raise_clear_errors():
+    # The checks run while tracing, so abstract evaluation raises them without compiling.
+    def apply(model, variables, *args, **kwargs):
+        return jax.eval_shape(lambda v: model.apply(v, *args, **kwargs), variables)
+
+    def init(model, **inputs):
+        return jax.eval_shape(lambda: _init(model, **inputs))
+
     model = TransformerLM(num_layers=1, **TINY)
     inputs = jnp.ones((2, 6), jnp.int32)
-    variables = _init(model, inputs=inputs)
+    variables = init(model, inputs=inputs)
     with pytest.raises(ValueError, match=r"inputs must be integer token ids \[B, L\]"):
-        model.apply(variables, jnp.ones((2, 6)))
+        apply(model, variables, jnp.ones((2, 6)))
     with pytest.raises(ValueError, match=r"segment_ids must have shape \(2, 6\), got \(2, 5\)"):
-        model.apply(variables, inputs, segment_ids=jnp.ones((2, 5), jnp.int32))
+        apply(model, variables, inputs, segment_ids=jnp.ones((2, 5), jnp.int32))
     with pytest.raises(ValueError, match="prefix_lengths is only for kind='prefix_lm'"):
-        model.apply(variables, inputs, prefix_lengths=jnp.ones((2,), jnp.int32))
+        apply(model, variables, inputs, prefix_lengths=jnp.ones((2,), jnp.int32))
     with pytest.raises(ValueError, match="decode=True needs explicit positions"):
-        model.apply(variables, inputs, decode=True, mutable=["cache"])
+        apply(model, variables, inputs, decode=True, mutable=["cache"])
     with pytest.raises(ValueError, match="kind must be one of"):
-        _init(TransformerLM(kind="seq2seq", num_layers=1, **TINY), inputs=inputs)
+        init(TransformerLM(kind="seq2seq", num_layers=1, **TINY), inputs=inputs)
     with pytest.raises(ValueError, match="'mamba', a causal-only mixer, in a bidirectional"):
-        _init(TransformerLM(kind="encoder", num_layers=1, layer_pattern="mamba", **TINY),
-              inputs=inputs)  # fmt: skip
+        init(TransformerLM(kind="encoder", num_layers=1, layer_pattern="mamba", **TINY),
+             inputs=inputs)  # fmt: skip
     enc_dec = models.create("lm_encoder_decoder", tiny=True)
-    variables = _init(enc_dec, **enc_dec.dummy_inputs(2))
+    variables = init(enc_dec, **enc_dec.dummy_inputs(2))
     with pytest.raises(ValueError, match="decoder_inputs batch must equal inputs batch 2, got 3"):
-        enc_dec.apply(variables, inputs, jnp.ones((3, 4), jnp.int32))
+        apply(enc_dec, variables, inputs, jnp.ones((3, 4), jnp.int32))
