@@ -1,6 +1,8 @@
 """iLLaMA: parameter counts, a float64 transcription of the original forward pass,
 the soft mask, causality, the post-sequence class token, schedules, resolution change."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -26,8 +28,25 @@ SMALL = dict(
 )
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
 def _init(model, seed=0):
     return model.init(jax.random.PRNGKey(seed), **model.dummy_inputs(1))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(model, variables, images, soft_mask_ratio=0.0):
+    return model.apply(variables, images, soft_mask_ratio=soft_mask_ratio)
+
+
+@pytest.fixture(scope="module")
+def small_params():
+    """SMALL's parameters, initialised once: mask, class_token and the attention
+    implementation change no parameter, so every SMALL variant shares them."""
+    params = _init(ILlama(**SMALL))["params"]
+    for variant in (dict(mask="causal", class_token="first"), dict(mask="bidirectional")):
+        shapes = jax.eval_shape(functools.partial(_init, ILlama(**SMALL, **variant)))
+        assert jax.tree.map(jnp.shape, shapes["params"]) == jax.tree.map(jnp.shape, params)
+    return params
 
 
 def _images(model, batch=2, seed=1, dtype=jnp.float32):
@@ -152,6 +171,36 @@ def _reference_forward(
     return pooled @ params["head"]["kernel"] + params["head"]["bias"], jnp.stack(maps)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _compare(model, with_grads, params, images, ratio, class_rope_position):
+    """Model vs transcription in one compiled program (ratio and the class token's RoPE
+    position are traced, so every ratio and position reuses it): logits, attention maps
+    and, with ``with_grads``, the parameter gradients of a random projection of the logits.
+    """
+    kwargs = dict(
+        num_heads=model.num_heads,
+        ratio=ratio,
+        mode=model.mask,
+        class_last=model.class_token == "last",
+        class_rope_position=class_rope_position,
+    )
+    ratio_kw = dict(soft_mask_ratio=ratio) if model.mask == "soft" else {}
+    logits = model.apply({"params": params}, images, **ratio_kw)
+    expected, expected_maps = _reference_forward(params, images, **kwargs)
+    maps = attention_maps(model, {"params": params}, images, **ratio_kw)
+    out = dict(logits=logits, expected=expected, maps=maps, expected_maps=expected_maps)
+    if with_grads:
+        weights = jax.random.normal(jax.random.PRNGKey(3), logits.shape, logits.dtype)
+        loss = lambda p: jnp.sum(model.apply({"params": p}, images, **ratio_kw) * weights)
+        reference_loss = lambda p: jnp.sum(_reference_forward(p, images, **kwargs)[0] * weights)
+        out["grads"] = jax.grad(loss)(params)
+        out["expected_grads"] = jax.grad(reference_loss)(params)
+    return out
+
+
+# One compiled program per mask: both soft ratios share one (the ratio is traced);
+# gradients for the soft mask (checked at a ratio strictly inside (0, 1), and at 0)
+# and for the causal mode.
 @pytest.mark.parametrize(
     "ratio, mode, class_token",
     [
@@ -161,38 +210,28 @@ def _reference_forward(
         (0.0, "bidirectional", "last"),
     ],
 )
-def test_model_equals_the_original_transcription(x64, ratio, mode, class_token):
+def test_model_equals_the_original_transcription(x64, small_params, ratio, mode, class_token):
     model = ILlama(
         **SMALL, mask=mode, class_token=class_token, attention_implementation="reference"
     )
-    params = jax.tree.map(lambda a: a.astype(jnp.float64), _init(model)["params"])
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), small_params)
     images = _images(model, dtype=jnp.float64)
-    kwargs = dict(
-        num_heads=model.num_heads, ratio=ratio, mode=mode, class_last=class_token == "last"
-    )
+    # The class token's own RoPE position, as in the original (N when last, 0 when first).
+    position = model.sequence_length - 1 if class_token == "last" else 0
+    out = _compare(model, mode != "bidirectional", params, images, ratio, float(position))
 
     # RMSNorm and RoPE compute in float32 by design (as the original does), so a
     # float64 run agrees with the float64 transcription to float32 rounding only.
-    logits = jax.jit(lambda p: model.apply({"params": p}, images, soft_mask_ratio=ratio))(params)
-    expected, expected_maps = jax.jit(lambda p: _reference_forward(p, images, **kwargs))(params)
-    np.testing.assert_allclose(logits, expected, rtol=2e-5, atol=1e-7)
-    maps = jax.jit(lambda p: attention_maps(model, {"params": p}, images, soft_mask_ratio=ratio))(
-        params
-    )
-    np.testing.assert_allclose(maps, expected_maps, atol=1e-6)
-    if ratio != 0.4 and mode != "causal":
-        return  # gradients: one soft ratio strictly inside (0, 1) and the causal mode
-
-    weights = jax.random.normal(jax.random.PRNGKey(3), logits.shape, jnp.float64)
-    loss = lambda p: jnp.sum(model.apply({"params": p}, images, soft_mask_ratio=ratio) * weights)
-    reference_loss = lambda p: jnp.sum(_reference_forward(p, images, **kwargs)[0] * weights)
-    grads = jax.jit(jax.grad(loss))(params)
-    expected_grads = jax.jit(jax.grad(reference_loss))(params)
-    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True):
+    np.testing.assert_allclose(out["logits"], out["expected"], rtol=2e-5, atol=1e-7)
+    np.testing.assert_allclose(out["maps"], out["expected_maps"], atol=1e-6)
+    if mode == "bidirectional":
+        return
+    leaves = zip(jax.tree.leaves(out["grads"]), jax.tree.leaves(out["expected_grads"]), strict=True)
+    for a, b in leaves:
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)  # float32 norm/RoPE, as above
 
 
-def test_rope_rotates_the_class_token_at_position_n(x64):
+def test_rope_rotates_the_class_token_at_position_n(x64, small_params):
     model = ILlama(**SMALL, attention_implementation="reference")
     # Sharper attention (q, k scaled up) so that a wrong rotation shows clearly.
     params = jax.tree_util.tree_map_with_path(
@@ -200,48 +239,57 @@ def test_rope_rotates_the_class_token_at_position_n(x64):
             a.astype(jnp.float64)
             * (10.0 if any(getattr(k, "key", None) in ("query", "key") for k in path) else 1.0)
         ),
-        _init(model)["params"],
+        small_params,
     )
     images = _images(model, dtype=jnp.float64)
-    logits = jax.jit(lambda p: model.apply({"params": p}, images, soft_mask_ratio=0.3))(params)
     n = model.sequence_length - 1
-    reference = jax.jit(
-        lambda p, position: _reference_forward(
-            p, images, num_heads=model.num_heads, ratio=0.3, class_rope_position=position
-        )[0]
+    # The same compiled program as the soft case above, with the transcription's class
+    # token rotated at position n, then at 0.
+    at_n = _compare(model, True, params, images, 0.3, float(n))
+    at_0 = _compare(model, True, params, images, 0.3, 0.0)
+    logits = at_n["logits"]
+    np.testing.assert_allclose(logits, at_n["expected"], rtol=2e-5, atol=1e-7)  # float32 RoPE
+    assert (
+        np.abs(np.asarray(logits - at_0["expected"])).max()
+        > 100 * np.abs(np.asarray(logits - at_n["expected"])).max()
     )
-    at_n, at_0 = reference(params, n), reference(params, 0)
-    np.testing.assert_allclose(logits, at_n, rtol=2e-5, atol=1e-7)  # float32 RoPE, as above
-    assert np.abs(np.asarray(logits - at_0)).max() > 100 * np.abs(np.asarray(logits - at_n)).max()
 
 
 # ---------------------------------------------------------------------------- the soft mask
 
 
-@pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0])
-def test_soft_mask_on_equal_logits_gives_row_sums(ratio):
-    length = 6
+@jax.jit
+def _attention_on_equal_logits(ratio, length=6):
     q = jnp.zeros((1, length, 1, 4))  # every logit equal
     v = jnp.ones((1, length, 1, 4))  # so the output is the row sum of the probabilities
-    out = dot_product_attention(q, q, v, mask=AttentionMask(soft_causal_ratio=ratio))
+    return dot_product_attention(q, q, v, mask=AttentionMask(soft_causal_ratio=ratio))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _attention_maps(model, params, images, ratio):
+    return attention_maps(model, {"params": params}, images, soft_mask_ratio=ratio)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0])
+def test_soft_mask_on_equal_logits_gives_row_sums(small_params, ratio):
+    # The ratio is traced: the three cases share one compiled program each.
+    length = 6
+    out = _attention_on_equal_logits(ratio)
     rows = np.arange(1, length + 1) / length  # r = 0: 1/N, 2/N, ..., 1
     np.testing.assert_allclose(out[0, :, 0, 0], ratio + (1 - ratio) * rows, rtol=1e-6)
 
     # The same through the model: zero q/k projections make every logit equal.
     model = ILlama(**SMALL)
-    variables = _init(model)
     params = jax.tree_util.tree_map_with_path(
         lambda path, a: (
             jnp.zeros_like(a)
             if any(getattr(key, "key", None) in ("query", "key") for key in path)
             else a
         ),
-        variables["params"],
+        small_params,
     )
     images = _images(model)
-    maps = jax.jit(lambda p: attention_maps(model, {"params": p}, images, soft_mask_ratio=ratio))(
-        params
-    )
+    maps = _attention_maps(model, params, images, ratio)
     n = model.sequence_length
     np.testing.assert_allclose(
         maps.sum(-1),
@@ -250,49 +298,62 @@ def test_soft_mask_on_equal_logits_gives_row_sums(ratio):
     )
 
 
-def _patch_gradients(model, params, images, position, ratio):
-    """|d output[position] / d image| summed over each patch, from the last block's output."""
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _patch_gradients(model, params, images, positions, ratio):
+    """|d output[position] / d image| summed over each patch, from the last block's output,
+    for each of ``positions``: one VJP per position (a one-hot cotangent), one program.
 
-    def output(images):
+    Returns [len(positions), patches].
+    """
+    last = f"block_{model.num_layers - 1}"
+
+    def output(images):  # [B, L]: the last block's output summed over channels
         _, state = model.apply(
             {"params": params},
             images,
             soft_mask_ratio=ratio,
-            capture_intermediates=lambda m, _: m.name == f"block_{model.num_layers - 1}",
+            capture_intermediates=lambda m, _: m.name == last,
             mutable=["intermediates"],
         )
-        hidden = state["intermediates"][f"block_{model.num_layers - 1}"]["__call__"][0]
-        return jnp.sum(hidden[:, position])
+        return jnp.sum(state["intermediates"][last]["__call__"][0], -1)
 
-    g = jnp.abs(jax.jit(jax.grad(output))(images))
+    hidden, vjp = jax.vjp(output, images)
+    cotangents = jax.nn.one_hot(jnp.array(positions), hidden.shape[1], dtype=hidden.dtype)
+    g = jax.vmap(lambda c: vjp(jnp.broadcast_to(c, hidden.shape))[0])(cotangents)
+    g = jnp.abs(g)  # [P, B, H, W, C]
     p, grid = model.patch_size, model.grid_size
-    return g.reshape(g.shape[0], grid, p, grid, p, -1).sum((0, 2, 4, 5)).reshape(-1)
+    return (
+        g.reshape(len(positions), g.shape[1], grid, p, grid, p, -1)
+        .sum((1, 3, 5, 6))
+        .reshape(len(positions), -1)
+    )
 
 
-def test_causal_outputs_ignore_later_patches_and_the_class_token_sees_all():
+def test_causal_outputs_ignore_later_patches_and_the_class_token_sees_all(small_params):
     model = ILlama(**SMALL, mask="causal")
-    params = _init(model)["params"]
     images = _images(model)
     n = model.grid_size**2
-    for i in (0, 5, n - 1):
-        per_patch = _patch_gradients(model, params, images, i, 0.0)
+    positions = (0, 5, n - 1, n)  # n: the class token
+    grads = np.asarray(_patch_gradients(model, small_params, images, positions, 0.0))
+    for i, per_patch in zip(positions[:-1], grads[:-1], strict=True):
         assert np.all(per_patch[i + 1 :] == 0.0), i
         assert np.all(per_patch[: i + 1] > 0.0), i
-    assert np.all(_patch_gradients(model, params, images, n, 0.0) > 0.0)  # the class token
+    assert np.all(grads[-1] > 0.0)  # the class token
 
 
-def test_original_mask_at_zero_leaks_through_the_softmax_normaliser():
+def test_original_mask_at_zero_leaks_through_the_softmax_normaliser(small_params):
     # iLLaMA's r = 0 zeroes future probabilities AFTER the softmax: a patch's output
     # still depends on later patches through the normaliser (documented behaviour).
     model = ILlama(**SMALL, mask="soft")
-    per_patch = _patch_gradients(model, _init(model)["params"], _images(model), 0, 0.0)
+    per_patch = _patch_gradients(model, small_params, _images(model), (0,), 0.0)[0]
     assert np.all(per_patch[1:] > 0.0)
 
 
-def test_class_token_first_under_a_causal_mask_sees_no_patch():
+def test_class_token_first_under_a_causal_mask_sees_no_patch(small_params):
     model = ILlama(**SMALL, mask="causal", class_token="first")
-    params = _init(model)["params"]
-    grads = jax.jit(jax.grad(lambda x: jnp.sum(model.apply({"params": params}, x))))(_images(model))
+    grads = jax.jit(jax.grad(lambda x: jnp.sum(model.apply({"params": small_params}, x))))(
+        _images(model)
+    )
     assert np.all(grads == 0.0)
 
 
@@ -376,17 +437,17 @@ def test_bad_schedules_are_refused():
 
 
 @pytest.mark.parametrize("class_token", ["last", "first"])
-def test_position_interpolation_keeps_the_class_row_in_place(class_token):
+def test_position_interpolation_keeps_the_class_row_in_place(small_params, class_token):
     source = ILlama(**SMALL, class_token=class_token)
     target = source.clone(image_size=16)
-    params = _init(source)["params"]
+    params = small_params
     table = params["position_embedding"]["embedding"]
     new = interpolate_position_embedding(params, source, target)
     new_table = new["position_embedding"]["embedding"]
     assert new_table.shape == (target.sequence_length, source.embed_dim)
     class_row = -1 if class_token == "last" else 0
     np.testing.assert_array_equal(new_table[class_row], table[class_row])
-    logits = target.apply({"params": new}, _images(target))
+    logits = _apply(target, {"params": new}, _images(target))
     assert logits.shape == (2, source.num_classes) and np.isfinite(logits).all()
 
     # Same size: identity. A constant image table stays constant (the cubic kernel sums to 1).
@@ -400,9 +461,9 @@ def test_position_interpolation_keeps_the_class_row_in_place(class_token):
     np.testing.assert_allclose(resized[image_rows], 0.25, rtol=1e-6)
 
 
-def test_position_interpolation_refuses_mismatched_models():
+def test_position_interpolation_refuses_mismatched_models(small_params):
     source = ILlama(**SMALL)
-    params = _init(source)["params"]
+    params = small_params
     with pytest.raises(ValueError, match="place the class token alike"):
         interpolate_position_embedding(
             params, source, source.clone(image_size=16, class_token="first")
@@ -415,16 +476,16 @@ def test_position_interpolation_refuses_mismatched_models():
 
 
 @pytest.mark.parametrize("ratio", [1.5, -0.1, True])
-def test_soft_mask_ratio_outside_unit_interval_is_refused(ratio):
+def test_soft_mask_ratio_outside_unit_interval_is_refused(small_params, ratio):
     model = ILlama(**SMALL)
-    variables = _init(model)
+    variables = {"params": small_params}
     with pytest.raises(ValueError, match="soft_mask_ratio must be"):
         model.apply(variables, _images(model), soft_mask_ratio=ratio)
 
 
-def test_other_bad_inputs():
+def test_other_bad_inputs(small_params):
     model = ILlama(**SMALL)
-    variables = _init(model)
+    variables = {"params": small_params}
     images = _images(model)
     with pytest.raises(ValueError, match=r"soft_mask_ratio must be a scalar, got shape \(2,\)"):
         model.apply(variables, images, soft_mask_ratio=jnp.array([0.5, 0.5]))
@@ -445,13 +506,17 @@ def test_other_bad_inputs():
             _init(model.clone(**{field: value}))
 
 
-def test_dropout_and_drop_path_use_the_dropout_stream():
+def test_dropout_and_drop_path_use_the_dropout_stream(small_params):
     model = ILlama(**SMALL, drop_path_rate=0.5, dropout_rate=0.2)
-    variables = _init(model)
+    variables = {"params": small_params}
     images = _images(model)
-    run = lambda seed: model.apply(
-        variables, images, train=True, rngs={"dropout": jax.random.PRNGKey(seed)}
+    run = jax.jit(
+        lambda seed: model.apply(
+            variables, images, train=True, rngs={"dropout": jax.random.PRNGKey(seed)}
+        )
     )
     assert not np.allclose(run(0), run(1))
     np.testing.assert_array_equal(run(0), run(0))
-    np.testing.assert_array_equal(model.apply(variables, images), model.apply(variables, images))
+    np.testing.assert_array_equal(
+        _apply(model, variables, images), _apply(model, variables, images)
+    )
