@@ -1,5 +1,6 @@
 """Tests of the Mamba mixer: decoding equals the parallel forward, causality, padding, init."""
 
+import functools
 import math
 
 import jax
@@ -13,14 +14,34 @@ from effformer.ops.masks import AttentionMask
 BATCH, LENGTH, D_MODEL = 2, 9, 8
 
 
+# Compilation is the cost of these tests on CPU: op-by-op (eager) Flax code compiles a
+# small program per primitive and shape, so every module call below is jitted, and the
+# tests share one initialisation (implementation and chunk_size do not change the params).
+
+
+@functools.cache
+def _initial_variables():
+    """params and the decode cache of MambaMixer(D_MODEL, d_state=4), float32, one jit."""
+    mixer = MambaMixer(d_model=D_MODEL, d_state=4)
+    token = jnp.zeros((BATCH, 1, D_MODEL))
+    return jax.jit(lambda key, x: mixer.init(key, x, decode=True))(jax.random.key(0), token)
+
+
+def _cast(tree, dtype):
+    return jax.tree.map(lambda a: jnp.asarray(np.asarray(a, dtype)), tree)  # no compilation
+
+
 def make(x64=False, **kwargs):
     mixer = MambaMixer(d_model=D_MODEL, d_state=4, **kwargs)
-    dtype = jnp.float64 if x64 else jnp.float32
-    x = jax.random.normal(jax.random.key(1), (BATCH, LENGTH, D_MODEL), dtype)
-    params = jax.jit(mixer.init)(jax.random.key(0), x)["params"]
-    if x64:
-        params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
-    return mixer, params, x
+    dtype = np.float64 if x64 else np.float32
+    x = np.random.default_rng(1).normal(size=(BATCH, LENGTH, D_MODEL))
+    params = _cast(_initial_variables()["params"], dtype)
+    return mixer, params, jnp.asarray(x.astype(dtype))
+
+
+def initial_cache(dtype):
+    """The decode cache as init makes it, in the computation dtype of the tests."""
+    return _cast(_initial_variables()["cache"], dtype)
 
 
 def padding_mask(segment_ids) -> AttentionMask:
@@ -34,7 +55,7 @@ def test_decode_token_by_token_equals_parallel_forward(x64, implementation):
     parallel, intermediates = jax.jit(
         lambda x: mixer.apply({"params": params}, x, mutable=["intermediates"])
     )(x)
-    cache = mixer.init(jax.random.key(0), x[:, :1], decode=True)["cache"]
+    cache = initial_cache(np.float64)
     assert cache["conv_state"].shape == (BATCH, 2 * D_MODEL, 4)
     assert cache["ssm_state"].shape == (BATCH, 2 * D_MODEL, 4)
     np.testing.assert_array_equal(cache["ssm_state"], 0.0)
@@ -82,12 +103,17 @@ def test_padded_batch_equals_unpadded_sequences(x64, side):
 
 def test_padded_token_in_decode_leaves_the_cache_unchanged(x64):
     mixer, params, x = make(x64=True)
-    cache = mixer.init(jax.random.key(0), x[:, :1], decode=True)["cache"]
-    variables = {"params": params, "cache": cache}
-    _, updated = mixer.apply(variables, x[:, :1], decode=True, mutable=["cache"])
-    variables["cache"] = updated["cache"]
-    out, after = mixer.apply(variables, x[:, 1:2], decode=True, mutable=["cache"],
-                             mask=padding_mask([[0], [1]]))  # fmt: skip
+
+    @jax.jit
+    def run(params, cache, x, mask):
+        variables = {"params": params, "cache": cache}
+        _, updated = mixer.apply(variables, x[:, :1], decode=True, mutable=["cache"])
+        variables["cache"] = updated["cache"]
+        out, after = mixer.apply(variables, x[:, 1:2], decode=True, mutable=["cache"],
+                                 mask=mask)  # fmt: skip
+        return out, updated, after
+
+    out, updated, after = run(params, initial_cache(np.float64), x, padding_mask([[0], [1]]))
     np.testing.assert_array_equal(out[0], 0.0)
     for name in ("conv_state", "ssm_state"):
         np.testing.assert_array_equal(after["cache"][name][0], updated["cache"][name][0])
@@ -97,19 +123,42 @@ def test_padded_token_in_decode_leaves_the_cache_unchanged(x64):
 def test_implementations_agree_and_gradients_are_finite():
     mixer, params, x = make(implementation="reference")
     fast = MambaMixer(d_model=D_MODEL, d_state=4, implementation="chunked", chunk_size=4)
-    np.testing.assert_allclose(
-        fast.apply({"params": params}, x), mixer.apply({"params": params}, x), rtol=1e-5, atol=1e-6
-    )
-    grads = jax.jit(jax.grad(lambda p: jnp.sum(fast.apply({"params": p}, x) ** 2)))(params)
+
+    @jax.jit
+    def run(params, x):
+        loss = lambda p: jnp.sum(fast.apply({"params": p}, x) ** 2)
+        return (
+            fast.apply({"params": params}, x),
+            mixer.apply({"params": params}, x),
+            jax.grad(loss)(params),
+        )
+
+    got, want, grads = run(params, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     for path, grad in jax.tree_util.tree_leaves_with_path(grads):
         assert np.all(np.isfinite(grad)) and np.any(grad != 0), path
 
 
+@functools.cache
+def _default_and_floored_params():
+    """Params of MambaMixer(64) with the defaults, and of one whose dt range lies below
+    the floor, initialised in one jit (one compilation for both tests)."""
+    default = MambaMixer(d_model=64)
+    floored = MambaMixer(d_model=D_MODEL, dt_min=1e-6, dt_max=2e-6)
+
+    @jax.jit
+    def init(key):
+        return (
+            default.init(key, jnp.zeros((1, 3, 64)))["params"],
+            floored.init(key, jnp.zeros((1, 2, D_MODEL)))["params"],
+        )
+
+    return init(jax.random.key(0))
+
+
 def test_initialisation_follows_the_original():
     d_model, d_state = 64, 16
-    mixer = MambaMixer(d_model=d_model)
-    x = jnp.zeros((1, 3, d_model))
-    params = jax.jit(mixer.init)(jax.random.key(0), x)["params"]
+    params = _default_and_floored_params()[0]
     E, R = 2 * d_model, math.ceil(d_model / 16)
     shapes = jax.tree.map(jnp.shape, params)
     assert shapes == {
@@ -142,18 +191,19 @@ def test_initialisation_follows_the_original():
 
 
 def test_dt_floor_applies():
-    mixer = MambaMixer(d_model=D_MODEL, dt_min=1e-6, dt_max=2e-6)
-    params = jax.jit(mixer.init)(jax.random.key(0), jnp.zeros((1, 2, D_MODEL)))["params"]
+    params = _default_and_floored_params()[1]
     np.testing.assert_allclose(jax.nn.softplus(params["dt_proj_bias"]), 1e-4, rtol=1e-3)
 
 
 def test_bad_inputs():
     mixer, params, x = make()
+    # jax.eval_shape: the errors are raised while tracing; nothing needs compiling.
+    apply, mixer = mixer.apply, lambda *a, **k: jax.eval_shape(lambda: apply(*a, **k))
     with pytest.raises(
         ValueError, match=r"x must have shape \[batch, L, d_model=8\], got \(2, 9, 5\)"
     ):
-        mixer.apply({"params": params}, x[..., :5])
+        mixer({"params": params}, x[..., :5])
     with pytest.raises(ValueError, match=r"decode=True advances one token .*got \(2, 9, 8\)"):
-        mixer.apply({"params": params}, x, decode=True, mutable=["cache"])
+        mixer({"params": params}, x, decode=True, mutable=["cache"])
     with pytest.raises(ValueError, match=r"q_segment_ids must have shape \(2, 9\).*got \(2, 4\)"):
-        mixer.apply({"params": params}, x, mask=padding_mask(np.ones((BATCH, 4))))
+        mixer({"params": params}, x, mask=padding_mask(np.ones((BATCH, 4))))
