@@ -1,5 +1,7 @@
 """ViT / ViT-Lite / CVT / CCT: parameter counts, shapes, pooling, position tables, errors."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,11 @@ from effformer import models
 from effformer.models.vit import VisionTransformer, interpolate_position_embedding
 from effformer.nn.position import sinusoidal_table
 from effformer.nn.tokenizers import ConvTokenizer
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_jit(model):
+    return model.init(jax.random.PRNGKey(0), **model.dummy_inputs(1))
 
 
 def _param_count(model) -> int:
@@ -144,9 +151,14 @@ def test_sinusoidal_option_adds_the_interleaved_table():
     # with the same parameters, "sinusoidal" and "none" give different outputs.
     sine = models.create("cvt_7_4", tiny=True, image_size=8, position_embedding="sinusoidal")
     none = models.create("cvt_7_4", tiny=True, image_size=8, position_embedding="none")
-    variables = sine.init(jax.random.PRNGKey(0), **sine.dummy_inputs(1))
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3))
-    assert not np.allclose(sine.apply(variables, x), none.apply(variables, x), atol=1e-3)
+
+    @jax.jit
+    def both(x):
+        variables = sine.init(jax.random.PRNGKey(0), **sine.dummy_inputs(1))
+        return sine.apply(variables, x), none.apply(variables, x)
+
+    assert not np.allclose(*both(x), atol=1e-3)
 
 
 # ---------------------------------------------------------------- shapes and tokens
@@ -187,10 +199,15 @@ def test_output_shapes_for_several_input_sizes(name, image_size, channels):
         name, tiny=True, image_size=image_size, num_channels=channels, num_classes=7
     )
     inputs = model.dummy_inputs(3)
-    variables = model.init(jax.random.PRNGKey(0), **inputs)
     rng = jax.random.PRNGKey(1)
     x = jax.random.normal(rng, inputs["inputs"].shape)
-    logits = model.apply(variables, x, train=True, rngs={"dropout": rng})
+
+    @jax.jit
+    def init_and_train_apply(x):  # one compiled program
+        variables = model.init(jax.random.PRNGKey(0), **inputs)
+        return model.apply(variables, x, train=True, rngs={"dropout": rng})
+
+    logits = init_and_train_apply(x)
     assert logits.shape == (3, 7) and logits.dtype == jnp.float32
     assert np.isfinite(logits).all()
 
@@ -201,19 +218,21 @@ def test_any_patch_size_down_to_one_pixel(patch_size):
         "vit_tiny", tiny=True, image_size=8, num_channels=1, num_classes=10, patch_size=patch_size
     )
     assert model.sequence_length == (8 // patch_size) ** 2 + 1
-    variables = model.init(jax.random.PRNGKey(0), **model.dummy_inputs(2))
+    variables, logits = jax.eval_shape(
+        lambda: model.init_with_output(jax.random.PRNGKey(0), **model.dummy_inputs(2))[::-1]
+    )
     table = variables["params"]["position_embedding"]["embedding"]
     assert table.shape[0] == model.sequence_length
-    assert model.apply(variables, **model.dummy_inputs(2)).shape == (2, 10)
+    assert logits.shape == (2, 10)
 
 
 def test_class_token_is_what_the_head_reads():
     model = models.create("vit_lite_7_4", tiny=True, image_size=8)
-    variables = model.init(jax.random.PRNGKey(0), **model.dummy_inputs(1))
+    variables = _init_jit(model)
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3))
-    logits, state = model.apply(
-        variables, x, capture_intermediates=lambda m, _: m.name == "final_norm"
-    )
+    logits, state = jax.jit(
+        lambda v, x: model.apply(v, x, capture_intermediates=lambda m, _: m.name == "final_norm")
+    )(variables, x)
     tokens = state["intermediates"]["final_norm"]["__call__"][0]
     assert tokens.shape == (2, 4 + 1, 16)
     head = variables["params"]["head"]
@@ -225,11 +244,13 @@ def test_class_token_is_what_the_head_reads():
 
 def test_seq_pool_weights_sum_to_one_and_pool_the_tokens():
     model = models.create("cct_7_3x1", tiny=True, image_size=8, num_channels=1)
-    variables = model.init(jax.random.PRNGKey(0), **model.dummy_inputs(1))
+    variables = _init_jit(model)
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 1))
-    _, state = model.apply(
-        variables, x, capture_intermediates=lambda m, _: m.name in ("final_norm", "seq_pool")
-    )
+    _, state = jax.jit(
+        lambda v, x: model.apply(
+            v, x, capture_intermediates=lambda m, _: m.name in ("final_norm", "seq_pool")
+        )
+    )(variables, x)
     tokens = state["intermediates"]["final_norm"]["__call__"][0]
     pooled = state["intermediates"]["seq_pool"]["__call__"][0]
     pool = variables["params"]["seq_pool"]["attention_pool"]
@@ -289,7 +310,7 @@ def test_stochastic_depth_grows_linearly_with_depth():
 
 def test_interpolation_is_the_identity_at_the_same_size():
     model = models.create("vit_lite_7_4", tiny=True, image_size=16)
-    params = model.init(jax.random.PRNGKey(0), **model.dummy_inputs(1))["params"]
+    params = _init_jit(model)["params"]
     same = interpolate_position_embedding(params, model, model)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(same), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
@@ -299,7 +320,7 @@ def test_interpolation_to_another_size():
     source = models.create("cct_14_7x2", tiny=True, image_size=32)  # 2x2 grid
     target = models.create("cct_14_7x2", tiny=True, image_size=64)  # 4x4 grid
     assert source.token_grid == (2, 2) and target.token_grid == (4, 4)
-    params = source.init(jax.random.PRNGKey(0), **source.dummy_inputs(1))["params"]
+    params = _init_jit(source)["params"]
     table = np.asarray(params["position_embedding"]["embedding"]).reshape(2, 2, -1)
     resized = interpolate_position_embedding(params, source, target)
     new_table = np.asarray(resized["position_embedding"]["embedding"]).reshape(4, 4, -1)
@@ -308,14 +329,16 @@ def test_interpolation_to_another_size():
     np.testing.assert_allclose(new_table[0, 0], table[0, 0], atol=1e-6)
     np.testing.assert_allclose(new_table[3, 3], table[1, 1], atol=1e-6)
     np.testing.assert_allclose(new_table[1, 0], 0.75 * table[0, 0] + 0.25 * table[1, 0], atol=1e-6)
-    logits = target.apply({"params": resized}, **target.dummy_inputs(2))
+    logits = jax.eval_shape(
+        lambda p: target.apply({"params": p}, **target.dummy_inputs(2)), resized
+    )
     assert logits.shape == (2, 1000)
 
 
 def test_interpolation_keeps_the_class_token_row():
     source = models.create("vit_tiny", tiny=True, image_size=16, patch_size=8)
     target = models.create("vit_tiny", tiny=True, image_size=32, patch_size=8)
-    params = source.init(jax.random.PRNGKey(0), **source.dummy_inputs(1))["params"]
+    params = _init_jit(source)["params"]
     resized = interpolate_position_embedding(params, source, target)
     np.testing.assert_array_equal(
         resized["position_embedding"]["embedding"][0], params["position_embedding"]["embedding"][0]
@@ -325,7 +348,7 @@ def test_interpolation_keeps_the_class_token_row():
 
 def test_interpolation_refuses_models_that_differ_elsewhere():
     source = models.create("vit_tiny", tiny=True, image_size=16, patch_size=8)
-    params = source.init(jax.random.PRNGKey(0), **source.dummy_inputs(1))["params"]
+    params = _init_jit(source)["params"]
     wider = models.create("vit_tiny", tiny=True, image_size=32, patch_size=8, num_classes=5)
     with pytest.raises(ValueError, match=r"\['head'\]\['bias'\].*\(1000,\).*\(5,\)"):
         interpolate_position_embedding(params, source, wider)
@@ -358,15 +381,16 @@ def test_image_size_must_be_positive():
 
 def test_input_of_another_size_or_channel_count():
     model = models.create("cct_7_3x1", tiny=True)
-    variables = _init(model)
+    variables = jax.eval_shape(lambda: _init(model))  # the check runs at trace time
+    apply = lambda x: jax.eval_shape(lambda v: model.apply(v, x), variables)
     with pytest.raises(
         ValueError, match=r"inputs must be \[B, 32, 32, 3\].*got shape \(2, 32, 32, 1\)"
     ):
-        model.apply(variables, jnp.zeros((2, 32, 32, 1)))
+        apply(jnp.zeros((2, 32, 32, 1)))
     with pytest.raises(
         ValueError, match=r"got shape \(2, 16, 16, 3\).*interpolate_position_embedding"
     ):
-        model.apply(variables, jnp.zeros((2, 16, 16, 3)))
+        apply(jnp.zeros((2, 16, 16, 3)))
 
 
 def test_unknown_choices_are_named():
