@@ -61,6 +61,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from effformer.ops.masks import AttentionMask
@@ -148,7 +149,7 @@ def _joint_softmax(parts: list[tuple[Array, Array]], dtype) -> list[Array]:
         for logits, visible in parts
     ]
     weights = jax.nn.softmax(jnp.concatenate(masked, axis=-1), axis=-1).astype(dtype)
-    splits = list(jnp.cumsum(jnp.array([m.shape[-1] for m in masked]))[:-1].tolist())
+    splits = np.cumsum([m.shape[-1] for m in masked])[:-1].tolist()
     return jnp.split(weights, splits, axis=-1)
 
 
