@@ -63,6 +63,20 @@ def _param_shapes(model, **inputs):
     return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **inputs))["params"]
 
 
+def _random_params(model, dtype=np.float32, seed=0, **inputs):
+    """Parameters of ``model`` drawn from N(0, 0.1^2) with numpy, from the traced shapes.
+
+    No XLA compilation (a jitted init costs seconds on CPU). Every property below
+    holds for any parameters, and random norm scales, biases and latent tables
+    exercise more of the model than the zero/one initialisers do.
+    """
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda leaf: jnp.asarray(rng.normal(0.0, 0.1, leaf.shape).astype(dtype)),
+        _param_shapes(model, **inputs),
+    )
+
+
 def test_read_write_structure_no_write_after_last_block():
     model = FITLM(vocab_size=11, embed_dim=8, num_heads=2, num_latents=3, latent_dim=6,
                   group_size=4, max_length=16, layer_plan="(1)2(0)1(1)")  # fmt: skip
@@ -191,7 +205,9 @@ def _position_jacobians(causal: bool):
     core = FITCore(layer_plan="(1)1(1)1(1)", max_groups=GROUPS, num_latents=2, num_heads=2,
                    mlp_ratio=2.0, causal=causal)  # fmt: skip
     x = jax.random.normal(jax.random.PRNGKey(1), (1, GROUPS, GROUP_SIZE, DIM), jnp.float64)
-    variables = jax.jit(core.init)(jax.random.PRNGKey(2), x)
+    shapes = jax.eval_shape(lambda: core.init(jax.random.PRNGKey(2), x))
+    rng = np.random.default_rng(2)
+    variables = jax.tree.map(lambda leaf: jnp.asarray(rng.normal(0.0, 0.3, leaf.shape)), shapes)
 
     def outputs(x):
         out, state = core.apply(variables, x, mutable=["intermediates"])
@@ -224,12 +240,24 @@ def test_encoder_reaches_every_token_only_after_a_write(x64):
     assert np.all(before_write[same_group] > 1e-8)
 
 
-def test_decoder_group_zero_reads_zero_latents():
-    model = FITLM(vocab_size=11, embed_dim=8, num_heads=2, num_latents=2, group_size=3,
-                  max_length=9, layer_plan="(1)1(1)")  # fmt: skip
+SMALL_LM = dict(vocab_size=11, embed_dim=8, num_heads=2, num_latents=2, group_size=3,
+                max_length=9, layer_plan="(1)1(1)")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def small_lm():
+    """The small FITLM, random parameters, tokens [2, 9] and one jitted forward that also
+    returns the sown intermediates (shared by three tests: compiled once per shape)."""
+    model = FITLM(**SMALL_LM)
     tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 9), 0, 11)
-    variables = jax.jit(model.init)(jax.random.PRNGKey(1), inputs=tokens)
-    _, state = jax.jit(partial(model.apply, mutable=["intermediates"]))(variables, inputs=tokens)
+    params = _random_params(model, inputs=tokens)
+    apply = jax.jit(partial(model.apply, mutable=["intermediates"]))
+    return model, params, tokens, apply
+
+
+def test_decoder_group_zero_reads_zero_latents(small_lm):
+    _, params, tokens, apply = small_lm
+    _, state = apply({"params": params}, inputs=tokens)
     (written,) = state["intermediates"]["fit"]["block_0_write_latents"]
     assert written.shape == (2, 3, 2, 8)
     assert np.all(np.asarray(written[:, 0]) == 0.0)
@@ -254,7 +282,7 @@ def test_one_group_local_only_lm_equals_a_plain_decoder():
                           position_encoding="learned", max_length=6, norm_epsilon=1e-6,
                           **kwargs)  # fmt: skip
     tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 6), 0, 17)
-    params = jax.jit(plain.init)(jax.random.PRNGKey(1), inputs=tokens)["params"]
+    params = _random_params(plain, inputs=tokens)
     stack = params["decoder"]
     fit_params = {
         "token_embedding": params["token_embedding"],
@@ -286,7 +314,7 @@ def test_one_group_local_only_classifier_equals_a_plain_vit():
     plain = VisionTransformer(num_layers=2, pooling="mean", position_embedding="learned",
                               **kwargs)  # fmt: skip
     images = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 1))
-    params = jax.jit(plain.init)(jax.random.PRNGKey(1), inputs=images)["params"]
+    params = _random_params(plain, inputs=images)
     fit_params = {
         "tokenizer": params["tokenizer"],
         "position_encoding": params["position_embedding"],
@@ -314,27 +342,20 @@ def test_one_group_local_only_classifier_equals_a_plain_vit():
     )
 
 
-def test_lm_right_padding_to_whole_groups_is_exact():
+def test_lm_right_padding_to_whole_groups_is_exact(small_lm):
     """L = 7 with groups of 3 is padded to 9 inside; the 7 outputs equal those of a
     9-token input with the same first 7 tokens (causality makes the padding invisible)."""
-    model = FITLM(vocab_size=11, embed_dim=8, num_heads=2, num_latents=2, group_size=3,
-                  max_length=9, layer_plan="(1)1(1)")  # fmt: skip
-    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 9), 0, 11)
-    variables = jax.jit(model.init)(jax.random.PRNGKey(1), inputs=tokens)
-    apply = jax.jit(model.apply)
-    full = apply(variables, inputs=tokens)
-    short = apply(variables, inputs=tokens[:, :7])
+    _, params, tokens, apply = small_lm
+    full, _ = apply({"params": params}, inputs=tokens)
+    short, _ = apply({"params": params}, inputs=tokens[:, :7])
     np.testing.assert_allclose(short, full[:, :7], rtol=1e-5, atol=1e-6)
 
 
-def test_remat_gives_the_same_loss_and_gradients():
-    kwargs = dict(vocab_size=11, embed_dim=8, num_heads=2, num_latents=2, group_size=3,
-                  max_length=6, layer_plan="(1)1(1)")  # fmt: skip
-    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 6), 0, 11)
-    params = jax.jit(FITLM(**kwargs).init)(jax.random.PRNGKey(1), inputs=tokens)["params"]
+def test_remat_gives_the_same_loss_and_gradients(small_lm):
+    _, params, tokens, _ = small_lm
 
     def loss(params, remat):
-        logits = FITLM(remat=remat, **kwargs).apply({"params": params}, inputs=tokens)
+        logits = FITLM(remat=remat, **SMALL_LM).apply({"params": params}, inputs=tokens)
         return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
 
     value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)

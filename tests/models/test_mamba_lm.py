@@ -1,6 +1,7 @@
 """Mamba LM and sequence classifier: sizes, init, tied padded head, decoding, padding, training."""
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -65,28 +66,48 @@ def _init(model, inputs):
     return model.init(jax.random.PRNGKey(0), inputs)
 
 
+# Compilation dominates these tests on CPU, so the LM tests share one model, one jitted
+# init and two jitted forwards, and use token batches of one shape, [2, 9], wherever the
+# property allows (each new shape or function is another XLA compilation).
+
+
 @pytest.fixture(scope="module")
 def tiny_lm():
     """The tiny LM and its parameters, initialised once (parameters do not depend on L)."""
     model = MambaLM(**TINY_LM)
-    return model, _init(model, jnp.ones((1, 4), jnp.int32))["params"]
+    return model, jax.jit(model.init)(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))["params"]
 
 
-def test_vocabulary_is_padded_and_logits_cover_the_real_tokens():
+@pytest.fixture(scope="module")
+def forward(tiny_lm):
+    """The tiny LM's jitted forward: (params, tokens, segment_ids=None) -> logits."""
+    model, _ = tiny_lm
+    return jax.jit(lambda params, tokens, segment_ids=None: model.apply(
+        {"params": params}, tokens, segment_ids=segment_ids))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def forward_sown(tiny_lm):
+    """The jitted forward that also returns the sown states and the captured outputs."""
+    model, _ = tiny_lm
+    return jax.jit(lambda params, tokens: model.apply(
+        {"params": params}, tokens, capture_intermediates=True, mutable=["intermediates"]))  # fmt: skip
+
+
+def test_vocabulary_is_padded_and_logits_cover_the_real_tokens(tiny_lm, forward_sown):
     assert pad_vocab_size(50277, 8) == 50280 and pad_vocab_size(64, 8) == 64
-    model = MambaLM(**TINY_LM)
-    tokens = jnp.array([[1, 60, 3, 4]], jnp.int32)
-    variables = _init(model, tokens)
-    assert variables["params"]["embedding"]["embedding"].shape == (64, 16)
-    assert model.apply(variables, tokens).shape == (1, 4, 61)
+    _, params = tiny_lm
+    tokens = jnp.array([[1, 60, 3, 4, 5, 6, 7, 8, 9]] * 2, jnp.int32)
+    assert params["embedding"]["embedding"].shape == (64, 16)
+    logits, _ = forward_sown(params, tokens)
+    assert logits.shape == (2, 9, 61)
 
 
-def test_head_is_tied_to_the_embedding(tiny_lm):
-    model, params = tiny_lm
-    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 5), 0, 61)
-    variables = {"params": params}
+def test_head_is_tied_to_the_embedding(tiny_lm, forward_sown):
+    _, params = tiny_lm
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, 61)
     assert set(params) == {"embedding", "backbone"}  # no separate head
-    logits, state = model.apply(variables, tokens, capture_intermediates=True)
+    logits, state = forward_sown(params, tokens)
     (hidden,) = state["intermediates"]["backbone"]["__call__"]
     table = params["embedding"]["embedding"]
     np.testing.assert_allclose(logits, hidden @ table[:61].T, rtol=1e-5, atol=1e-6)
@@ -95,7 +116,7 @@ def test_head_is_tied_to_the_embedding(tiny_lm):
 def test_initialisation_follows_the_original():
     num_layers, width = 4, 32
     model = MambaLM(vocab_size=4000, embed_dim=width, num_layers=num_layers, d_state=4)
-    params = _init(model, jnp.ones((1, 4), jnp.int32))["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))["params"]
     table = np.asarray(params["embedding"]["embedding"])
     assert abs(table.std() - 0.02) < 0.001 and abs(table.mean()) < 0.001
     for index in range(num_layers):
@@ -132,10 +153,10 @@ def _decode_all(model, params, tokens):
     return jnp.stack(outputs, axis=1), cache
 
 
-def test_recurrent_decoding_equals_the_parallel_forward(tiny_lm):
+def test_recurrent_decoding_equals_the_parallel_forward(tiny_lm, forward_sown):
     model, params = tiny_lm
     tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 9), 0, 61)
-    parallel, sown = model.apply({"params": params}, tokens, mutable=["intermediates"])
+    parallel, sown = forward_sown(params, tokens)
     recurrent, cache = _decode_all(model, params, tokens)
     np.testing.assert_allclose(recurrent, parallel, rtol=1e-4, atol=1e-5)
     # The states the parallel scan sows are the states decoding reaches.
@@ -146,7 +167,9 @@ def test_recurrent_decoding_equals_the_parallel_forward(tiny_lm):
             np.testing.assert_allclose(states[name][0], decoded[name], rtol=1e-4, atol=1e-5)
 
 
-def test_generation_is_greedy_over_the_full_recomputation_and_top_1_sampling_agrees(tiny_lm):
+def test_generation_is_greedy_over_the_full_recomputation_and_top_1_sampling_agrees(
+    tiny_lm, forward
+):
     model, params = tiny_lm
     prompts = jax.random.randint(jax.random.PRNGKey(3), (2, 5), 1, 61)
     lengths = [5, 3]  # ragged: row 1 is right-padded and continues 2 tokens further
@@ -154,7 +177,7 @@ def test_generation_is_greedy_over_the_full_recomputation_and_top_1_sampling_agr
     assert out.sequences.shape == (2, 9) and out.new_tokens.shape == (2, 4)
     # The slow twin: the parallel forward over the finished sequences. It is causal,
     # so position t - 1 sees exactly the prefix from which token t was chosen.
-    full = model.apply({"params": params}, out.sequences)
+    full = forward(params, out.sequences)
     for row, length in enumerate(lengths):
         np.testing.assert_array_equal(out.sequences[row, :length], prompts[row, :length])
         np.testing.assert_array_equal(
@@ -181,25 +204,26 @@ def test_temperature_sampling_draws_real_tokens_from_the_model(tiny_lm):
     assert len(np.unique(np.asarray(sampled))) > 20
 
 
-def test_lm_padding_leaves_real_tokens_unchanged(tiny_lm):
-    model, params = tiny_lm
-    tokens = jax.random.randint(jax.random.PRNGKey(4), (1, 6), 1, 61)
-    alone = model.apply({"params": params}, tokens)
-    padded = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), tokens], axis=1)  # left padding
-    segment_ids = (jnp.arange(9) >= 3).astype(jnp.int32)[None]
-    logits = model.apply({"params": params}, padded, segment_ids=segment_ids)
+def test_lm_padding_leaves_real_tokens_unchanged(tiny_lm, forward):
+    _, params = tiny_lm
+    tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 9), 1, 61)
+    # The 6 tokens' logits alone are the first 6 of the unpadded 9-token run: the model is
+    # causal (the recurrent decoding test), and this keeps to the one compiled [2, 9] shape.
+    alone = forward(params, tokens)[:, :6]
+    padded = jnp.concatenate([jnp.zeros((2, 3), jnp.int32), tokens[:, :6]], axis=1)  # left pad
+    segment_ids = jnp.broadcast_to((jnp.arange(9) >= 3).astype(jnp.int32), (2, 9))
+    logits = forward(params, padded, segment_ids)
     np.testing.assert_allclose(logits[:, 3:], alone, rtol=1e-4, atol=1e-5)
 
 
-def test_bfloat16_compute_keeps_params_in_float32(tiny_lm):
+def test_bfloat16_compute_keeps_params_in_float32(tiny_lm, forward):
     reference_model, params = tiny_lm
     model = reference_model.clone(dtype=jnp.bfloat16)
-    tokens = jax.random.randint(jax.random.PRNGKey(5), (2, 6), 0, 61)
+    tokens = jax.random.randint(jax.random.PRNGKey(5), (2, 9), 0, 61)
     shapes = jax.eval_shape(lambda: _init(model, tokens))
     assert {leaf.dtype for leaf in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}
-    variables = {"params": params}
-    logits = model.apply(variables, tokens)
-    reference = reference_model.apply(variables, tokens)
+    logits = jax.jit(lambda params: model.apply({"params": params}, tokens))(params)
+    reference = forward(params, tokens)
     assert logits.dtype == jnp.bfloat16
     np.testing.assert_allclose(logits.astype(jnp.float32), reference, atol=0.05)
 
@@ -255,14 +279,20 @@ def test_tiny_lm_trains_with_the_causal_lm_task(tiny_lm):
 TINY_CLASSIFIER = dict(num_classes=5, input_dim=3, embed_dim=16, num_layers=2, d_state=4)
 
 
+@pytest.fixture(scope="module")
+def classifier_params():
+    """The tiny classifier's parameters (they do not depend on the pooling), initialised once."""
+    model = MambaClassifier(**TINY_CLASSIFIER)
+    return jax.jit(model.init)(jax.random.PRNGKey(0), jnp.ones((1, 6, 3)))["params"]
+
+
 @pytest.mark.parametrize("pooling", ["mean", "last"])
-def test_padded_batch_equals_sequences_run_unpadded(pooling):
+def test_padded_batch_equals_sequences_run_unpadded(pooling, classifier_params):
     model = MambaClassifier(pooling=pooling, **TINY_CLASSIFIER)
     keys = jax.random.split(jax.random.PRNGKey(8), 2)
     sequences = [jax.random.normal(k, (n, 3)) for k, n in zip(keys, (6, 3), strict=True)]
-    params = model.init(jax.random.PRNGKey(0), sequences[0][None])["params"]
-    alone = jnp.concatenate([model.apply({"params": params}, s[None]) for s in sequences])
     width = 8
+    padded = {}
     for side in ("right", "left"):
         rows, masks = [], []
         for s in sequences:
@@ -271,8 +301,17 @@ def test_padded_batch_equals_sequences_run_unpadded(pooling):
             )
             rows.append(jnp.pad(s, pad, constant_values=3.0))  # padding values must not matter
             masks.append(jnp.pad(jnp.ones(len(s), bool), pad[0]))
-        logits = model.apply({"params": params}, jnp.stack(rows), token_mask=jnp.stack(masks))
-        np.testing.assert_allclose(logits, alone, rtol=1e-4, atol=1e-5, err_msg=side)
+        padded[side] = (jnp.stack(rows), jnp.stack(masks))
+
+    @jax.jit  # every run in one program: one compilation per pooling
+    def run(params, sequences, padded):
+        apply = partial(model.apply, {"params": params})
+        alone = jnp.concatenate([apply(s[None]) for s in sequences])
+        return alone, {side: apply(x, token_mask=m) for side, (x, m) in padded.items()}
+
+    alone, logits = run(classifier_params, sequences, padded)
+    for side in ("right", "left"):
+        np.testing.assert_allclose(logits[side], alone, rtol=1e-4, atol=1e-5, err_msg=side)
 
 
 def test_images_are_read_pixel_by_pixel():
@@ -280,23 +319,30 @@ def test_images_are_read_pixel_by_pixel():
     image_model = MambaClassifier(num_classes=3, image_size=8, num_channels=1, embed_dim=16,
                                   num_layers=1, d_state=4)  # fmt: skip
     signal_model = image_model.clone(image_size=None, num_channels=None, input_dim=1)
-    params = image_model.init(jax.random.PRNGKey(0), **image_model.dummy_inputs(1))["params"]
-    np.testing.assert_allclose(
-        image_model.apply({"params": params}, images),
-        signal_model.apply({"params": params}, images.reshape(2, 64, 1)),  # raster order
-        rtol=1e-6,
-    )
+    params = jax.jit(image_model.init)(jax.random.PRNGKey(0), **image_model.dummy_inputs(1))
+
+    @jax.jit  # both runs in one program: one compilation
+    def both(params, images):
+        return (
+            image_model.apply(params, images),
+            signal_model.apply(params, images.reshape(2, 64, 1)),  # raster order
+        )
+
+    np.testing.assert_allclose(*both({"params": params["params"]}, images), rtol=1e-6)
 
 
-def test_classifier_bad_inputs_are_named():
+def test_classifier_bad_inputs_are_named(classifier_params):
     model = MambaClassifier(**TINY_CLASSIFIER)
-    params = model.init(jax.random.PRNGKey(0), **model.dummy_inputs(1))["params"]
+    # The checks run while tracing: eval_shape reaches them without compiling anything.
+    variables = {"params": classifier_params}
     with pytest.raises(ValueError, match=r"signals \[B, L, input_dim=3\], got \(2, 6, 2\)"):
-        model.apply({"params": params}, jnp.ones((2, 6, 2)))
+        jax.eval_shape(model.apply, variables, jnp.ones((2, 6, 2)))
     with pytest.raises(ValueError, match=r"token_mask must have shape \[B, L\] = \(2, 6\)"):
-        model.apply({"params": params}, jnp.ones((2, 6, 3)), token_mask=jnp.ones((2, 5), bool))
+        jax.eval_shape(
+            partial(model.apply, token_mask=jnp.ones((2, 5), bool)), variables, jnp.ones((2, 6, 3))
+        )
     with pytest.raises(ValueError, match=r"pooling must be one of \('mean', 'last'\), got 'max'"):
-        model.clone(pooling="max").apply({"params": params}, jnp.ones((2, 6, 3)))
+        jax.eval_shape(model.clone(pooling="max").apply, variables, jnp.ones((2, 6, 3)))
     images = MambaClassifier(num_classes=3, image_size=8, num_channels=1)
     with pytest.raises(ValueError, match=r"images \[B, 8, 8, 1\].*got \(2, 8, 7, 1\)"):
         images.init(jax.random.PRNGKey(0), jnp.ones((2, 8, 7, 1)))
