@@ -8,7 +8,12 @@ tokenizer -> 16 tokens, 2 layers of width 128, SeqPool), 20 epochs of batch
 128 (225 steps). A plain patch ViT (``vit_digits``, patch 2) reached only
 87-92% in the same budget in our tries, hence the convolutional tokenizer.
 
-Measured on the 2-core development CPU with `train_and_evaluate` on this exact
+Measured with exactly the two commands above on a clean checkout, idle 2-core
+development CPU, fresh TFDS data dir (2026-11-28): train + eval in 46 s wall,
+test accuracy 97.78% (352/360), and `eval` from the checkpoint printed the same
+accuracy and loss as the end of training.
+
+Earlier, on the same CPU with `train_and_evaluate` on this exact
 config (experiments/cct/compare.py --epochs 20, seeds 0, 1, 2), while other
 jobs held the load average near 11: test accuracy 97.8%, 98.3%, 98.9%, at
 about 150 training examples/s under that load (about 3 minutes per run).
