@@ -17,9 +17,13 @@ _DEFAULTS: dict[str, Any] = {
     "randaugment_magnitude": 0.0,
     "random_erasing": 0.0,
     "num_workers": 0,
+    "packing": False,
+    "packing_row_length": None,
 }
 FIELDS = tuple(_DEFAULTS)
 IMAGE_AUGMENTATION_FIELDS = ("crop_padding", "flip", "randaugment_num_layers", "random_erasing")
+# Dataset formats whose records are token rows of one width, which packing can cut and join.
+PACKABLE_TASKS = ("causal_lm",)
 
 
 def default_data_config(name: str) -> ml_collections.ConfigDict:
@@ -31,7 +35,11 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
     padding by this many pixels, 0 = off); ``flip`` (random horizontal flip);
     ``randaugment_num_layers`` and ``randaugment_magnitude`` (0 = off; magnitude in
     [0, 10]); ``random_erasing`` (probability, 0 = off); ``num_workers`` (worker
-    processes, 0 = in-process).
+    processes, 0 = in-process); ``packing`` (training batches of packed rows:
+    several examples per row with segment ids and positions, see
+    ``effformer.data.pipeline``; causal_lm datasets only) and
+    ``packing_row_length`` (the packed rows' length, e.g. the model's sequence
+    length; None: the dataset's own row length).
     """
     from effformer.data.registry import get_dataset_spec
 
@@ -88,6 +96,20 @@ def validate_data_config(data_config: ml_collections.ConfigDict | dict) -> dict[
     erasing = config["random_erasing"]
     if isinstance(erasing, bool) or not isinstance(erasing, int | float) or not 0 <= erasing <= 1:
         _fail("random_erasing", "a probability in [0, 1]", erasing)
+
+    if not isinstance(config["packing"], bool):
+        _fail("packing", "a bool", config["packing"])
+    row_length = config["packing_row_length"]
+    if row_length is not None and (
+        isinstance(row_length, bool) or not isinstance(row_length, int) or row_length < 1
+    ):
+        _fail("packing_row_length", "a positive int or None", row_length)
+    if config["packing"] and spec.task not in PACKABLE_TASKS:
+        _fail(
+            "packing",
+            f"False for {spec.name!r} ({spec.task}: packing needs one of {PACKABLE_TASKS})",
+            True,
+        )
 
     if spec.task != "image_classification":
         for field in IMAGE_AUGMENTATION_FIELDS:

@@ -9,15 +9,19 @@ fixed ``[rows, row_length]`` batch and tell the model where each one starts:
   them so that no token sees another sequence (``AttentionMask`` segments).
 * ``positions [rows, row_length]`` int32: 0, 1, ... restarting in every
   sequence, so position encodings see each sequence as if it were alone.
-* ``weights [rows, row_length]`` float32: 1 on real tokens, 0 on padding, for
-  the loss (the ``causal_lm`` task multiplies the target's weight in, and
-  does not let a sequence's last token predict the next sequence's first).
+* ``weights [rows, row_length]`` float32: the example's own ``weights`` where
+  it has them (a task that scores only the answer), else 1 on real tokens; 0
+  on padding. The ``causal_lm`` task multiplies the target's weight in, and
+  does not let a sequence's last token predict the next sequence's first.
 
 Rows are filled first-fit: each sequence goes into the first row (of those
 still open) with room for it, in the order given, so the result is
 deterministic. Everything is plain numpy, usable in a grain ``map`` /
 ``batch`` stage or on its own; :func:`pack_stream` packs an iterator of
-examples (a grain dataset iterator, for instance) into batches.
+examples (a grain dataset iterator, for instance) into batches, one
+:class:`BatchPacker` at a time (the input pipeline's ``packing`` option uses
+the same packer, see ``effformer.data.pipeline``). :func:`trim_padding` turns a
+fixed-width, zero-padded record into the variable-length example packing wants.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ import numpy as np
 
 Example = np.ndarray | Mapping[str, Any]
 
-PACKING_KEYS = ("segment_ids", "positions", "weights")
+# Features packing creates; an example may bring its own ``weights`` (kept, see above).
+PACKING_KEYS = ("segment_ids", "positions")
 
 
 def _features(example: Example, index: int) -> dict[str, np.ndarray]:
@@ -90,6 +95,7 @@ def _assemble(
     }
     segment_ids = np.zeros((num_rows, row_length), np.int32)
     positions = np.zeros((num_rows, row_length), np.int32)
+    own_weights = "weights" in names
     for row, members in enumerate(rows):
         start = 0
         for segment, index in enumerate(members, start=1):
@@ -105,9 +111,12 @@ def _assemble(
             segment_ids[row, start : start + length] = segment
             positions[row, start : start + length] = np.arange(length)
             start += length
-    packed.update(
-        segment_ids=segment_ids, positions=positions, weights=(segment_ids != 0).astype(np.float32)
-    )
+    if own_weights:
+        # Padding is never scored, whatever pad value the weights were packed with.
+        weights = np.where(segment_ids != 0, packed["weights"], 0).astype(np.float32)
+    else:
+        weights = (segment_ids != 0).astype(np.float32)
+    packed.update(segment_ids=segment_ids, positions=positions, weights=weights)
     return packed
 
 
@@ -156,6 +165,68 @@ def unpack_sequences(packed: Mapping[str, np.ndarray], key: str = "inputs") -> l
     return sequences
 
 
+class BatchPacker:
+    """First-fit packing of examples, in the order added, into one batch of rows.
+
+    ``add`` places an example in the first open row with room, opening a new
+    row while fewer than ``rows_per_batch`` are open; it returns False (and
+    places nothing) when the example fits nowhere, which is when the batch is
+    full. ``pop`` returns the batch, padded to ``rows_per_batch`` rows, and
+    starts an empty one. The result depends only on the examples and their
+    order, so a stream of batches is reproducible from where a batch starts.
+    """
+
+    def __init__(self, row_length: int, rows_per_batch: int, *, pad_id: int = 0):
+        if not isinstance(row_length, int) or row_length < 1:
+            raise ValueError(f"BatchPacker: row_length must be a positive int, got {row_length!r}.")
+        if not isinstance(rows_per_batch, int) or rows_per_batch < 1:
+            raise ValueError(
+                f"BatchPacker: rows_per_batch must be a positive int, got {rows_per_batch!r}."
+            )
+        self.row_length = row_length
+        self.rows_per_batch = rows_per_batch
+        self.pad_id = pad_id
+        self._clear()
+
+    def _clear(self) -> None:
+        self._examples: list[dict[str, np.ndarray]] = []
+        self._rows: list[list[int]] = []
+        self._free: list[int] = []
+
+    def __len__(self) -> int:
+        """The number of examples in the batch so far."""
+        return len(self._examples)
+
+    def add(self, example: Example) -> bool:
+        """Places ``example``; False if it fits in no row (the batch is full)."""
+        features = _features(example, len(self._examples))
+        length = len(next(iter(features.values()))) if features else 0
+        if length > self.row_length:
+            raise ValueError(
+                f"BatchPacker: a sequence has length {length}, longer than the row_length "
+                f"{self.row_length}; truncate or split it first."
+            )
+        row = next((r for r, room in enumerate(self._free) if length <= room), None)
+        if row is None:
+            if len(self._rows) == self.rows_per_batch:
+                return False
+            self._rows.append([])
+            self._free.append(self.row_length)
+            row = len(self._rows) - 1
+        self._rows[row].append(len(self._examples))
+        self._free[row] -= length
+        self._examples.append(features)
+        return True
+
+    def pop(self) -> dict[str, np.ndarray]:
+        """The packed batch (``pack_sequences``'s layout, ``rows_per_batch`` rows); then empty."""
+        packed = _assemble(
+            self._examples, self._rows, self.row_length, self.rows_per_batch, self.pad_id
+        )
+        self._clear()
+        return packed
+
+
 def pack_stream(
     examples: Iterable[Example],
     row_length: int,
@@ -173,27 +244,34 @@ def pack_stream(
         raise ValueError(
             f"pack_stream: rows_per_batch must be a positive int, got {rows_per_batch!r}."
         )
-    pending: list[dict[str, np.ndarray]] = []
-    rows: list[list[int]] = []
-    free: list[int] = []
+    packer = BatchPacker(row_length, rows_per_batch, pad_id=pad_id)
     for example in examples:
-        features = _features(example, len(pending))
-        length = len(next(iter(features.values())))
-        if length > row_length:
-            raise ValueError(
-                f"pack_stream: a sequence has length {length}, longer than the row_length "
-                f"{row_length}; truncate or split it first."
-            )
-        row = next((r for r, room in enumerate(free) if length <= room), None)
-        if row is None and len(rows) == rows_per_batch:
-            yield _assemble(pending, rows, row_length, rows_per_batch, pad_id)
-            pending, rows, free = [], [], []
-        if row is None:
-            rows.append([])
-            free.append(row_length)
-            row = len(rows) - 1
-        rows[row].append(len(pending))
-        free[row] -= length
-        pending.append(features)
-    if pending:
-        yield _assemble(pending, rows, row_length, rows_per_batch, pad_id)
+        if not packer.add(example):
+            yield packer.pop()
+            packer.add(example)  # An empty batch always has room for a sequence that fits a row.
+    if len(packer):
+        yield packer.pop()
+
+
+def trim_padding(record: Mapping[str, Any], pad_id: int = 0) -> dict[str, np.ndarray]:
+    """A fixed-width record -> its 1-D features cut after the last non-padding entry.
+
+    ``record``: 1-D features ``[R]`` (inputs, targets, weights, ...) of one
+    width, zero-padded (``pad_id``) at the end, and 0-D per-example features
+    (``length``, ``mask``, ...), which are dropped: a packed row holds several
+    examples. Only entries equal to ``pad_id`` in EVERY 1-D feature are cut, so
+    no token, target or weight is lost. Returns ``{name: [n]}``, n >= 1.
+    """
+    sequences = {name: np.asarray(value) for name, value in record.items()}
+    sequences = {name: value for name, value in sequences.items() if value.ndim != 0}
+    shapes = {name: value.shape for name, value in sequences.items()}
+    if not sequences or len(set(shapes.values())) != 1 or len(next(iter(shapes.values()))) != 1:
+        raise ValueError(
+            "trim_padding: a record needs 1-D features of one width besides its 0-D ones, got "
+            f"shapes {shapes}."
+        )
+    used = np.zeros(next(iter(shapes.values())), bool)
+    for value in sequences.values():
+        used |= value != pad_id
+    length = max(int(np.flatnonzero(used)[-1]) + 1 if used.any() else 0, 1)
+    return {name: value[:length] for name, value in sequences.items()}

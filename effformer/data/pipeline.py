@@ -17,6 +17,19 @@ way: every example is counted exactly once over all hosts.
 The state of a pipeline is the number of batches it has produced (plus what
 identifies the stream, checked on restore); restoring rebuilds the grain
 iterator from that batch on, which works with or without worker processes.
+
+Packing (``data_config.packing``, training pipelines of causal_lm datasets):
+the same global stream of examples, each trimmed of its trailing padding, is
+packed in stream order into global batches of ``global_batch_size`` rows of
+``packing_row_length`` tokens (first-fit, ``effformer.data.packing``); a
+batch ends when the next example fits in none of its rows, and that example
+starts the next one. Host p takes rows p, p + P, ... of every global batch.
+Where a batch ends depends on every earlier example, so each host reads the
+whole global stream (and keeps its rows). The state adds ``next_example``,
+the stream position where the next batch starts: restoring rebuilds the grain
+iterator from there, so a resumed run sees exactly the batches of an
+uninterrupted one. Eval pipelines are never packed (one example per row, as
+per-example metrics need).
 """
 
 from __future__ import annotations
@@ -29,6 +42,7 @@ import ml_collections
 import numpy as np
 
 from effformer.data.config import validate_data_config
+from effformer.data.packing import BatchPacker, trim_padding
 from effformer.data.preprocess import EvalExample, ExampleTransform
 from effformer.data.registry import DatasetInfo, dataset_info, get_dataset_spec, load_builder
 
@@ -37,6 +51,8 @@ from effformer.data.registry import DatasetInfo, dataset_info, get_dataset_spec,
 _READ_THREADS = 2
 _PREFETCH_BATCHES = 4
 _STATE_VERSION = 1
+# State keys that say where in the stream a pipeline is (the rest identify the stream).
+_POSITION_KEYS = ("next_batch", "next_example")
 
 
 class InputPipeline:
@@ -63,10 +79,11 @@ class InputPipeline:
         self._identity = identity
         self._num_workers = num_workers
         self._next_batch = 0
-        self._iterator = self._iterator_from(0)
+        self._iterator = self._read(batches)
 
-    def _iterator_from(self, batch_index: int) -> Any:
-        dataset = self._batches[batch_index:].to_iter_dataset(
+    def _read(self, dataset: grain.MapDataset) -> Any:
+        """An iterator over ``dataset`` with prefetching (and workers, if any)."""
+        dataset = dataset.to_iter_dataset(
             grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES)
         )
         if self._num_workers > 0:
@@ -102,28 +119,30 @@ class InputPipeline:
 
         Raises:
           ValueError: ``state`` is from a different stream (dataset, split, seed,
-            global batch size or train/eval); the differing key is named.
+            global batch size, train/eval or packing); the differing key is named.
         """
+        next_batch = self._check_state(state)
+        self._iterator.close()
+        self._iterator = self._read(self._batches[next_batch:])
+        self._next_batch = next_batch
+
+    def _check_state(self, state: dict[str, Any]) -> int:
+        """Checks ``state`` belongs to this stream; returns its ``next_batch``."""
         expected = {"version": _STATE_VERSION, **self._identity}
-        for key, value in expected.items():
-            if state.get(key) != value:
+        # A key only one side has (e.g. "packing") also marks another stream.
+        for key in sorted((set(expected) | set(state)) - set(_POSITION_KEYS)):
+            if state.get(key) != expected.get(key):
                 raise ValueError(
                     f"set_state: state[{key!r}] is {state.get(key)!r} but this pipeline "
-                    f"has {value!r}; the state belongs to a different input stream."
+                    f"has {expected.get(key)!r}; the state belongs to a different input stream."
                 )
-        next_batch = state.get("next_batch")
-        if isinstance(next_batch, bool) or not isinstance(next_batch, int) or next_batch < 0:
-            raise ValueError(
-                f"set_state: state['next_batch'] must be an int >= 0, got {next_batch!r}."
-            )
+        next_batch = _state_int(state, "next_batch")
         if self.num_batches is not None and next_batch > self.num_batches:
             raise ValueError(
                 f"set_state: state['next_batch'] is {next_batch}, beyond this pass's "
                 f"{self.num_batches} batches."
             )
-        self._iterator.close()
-        self._iterator = self._iterator_from(next_batch)
-        self._next_batch = next_batch
+        return next_batch
 
     def close(self) -> None:
         """Stops prefetching (and worker processes, if any)."""
@@ -134,6 +153,85 @@ class InputPipeline:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _state_int(state: dict[str, Any], key: str) -> int:
+    value = state.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"set_state: state[{key!r}] must be an int >= 0, got {value!r}.")
+    return value
+
+
+class PackedInputPipeline(InputPipeline):
+    """Training batches of packed rows (``data_config.packing``; see the module docstring).
+
+    Per-host batch: every 1-D feature of the records (``inputs``, ``targets``,
+    ``weights``) and ``segment_ids``, ``positions`` as ``[b, row_length]``
+    (``effformer.data.packing``'s layout: weights are the records' own, 0 on
+    padding); ``mask [b]`` bool: the row holds at least one example. The
+    records' 0-D features (``length``, ``prompt_length``) are dropped.
+    """
+
+    def __init__(
+        self,
+        examples: grain.MapDataset,
+        info: DatasetInfo,
+        *,
+        identity: dict[str, Any],
+        num_workers: int,
+        row_length: int,
+        global_rows: int,
+        process_index: int,
+        process_count: int,
+    ):
+        self._examples = examples
+        self._packer = BatchPacker(row_length, global_rows)
+        self._host_rows = slice(process_index, None, process_count)
+        self._next_example = 0  # Stream position of the next batch's first example.
+        self._held: dict[str, np.ndarray] | None = None  # That example, once read.
+        super().__init__(
+            examples, info, identity=identity, num_workers=num_workers, num_batches=None
+        )
+
+    def _place(self, example: dict[str, np.ndarray], position: int) -> bool:
+        length = len(next(iter(example.values())))
+        if length > self._packer.row_length:
+            raise ValueError(
+                f"data config field 'packing_row_length': the example at stream position "
+                f"{position} has {length} tokens, more than the row length "
+                f"{self._packer.row_length}; set a packing_row_length of at least the longest "
+                "example (None: the dataset's row length always fits)."
+            )
+        return self._packer.add(example)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        consumed = 0
+        if self._held is not None:
+            self._place(self._held, self._next_example)
+            self._held, consumed = None, 1
+        while True:
+            example = trim_padding(next(self._iterator))
+            if not self._place(example, self._next_example + consumed):
+                self._held = example  # It starts the next batch.
+                break
+            consumed += 1
+        packed = self._packer.pop()
+        self._next_example += consumed
+        self._next_batch += 1
+        batch = {key: value[self._host_rows] for key, value in packed.items()}
+        batch["mask"] = (batch["segment_ids"] != 0).any(axis=1)
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        """The base state plus ``next_example``, where the next batch starts in the stream."""
+        return {**super().get_state(), "next_example": self._next_example}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        next_batch = self._check_state(state)
+        next_example = _state_int(state, "next_example")
+        self._iterator.close()
+        self._iterator = self._read(self._examples[next_example:])
+        self._next_batch, self._next_example, self._held = next_batch, next_example, None
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -213,8 +311,6 @@ def create_input_pipeline(
             examples = examples.map(generated.eval_example(source))
         else:
             examples = examples.map(EvalExample(source, transform, info.input_shape))
-    host_batch_size = global_batch_size // process_count
-    batches = examples[process_index::process_count].batch(host_batch_size, drop_remainder=True)
     identity = {
         "dataset": spec.name,
         "split": split,
@@ -222,6 +318,21 @@ def create_input_pipeline(
         "seed": int(seed),
         "global_batch_size": int(global_batch_size),
     }
+    if config["packing"] and train:
+        row_length = config["packing_row_length"] or info.input_shape[0]
+        identity.update(packing=True, packing_row_length=int(row_length))
+        return PackedInputPipeline(
+            examples,
+            info,
+            identity=identity,
+            num_workers=config["num_workers"],
+            row_length=int(row_length),
+            global_rows=global_batch_size,
+            process_index=process_index,
+            process_count=process_count,
+        )
+    host_batch_size = global_batch_size // process_count
+    batches = examples[process_index::process_count].batch(host_batch_size, drop_remainder=True)
     return InputPipeline(
         batches, info, identity=identity, num_workers=config["num_workers"], num_batches=num_batches
     )

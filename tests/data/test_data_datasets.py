@@ -187,6 +187,8 @@ def test_default_config_fields():
             "randaugment_magnitude",
             "random_erasing",
             "num_workers",
+            "packing",
+            "packing_row_length",
         ]
     )
     assert default_data_config("digits").image_size is None

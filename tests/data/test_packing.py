@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from effformer.data.packing import pack_sequences, pack_stream, unpack_sequences
+from effformer.data.packing import pack_sequences, pack_stream, trim_padding, unpack_sequences
 
 
 def _sequences(lengths, seed=0):
@@ -48,6 +48,32 @@ def test_stream_packs_in_order_into_batches_of_rows():
     assert sum(int((b["segment_ids"] != 0).sum()) for b in batches) == 27
 
 
+def test_examples_own_weights_are_kept_and_padding_is_never_weighted():
+    examples = [
+        {"inputs": np.array([1, 2, 3]), "weights": np.array([0.0, 1.0, 1.0])},
+        {"inputs": np.array([4, 5]), "weights": np.array([1.0, 0.0])},
+    ]
+    packed = pack_sequences(examples, 6, pad_id=-1)
+    np.testing.assert_array_equal(packed["weights"], [[0, 1, 1, 1, 0, 0]])
+    assert packed["weights"].dtype == np.float32
+
+
+def test_trim_padding_cuts_only_what_every_feature_pads():
+    record = {
+        "inputs": np.array([3, 4, 0, 0, 0]),
+        "targets": np.array([4, 0, 9, 0, 0]),
+        "weights": np.array([1.0, 0.0, 0.0, 0.0, 0.0]),
+        "length": np.int32(2),
+    }
+    trimmed = trim_padding(record)
+    assert sorted(trimmed) == ["inputs", "targets", "weights"]  # 0-D features dropped
+    np.testing.assert_array_equal(trimmed["targets"], [4, 0, 9])
+    np.testing.assert_array_equal(trimmed["inputs"], [3, 4, 0])
+    assert len(trim_padding({"inputs": np.zeros(4, np.int32)})["inputs"]) == 1
+    with pytest.raises(ValueError, match="1-D features of one width"):
+        trim_padding({"inputs": np.ones(4), "targets": np.ones(3)})
+
+
 @pytest.mark.parametrize(
     "call, message",
     [
@@ -56,8 +82,8 @@ def test_stream_packs_in_order_into_batches_of_rows():
         (lambda: pack_sequences(_sequences([5, 5]), 6, num_rows=1), "need 2 rows of 6, more than"),
         (lambda: pack_sequences([np.zeros((2, 2))], 6), "must be a 1-D array or a dict"),
         (
-            lambda: pack_sequences([{"inputs": np.ones(2), "weights": np.ones(2)}], 6),
-            "keys \\['weights'\\] that packing creates",
+            lambda: pack_sequences([{"inputs": np.ones(2), "positions": np.ones(2)}], 6),
+            "keys \\['positions'\\] that packing creates",
         ),
         (lambda: list(pack_stream(_sequences([7]), 6, 2)), "length 7, longer than the row_length"),
     ],
