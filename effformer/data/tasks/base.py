@@ -7,7 +7,9 @@ from a numpy generator: a prompt and an answer, both lists of symbols (strings).
 * splits ``train`` (sizes drawn uniformly from ``train_lengths``), ``test``
   (the training sizes) and ``test_long`` (``test_lengths``, longer than
   training when the task extrapolates); the test splits cycle through their
-  sizes so that every size gets the same number of examples;
+  sizes so that every size gets the same number of examples. A task whose
+  sizes have gaps (SCAN: no command has 23 actions) lists the sizes it can
+  make in :meth:`SequenceTask.sizes`; the splits draw from those only;
 * example ``i`` of split ``s`` is computed from ``numpy.random.default_rng(
   [seed, split number, i])``: deterministic, random access, nothing stored;
 * every split has the same static row length (the longest instance over all
@@ -142,6 +144,10 @@ class SequenceTask:
         """Upper bounds on (prompt, answer) symbol counts at size ``length``."""
         raise NotImplementedError
 
+    def sizes(self, low: int, high: int) -> tuple[int, ...]:
+        """The sizes in [low, high] that :meth:`instance` can make: all of them by default."""
+        return tuple(range(low, high + 1))
+
     @property
     def vocabulary(self) -> Vocabulary:
         return Vocabulary(self.symbols)
@@ -186,6 +192,13 @@ class TaskDataset:
         self.seed = check_int("TaskDataset: seed", seed, 0)
         self.num_examples = num_examples
         self.split_lengths = _split_lengths(task)
+        self.split_sizes = {split: task.sizes(*r) for split, r in self.split_lengths.items()}
+        for split, sizes in self.split_sizes.items():
+            if not sizes:
+                raise ValueError(
+                    f"{name}: task {task.name!r} can make no instance with a size in "
+                    f"{self.split_lengths[split]} (split {split!r})."
+                )
         self.vocabulary = task.vocabulary
         largest = max(high for _, high in self.split_lengths.values())
         prompt, answer = task.max_lengths(largest)
@@ -217,11 +230,11 @@ class TaskDataset:
                 f"({self.num_examples[split]} examples)."
             )
         rng = np.random.default_rng([self.seed, SPLITS.index(split), index])
-        low, high = self.split_lengths[split]
+        sizes = self.split_sizes[split]
         if split == "train":
-            length = int(rng.integers(low, high + 1))
+            length = sizes[int(rng.integers(0, len(sizes)))]
         else:
-            length = low + index % (high - low + 1)
+            length = sizes[index % len(sizes)]
         prompt, answer = self.task.instance(rng, length)
         max_prompt, max_answer = self.task.max_lengths(length)
         if len(prompt) > max_prompt or len(answer) > max_answer:
