@@ -16,7 +16,15 @@ from __future__ import annotations
 from typing import Any
 
 from effformer.data.registry import DatasetSpec, register_dataset
-from effformer.data.tasks import arithmetic, chain_of_thought, permutation, strings  # noqa: F401
+from effformer.data.tasks import (  # noqa: F401
+    arithmetic,
+    chain_of_thought,
+    chain_of_thought_dp,
+    lego,
+    permutation,
+    scan,
+    strings,
+)
 from effformer.data.tasks.base import (
     TASKS,
     SequenceTask,
@@ -39,6 +47,9 @@ DATASETS: dict[str, tuple[str, dict[str, Any]]] = {
     "sorting": ("sorting", {}),
     "sorting_multidigit": ("sorting", {"num_digits": 2}),
     "polynomial_evaluation": ("polynomial_evaluation", {}),
+    # LEGO: clauses, train 1-6, test 7-12. SCAN: actions, train 1-22, test 24-48.
+    "lego": ("lego", {}),
+    "scan": ("scan", {}),
     # Inverse permutation (sizes 2-8, test = train sizes), with scratch tokens.
     "inverse_permutation": ("inverse_permutation", {}),
     "inverse_permutation_scratch8": ("inverse_permutation", {"num_scratch": 8}),
@@ -48,6 +59,10 @@ DATASETS: dict[str, tuple[str, dict[str, Any]]] = {
     "arithmetic_mod11_cot": ("arithmetic_mod", {"modulus": 11, "step_by_step": True}),
     "lis_direct": ("lis", {}),
     "lis_cot": ("lis", {"step_by_step": True}),
+    "linear_equations_mod11_direct": ("linear_equations_mod", {"modulus": 11}),
+    "linear_equations_mod11_cot": ("linear_equations_mod", {"modulus": 11, "step_by_step": True}),
+    "edit_distance_direct": ("edit_distance", {}),
+    "edit_distance_cot": ("edit_distance", {"step_by_step": True}),
 }
 
 

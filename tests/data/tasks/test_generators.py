@@ -98,6 +98,8 @@ def _check_answer(name, prompt, answer):
             assert dp == [
                 _lis([v for v in values[:i] if v < values[i]]) + 1 for i in range(len(values))
             ]
+    elif task in ("lego", "scan", "linear_equations_mod", "edit_distance"):
+        pass  # Checked against independent references in their own test files.
     else:
         raise AssertionError(f"no reference for {task}")
 

@@ -95,6 +95,7 @@ def test_a_tiny_decoder_trains_on_every_task():
 
     for name in sorted(DATASETS):
         batch = _padded_batch(name)
+        opt_state = tx.init(params)  # Fresh moments: the first step then descends on this batch.
         losses = []
         for _ in range(2):
             params, opt_state, loss = step(params, opt_state, batch)
