@@ -40,19 +40,28 @@ in how the recurrence over time is evaluated):
     vertical add), never materialising the ``[batch, d, n, L]`` tensor. This is
     the fastest on CPU (measured: experiments/benchmarks/README.md, section
     "Selective scan") and the default.
+  * ``"pallas"``: the Pallas kernel of effformer/kernels/selective_scan.py
+    (state kept on chip, backward recomputing from block-boundary states). It
+    compiles for GPUs (Triton); on CPU it runs in interpret mode (slow; logged
+    once); on other backends the op falls back to ``"chunked"`` (logged once).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 import jax
 import jax.numpy as jnp
 
+from effformer.kernels import selective_scan as pallas_kernel
+
 Array = jax.Array
 
+# The XLA implementations, which run on every backend.
 IMPLEMENTATIONS = ("reference", "associative", "chunked")
+KERNEL_IMPLEMENTATIONS = ("pallas",)
 # Chosen by measurement on a 2-core CPU (experiments/benchmarks/selective_scan.py).
 DEFAULT_IMPLEMENTATION = "chunked"
 DEFAULT_CHUNK_SIZE = 64
@@ -135,7 +144,7 @@ def selective_scan(
       return_last_state: also return the state after the last step.
       mask: [batch, L] bool (True = real token) or None. Masked positions leave
         the state unchanged and output zero.
-      implementation: "reference", "associative", "chunked" or None (the fastest
+      implementation: "reference", "associative", "chunked", "pallas" or None (the fastest
         on this backend, ``DEFAULT_IMPLEMENTATION``).
       chunk_size: steps per chunk of the "chunked" implementation.
     Returns:
@@ -145,9 +154,10 @@ def selective_scan(
     """
     if implementation is None:
         implementation = DEFAULT_IMPLEMENTATION
-    if implementation not in IMPLEMENTATIONS:
+    if implementation not in IMPLEMENTATIONS + KERNEL_IMPLEMENTATIONS:
         raise ValueError(
-            f"selective_scan: implementation must be one of {IMPLEMENTATIONS} or None, "
+            "selective_scan: implementation must be one of "
+            f"{IMPLEMENTATIONS + KERNEL_IMPLEMENTATIONS} or None, "
             f"got {implementation!r}."
         )
     if not isinstance(chunk_size, int) or chunk_size < 1:
@@ -180,10 +190,15 @@ def _selective_scan(
         dt = jnp.where(mask[:, None, :], dt, 0)
     A, B, C = A.astype(dtype), B.astype(dtype), C.astype(dtype)
 
+    if implementation == "pallas" and not pallas_kernel.supported_backend():
+        _log_pallas_fallback_once(jax.default_backend())
+        implementation = "chunked"
     if implementation == "reference":
         y, last_state = _scan_reference(u_c, dt, A, B, C)
     elif implementation == "associative":
         y, last_state = _scan_associative(u_c, dt, A, B, C)
+    elif implementation == "pallas":
+        y, last_state = pallas_kernel.selective_scan_pallas(u_c, dt, A, B, C)
     else:
         y, last_state = _scan_chunked(u_c, dt, A, B, C, chunk_size)
 
@@ -195,6 +210,13 @@ def _selective_scan(
         y = jnp.where(mask[:, None, :], y, 0)
     out = y.astype(u.dtype)
     return (out, last_state) if return_last_state else out
+
+
+@functools.cache
+def _log_pallas_fallback_once(backend: str) -> None:
+    logging.getLogger(__name__).warning(
+        "selective_scan: no Pallas kernel for backend %r; using implementation='chunked'.", backend
+    )
 
 
 def _expand_groups(BC: Array, d: int) -> Array:

@@ -292,8 +292,8 @@ def test_mask_shape_error():
 
 def test_unknown_implementation_and_bad_chunk_size():
     args = _bad("u", random_inputs(0)["u"])
-    with pytest.raises(ValueError, match="implementation must be one of .*got 'pallas'"):
-        selective_scan(**args, implementation="pallas")
+    with pytest.raises(ValueError, match="implementation must be one of .*got 'triton'"):
+        selective_scan(**args, implementation="triton")
     with pytest.raises(ValueError, match="chunk_size must be a positive int, got 0"):
         selective_scan(**args, chunk_size=0)
 

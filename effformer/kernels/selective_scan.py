@@ -1,0 +1,517 @@
+"""Pallas kernel for the core recurrence of Mamba's selective scan, forward and backward.
+
+The kernel evaluates (Gu & Dao 2023, Algorithm 2; effformer.ops.selective_scan)
+
+    a_t = exp(dt_t * A)             [d, n]
+    x_t = a_t * x_{t-1} + dt_t * u_t * B_t,   x_{-1} = 0
+    y_t = sum_n C_t * x_t           [d]
+
+for inputs that the op has already pre-processed (delta bias, softplus and the
+padding mask folded into ``dt``); D, the z gate and the output mask stay in
+XLA around it, where they fuse into one elementwise pass.
+
+Work split. The grid is (batch, channel blocks of ``channel_block`` channels).
+One program keeps the state of its channels, ``[channel_block, n]``, on chip
+and walks the sequence in blocks of ``seq_block`` steps (a ``fori_loop`` over
+blocks, the steps of a block unrolled so the compiler can issue the loads and
+exps of later steps ahead of the one dependent FMA per step). The
+``[batch, L, d, n]`` tensor of states is never written to memory: the forward
+pass writes y, the last state and, when a gradient is needed, the state entering
+each sequence block (``[batch, L / seq_block, d, n]``).
+
+Backward (the adjoint recurrence). With a_t and b_t = dt_t u_t B_t as above and
+cotangents gy_t (of y_t) and g_last (of x_{L-1}), the total derivative of the
+loss with respect to the state x_t is
+
+    lambda_{L-1} = g_last + gy_{L-1} C_{L-1}
+    lambda_t     = a_{t+1} * lambda_{t+1} + gy_t C_t            (t < L-1)
+
+(elementwise over [d, n]; gy_t broadcasts over n). Since x_t depends on a_t,
+b_t and C_t only through the two equations above:
+
+    dC_t   = gy_t x_t                    (summed over the channels sharing C_t)
+    db_t   = lambda_t,   da_t = lambda_t * x_{t-1}
+    ddt_t  = sum_n (da_t * a_t * A) + u_t sum_n (lambda_t B_t)
+    du_t   = dt_t sum_n (lambda_t B_t)
+    dA    += da_t * a_t * dt_t           (summed over t and batch)
+    dB_t   = lambda_t dt_t u_t           (summed over the channels sharing B_t)
+
+The backward kernel walks the sequence blocks in reverse. For each block it
+reloads the saved state entering the block, recomputes the block's states
+x_{t0-1} .. x_{t0+T-1} forwards (kept in registers: ``seq_block + 1`` arrays of
+``[channel_block, n]``), then steps the adjoint ``h`` backwards through the
+block: ``h += gy_t C_t`` (now lambda_t), emit the gradients above, ``h = a_t h``.
+Gradients summed over channels that belong to another program (time-varying
+dB, dC) are written per channel block and summed in XLA; those summed over
+time (dA, time-invariant dB, dC) are accumulated in the program and summed
+over batch in XLA.
+
+Backends. Written for Pallas's Triton lowering on NVIDIA GPUs: power-of-two
+register arrays ([channel_block, n_pad], [channel_block, 1], [1, n_pad]),
+per-step loads through ``pl.ds`` with a static size, no scratch buffers. The
+wrapper pads n to a power of two (zero A, B, C columns: the padded state stays
+exactly 0) and L to a multiple of ``seq_block`` (zero dt: the state passes
+through unchanged). On CPU it runs with ``interpret=True``. Mosaic TPU is not
+supported: the per-step loads slice the lane (last) dimension dynamically; the
+op falls back to XLA there.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+Array = jax.Array
+
+# Block sizes for a GPU: untuned guesses (no GPU was available when this was
+# written); experiments/benchmarks/kernels_selective_scan.py sweeps them.
+DEFAULT_SEQ_BLOCK = 16
+# Interpret mode unrolls the same steps into an XLA program whose compile time
+# grows with them (measured on the shared 2-core CPU: about 0.85 s per unrolled step for
+# forward + backward), while its speed does not matter; so a shorter block there.
+INTERPRET_SEQ_BLOCK = 4
+DEFAULT_CHANNEL_BLOCK = 16
+DEFAULT_NUM_WARPS = 2
+
+_log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _log_interpret_once() -> None:
+    _log.info(
+        "selective_scan: no GPU backend; running the Pallas kernel with interpret=True "
+        "(correct but slow: use implementation='chunked' for speed on CPU)."
+    )
+
+
+def supported_backend(backend: str | None = None) -> bool:
+    """Whether the kernel runs on ``backend`` (default: JAX's default backend).
+
+    GPU (Triton lowering) compiles it; CPU runs it in interpret mode; other
+    backends (TPU) are not supported.
+    """
+    return (backend or jax.default_backend()) in ("gpu", "cuda", "rocm", "cpu")
+
+
+def _next_power_of_2(value: int) -> int:
+    return 1 << max(value - 1, 0).bit_length()
+
+
+def _largest_power_of_2_dividing(value: int) -> int:
+    return value & -value
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _load_column(ref, t):
+    """Column t of a [rows, L] ref as [rows, 1]."""
+    return ref[:, pl.ds(t, 1)]
+
+
+def _coefficient(ref, t, time_varying: bool, fixed):
+    """B_t or C_t: [1, n] from a [L, n] ref, or the time-invariant [channel_block, n]."""
+    return ref[pl.ds(t, 1), :] if time_varying else fixed
+
+
+def _forward_kernel(
+    u_ref, dt_ref, A_ref, B_ref, C_ref, y_ref, last_ref, *starts_ref,
+    seq_block, num_seq_blocks, B_varying, C_varying,
+):  # fmt: skip
+    """One (batch, channel block) program: refs [cb, L] (u, dt, y), [cb, n] (A, last),
+    [L, n] or [cb, n] (B, C), optionally [num_seq_blocks, cb, n] (states entering blocks)."""
+    A = A_ref[...]
+    B_fixed = None if B_varying else B_ref[...]
+    C_fixed = None if C_varying else C_ref[...]
+
+    def run_block(k, x):
+        if starts_ref:
+            starts_ref[0][k] = x
+        t0 = pl.multiple_of(k * seq_block, seq_block)
+        for i in range(seq_block):
+            t = t0 + i
+            dt_t = _load_column(dt_ref, t)
+            x = jnp.exp(dt_t * A) * x + (dt_t * _load_column(u_ref, t)) * _coefficient(
+                B_ref, t, B_varying, B_fixed
+            )
+            C_t = _coefficient(C_ref, t, C_varying, C_fixed)
+            y_ref[:, pl.ds(t, 1)] = jnp.sum(x * C_t, axis=1, keepdims=True)
+        return x
+
+    x0 = jnp.zeros(A.shape, A.dtype)
+    last_ref[...] = jax.lax.fori_loop(0, num_seq_blocks, run_block, x0)
+
+
+def _backward_kernel(
+    u_ref, dt_ref, A_ref, B_ref, C_ref, starts_ref, gy_ref, glast_ref,
+    du_ref, ddt_ref, dA_ref, dB_ref, dC_ref,
+    *, seq_block, num_seq_blocks, B_varying, C_varying,
+):  # fmt: skip
+    """The adjoint recurrence of the module docstring, blocks in reverse.
+
+    Refs: u, dt, gy, du, ddt [cb, L]; A, glast, dA [cb, n]; B, C [L, n] or
+    [cb, n]; starts [num_seq_blocks, cb, n]; dB, dC [L, n] (per-channel-block
+    partial sums) when time-varying, else [cb, n].
+    """
+    A = A_ref[...]
+    B_fixed = None if B_varying else B_ref[...]
+    C_fixed = None if C_varying else C_ref[...]
+    zeros = jnp.zeros(A.shape, A.dtype)
+
+    def run_block(j, carry):
+        h, dA_acc, dB_acc, dC_acc = carry
+        k = num_seq_blocks - 1 - j
+        t0 = pl.multiple_of(k * seq_block, seq_block)
+        # Recompute the block's states from the saved one; states[i] = x_{t0+i-1}.
+        states = [starts_ref[k]]
+        steps = []
+        for i in range(seq_block):
+            t = t0 + i
+            dt_t, u_t = _load_column(dt_ref, t), _load_column(u_ref, t)
+            B_t = _coefficient(B_ref, t, B_varying, B_fixed)
+            C_t = _coefficient(C_ref, t, C_varying, C_fixed)
+            a_t = jnp.exp(dt_t * A)
+            states.append(a_t * states[-1] + (dt_t * u_t) * B_t)
+            steps.append((t, dt_t, u_t, B_t, C_t, a_t))
+        for i in reversed(range(seq_block)):
+            t, dt_t, u_t, B_t, C_t, a_t = steps[i]
+            gy_t = _load_column(gy_ref, t)
+            h = h + gy_t * C_t  # lambda_t
+            x_prev, x_t = states[i], states[i + 1]
+            dC_t = gy_t * x_t
+            da_a = h * x_prev * a_t  # d loss / d(dt_t * A), elementwise
+            hB_sum = jnp.sum(h * B_t, axis=1, keepdims=True)
+            ddt_ref[:, pl.ds(t, 1)] = jnp.sum(da_a * A, axis=1, keepdims=True) + u_t * hB_sum
+            du_ref[:, pl.ds(t, 1)] = dt_t * hB_sum
+            dA_acc = dA_acc + da_a * dt_t
+            dB_t = h * (dt_t * u_t)
+            if B_varying:
+                dB_ref[pl.ds(t, 1), :] = jnp.sum(dB_t, axis=0, keepdims=True)
+            else:
+                dB_acc = dB_acc + dB_t
+            if C_varying:
+                dC_ref[pl.ds(t, 1), :] = jnp.sum(dC_t, axis=0, keepdims=True)
+            else:
+                dC_acc = dC_acc + dC_t
+            h = a_t * h  # a_t lambda_t: the part of lambda_{t-1} that flows through x_t
+        return h, dA_acc, dB_acc, dC_acc
+
+    init = (glast_ref[...], zeros, zeros, zeros)
+    _, dA_acc, dB_acc, dC_acc = jax.lax.fori_loop(0, num_seq_blocks, run_block, init)
+    dA_ref[...] = dA_acc
+    if not B_varying:
+        dB_ref[...] = dB_acc
+    if not C_varying:
+        dC_ref[...] = dC_acc
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+class _Layout:
+    """Static sizes of one call: the padded lengths, the blocks, the B/C group maps."""
+
+    def __init__(self, u_shape, n, B, C, seq_block, channel_block):
+        self.batch, self.d, self.length = u_shape
+        self.n = n
+        self.n_pad = _next_power_of_2(self.n)
+        self.seq_block = seq_block
+        self.num_seq_blocks = -(-self.length // seq_block)
+        self.length_pad = self.num_seq_blocks * seq_block
+        self.groups = {
+            name: (BC.shape[1] if BC.ndim == 4 else 1) for name, BC in (("B", B), ("C", C))
+        }
+        self.varying = {"B": B.ndim > 2, "C": C.ndim > 2}
+        # A channel block must lie inside one group of B and of C, and be a power of two.
+        common_group_size = self.d // math.lcm(*self.groups.values())
+        self.cb = min(channel_block, _largest_power_of_2_dividing(common_group_size))
+        self.num_channel_blocks = self.d // self.cb
+        self.grid = (self.batch, self.num_channel_blocks)
+
+    # BlockSpecs over the grid (b, j).
+    def per_channel(self):  # [batch, d, L_pad]
+        return pl.BlockSpec((None, self.cb, self.length_pad), lambda b, j: (b, j, 0))
+
+    def per_channel_state(self):  # [batch, d, n_pad]
+        return pl.BlockSpec((None, self.cb, self.n_pad), lambda b, j: (b, j, 0))
+
+    def channel_matrix(self):  # [d, n_pad]
+        return pl.BlockSpec((self.cb, self.n_pad), lambda b, j: (j, 0))
+
+    def starts(self):  # [batch, num_seq_blocks, d, n_pad]
+        return pl.BlockSpec(
+            (None, self.num_seq_blocks, self.cb, self.n_pad), lambda b, j: (b, 0, j, 0)
+        )
+
+    def coefficient(self, name):  # B or C: [batch, groups, L_pad, n_pad] or [d, n_pad]
+        if not self.varying[name]:
+            return self.channel_matrix()
+        group_size = self.d // self.groups[name]
+        return pl.BlockSpec(
+            (None, None, self.length_pad, self.n_pad),
+            lambda b, j: (b, (j * self.cb) // group_size, 0, 0),
+        )
+
+    def coefficient_grad(self, name):  # per channel block [batch, blocks, L_pad, n_pad]
+        if not self.varying[name]:
+            return self.per_channel_state()
+        return pl.BlockSpec((None, None, self.length_pad, self.n_pad), lambda b, j: (b, j, 0, 0))
+
+    # Array conversions between the op's layout and the kernel's.
+    def pad_time(self, a):  # [batch, d, L] -> [batch, d, L_pad], zeros appended
+        return jnp.pad(a, ((0, 0), (0, 0), (0, self.length_pad - self.length)))
+
+    def pad_state(self, a):  # [..., n] -> [..., n_pad], zeros appended
+        return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, self.n_pad - self.n)])
+
+    def to_kernel_coefficient(self, BC):  # -> [d, n_pad] or [batch, groups, L_pad, n_pad]
+        if BC.ndim == 2:
+            return self.pad_state(BC)
+        if BC.ndim == 3:
+            BC = BC[:, None]
+        BC = jnp.swapaxes(BC, 2, 3)  # time-major rows, so a step loads one contiguous [1, n]
+        pad = ((0, 0), (0, 0), (0, self.length_pad - self.length), (0, self.n_pad - self.n))
+        return jnp.pad(BC, pad)
+
+    def from_kernel_coefficient_grad(self, name, grad, like):
+        """Sum the per-block partials and return the gradient in ``like``'s layout."""
+        if not self.varying[name]:  # [batch, d, n_pad]
+            return jnp.sum(grad, axis=0)[:, : self.n]
+        groups = self.groups[name]
+        grad = grad.reshape(self.batch, groups, -1, self.length_pad, self.n_pad).sum(axis=2)
+        grad = jnp.swapaxes(grad[:, :, : self.length, : self.n], 2, 3)
+        return grad.reshape(like.shape)
+
+
+# ----------------------------------------------------------------------------- calls
+
+
+def _compiler_params(num_warps: int, interpret: bool):
+    # Triton compiler parameters select Pallas's Triton lowering on GPU (the
+    # default GPU lowering of jax 0.10 is Mosaic GPU); interpret mode ignores them.
+    return None if interpret else pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
+
+
+def _forward(u, dt, A, B, C, layout: _Layout, num_warps, interpret, save_starts):
+    """Padded kernel-layout inputs -> y [batch, d, L_pad], last [batch, d, n_pad], starts."""
+    dtype = u.dtype
+    out_shape = [
+        jax.ShapeDtypeStruct((layout.batch, layout.d, layout.length_pad), dtype),
+        jax.ShapeDtypeStruct((layout.batch, layout.d, layout.n_pad), dtype),
+    ]
+    out_specs = [layout.per_channel(), layout.per_channel_state()]
+    if save_starts:
+        out_shape.append(
+            jax.ShapeDtypeStruct(
+                (layout.batch, layout.num_seq_blocks, layout.d, layout.n_pad), dtype
+            )
+        )
+        out_specs.append(layout.starts())
+    kernel = functools.partial(
+        _forward_kernel,
+        seq_block=layout.seq_block,
+        num_seq_blocks=layout.num_seq_blocks,
+        B_varying=layout.varying["B"],
+        C_varying=layout.varying["C"],
+    )
+    outs = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=layout.grid,
+        in_specs=[
+            layout.per_channel(),
+            layout.per_channel(),
+            layout.channel_matrix(),
+            layout.coefficient("B"),
+            layout.coefficient("C"),
+        ],
+        out_specs=out_specs,
+        interpret=interpret,
+        compiler_params=_compiler_params(num_warps, interpret),
+        name="selective_scan_forward",
+    )(u, dt, A, B, C)
+    return outs if save_starts else (*outs, None)
+
+
+def _backward(u, dt, A, B, C, starts, gy, glast, layout: _Layout, num_warps, interpret):
+    """Padded kernel-layout inputs and cotangents -> du, ddt, dA, dB, dC partials."""
+    dtype = u.dtype
+    batch, d, n_pad = layout.batch, layout.d, layout.n_pad
+
+    def coefficient_grad_shape(name):
+        if layout.varying[name]:
+            shape = (batch, layout.num_channel_blocks, layout.length_pad, n_pad)
+        else:
+            shape = (batch, d, n_pad)
+        return jax.ShapeDtypeStruct(shape, dtype)
+
+    kernel = functools.partial(
+        _backward_kernel,
+        seq_block=layout.seq_block,
+        num_seq_blocks=layout.num_seq_blocks,
+        B_varying=layout.varying["B"],
+        C_varying=layout.varying["C"],
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=[
+            jax.ShapeDtypeStruct(u.shape, dtype),
+            jax.ShapeDtypeStruct(u.shape, dtype),
+            jax.ShapeDtypeStruct((batch, d, n_pad), dtype),
+            coefficient_grad_shape("B"),
+            coefficient_grad_shape("C"),
+        ],
+        grid=layout.grid,
+        in_specs=[
+            layout.per_channel(),
+            layout.per_channel(),
+            layout.channel_matrix(),
+            layout.coefficient("B"),
+            layout.coefficient("C"),
+            layout.starts(),
+            layout.per_channel(),
+            layout.per_channel_state(),
+        ],
+        out_specs=[
+            layout.per_channel(),
+            layout.per_channel(),
+            layout.per_channel_state(),
+            layout.coefficient_grad("B"),
+            layout.coefficient_grad("C"),
+        ],
+        interpret=interpret,
+        compiler_params=_compiler_params(num_warps, interpret),
+        name="selective_scan_backward",
+    )(u, dt, A, B, C, starts, gy, glast)
+
+
+def _to_kernel_layout(u, dt, A, B, C, layout: _Layout):
+    return (
+        layout.pad_time(u),
+        layout.pad_time(dt),
+        layout.pad_state(A),
+        layout.to_kernel_coefficient(B),
+        layout.to_kernel_coefficient(C),
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _scan(u, dt, A, B, C, seq_block, channel_block, num_warps, interpret):
+    layout = _Layout(u.shape, A.shape[1], B, C, seq_block, channel_block)
+    args = _to_kernel_layout(u, dt, A, B, C, layout)
+    y, last, _ = _forward(*args, layout, num_warps, interpret, save_starts=False)
+    return y[..., : layout.length], last[..., : layout.n]
+
+
+def _scan_fwd(u, dt, A, B, C, seq_block, channel_block, num_warps, interpret):
+    layout = _Layout(u.shape, A.shape[1], B, C, seq_block, channel_block)
+    args = _to_kernel_layout(u, dt, A, B, C, layout)
+    y, last, starts = _forward(*args, layout, num_warps, interpret, save_starts=True)
+    # Residuals: the (padded) inputs, the original B and C (for their layout),
+    # and the states entering each sequence block; nothing of size L * n per channel.
+    return (y[..., : layout.length], last[..., : layout.n]), (args, starts, B, C)
+
+
+def _scan_bwd(seq_block, channel_block, num_warps, interpret, residuals, cotangents):
+    args, starts, B, C = residuals
+    gy, glast = cotangents
+    # The cotangents have the unpadded shapes of y [batch, d, L] and the state [batch, d, n].
+    layout = _Layout(gy.shape, glast.shape[-1], B, C, seq_block, channel_block)
+    du, ddt, dA, dB, dC = _backward(
+        *args, starts, layout.pad_time(gy), layout.pad_state(glast), layout, num_warps, interpret
+    )
+    length, n = layout.length, layout.n
+    return (
+        du[..., :length],
+        ddt[..., :length],
+        jnp.sum(dA, axis=0)[:, :n],
+        layout.from_kernel_coefficient_grad("B", dB, B),
+        layout.from_kernel_coefficient_grad("C", dC, C),
+    )
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
+
+
+def _check(name: str, condition: bool, expected: str, got) -> None:
+    if not condition:
+        raise ValueError(f"selective_scan_pallas: {name} must be {expected}, got {got}.")
+
+
+def selective_scan_pallas(
+    u: Array,
+    dt: Array,
+    A: Array,
+    B: Array,
+    C: Array,
+    *,
+    seq_block: int | None = None,
+    channel_block: int = DEFAULT_CHANNEL_BLOCK,
+    num_warps: int = DEFAULT_NUM_WARPS,
+    interpret: bool | None = None,
+) -> tuple[Array, Array]:
+    """The core recurrence of the selective scan as a Pallas kernel, differentiable.
+
+    Args:
+      u, dt: [batch, d, L]; ``dt`` already has delta bias, softplus and the
+        padding mask applied (effformer.ops.selective_scan does this).
+      A: [d, n].
+      B, C: [d, n], [batch, n, L] or [batch, groups, n, L] (channel c uses group
+        c // (d // groups)).
+      seq_block: time steps per sequence block (unrolled in the kernel; the
+        backward saves one state per block); None: ``DEFAULT_SEQ_BLOCK``, or
+        ``INTERPRET_SEQ_BLOCK`` in interpret mode.
+      channel_block: channels per program, a power of two; reduced to the largest
+        power of two dividing the channels of one B/C group when smaller.
+      num_warps: Triton warps per program (GPU only).
+      interpret: run in Pallas interpret mode; None: on CPU only (logged once).
+    Returns:
+      y [batch, d, L] (= sum_n C_t x_t, before D and z) and the last state
+      [batch, d, n], both in the inputs' dtype (float32 or float64).
+    """
+    _check("u", getattr(u, "ndim", None) == 3, "[batch, d, L]", getattr(u, "shape", u))
+    batch, d, length = u.shape
+    dtype = u.dtype
+    _check("u.dtype", dtype in (jnp.float32, jnp.float64), "float32 or float64", dtype)
+    _check("dt", dt.shape == u.shape, f"shaped {tuple(u.shape)} like u", tuple(dt.shape))
+    _check("A", A.ndim == 2 and A.shape[0] == d, f"[d={d}, n]", tuple(A.shape))
+    n = A.shape[1]
+    for name, BC in (("B", B), ("C", C)):
+        groups = BC.shape[1] if BC.ndim == 4 else 1
+        ok = (
+            (BC.ndim == 2 and BC.shape == (d, n))
+            or (BC.ndim == 3 and BC.shape == (batch, n, length))
+            or (BC.ndim == 4 and BC.shape == (batch, groups, n, length) and d % groups == 0)
+        )
+        _check(name, ok, f"[{d}, {n}], [{batch}, {n}, {length}] or [{batch}, groups, {n}, {length}]",
+               tuple(BC.shape))  # fmt: skip
+    for name, value in (("dt", dt), ("A", A), ("B", B), ("C", C)):
+        _check(f"{name}.dtype", value.dtype == dtype, f"{dtype} (that of u)", value.dtype)
+    positive = lambda value: isinstance(value, int) and value >= 1
+    _check(
+        "seq_block", seq_block is None or positive(seq_block), "None or a positive int", seq_block
+    )
+    _check("num_warps", positive(num_warps), "a positive int", num_warps)
+    _check(
+        "channel_block",
+        isinstance(channel_block, int)
+        and channel_block >= 1
+        and channel_block & (channel_block - 1) == 0,
+        "a power of two",
+        channel_block,
+    )
+    if interpret is None:
+        # interpret=False stays allowed on CPU: lowering for a GPU from a CPU host
+        # (``.lower(lowering_platforms=("cuda",))``) checks the Triton lowering.
+        interpret = jax.default_backend() == "cpu"
+        if interpret:
+            _log_interpret_once()
+    if seq_block is None:
+        seq_block = INTERPRET_SEQ_BLOCK if interpret else DEFAULT_SEQ_BLOCK
+    return _scan(u, dt, A, B, C, seq_block, channel_block, num_warps, bool(interpret))
