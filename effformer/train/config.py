@@ -87,6 +87,12 @@ def default_config() -> ml_collections.ConfigDict:
     config.checkpoint.best_metric = ""  # ... plus the best by this eval metric, e.g. "accuracy".
     config.checkpoint.best_mode = "max"
     config.checkpoint.async_save = True
+
+    # Start from another run's parameters (fine-tuning), see effformer.train.init_from.
+    config.init_from = ml_collections.ConfigDict()
+    config.init_from.workdir = ""  # The source run's workdir; "" starts from scratch.
+    config.init_from.step = 0  # Its checkpoint step; 0: the latest.
+    config.init_from.reinit = ""  # Comma-separated top-level modules to keep fresh, e.g. "head".
     return config
 
 
@@ -103,6 +109,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raise ValueError naming the field and the fix for any config that cannot run."""
     from effformer.data import list_datasets
     from effformer.models import list_models
+    from effformer.train.init_from import validate_init_from
     from effformer.train.optim import LR_SCHEDULES, OPTIMIZERS
     from effformer.train.schedules import validate_model_schedules
     from effformer.train.tasks import TASKS
@@ -158,6 +165,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.checkpoint.keep < 1:
         raise ValueError(f"config.checkpoint.keep must be >= 1, got {config.checkpoint.keep}.")
     validate_model_schedules(config.model_schedules)
+    validate_init_from(config)
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:

@@ -23,6 +23,7 @@ from effformer.train.checkpoint import Checkpointer, check_workdir_matches, save
 from effformer.train.config import validate_config
 from effformer.train.evaluate import eval_params, run_evaluation
 from effformer.train.experiment import build_experiment
+from effformer.train.init_from import init_from_workdir, load_source_params
 from effformer.train.metric_writers import MetricWriter, ProgressBar
 from effformer.train.steps import make_train_step
 
@@ -94,6 +95,11 @@ def train_and_evaluate(
         restored = checkpointer.restore(exp.abstract_state)
         if restored is None:
             state, step = exp.init_state(), 0
+            if init_from_workdir(config):
+                params = load_source_params(config, exp.model, state.params)
+                state = state.replace(
+                    params=params, ema_params=params if config.ema_decay > 0 else None
+                )
         else:
             step, state, data_state = restored
             pipeline.set_state(data_state)

@@ -1,7 +1,8 @@
 """CCT-14/7x2 on ImageNet-1k at 224 (and the 384 fine-tune), the Compact-Transformers recipe.
 
     effformer train --config experiments/cct/imagenet.py --workdir runs/cct14_in1k
-    effformer train --config experiments/cct/imagenet.py:finetune384 --workdir runs/cct14_384
+    effformer train --config experiments/cct/imagenet.py:finetune384 --workdir runs/cct14_384 \
+        --config.init_from.workdir=runs/cct14_in1k
 
 Hardware: the paper trained with timm's train.py on 8 NVIDIA GPUs (global
 batch 1024) for 310 epochs; here a TPU v3-32 / v4-32 pod slice or 8 GPUs
@@ -10,11 +11,11 @@ batch 1024) for 310 epochs; here a TPU v3-32 / v4-32 pod slice or 8 GPUs
 development CPU.
 
 Published top-1 (Compact-Transformers README): 80.67% at 224, 82.71% after
-fine-tuning at 384. The 384 run starts from the 224 checkpoint with the
-position table resized by
-``effformer.models.vit.interpolate_position_embedding`` (196 -> 576 tokens);
-the trainer has no "initialise from another workdir" option yet, so that step
-is done in a notebook before training: see experiments/cct/README.md.
+fine-tuning at 384. The 384 run starts from the 224 run's latest checkpoint
+(``config.init_from``, default ``runs/cct14_in1k``), its position table resized
+on the token grid (196 -> 576 tokens) by
+``effformer.models.vit.interpolate_position_embedding``; every other parameter
+is copied and the optimizer starts fresh.
 
 Recipe: the original trained with timm's ImageNet script (DeiT-style: AdamW,
 lr scaled with the batch, weight decay 0.05, cosine, label smoothing 0.1,
@@ -58,4 +59,6 @@ def get_config(arg: str = "224"):
     config.checkpoint.every_steps = TRAIN_EXAMPLES // batch
     config.checkpoint.best_metric = "accuracy"
     config.compute_dtype = "bfloat16"
+    if finetune:
+        config.init_from.workdir = "runs/cct14_in1k"
     return config

@@ -1,0 +1,171 @@
+"""Start a run from another run's parameters (fine-tuning, resolution changes).
+
+``config.init_from.workdir`` names a finished (or interrupted) run. When the new
+run's own workdir holds no checkpoint yet, its fresh parameters are replaced by
+that run's, leaf by leaf:
+
+* a parameter whose top-level module is listed in ``config.init_from.reinit``
+  (comma-separated, e.g. ``"head"`` for a new class count) keeps its fresh
+  initialisation;
+* a parameter with the same path and shape is copied;
+* a vision Transformer's learned position table of another size is resized
+  on its token grid (:func:`effformer.models.vit.interpolate_position_embedding`,
+  e.g. CCT-14/7x2 trained at 224 and fine-tuned at 384);
+* anything else (a missing parameter, another shape) is an error that names the
+  parameter and the fix.
+
+The optimizer state starts fresh, and so does the step: this is a new run. The
+source's EMA parameters are used when the source kept an EMA (they are what its
+evaluation used). Once the new run has saved a checkpoint, resuming it restores
+that checkpoint and never reads the source again.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+
+from effformer.train.checkpoint import CONFIG_FILE, Checkpointer, load_config
+
+
+def init_from_workdir(config: ml_collections.ConfigDict) -> str:
+    """The source workdir, or "" (configs saved before ``init_from`` existed have none)."""
+    init_from = config.get("init_from")
+    return init_from.workdir if init_from is not None else ""
+
+
+def reinit_modules(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The top-level module names of ``config.init_from.reinit``."""
+    return tuple(name.strip() for name in config.init_from.reinit.split(",") if name.strip())
+
+
+def validate_init_from(config: ml_collections.ConfigDict) -> None:
+    """Fail before any compilation when ``config.init_from`` cannot work."""
+    source = init_from_workdir(config)
+    if not source:
+        return
+    if not (Path(source) / CONFIG_FILE).is_file():
+        raise ValueError(
+            f"config.init_from.workdir={source!r} holds no {CONFIG_FILE}: it must be the workdir "
+            "of an earlier `effformer train` run."
+        )
+    if config.init_from.step < 0:
+        raise ValueError(
+            f"config.init_from.step must be >= 0 (0: the latest checkpoint), got "
+            f"{config.init_from.step}."
+        )
+
+
+def load_source_params(
+    config: ml_collections.ConfigDict, target_model: Any, target_params: Any
+) -> Any:
+    """The parameters of ``config.init_from.workdir``'s checkpoint, adapted to the target.
+
+    Args:
+      config: the new run's config (reads ``init_from`` and ``mesh``).
+      target_model: the new run's model.
+      target_params: the new run's freshly initialised parameters (values are used for
+        the reinitialised modules, shapes and shardings for everything).
+    Returns:
+      A parameter tree with the structure, shapes and shardings of ``target_params``.
+    """
+    # Imported here: experiment.py imports this module's caller.
+    from effformer.train.experiment import build_experiment
+
+    source_dir = Path(config.init_from.workdir)
+    source_config = load_config(source_dir)
+    # The source's state is restored onto this run's mesh.
+    source_config.mesh = config.mesh
+    source = build_experiment(source_config)
+    checkpointer = Checkpointer(source_dir)
+    try:
+        restored = checkpointer.restore(source.abstract_state, step=config.init_from.step or None)
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise ValueError(
+            f"config.init_from.workdir={str(source_dir)!r} has no checkpoint to start from."
+        )
+    step, state, _ = restored
+    params = state.ema_params if source_config.ema_decay > 0 else state.params
+    logging.info("Initialising from %s, step %d.", source_dir, step)
+    adapted = adapt_params(
+        params, source.model, target_model, target_params, reinit_modules(config)
+    )
+    shardings = jax.tree.map(lambda x: x.sharding, target_params)
+    return jax.device_put(adapted, shardings)
+
+
+def adapt_params(
+    source_params: Any,
+    source_model: Any,
+    target_model: Any,
+    target_params: Any,
+    reinit: tuple[str, ...] = (),
+) -> Any:
+    """Map ``source_params`` onto the structure and shapes of ``target_params``.
+
+    See the module docstring for the rules. Pure: no checkpoint I/O.
+    """
+    from effformer.models.vit import VisionTransformer, interpolate_position_embedding
+
+    unknown = [name for name in reinit if name not in target_params]
+    if unknown:
+        raise ValueError(
+            f"config.init_from.reinit names {unknown}, which are not top-level modules of the "
+            f"target model; its modules are {sorted(target_params)}."
+        )
+    source_params = dict(source_params)
+    if (
+        isinstance(source_model, VisionTransformer)
+        and isinstance(target_model, VisionTransformer)
+        and "position_embedding" in source_params
+        and "position_embedding" in target_params
+        and source_model.sequence_length != target_model.sequence_length
+    ):
+        # interpolate_position_embedding also checks every other parameter's shape,
+        # which a reinitialised head would fail: resize the table on its own.
+        resized = interpolate_position_embedding(
+            {
+                **{k: v for k, v in target_params.items() if k != "position_embedding"},
+                "position_embedding": source_params["position_embedding"],
+            },
+            source_model,
+            target_model,
+        )
+        source_params["position_embedding"] = resized["position_embedding"]
+
+    flat_source = dict(jax.tree_util.tree_flatten_with_path(source_params)[0])
+    flat_target, treedef = jax.tree_util.tree_flatten_with_path(target_params)
+    leaves = []
+    for path, fresh in flat_target:
+        top = getattr(path[0], "key", None)
+        if top in reinit:
+            leaves.append(fresh)
+            continue
+        name = jax.tree_util.keystr(path)
+        if path not in flat_source:
+            raise ValueError(
+                f"config.init_from: the source checkpoint has no parameter {name}. Add its "
+                f"top-level module {top!r} to config.init_from.reinit to initialise it fresh."
+            )
+        value = flat_source.pop(path)
+        if tuple(value.shape) != tuple(fresh.shape):
+            raise ValueError(
+                f"config.init_from: parameter {name} has shape {tuple(value.shape)} in the source "
+                f"checkpoint but the target model expects {tuple(fresh.shape)}. Add its "
+                f"top-level module {top!r} to config.init_from.reinit to initialise it fresh."
+            )
+        leaves.append(value.astype(fresh.dtype))
+    unused = sorted(
+        jax.tree_util.keystr(path)
+        for path in flat_source
+        if getattr(path[0], "key", None) not in reinit
+    )
+    if unused:
+        logging.warning("config.init_from: source parameters not used by the target: %s", unused)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
