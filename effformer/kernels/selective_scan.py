@@ -221,9 +221,9 @@ class _Layout:
         self.batch, self.d, self.length = u_shape
         self.n = n
         self.n_pad = _next_power_of_2(self.n)
-        self.seq_block = seq_block
-        self.num_seq_blocks = -(-self.length // seq_block)
-        self.length_pad = self.num_seq_blocks * seq_block
+        self.seq_block = min(seq_block, self.length)  # no padded steps for short inputs
+        self.num_seq_blocks = -(-self.length // self.seq_block)
+        self.length_pad = self.num_seq_blocks * self.seq_block
         self.groups = {
             name: (BC.shape[1] if BC.ndim == 4 else 1) for name, BC in (("B", B), ("C", C))
         }
@@ -477,6 +477,7 @@ def selective_scan_pallas(
     """
     _check("u", getattr(u, "ndim", None) == 3, "[batch, d, L]", getattr(u, "shape", u))
     batch, d, length = u.shape
+    _check("u", length >= 1, "[batch, d, L] with L >= 1", tuple(u.shape))
     dtype = u.dtype
     _check("u.dtype", dtype in (jnp.float32, jnp.float64), "float32 or float64", dtype)
     _check("dt", dt.shape == u.shape, f"shaped {tuple(u.shape)} like u", tuple(dt.shape))

@@ -155,6 +155,7 @@ def test_backends_and_interpret_log(caplog):
     ("change", "message"),
     [
         (dict(u=np.zeros((2, 8))), r"u must be \[batch, d, L\], got \(2, 8\)"),
+        (dict(u=np.zeros((2, 8, 0))), r"u must be \[batch, d, L\] with L >= 1, got \(2, 8, 0\)"),
         (dict(delta=np.zeros((2, 8, 5))), r"dt must be shaped \(2, 8, 4\) like u, got \(2, 8, 5\)"),
         (dict(B=np.zeros((2, 3, 3, 4))), r"B must be .*groups.*got \(2, 3, 3, 4\)"),
         (dict(C=np.zeros((8, 4))), r"C must be \[8, 3\].*got \(8, 4\)"),
