@@ -2,6 +2,7 @@
 
 from effformer.ops.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from effformer.ops.attention import dot_product_attention
+from effformer.ops.decode_attention import decode_attention
 from effformer.ops.masks import (
     AttentionMask,
     causal_mask,
@@ -17,6 +18,7 @@ __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
     "AttentionMask",
     "causal_mask",
+    "decode_attention",
     "dense_mask",
     "dot_product_attention",
     "selective_scan",
