@@ -9,6 +9,13 @@ each layer is data: a **layer spec** string, one of
   the query and the ``W - 1`` keys before it (``window_left = W - 1``);
   bidirectional layers see ``W // 2`` keys on each side (ModernBERT's and
   Ettin's convention: a 128-token window is 64 either way);
+* ``"block:B"``: block-local attention (MASFormer's other short span): the
+  positions are cut into fixed, non-overlapping blocks ``[kB, (k+1)B)``
+  (per sequence in packed rows) and a query sees only keys of its own block,
+  causally in a decoder. It is the structural mask's segment ids, one id per
+  (sequence, block) run (:func:`block_segment_ids`), so every attention path
+  that honours segment ids computes it; KV-cached decoding adds the block ids
+  of the cached positions (:class:`BlockLocalAttention`);
 * any other mixer name known to :func:`available_mixers` (``"mamba"``; the
   mixers added to ``effformer.mixers.MIXERS`` later), built with the stack's
   ``mixer_kwargs[name]``.
@@ -24,8 +31,8 @@ A **layer pattern** turns specs into one spec per layer
   MASFormer's "full attention in layers 0 and 1, local elsewhere" is
   ``pattern="local:256", overrides={0: "global", 1: "global"}``.
 
-Unknown mixers, malformed windows, wrong lengths and out-of-range indices
-raise a ValueError naming what was expected.
+Unknown mixers, malformed windows or block sizes, wrong lengths and
+out-of-range indices raise a ValueError naming what was expected.
 """
 
 from __future__ import annotations
@@ -49,7 +56,12 @@ from effformer.ops.masks import AttentionMask
 Array = jax.Array
 Dtype = Any
 
-ATTENTION_SPECS = ("global", "local")
+ATTENTION_SPECS = ("global", "local", "block")
+# Spec kinds with a size after a colon: the size's meaning, for error messages.
+SIZED_SPECS = {
+    "local": "the number of keys each query sees",
+    "block": "the number of tokens in each block",
+}
 # Mixers that only look backwards; a bidirectional stack refuses them rather than
 # silently giving an encoder causal layers.
 CAUSAL_ONLY_MIXERS = frozenset({"mamba"})
@@ -65,7 +77,10 @@ def available_mixers() -> dict[str, type[nn.Module]]:
 
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
-    """One layer's mixer: ``kind`` is ``"global"``, ``"local"`` or a mixer name."""
+    """One layer's mixer: ``kind`` is ``"global"``, ``"local"``, ``"block"`` or a mixer name.
+
+    ``window``: the local window W or the block size B.
+    """
 
     kind: str
     window: int | None = None
@@ -75,27 +90,28 @@ class LayerSpec:
         return self.kind in ATTENTION_SPECS
 
     def __str__(self) -> str:
-        return f"local:{self.window}" if self.kind == "local" else self.kind
+        return f"{self.kind}:{self.window}" if self.kind in SIZED_SPECS else self.kind
 
 
 def parse_layer_spec(text: str) -> LayerSpec:
-    """``"global"`` | ``"local:W"`` (W >= 1) | a mixer name -> :class:`LayerSpec`."""
+    """``"global"`` | ``"local:W"`` | ``"block:B"`` (W, B >= 1) | a mixer name -> LayerSpec."""
     if not isinstance(text, str):
         raise ValueError(f"layer spec must be a string, got {text!r}.")
     spec = text.strip()
     if spec == "global":
         return LayerSpec("global")
-    if spec.startswith("local"):
-        _, sep, window = spec.partition(":")
-        if not sep or not window.strip().isdigit() or int(window) < 1:
+    kind, sep, size = spec.partition(":")
+    if kind in SIZED_SPECS:
+        if not sep or not size.strip().isdigit() or int(size) < 1:
+            letter = "W" if kind == "local" else "B"
             raise ValueError(
-                f"layer spec {text!r}: a local layer is 'local:W' with W a positive int "
-                "(the number of keys each query sees)."
+                f"layer spec {text!r}: a {kind} layer is '{kind}:{letter}' with {letter} a "
+                f"positive int ({SIZED_SPECS[kind]})."
             )
-        return LayerSpec("local", int(window))
+        return LayerSpec(kind, int(size))
     mixers = available_mixers()
     if spec not in mixers:
-        choices = ["global", "local:W", *sorted(mixers)]
+        choices = ["global", "local:W", "block:B", *sorted(mixers)]
         raise ValueError(f"layer spec {text!r}: unknown mixer; expected one of {choices}.")
     return LayerSpec(spec)
 
@@ -129,6 +145,52 @@ def expand_layer_pattern(
     return tuple(specs)
 
 
+def block_segment_ids(positions: Array, block_size: int, segment_ids: Array | None = None) -> Array:
+    """Segment ids [B, L] that keep attention inside blocks of ``block_size`` positions.
+
+    positions [B, L] (per sequence when packed); segment_ids [B, L] (0 =
+    padding) or None. Each run of tokens sharing a sequence and a block
+    ``position // block_size`` gets its own id 1, 2, ... along the row;
+    padding keeps 0. A run is contiguous because a sequence's positions
+    increase along the row, so tokens of one block are neighbours.
+    """
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_segment_ids: block_size must be an int >= 1, got {block_size!r}.")
+    blocks = positions // block_size
+    changed = blocks[:, 1:] != blocks[:, :-1]
+    if segment_ids is not None:
+        changed |= segment_ids[:, 1:] != segment_ids[:, :-1]
+    starts = jnp.concatenate([jnp.ones_like(changed[:, :1]), changed], axis=1)
+    ids = jnp.cumsum(starts, axis=1, dtype=jnp.int32)
+    return ids if segment_ids is None else jnp.where(segment_ids != 0, ids, 0)
+
+
+class BlockLocalAttention(MultiHeadAttention):
+    """Attention kept inside blocks of ``block_size`` positions, also when decoding.
+
+    A full-sequence call gets the blocks in its mask (the stack's segment ids
+    from :func:`block_segment_ids`). A KV-cached decode step sees one sequence
+    per row, whose cache records each key's position, so the step adds segment
+    ids ``position // block_size + 1`` for its queries and the cached keys to
+    the causal decode mask.
+    """
+
+    block_size: int = 1
+
+    def _decode_step(self, q, k, v, mask, positions):
+        q, keys, values, decode_mask, bias, overflow = super()._decode_step(
+            q, k, v, mask, positions
+        )
+        cached_positions = self.get_variable("cache", "cached_positions")  # after this step
+        query_positions = decode_mask.q_positions if positions is None else positions
+        decode_mask = dataclasses.replace(
+            decode_mask,
+            q_segment_ids=query_positions // self.block_size + 1,
+            kv_segment_ids=cached_positions // self.block_size + 1,
+        )
+        return q, keys, values, decode_mask, bias, overflow
+
+
 def attention_window(spec: LayerSpec, causal: bool) -> tuple[int | None, int | None]:
     """(window_left, window_right) of an attention layer spec."""
     if spec.kind != "local":
@@ -136,6 +198,34 @@ def attention_window(spec: LayerSpec, causal: bool) -> tuple[int | None, int | N
     if causal:
         return spec.window - 1, 0
     return spec.window // 2, spec.window // 2
+
+
+def layer_attention_mask(
+    spec: LayerSpec,
+    *,
+    causal: bool,
+    positions: Array,
+    segment_ids: Array | None = None,
+    mask_positions: Array | None = None,
+) -> AttentionMask:
+    """The structural mask of an attention layer over a whole sequence (not decoding).
+
+    positions [B, L]: per-sequence positions (they place the blocks of a
+    ``block:B`` layer); segment_ids [B, L] (0 = padding) or None;
+    mask_positions [B, L]: positions that order the causal mask and windows
+    when they differ from ``positions`` (the prefix LM's), else None.
+    """
+    if not spec.is_attention:
+        raise ValueError(f"layer_attention_mask: spec must be an attention spec, got {spec}.")
+    left, right = attention_window(spec, causal)
+    fields: dict[str, Any] = dict(causal=causal, window_left=left, window_right=right)
+    if spec.kind == "block":
+        segment_ids = block_segment_ids(positions, spec.window, segment_ids)
+    if segment_ids is not None:
+        fields.update(q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
+    if mask_positions is not None:
+        fields.update(q_positions=mask_positions, kv_positions=mask_positions)
+    return AttentionMask(**fields)
 
 
 class LMLayer(nn.Module):
@@ -285,7 +375,9 @@ class LayerStack(nn.Module):
 
     def _mixer(self, spec: LayerSpec, encoding: PositionEncoding, dim: int, index: int):
         if spec.is_attention:
-            return MultiHeadAttention(
+            block = {"block_size": spec.window} if spec.kind == "block" else {}
+            return (BlockLocalAttention if block else MultiHeadAttention)(
+                **block,
                 num_heads=self.num_heads,
                 num_kv_heads=self.num_kv_heads,
                 head_dim=self.head_dim,
@@ -308,7 +400,7 @@ class LayerStack(nn.Module):
             kwargs.setdefault("dtype", self.dtype)
         return cls(name=f"layer_{index}_{spec.kind}", **kwargs)
 
-    def _masks(self, specs, segment_ids, mask_positions, decode):
+    def _masks(self, specs, positions, segment_ids, mask_positions, decode):
         """One AttentionMask (or None) per layer."""
         layer_masks = []
         for spec in specs:
@@ -323,12 +415,15 @@ class LayerStack(nn.Module):
             if decode:  # the KV cache supplies positions; segments are refused earlier
                 layer_masks.append(AttentionMask(causal=True, window_left=left))
                 continue
-            fields: dict[str, Any] = dict(causal=self.causal, window_left=left, window_right=right)
-            if segment_ids is not None:
-                fields.update(q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
-            if mask_positions is not None:
-                fields.update(q_positions=mask_positions, kv_positions=mask_positions)
-            layer_masks.append(AttentionMask(**fields))
+            layer_masks.append(
+                layer_attention_mask(
+                    spec,
+                    causal=self.causal,
+                    positions=positions,
+                    segment_ids=segment_ids,
+                    mask_positions=mask_positions,
+                )
+            )
         return layer_masks
 
     @nn.compact
@@ -361,7 +456,7 @@ class LayerStack(nn.Module):
         encoding = self._position_encoding()
         x = encoding.embed(x, positions)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
-        layer_masks = self._masks(specs, segment_ids, mask_positions, decode)
+        layer_masks = self._masks(specs, positions, segment_ids, mask_positions, decode)
         norm_kwargs = {"epsilon": self.norm_epsilon}
         if self.norm == "layer_norm":
             norm_kwargs["use_bias"] = self.use_bias

@@ -39,8 +39,9 @@ left at this library's defaults.
 
 MASFormer presets (Zhang et al., 2023, "Efficient Long-Range Transformers: You
 Need to Attend More, but Not Necessarily at Every Layer"): full attention in
-a few layers, sliding-window attention with span ``masformer_span`` in the
-others. The paper's ablations place the full-attention layers at the bottom;
+a few layers, short-span attention with span ``masformer_span`` in the
+others: a sliding window (``masformer_short_span="local"``) or fixed,
+non-overlapping blocks (``"block"``), the paper's two short-span forms. The paper's ablations place the full-attention layers at the bottom;
 ``masformer_global_layers`` chooses them.
 """
 
@@ -532,15 +533,27 @@ for _size in ETTIN_SIZES:
     _register_ettin(_size)
 
 
+MASFORMER_SHORT_SPANS = ("local", "block")
+
+
 def masformer_config(
     num_layers: int = 24,
     masformer_span: int = 1024,
     masformer_global_layers: Sequence[int] = (0, 1, 2, 3),
+    masformer_short_span: str = "local",
 ) -> dict[str, Any]:
-    """Local attention with span ``masformer_span`` everywhere but ``masformer_global_layers``."""
+    """Short-span attention (span ``masformer_span``) everywhere but ``masformer_global_layers``.
+
+    ``masformer_short_span``: ``"local"`` (sliding window) or ``"block"`` (block-local).
+    """
+    if masformer_short_span not in MASFORMER_SHORT_SPANS:
+        raise ValueError(
+            f"masformer_short_span must be one of {MASFORMER_SHORT_SPANS}, got "
+            f"{masformer_short_span!r}."
+        )
     return dict(
         num_layers=num_layers,
-        layer_pattern=f"local:{masformer_span}",
+        layer_pattern=f"{masformer_short_span}:{masformer_span}",
         layer_overrides={int(layer): "global" for layer in masformer_global_layers},
     )
 
@@ -553,6 +566,7 @@ def masformer_decoder(
     num_layers: int = 24,
     masformer_span: int = 1024,
     masformer_global_layers: Sequence[int] = (0, 1, 2, 3),
+    masformer_short_span: str = "local",
     **overrides: Any,
 ) -> TransformerLM:
     """MASFormer decoder: full attention at a few (bottom) layers, local span elsewhere.
@@ -562,5 +576,7 @@ def masformer_decoder(
     paper's ablated settings).
     """
     kwargs = dict(embed_dim=2048, num_heads=16, ffn_hidden_dim=8192, vocab_size=50257)
-    kwargs.update(masformer_config(num_layers, masformer_span, masformer_global_layers))
+    kwargs.update(
+        masformer_config(num_layers, masformer_span, masformer_global_layers, masformer_short_span)
+    )
     return TransformerLM(kind="decoder", **{**kwargs, **overrides})

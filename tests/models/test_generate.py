@@ -38,10 +38,13 @@ def _recompute(full_logits, prompts, lengths, new, choose):
     return tokens, scores
 
 
-# Each case is a separate cache path: RoPE with a local-window cache, a learned position
-# table, and Mamba's recurrent state next to an attention cache (two layers suffice).
+# Each case is a separate cache path: RoPE with block-local and local-window caches, a learned
+# position table, and Mamba's recurrent state next to a global attention cache.
 DECODERS = {
-    "rope_local": ("lm_decoder", dict(layer_pattern="global,local:3", position_encoding="rope")),
+    "rope_local_block": (
+        "lm_decoder",
+        dict(layer_pattern="block:3,local:3", position_encoding="rope"),
+    ),
     "learned": ("lm_decoder", dict(num_layers=1, position_encoding="learned")),
     "hybrid_mamba": ("lm_hybrid_mamba", dict(num_layers=2, layer_pattern="mamba,global")),
 }
@@ -82,7 +85,7 @@ def test_greedy_cached_generation_equals_recomputation(decoder, case):
 
 
 def test_top_k_sampling_equals_recomputation_and_stays_in_the_top_k(decoder):
-    model, variables, apply, _ = decoder("rope_local")
+    model, variables, apply, _ = decoder("rope_local_block")
     rng = jax.random.PRNGKey(7)
     kwargs = dict(temperature=0.8, top_k=3)
     out = generate(model, variables["params"], PROMPTS, LENGTHS, max_new_tokens=NEW, rng=rng,
@@ -114,7 +117,7 @@ def test_sampling_rules():
 
 
 def test_eos_pads_the_rest_of_a_row(decoder):
-    model, variables, _, greedy = decoder("rope_local")
+    model, variables, _, greedy = decoder("rope_local_block")
     params = variables["params"]
     eos = int(greedy.new_tokens[0, 0])
     out = generate(model, params, PROMPTS, LENGTHS, max_new_tokens=NEW, eos_id=eos, pad_id=63)
@@ -149,7 +152,7 @@ def test_encoder_decoder_cached_generation_equals_recomputation():
 
 
 def test_bad_generation_requests_raise(decoder):
-    model, variables, _, _ = decoder("rope_local")
+    model, variables, _, _ = decoder("rope_local_block")
     params = variables["params"]
     with pytest.raises(ValueError, match="need 7 cached positions, more than the cache_length 5"):
         generate(model, params, PROMPTS, LENGTHS, max_new_tokens=NEW, cache_length=5)
