@@ -1,1 +1,1 @@
-"""effformer.kernels."""
+"""Pallas kernels, each reached only through its op in :mod:`effformer.ops`."""

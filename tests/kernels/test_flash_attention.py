@@ -1,0 +1,276 @@
+"""The Pallas flash-attention kernel (interpret mode) against the op's float64 reference.
+
+Shapes are shared so that each mask compiles once: batch 2, 4 query heads on
+2 kv heads (grouped-query attention), head dim 8 (padded to 16 inside), blocks
+of 16 and lengths 40 and 24, which no block divides (padded to 48 and 32).
+
+Tolerance: in float64 the kernel and the reference compute the same sums in a
+different order (blockwise online softmax, exp2 of rescaled logits), so they
+agree to ~1e-15 per operation on O(1) values; 1e-10 leaves room for the few
+dozen accumulated terms and would still catch any wrong mask entry, weight or
+missing term (each changes results by ~1e-2 at these sizes). The float32 op
+test compares with the float64 reference at 2e-5, the op tests' bound.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from effformer.kernels.flash_attention import BlockSizes, flash_attention
+from effformer.ops import attention, masks
+from effformer.ops.attention import dot_product_attention
+from effformer.ops.masks import AttentionMask
+
+BLOCKS = BlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
+LENGTH, SHORT = 40, 24
+TOLERANCE = 1e-10
+# The interpreted kernels are XLA programs that take seconds to optimise and microseconds
+# to run at these sizes: skipping LLVM's optimisations halves the tests' compile time.
+_jit_unoptimised = functools.partial(
+    jax.jit, compiler_options={"xla_backend_optimization_level": 0}
+)
+
+# Row 0 packs two sequences then 5 padding tokens (fully masked rows); row 1 is one sequence.
+SEGMENTS = np.array([[1] * 13 + [2] * 22 + [0] * 5, [3] * LENGTH], np.int32)
+# Packed sequences restart their positions.
+POSITIONS = np.array([list(range(13)) + list(range(22)) + [0] * 5, list(range(LENGTH))], np.int32)
+
+
+def _inputs(q_len, kv_len, dtype=jnp.float64, seed=0):
+    rng = np.random.default_rng(seed)
+    shapes = [(2, q_len, 4, 8), (2, kv_len, 2, 8), (2, kv_len, 2, 8), (2, q_len, 4, 8)]
+    return tuple(jnp.asarray(rng.normal(size=shape), dtype) for shape in shapes)
+
+
+@_jit_unoptimised
+def _reference_vjp(q, k, v, d_out, visible):
+    """The op's reference with the mask given as data (an additive -inf for hidden keys).
+
+    One compilation per shape serves every mask; the op's reference turns an
+    all -inf row into zeros exactly as it does for a masked row.
+    """
+    bias = jnp.where(visible, 0.0, -jnp.inf)
+    attend = lambda q, k, v: dot_product_attention(  # noqa: E731
+        q, k, v, bias=bias, implementation="reference"
+    )
+    out, vjp = jax.vjp(attend, q, k, v)
+    return out, vjp(d_out)
+
+
+@_jit_unoptimised
+def _soft_reference_vjp(q, k, v, ratio, d_out):
+    attend = lambda q, k, v, r: dot_product_attention(  # noqa: E731
+        q, k, v, mask=AttentionMask(soft_causal_ratio=r), implementation="reference"
+    )
+    out, vjp = jax.vjp(attend, q, k, v, ratio)
+    return out, vjp(d_out)
+
+
+def _visible(mask: AttentionMask, q_len: int, kv_len: int):
+    return masks.dense_mask(mask, 2, q_len, kv_len)
+
+
+def _assert_close(actual, expected):
+    out, grads = actual
+    out_ref, grads_ref = expected
+    np.testing.assert_allclose(out, out_ref, atol=TOLERANCE, rtol=0)
+    for name, grad, grad_ref in zip(("dq", "dk", "dv"), grads, grads_ref, strict=False):
+        np.testing.assert_allclose(grad, grad_ref, atol=TOLERANCE, rtol=0, err_msg=name)
+
+
+# name: (q_len, kv_len, kernel keyword arguments, the same mask for the reference).
+CASES = {
+    # Backward blocks of 32: 40 is padded to 64, so the forward's last block of 16 is all padding.
+    "no_mask_larger_backward_blocks": (
+        LENGTH,
+        LENGTH,
+        dict(block_sizes=BlockSizes(block_q=16, block_k=16, block_q_bwd=32, block_k_bwd=32)),
+        AttentionMask(),
+    ),
+    "causal_packed_segments_padding": (
+        LENGTH,
+        LENGTH,
+        dict(
+            causal=True,
+            q_segment_ids=SEGMENTS,
+            kv_segment_ids=SEGMENTS,
+            q_positions=POSITIONS,
+            kv_positions=POSITIONS,
+        ),
+        AttentionMask(
+            causal=True,
+            q_segment_ids=jnp.asarray(SEGMENTS),
+            kv_segment_ids=jnp.asarray(SEGMENTS),
+            q_positions=jnp.asarray(POSITIONS),
+            kv_positions=jnp.asarray(POSITIONS),
+        ),
+    ),
+    "window_short_queries": (
+        SHORT,
+        LENGTH,
+        dict(window_left=5, window_right=3),
+        AttentionMask(window_left=5, window_right=3),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_and_gradients_match_reference(name, x64):
+    q_len, kv_len, kwargs, mask = CASES[name]
+    q, k, v, d_out = _inputs(q_len, kv_len)
+
+    @_jit_unoptimised
+    def kernel(q, k, v, d_out):
+        attend = lambda q, k, v: flash_attention(  # noqa: E731
+            q, k, v, interpret=True, **({"block_sizes": BLOCKS} | kwargs)
+        )
+        out, vjp = jax.vjp(attend, q, k, v)
+        return out, vjp(d_out)
+
+    out, grads = kernel(q, k, v, d_out)
+    _assert_close((out, grads), _reference_vjp(q, k, v, d_out, _visible(mask, q_len, kv_len)))
+    if "q_segment_ids" in kwargs:  # padding queries see nothing: exactly 0, zero gradient
+        padding = SEGMENTS == 0
+        assert np.all(np.asarray(out)[padding] == 0.0)
+        assert np.all(np.asarray(grads[0])[padding] == 0.0)
+        assert all(np.isfinite(g).all() for g in grads)
+
+
+def test_soft_causal_traced_ratio_matches_reference_and_ratio_gets_no_gradient(x64):
+    q, k, v, d_out = _inputs(LENGTH, LENGTH)
+
+    @_jit_unoptimised  # one compilation for every ratio: r is traced, as the trainer's schedule gives it
+    def kernel(q, k, v, ratio, d_out):
+        attend = lambda q, k, v, r: flash_attention(  # noqa: E731
+            q, k, v, soft_causal_ratio=r, block_sizes=BLOCKS, interpret=True
+        )
+        out, vjp = jax.vjp(attend, q, k, v, ratio)
+        return out, vjp(d_out)
+
+    for ratio in (0.0, 0.3, 1.0):
+        ratio = jnp.asarray(ratio)
+        out, grads = kernel(q, k, v, ratio, d_out)
+        expected = _soft_reference_vjp(q, k, v, ratio, d_out)
+        _assert_close((out, grads[:3]), expected)
+        assert grads[3] == 0.0 and expected[1][3] != 0.0  # the reference does depend on r
+    # r = 1 is plain bidirectional attention: the full-row softmax is never renormalised.
+    unmasked = _reference_vjp(q, k, v, d_out, _visible(AttentionMask(), LENGTH, LENGTH))[0]
+    np.testing.assert_allclose(out, unmasked, atol=TOLERANCE, rtol=0)
+
+
+def test_op_dispatches_to_the_kernel_in_interpret_mode_on_cpu(caplog):
+    q, k, v, d_out = _inputs(LENGTH, LENGTH, jnp.float32)
+    attention._logged_fallbacks.clear()
+    attend = _jit_unoptimised(
+        lambda q, k, v: dot_product_attention(
+            q,
+            k,
+            v,
+            mask=AttentionMask(soft_causal_ratio=0.3),
+            implementation="pallas",
+            pallas_block_sizes=BLOCKS,
+        )
+    )
+    with caplog.at_level(logging.INFO, logger=attention.__name__):
+        out = attend(q, k, v)
+        attend(q * 2, k, v)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "interpret mode on CPU" in messages[0]
+    assert out.dtype == jnp.float32
+    with jax.enable_x64(True):
+        as64 = [jnp.asarray(x, jnp.float64) for x in (q, k, v, jnp.asarray(0.3), d_out)]
+        expected = _soft_reference_vjp(*as64)[0]
+    np.testing.assert_allclose(out, expected, atol=2e-5, rtol=0)
+
+
+def test_op_falls_back_to_xla_where_the_kernel_has_no_lowering(monkeypatch, caplog):
+    q, k, v, _ = _inputs(SHORT, SHORT, jnp.float32)
+
+    def program(implementation):
+        attend = functools.partial(
+            dot_product_attention, mask=AttentionMask(causal=True), implementation=implementation
+        )
+        return str(jax.make_jaxpr(attend)(q, k, v))
+
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: "tpu")
+    attention._logged_fallbacks.clear()
+    with caplog.at_level(logging.INFO, logger=attention.__name__):
+        fallback = program("pallas")
+        program("pallas")
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "no 'tpu' lowering" in messages[0] and "'xla'" in messages[0]
+    assert fallback == program("xla")  # exactly the XLA path's program
+
+
+def _bad_kernel_call(**overrides):
+    q, k, v, _ = _inputs(SHORT, SHORT, jnp.float32)
+    kwargs = dict(block_sizes=BLOCKS, interpret=True) | overrides
+    q, k, v = kwargs.pop("q", q), kwargs.pop("k", k), kwargs.pop("v", v)
+    return lambda: flash_attention(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            _bad_kernel_call(q=jnp.zeros((2, SHORT, 8))),
+            r"q must have rank 4 .* got shape \(2, 24, 8\)",
+        ),
+        (_bad_kernel_call(k=jnp.zeros((2, SHORT, 3, 8))), r"k and v must both have shape"),
+        (
+            _bad_kernel_call(k=jnp.zeros((2, SHORT, 3, 8)), v=jnp.zeros((2, SHORT, 3, 8))),
+            r"q heads \(4\) must be a multiple of k/v heads, got 3",
+        ),
+        (
+            _bad_kernel_call(causal=True, soft_causal_ratio=0.5),
+            r"causal=True and soft_causal_ratio",
+        ),
+        (
+            _bad_kernel_call(soft_causal_ratio=jnp.zeros(2)),
+            r"soft_causal_ratio must be a scalar, got shape \(2,\)",
+        ),
+        (
+            _bad_kernel_call(
+                q_segment_ids=np.ones((2, 5), np.int32), kv_segment_ids=np.ones((2, 24))
+            ),
+            r"q_segment_ids must have shape \(2, 24\) \(or batch 1\), got \(2, 5\)",
+        ),
+        (_bad_kernel_call(kv_segment_ids=np.ones((2, 24))), r"give both q_segment_ids and"),
+        (
+            _bad_kernel_call(window_left=-1),
+            r"window_left must be a non-negative int or None, got -1",
+        ),
+        (_bad_kernel_call(block_sizes=(16, 16)), r"block_sizes must be a BlockSizes or None"),
+        (lambda: BlockSizes(block_q=24), r"BlockSizes.block_q must be a power of two >= 16.*24"),
+        (lambda: BlockSizes(block_k_bwd=8), r"BlockSizes.block_k_bwd must be a power of two >= 16"),
+        (
+            lambda: jax.jit(lambda s: _bad_kernel_call(scale=s)())(1.0),
+            r"scale must be a Python number",
+        ),
+    ],
+)
+def test_bad_kernel_input_is_named(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(bias=jnp.zeros((1, 1, SHORT, SHORT))), r"'pallas' takes no bias, got bias of shape"),
+        (
+            dict(dropout_rate=0.1, dropout_rng=jax.random.key(0)),
+            r"'pallas' has no dropout, got dropout_rate=0.1",
+        ),
+    ],
+)
+def test_op_rejects_what_the_kernel_does_not_compute(kwargs, message):
+    q, k, v, _ = _inputs(SHORT, SHORT, jnp.float32)
+    with pytest.raises(ValueError, match=message):
+        dot_product_attention(q, k, v, implementation="pallas", **kwargs)
