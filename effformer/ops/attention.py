@@ -20,6 +20,13 @@ dropout's ``keep / (1 - rate)``. Implementations:
     GPU only: ``jax.nn.dot_product_attention(implementation="cudnn")``, for
     float16/bfloat16 with no mask, causal, or causal sliding window, with
     ``Lq == Lk`` and default positions (cuDNN aligns causal masks top-left).
+``"pallas"``
+    :mod:`effformer.kernels.flash_attention`: a Pallas flash-attention kernel
+    (forward and backward) for every mask here, soft-causal included, written
+    for the GPU (Triton). On CPU it runs in Pallas's interpreter (correct but
+    slow: for tests); on other backends the XLA path is used instead. Both are
+    logged once. No bias, no dropout; ``scale`` must be a Python number; the
+    soft-causal ratio gets a zero gradient.
 
 ``implementation=None`` picks cuDNN on GPU where it applies (and there is no
 dropout and no bias), else ``"xla"`` when ``Lq * Lk <= XLA_MAX_SCORES``, else
@@ -36,6 +43,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from effformer.kernels import flash_attention as pallas_flash
 from effformer.ops import masks
 from effformer.ops.attention_blockwise import (
     DEFAULT_BLOCK_K,
@@ -48,7 +56,7 @@ from effformer.ops.masks import AttentionMask
 
 Array = jax.Array
 
-IMPLEMENTATIONS = ("reference", "xla", "xla_blockwise", "cudnn")
+IMPLEMENTATIONS = ("reference", "xla", "xla_blockwise", "cudnn", "pallas")
 
 # Above this many scores per (batch, head) the automatic choice is the blockwise
 # path. On the 2-core development CPU the two are on par up to 512 x 512 (where
@@ -174,6 +182,52 @@ def _cudnn(q, k, v, mask, bias, scale) -> Array:
     )
 
 
+def _pallas_or_fallback(q, k, bias, dropout_rate) -> str:
+    """'pallas' where the kernel runs (GPU; CPU interpreted), else an XLA path; logged once."""
+    if bias is not None:
+        raise ValueError(
+            "dot_product_attention: implementation='pallas' takes no bias, "
+            f"got bias of shape {jnp.shape(bias)}."
+        )
+    if dropout_rate > 0.0:
+        raise ValueError(
+            "dot_product_attention: implementation='pallas' has no dropout, "
+            f"got dropout_rate={dropout_rate}."
+        )
+    backend = jax.default_backend()
+    if backend == "gpu":
+        return "pallas"
+    if backend == "cpu":
+        _log_once("dot_product_attention: 'pallas' runs in Pallas interpret mode on CPU (slow).")
+        return "pallas"
+    fallback = "xla" if q.shape[1] * k.shape[1] <= XLA_MAX_SCORES else "xla_blockwise"
+    _log_once(
+        f"dot_product_attention: the 'pallas' kernel has no {backend!r} lowering "
+        f"(it targets GPU Triton); using {fallback!r}."
+    )
+    return fallback
+
+
+def _pallas(q, k, v, mask, scale, block_sizes) -> Array:
+    mask = AttentionMask() if mask is None else mask
+    return pallas_flash.flash_attention(
+        q,
+        k,
+        v,
+        causal=mask.causal,
+        window_left=mask.window_left,
+        window_right=mask.window_right,
+        q_segment_ids=mask.q_segment_ids,
+        kv_segment_ids=mask.kv_segment_ids,
+        q_positions=mask.q_positions,
+        kv_positions=mask.kv_positions,
+        soft_causal_ratio=mask.soft_causal_ratio,
+        scale=scale,
+        block_sizes=block_sizes,
+        interpret=jax.default_backend() == "cpu",
+    )
+
+
 def _validate(q, k, v, mask, bias, implementation, dropout_rate, dropout_rng) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         if jnp.ndim(x) != 4:
@@ -267,6 +321,7 @@ def dot_product_attention(
     implementation: str | None = None,
     block_q: int = DEFAULT_BLOCK_Q,
     block_k: int = DEFAULT_BLOCK_K,
+    pallas_block_sizes: pallas_flash.BlockSizes | None = None,
 ) -> Array:
     """Softmax attention with a structural mask.
 
@@ -285,6 +340,7 @@ def dot_product_attention(
       implementation: one of ``IMPLEMENTATIONS`` or None (see module docstring).
       block_q, block_k: block sizes of ``"xla_blockwise"`` (any positive size;
         lengths need not be multiples).
+      pallas_block_sizes: block sizes of ``"pallas"`` (default: the kernel's).
     Returns:
       [B, Lq, H, Dh] in q's dtype.
     """
@@ -308,6 +364,11 @@ def dot_product_attention(
                 f"dot_product_attention: implementation='cudnn' unsupported: {reason}."
             )
         return _cudnn(q, k, v, mask, bias, scale)
+
+    if implementation == "pallas":
+        implementation = _pallas_or_fallback(q, k, bias, dropout_rate)
+        if implementation == "pallas":
+            return _pallas(q, k, v, mask, scale, pallas_block_sizes)
 
     if mask is None:
         mask = AttentionMask()
