@@ -1,0 +1,275 @@
+"""Benchmark of the Pallas flash-attention kernel (structured and soft-causal masks).
+
+Markdown tables:
+
+  1. correctness: ``dot_product_attention(implementation="pallas")`` in float32
+     against the float64 ``"reference"`` at small sizes (GQA, lengths that are
+     not multiples of the blocks, causal / window / packed segments with padding
+     / soft-causal), forward and the gradients w.r.t. q, k, v: the largest
+     absolute difference divided by the reference's largest magnitude. In
+     interpret mode on CPU, compiled on a GPU.
+  2. speed (GPU): per sequence length (1024, 4096), head dim (64, 128) and mask
+     (causal, soft-causal r = 0.5), bfloat16, batch 2, 16 heads: forward and
+     forward + backward time of the kernel, of the op's ``"xla"`` path, and of
+     cuDNN's causal attention (``jax.nn.dot_product_attention(implementation=
+     "cudnn", is_causal=True)``, the issue's yardstick, also on the soft rows),
+     each with achieved TFLOP/s and its fraction of the measured bfloat16 matmul
+     peak, and the kernel's time over cuDNN's. FLOPs are counted, not taken from
+     XLA (which cannot see into a kernel): ``4 B H L^2 D`` forward (two matmuls),
+     halved for causal (the visible triangle; soft-causal sees every key), and
+     2.5 times that for the backward (five matmuls). On CPU the table is printed
+     with "not measured" cells: interpret mode says nothing about GPU speed.
+  3. with ``--sweep`` (GPU): the kernel's block sizes at L 4096, to tune the
+     defaults.
+
+Run:
+  .venv/bin/python experiments/benchmarks/kernels_flash_attention.py          # CPU or GPU
+  python experiments/benchmarks/kernels_flash_attention.py --sweep             # GPU, tuning
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from effformer.kernels.flash_attention import BlockSizes
+from effformer.ops.attention import dot_product_attention
+from effformer.ops.masks import AttentionMask
+
+NOT_MEASURED = "not measured"
+
+
+def _inputs(batch, q_len, kv_len, heads, kv_heads, head_dim, dtype, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(keys[0], (batch, q_len, heads, head_dim), dtype)
+    k = jax.random.normal(keys[1], (batch, kv_len, kv_heads, head_dim), dtype)
+    v = jax.random.normal(keys[2], (batch, kv_len, kv_heads, head_dim), dtype)
+    d_out = jax.random.normal(keys[3], (batch, q_len, heads, head_dim), dtype)
+    return q, k, v, d_out
+
+
+def _value_and_grads(attend):
+    def run(q, k, v, d_out):
+        out, vjp = jax.vjp(attend, q, k, v)
+        return out, vjp(d_out)
+
+    return jax.jit(run)
+
+
+# ----------------------------------------------------------------------------- correctness
+
+
+def _segments(length: int) -> np.ndarray:
+    """Row 0: two packed sequences and 5 padding tokens; row 1: one sequence."""
+    first = length // 3
+    row0 = [1] * first + [2] * (length - first - 5) + [0] * 5
+    return np.array([row0, [1] * length], np.int32)
+
+
+def correctness_table(interpret: bool) -> None:
+    length, short = 100, 37
+    blocks = BlockSizes(16, 16, 16, 16) if interpret else None
+    segments = jnp.asarray(_segments(length))
+    cases = [
+        ("causal", length, AttentionMask(causal=True)),
+        ("causal, Lq 37 against Lk 100", short, AttentionMask(causal=True)),
+        ("window (16 left, 0 right)", length, AttentionMask(window_left=16, window_right=0)),
+        (
+            "causal packed segments + padding",
+            length,
+            AttentionMask(causal=True, q_segment_ids=segments, kv_segment_ids=segments),
+        ),
+        ("soft-causal r = 0", length, AttentionMask(soft_causal_ratio=0.0)),
+        ("soft-causal r = 0.3", length, AttentionMask(soft_causal_ratio=0.3)),
+        ("soft-causal r = 1", length, AttentionMask(soft_causal_ratio=1.0)),
+    ]
+    mode = "interpret mode" if interpret else "compiled"
+    print(
+        f"Correctness ({mode}; float32 kernel vs float64 reference; batch 2, 4 query heads on "
+        "2 kv heads, head dim 32, Lk 100; blocks "
+        f"{'16' if interpret else 'default'}): max |pallas - reference| / max |reference|\n"
+    )
+    print("| case | out | dq | dk | dv |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, q_len, mask in cases:
+        q, k, v, d_out = _inputs(2, q_len, length, 4, 2, 32, jnp.float32)
+        kernel = _value_and_grads(
+            lambda q, k, v, mask=mask: dot_product_attention(
+                q, k, v, mask=mask, implementation="pallas", pallas_block_sizes=blocks
+            )
+        )
+        got = jax.tree.leaves(kernel(q, k, v, d_out))
+        with jax.enable_x64(True):
+            as64 = [x.astype(jnp.float64) for x in (q, k, v, d_out)]
+            reference = _value_and_grads(
+                lambda q, k, v, mask=mask: dot_product_attention(
+                    q, k, v, mask=mask, implementation="reference"
+                )
+            )
+            expected = [np.asarray(x) for x in jax.tree.leaves(reference(*as64))]
+        errors = [
+            float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
+            for a, b in zip(got, expected, strict=True)
+        ]
+        print(f"| {name} | " + " | ".join(f"{e:.1e}" for e in errors) + " |", flush=True)
+    print()
+
+
+# ----------------------------------------------------------------------------- speed
+
+
+def _median_seconds(fn, args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak_tflops(size: int = 8192, repeats: int = 10) -> float:
+    """Measured bfloat16 matmul throughput (best of ``repeats``), the denominator of 'fraction'."""
+    a = jnp.ones((size, size), jnp.bfloat16)
+    matmul = jax.jit(lambda a, b: a @ b)
+    jax.block_until_ready(matmul(a, a))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(matmul(a, a))
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e12
+
+
+def _programs(mask: AttentionMask, blocks: BlockSizes | None):
+    """name -> (forward, forward + backward) jitted programs of (q, k, v, d_out)."""
+
+    def op(implementation):
+        def attend(q, k, v):
+            return dot_product_attention(
+                q, k, v, mask=mask, implementation=implementation, pallas_block_sizes=blocks
+            )
+
+        return attend
+
+    def cudnn_causal(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+    programs = {}
+    for name, attend in (("pallas", op("pallas")), ("xla", op("xla")), ("cudnn", cudnn_causal)):
+        forward = jax.jit(lambda q, k, v, d_out, attend=attend: attend(q, k, v))
+        programs[name] = (forward, _value_and_grads(attend))
+    return programs
+
+
+def _flops(batch, heads, length, head_dim, causal: bool, backward: bool) -> float:
+    forward = 4.0 * batch * heads * length * length * head_dim * (0.5 if causal else 1.0)
+    return forward * (3.5 if backward else 1.0)
+
+
+def speed_table(on_gpu: bool, repeats: int) -> None:
+    batch, heads = 2, 16
+    peak = matmul_peak_tflops() if on_gpu else None
+    device = jax.devices()[0].device_kind
+    print(
+        f"Speed ({device}; bfloat16, batch {batch}, {heads} heads; median of {repeats} runs; "
+        "TFLOP/s counted as in the docstring; fraction of the measured bf16 matmul peak"
+        + (f" {peak:.0f} TFLOP/s" if peak else "")
+        + "; cudnn = cuDNN causal attention)\n"
+    )
+    columns = ("pallas", "xla", "cudnn")
+    print(
+        "| L | head dim | mask | pass | "
+        + " | ".join(f"{c} ms | {c} TFLOP/s (fraction)" for c in columns)
+        + " | pallas / cudnn |"
+    )
+    print("| " + " | ".join(["---"] * (5 + 2 * len(columns))) + " |")
+    for length, head_dim, soft in itertools.product((1024, 4096), (64, 128), (False, True)):
+        mask = AttentionMask(soft_causal_ratio=0.5) if soft else AttentionMask(causal=True)
+        mask_name = "soft-causal r 0.5" if soft else "causal"
+        programs = _programs(mask, None) if on_gpu else {}
+        args = (
+            _inputs(batch, length, length, heads, heads, head_dim, jnp.bfloat16) if on_gpu else ()
+        )
+        for backward, pass_name in ((False, "forward"), (True, "forward + backward")):
+            cells, seconds = [], {}
+            for name in columns:
+                if not on_gpu:
+                    cells += [NOT_MEASURED, NOT_MEASURED]
+                    continue
+                try:
+                    seconds[name] = _median_seconds(programs[name][int(backward)], args, repeats)
+                except Exception as error:  # e.g. XLA's materialised scores out of memory
+                    cells += [f"failed: {type(error).__name__}", ""]
+                    continue
+                # Work each computes: cuDNN is causal on every row; pallas / xla follow the mask.
+                causal = name == "cudnn" or not soft
+                flops = _flops(batch, heads, length, head_dim, causal, backward)
+                tflops = flops / seconds[name] / 1e12
+                cells += [f"{seconds[name] * 1e3:.3f}", f"{tflops:.0f} ({tflops / peak:.0%})"]
+            ratio = (
+                f"{seconds['pallas'] / seconds['cudnn']:.2f}x"
+                if "pallas" in seconds and "cudnn" in seconds
+                else NOT_MEASURED
+            )
+            row = [str(length), str(head_dim), mask_name, pass_name, *cells, ratio]
+            print("| " + " | ".join(row) + " |", flush=True)
+    print()
+
+
+def sweep_table(repeats: int) -> None:
+    batch, heads, length = 2, 16, 4096
+    print(
+        f"Block sweep (bfloat16, batch {batch}, {heads} heads, L {length}, soft-causal r 0.5; "
+        "forward blocks timed on the forward, backward blocks on forward + backward)\n"
+    )
+    print("| head dim | block_q | block_k | block_q_bwd | block_k_bwd | forward ms | fwd+bwd ms |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    mask = AttentionMask(soft_causal_ratio=0.5)
+    for head_dim in (64, 128):
+        args = _inputs(batch, length, length, heads, heads, head_dim, jnp.bfloat16)
+        candidates = [
+            BlockSizes(bq, bk, bqb, bkb)
+            for bq, bk in ((64, 64), (128, 32), (128, 64), (128, 128))
+            for bqb, bkb in ((32, 64), (64, 64), (64, 128), (128, 64))
+        ]
+        for blocks in candidates:
+            forward, both = _programs(mask, blocks)["pallas"]
+            try:
+                cells = [
+                    f"{_median_seconds(forward, args, repeats) * 1e3:.3f}",
+                    f"{_median_seconds(both, args, repeats) * 1e3:.3f}",
+                ]
+            except Exception as error:  # e.g. Triton out of shared memory for large blocks
+                cells = [f"failed: {type(error).__name__}", ""]
+            sizes = (blocks.block_q, blocks.block_k, blocks.block_q_bwd, blocks.block_k_bwd)
+            row = [str(head_dim), *map(str, sizes), *cells]
+            print("| " + " | ".join(row) + " |", flush=True)
+    print()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--sweep", action="store_true", help="block sizes (GPU)")
+    parser.add_argument("--skip-correctness", action="store_true")
+    args = parser.parse_args()
+    on_gpu = jax.default_backend() == "gpu"
+    print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind})\n")
+    if not args.skip_correctness:
+        correctness_table(interpret=not on_gpu)
+    speed_table(on_gpu, args.repeats)
+    if args.sweep:
+        if not on_gpu:
+            raise SystemExit("--sweep needs a GPU")
+        sweep_table(args.repeats)
+
+
+if __name__ == "__main__":
+    main()
