@@ -79,9 +79,11 @@ class BlockSizes:
     ``block_q, block_k``: forward query / key blocks; ``block_q_bwd,
     block_k_bwd``: the query / key blocks of both backward kernels. Each is
     clipped to the (power-of-two rounded) length, so short sequences use one
-    block. Defaults follow the Triton fused-attention tutorial's choices for
-    recent NVIDIA GPUs (128 x 64 forward, 64 x 64 backward); they are not tuned
-    on this library's benchmark (no GPU was available when they were set).
+    block. The defaults are common starting points for recent NVIDIA GPUs
+    (the Triton fused-attention tutorial's 128 x 64 forward tile; 64 x 64 for
+    the backward kernels, which hold more tiles per program). They are NOT tuned:
+    no GPU was available when they were set (experiments/benchmarks/
+    kernels_flash_attention.py --sweep does it).
     """
 
     block_q: int = 128
@@ -117,7 +119,8 @@ class _Config:
     interpret: bool
 
     @property
-    def needs_positions(self) -> bool:
+    def masks_by_position(self) -> bool:
+        """Whether positions hide keys (the soft-causal weight also reads positions)."""
         return self.causal or self.window_left is not None or self.window_right is not None
 
 
@@ -156,7 +159,7 @@ def _visible(cfg: _Config, q_pos, kv_pos, q_seg, kv_seg, kv_start, block_k) -> A
     def both(a, b):
         return b if a is None else a & b
 
-    if cfg.needs_positions:
+    if cfg.masks_by_position:
         q_col, kv_row = q_pos[:, None], kv_pos[None, :]
         if cfg.causal:
             visible = both(visible, kv_row <= q_col)
@@ -419,7 +422,7 @@ def _block_ranges(cfg, batch, q_pos, kv_pos, q_seg, kv_seg, block_q, block_k):
     q_real = jnp.arange(num_q) * block_q < cfg.q_len
     kv_real = jnp.arange(num_k) * block_k < cfg.kv_len
     may_see = jnp.broadcast_to(q_real[:, None] & kv_real[None, :], (batch, num_q, num_k))
-    if cfg.needs_positions:
+    if cfg.masks_by_position:
         q_min, q_max = _block_extremes(q_pos, block_q)
         k_min, k_max = _block_extremes(kv_pos, block_k)
         q_min, q_max = q_min[:, :, None], q_max[:, :, None]
@@ -676,7 +679,8 @@ def flash_attention(
         )
     if causal and soft_causal_ratio is not None:
         raise ValueError(
-            "flash_attention: causal=True and soft_causal_ratio are exclusive (ratio 0 is causal)."
+            "flash_attention: causal=True and soft_causal_ratio are exclusive (the soft-causal "
+            "mask already carries the causal structure)."
         )
     for name, window in (("window_left", window_left), ("window_right", window_right)):
         if window is not None and (not isinstance(window, int) or window < 0):
@@ -739,7 +743,7 @@ def flash_attention(
         return _pad_axis(x, 1, padded, mode)
 
     q_pos = kv_pos = None
-    if cfg.needs_positions or cfg.soft:
+    if cfg.masks_by_position or cfg.soft:
         if q_positions is None:
             q_positions = jnp.arange(kv_len - q_len, kv_len, dtype=jnp.int32)[None]
         if kv_positions is None:
