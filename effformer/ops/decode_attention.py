@@ -58,9 +58,10 @@ Array = jax.Array
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas")
 
-# Keys per block of the "xla" path when num_splits is not given: on the 2-core CPU,
-# splitting changes little (experiments/benchmarks/README.md, "Decode attention"); the
-# split keeps the partials' intermediate [B, H, split] scores small for long caches.
+# Keys per block of the "xla" path when num_splits is not given. Not tuned: on the shared
+# 2-core CPU the split count made no difference beyond the noise (and splitting did not
+# beat the dense reference there); it bounds the [B, H, splits, split] score blocks for
+# long caches. Untested on GPU (experiments/benchmarks/README.md, "Decode attention").
 XLA_KEYS_PER_SPLIT = 2048
 
 _PALLAS_GPU_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
@@ -105,19 +106,21 @@ def _xla(q: Array, k: Array, v: Array, lengths: Array, scale: float, num_splits:
     k = k.reshape(batch, num_splits, split_len, num_kv_heads, head_dim)
     v = v.reshape(batch, num_splits, split_len, num_kv_heads, head_dim)
     qg = q.astype(dtype).reshape(batch, num_kv_heads, group, head_dim)
-    s = jnp.einsum("bhgd,bsjhd->bhgsj", qg, k.astype(dtype)) * jnp.asarray(scale, dtype)
+    # Scores keep the cache's [split, key, head] order, so XLA reads K and V in place
+    # (the [B, H, L] order was ~20% slower on CPU: it transposes the cache).
+    s = jnp.einsum("bhgd,bsjhd->bsjhg", qg, k.astype(dtype)) * jnp.asarray(scale, dtype)
     key_index = jnp.arange(num_splits * split_len).reshape(num_splits, split_len)
     visible = key_index[None] < lengths[:, None, None]  # [B, splits, split_len]
-    s = jnp.where(visible[:, None, None], s, -jnp.inf)
+    s = jnp.where(visible[..., None, None], s, -jnp.inf)
     # The maxima only shift exponents (they cancel in the ratio), so they carry no gradient.
-    m = jax.lax.stop_gradient(s.max(axis=-1))  # [B, Hkv, G, splits]
-    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)[..., None])
-    norm = p.sum(axis=-1)  # the partials' l
-    o = jnp.einsum("bhgsj,bsjhd->bhgsd", p, v.astype(dtype))
-    head_max = m.max(axis=-1, keepdims=True)
+    m = jax.lax.stop_gradient(s.max(axis=2))  # [B, splits, Hkv, G]
+    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)[:, :, None])
+    norm = p.sum(axis=2)  # the partials' l
+    o = jnp.einsum("bsjhg,bsjhd->bshgd", p, v.astype(dtype))
+    head_max = m.max(axis=1, keepdims=True)
     weight = jnp.exp(m - jnp.where(jnp.isfinite(head_max), head_max, 0.0))  # 0 for empty blocks
-    total = (norm * weight).sum(axis=-1)
-    out = (o * weight[..., None]).sum(axis=-2) / jnp.where(total == 0.0, 1.0, total)[..., None]
+    total = (norm * weight).sum(axis=1)
+    out = (o * weight[..., None]).sum(axis=1) / jnp.where(total == 0.0, 1.0, total)[..., None]
     return out.reshape(batch, num_heads, head_dim)
 
 

@@ -1,0 +1,198 @@
+"""Split-K decode attention: the Pallas kernel vs the XLA split-K path vs the dense reference.
+
+One query per sequence against a KV cache of ``cache`` slots, head_dim 128.
+For each size: median time of jitted calls after a warm-up, and the achieved
+bandwidth counted as the bytes of K and V that have to be read (the valid
+slots only: ``2 * sum(lengths) * kv_heads * head_dim * itemsize``), against a
+measured read bandwidth (a jitted sum over a large array, same dtype).
+``--ragged`` draws each sequence's length uniformly from [1, cache] instead
+of filling the cache: the XLA paths still read the whole cache, the kernel
+only the valid tiles, spread evenly over its programs.
+
+On a GPU every column is measured, including JAX's own Pallas decode kernel
+(``jax.experimental.pallas.ops.gpu.decode_attention.gqa``) for comparison. On
+CPU the script first checks the kernel in interpret mode against the
+reference at small sizes, then times only XLA vs reference; the GPU columns
+read "not measured".
+
+    .venv/bin/python experiments/benchmarks/kernels_decode_attention.py            # CPU defaults
+    python experiments/benchmarks/kernels_decode_attention.py --caches 4096,8192,16384,32768 \\
+        --batches 1,8 --heads 8,32 --dtype bfloat16                                 # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from effformer.ops.decode_attention import decode_attention
+
+NOT_MEASURED = "not measured"
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measured_read_bandwidth(dtype, repeats: int) -> float:
+    """Bytes per second of a jitted sum over 256M elements (GPU) / 64M (CPU)."""
+    size = (1 << 28) if jax.default_backend() == "gpu" else (1 << 26)
+    x = jnp.ones((size,), dtype)
+    total = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
+    return size * x.dtype.itemsize / _median_seconds(lambda: total(x), repeats)
+
+
+def _inputs(batch, cache, heads, kv_heads, head_dim, dtype, ragged, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(keys[0], (batch, 1, heads, head_dim), dtype)
+    k = jax.random.normal(keys[1], (batch, cache, kv_heads, head_dim), dtype)
+    v = jax.random.normal(keys[2], (batch, cache, kv_heads, head_dim), dtype)
+    if ragged:
+        lengths = jax.random.randint(keys[3], (batch,), 1, cache + 1)
+    else:
+        lengths = jnp.full((batch,), cache)
+    return q, k, v, lengths.astype(jnp.int32)
+
+
+def check_interpret_mode() -> list[str]:
+    """Max |kernel - reference| in interpret mode at small sizes (float32), as table rows."""
+    rows = []
+    for batch, cache, heads, kv_heads, block_k, splits, lengths in (
+        (2, 300, 8, 2, 64, 1, (0, 300)),
+        (3, 130, 4, 4, 32, 3, (65, 1, 130)),
+        (1, 1000, 8, 1, 128, 4, (777,)),
+    ):
+        q, k, v, _ = _inputs(batch, cache, heads, kv_heads, 64, jnp.float32, False)
+        lengths = jnp.asarray(lengths, jnp.int32)
+        reference = decode_attention(q, k, v, lengths, implementation="reference")
+        errors = []
+        for implementation in ("xla", "pallas"):
+            out = decode_attention(
+                q, k, v, lengths, implementation=implementation, num_splits=splits, block_k=block_k
+            )
+            errors.append(float(jnp.max(jnp.abs(out - reference))))
+        rows.append(
+            f"| {batch} | {cache} | {heads} | {kv_heads} | {lengths.tolist()} | {block_k} | "
+            f"{splits} | {errors[0]:.1e} | {errors[1]:.1e} |"
+        )
+    return rows
+
+
+def _jax_pallas_gqa():
+    """JAX's bundled Pallas (Triton) decode kernel, or None where it cannot be imported."""
+    try:
+        from jax.experimental.pallas.ops.gpu import decode_attention as jax_decode
+    except ImportError:
+        return None
+    return jax_decode.gqa
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    on_gpu = jax.default_backend() == "gpu"
+    parser.add_argument("--caches", default="4096,8192,16384,32768" if on_gpu else "4096,16384")
+    parser.add_argument("--batches", default="1,8" if on_gpu else "1,4")
+    parser.add_argument("--heads", default="8,32" if on_gpu else "8")
+    parser.add_argument("--group", type=int, default=1, help="query heads per kv head")
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16" if on_gpu else "float32")
+    parser.add_argument("--ragged", action="store_true")
+    parser.add_argument("--repeats", type=int, default=20 if on_gpu else 5)
+    args = parser.parse_args()
+    dtype = jnp.dtype(args.dtype)
+    device = jax.devices()[0]
+    print(
+        f"device: {device.device_kind} ({jax.default_backend()}), dtype {dtype.name}, "
+        f"head_dim {args.head_dim}, {'ragged' if args.ragged else 'full'} caches\n"
+    )
+
+    if not on_gpu:
+        print("Interpret-mode correctness (float32, head_dim 64, max |error| vs reference):\n")
+        print(
+            "| batch | cache | heads | kv heads | lengths | block_k | num_splits | xla | pallas |"
+        )
+        print("| ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
+        print("\n".join(check_interpret_mode()) + "\n")
+
+    peak = measured_read_bandwidth(dtype, args.repeats)
+    print(f"measured read bandwidth (jitted sum): {peak / 1e9:.1f} GB/s\n")
+    jax_gqa = _jax_pallas_gqa() if on_gpu else None
+    header = [
+        "batch",
+        "cache",
+        "heads",
+        "kv heads",
+        "K/V MB read",
+        "reference ms",
+        "xla ms",
+        "xla GB/s",
+        "pallas ms",
+        "pallas GB/s",
+        "pallas % of read bw",
+        "jax gqa ms",
+    ]
+    print("| " + " | ".join(header) + " |")
+    print("|" + " ---: |" * len(header))
+    for batch in map(int, args.batches.split(",")):
+        for heads in map(int, args.heads.split(",")):
+            kv_heads = heads // args.group
+            for cache in map(int, args.caches.split(",")):
+                q, k, v, lengths = _inputs(
+                    batch, cache, heads, kv_heads, args.head_dim, dtype, args.ragged
+                )
+                valid_bytes = 2 * int(lengths.sum()) * kv_heads * args.head_dim * dtype.itemsize
+
+                def timed(implementation, q=q, k=k, v=v, lengths=lengths):
+                    run = jax.jit(
+                        functools.partial(decode_attention, implementation=implementation)
+                    )
+                    return _median_seconds(lambda: run(q, k, v, lengths), args.repeats)
+
+                reference = timed("reference")
+                xla = timed("xla")
+                cells = [
+                    batch,
+                    cache,
+                    heads,
+                    kv_heads,
+                    f"{valid_bytes / 1e6:.0f}",
+                    f"{reference * 1e3:.2f}",
+                    f"{xla * 1e3:.2f}",
+                    f"{valid_bytes / xla / 1e9:.1f}",
+                ]
+                if on_gpu:
+                    pallas = timed("pallas")
+                    cells += [
+                        f"{pallas * 1e3:.3f}",
+                        f"{valid_bytes / pallas / 1e9:.1f}",
+                        f"{100 * valid_bytes / pallas / peak:.0f}%",
+                    ]
+                    if jax_gqa is not None and cache % 16 == 0:
+                        gqa = jax.jit(jax_gqa)
+                        seconds = _median_seconds(
+                            lambda gqa=gqa, q=q, k=k, v=v, lengths=lengths: gqa(
+                                q[:, 0], k, v, kv_seq_len=lengths
+                            ),
+                            args.repeats,
+                        )
+                        cells.append(f"{seconds * 1e3:.3f}")
+                    else:
+                        cells.append(NOT_MEASURED)
+                else:
+                    cells += [NOT_MEASURED] * 4
+                print("| " + " | ".join(map(str, cells)) + " |")
+
+
+if __name__ == "__main__":
+    main()
