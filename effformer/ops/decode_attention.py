@@ -4,7 +4,9 @@
 cache_lengths [B])`` computes, for every sequence ``b`` and query head ``h``,
 ``softmax(scale * q k^T over keys 0 .. cache_lengths[b] - 1) @ v`` with kv head
 ``h // (H // Hkv)`` (grouped-query attention). Keys at or after a sequence's
-length are invisible; a sequence of length 0 outputs zeros. The layout is the
+length are invisible, whatever finite values their slots hold (NaN or inf
+there would reach the output through ``0 * v``); a sequence of length 0
+outputs zeros. The layout is the
 one of :func:`effformer.ops.attention.dot_product_attention` and of the KV
 cache of :class:`effformer.mixers.attention.MultiHeadAttention`
 (``cached_key``/``cached_value``).
@@ -32,8 +34,9 @@ Implementations:
     boundaries (Lean Attention's stream-K schedule, described there), then
     combines the partials in XLA. GPU through the Triton lowering; on CPU it
     runs with ``interpret=True`` (logged once); elsewhere (TPU), or on a GPU
-    for shapes the Triton lowering cannot take (head_dim not a power of two,
-    float64), it falls back to ``"xla"`` and logs why once. Inference only:
+    for shapes the Triton lowering cannot take (head_dim not a power of two),
+    and for float64 (the kernel accumulates in float32) it falls back to
+    ``"xla"`` and logs why once. Inference only:
     gradients are those of the ``"xla"`` path (a ``custom_vjp`` recomputes it),
     which computes the same function.
 
@@ -64,7 +67,7 @@ IMPLEMENTATIONS = ("reference", "xla", "pallas")
 # long caches. Untested on GPU (experiments/benchmarks/README.md, "Decode attention").
 XLA_KEYS_PER_SPLIT = 2048
 
-_PALLAS_GPU_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
+_PALLAS_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 
 logger = logging.getLogger(__name__)
 _logged: set[str] = set()
@@ -161,6 +164,11 @@ _pallas.defvjp(_pallas_forward, _pallas_backward)
 
 
 def _pallas_unsupported_reason(q: Array, backend: str) -> str | None:
+    if q.dtype not in _PALLAS_DTYPES:
+        return (
+            "the kernel takes float16, bfloat16 or float32 (it accumulates in float32), "
+            f"got {q.dtype}"
+        )
     if backend == "cpu":
         return None
     if backend != "gpu":
@@ -168,8 +176,6 @@ def _pallas_unsupported_reason(q: Array, backend: str) -> str | None:
     head_dim = q.shape[-1]
     if head_dim < kernel.MIN_BLOCK or head_dim & (head_dim - 1):
         return f"the Triton kernel needs head_dim a power of two >= 16, got {head_dim}"
-    if q.dtype not in _PALLAS_GPU_DTYPES:
-        return f"the Triton kernel takes float16, bfloat16 or float32, got {q.dtype}"
     return None
 
 
