@@ -1,10 +1,15 @@
-"""Test setup: 8 simulated CPU devices, a float64 switch, a compilation cache.
+"""Test setup: 8 simulated CPU devices, a float64 switch, fast compilation.
 
 The device count must be set before JAX initialises its backend, hence at
 import time here. float64 is switched on only inside tests that ask for the
 ``x64`` fixture, so every other test runs with the dtypes users get. A
 per-session persistent compilation cache lets tests that build the same
 program (the same tiny model in several tests) share one compilation.
+
+Tests run tiny shapes, so XLA's compile time dominates their run time: they
+compile with LLVM optimisations off (``--xla_backend_optimization_level=0``),
+which halved the time of tests/models/test_registry.py. XLA's own HLO passes
+still run, and the float semantics are unchanged (no fast-math either way).
 """
 
 import os
@@ -13,7 +18,10 @@ import tempfile
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
-    os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=8".strip()
+    _flags += " --xla_force_host_platform_device_count=8"
+if "xla_backend_optimization_level" not in _flags:
+    _flags += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+os.environ["XLA_FLAGS"] = _flags.strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
