@@ -12,7 +12,8 @@ dropout's ``keep / (1 - rate)``. Implementations:
 ``"xla"``
     Scores materialised and left for XLA to fuse; the mask is computed by
     broadcasting positions and segment ids, GQA by a grouped einsum (no
-    repeat). Computes in float32 (float64 for float64 inputs).
+    repeat). Computes in float32 (float64 for float64 inputs). Its backward
+    pass is written out (:mod:`effformer.ops.attention_xla`).
 ``"xla_blockwise"``
     :mod:`effformer.ops.attention_blockwise`: online softmax over blocks,
     memory linear in length forward and backward, fully hidden blocks skipped.
@@ -52,6 +53,7 @@ from effformer.ops.attention_blockwise import (
     dropout_keep,
     grouped_bias,
 )
+from effformer.ops.attention_xla import masked_softmax, materialised_attention
 from effformer.ops.masks import AttentionMask
 
 Array = jax.Array
@@ -78,17 +80,6 @@ def _log_once(message: str) -> None:
         logger.info(message)
 
 
-def _masked_softmax(logits: Array, visible: Array | None) -> Array:
-    """Softmax over the visible keys; a row with none visible is all zeros, not NaN."""
-    if visible is not None:
-        logits = jnp.where(visible, logits, -jnp.inf)
-    row_max = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    unnormalised = jnp.exp(logits - row_max)  # exp(-inf) = 0 for hidden keys
-    total = unnormalised.sum(axis=-1, keepdims=True)
-    return unnormalised / jnp.where(total == 0.0, 1.0, total)
-
-
 def _reference(q, k, v, mask, bias, scale, keep) -> Array:
     """Dense mask, repeated kv heads, input dtype. ``keep`` is a [B, H, Lq, Lk] dropout mask."""
     batch, q_len, num_heads, _ = q.shape
@@ -99,7 +90,7 @@ def _reference(q, k, v, mask, bias, scale, keep) -> Array:
     if bias is not None:
         logits = logits + bias.astype(q.dtype)
     visible = masks.dense_mask(mask, batch, q_len, kv_len)
-    probs = _masked_softmax(logits, visible)
+    probs = masked_softmax(logits, visible)
     if mask.soft_causal_ratio is not None:
         q_pos, kv_pos = masks.resolve_positions(mask, batch, q_len, kv_len)
         ratio = jnp.asarray(mask.soft_causal_ratio, q.dtype)
@@ -111,7 +102,10 @@ def _reference(q, k, v, mask, bias, scale, keep) -> Array:
 
 
 def _xla(q, k, v, mask, bias, scale, keep) -> Array:
-    """Materialised scores [B, Hkv, G, Lq, Lk], mask by broadcasting positions."""
+    """Materialised scores [B, Hkv, G, Lq, Lk], mask by broadcasting positions.
+
+    The backward pass is :mod:`effformer.ops.attention_xla`'s, not autodiff's.
+    """
     batch, q_len, num_heads, head_dim = q.shape
     kv_len, num_kv_heads = k.shape[1], k.shape[2]
     groups = num_heads // num_kv_heads
@@ -119,9 +113,8 @@ def _xla(q, k, v, mask, bias, scale, keep) -> Array:
     qg = (q.astype(dtype) * jnp.asarray(scale, dtype)).reshape(
         batch, q_len, num_kv_heads, groups, head_dim
     )
-    logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k.astype(dtype))
     if bias is not None:
-        logits = logits + grouped_bias(bias.astype(dtype), num_heads, num_kv_heads)
+        bias = grouped_bias(bias.astype(dtype), num_heads, num_kv_heads)
     visible = None
     q_pos, kv_pos = masks.resolve_positions(mask, batch, q_len, kv_len)
     q_pos, kv_pos = q_pos[:, None, None, :, None], kv_pos[:, None, None, None, :]
@@ -131,13 +124,14 @@ def _xla(q, k, v, mask, bias, scale, keep) -> Array:
             q_seg = jnp.broadcast_to(mask.q_segment_ids, (batch, q_len))[:, None, None, :, None]
             kv_seg = jnp.broadcast_to(mask.kv_segment_ids, (batch, kv_len))[:, None, None, None, :]
         visible = masks.visibility(mask, q_pos, kv_pos, q_seg, kv_seg)
-    probs = _masked_softmax(logits, visible)
+    multiplier = None
     if mask.soft_causal_ratio is not None:
         ratio = jnp.asarray(mask.soft_causal_ratio, dtype)
-        probs = probs * (ratio + (1 - ratio) * (kv_pos <= q_pos).astype(dtype))
+        multiplier = ratio + (1 - ratio) * (kv_pos <= q_pos).astype(dtype)
     if keep is not None:
-        probs = probs * keep.reshape(probs.shape)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v.astype(dtype))
+        keep = keep.reshape(batch, num_kv_heads, groups, q_len, kv_len)
+        multiplier = keep if multiplier is None else multiplier * keep
+    out = materialised_attention(qg, k.astype(dtype), v.astype(dtype), bias, visible, multiplier)
     return out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)
 
 

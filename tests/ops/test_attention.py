@@ -334,6 +334,19 @@ def test_blockwise_dropout_is_reference_with_tiled_mask(x64, mask):
         _assert_close(grad, ref_grad, 1e-10)
 
 
+def test_xla_dropout_gradients_match_reference(x64):
+    """The XLA path's hand-written backward with dropout and the soft mask (GQA, bias)."""
+    q, k, v, bias, d_out = _inputs(13, 13, (1, 4, 13, 13), jnp.float64)
+    mask = AttentionMask(soft_causal_ratio=0.3, causal=False)
+    kwargs = dict(dropout_rate=0.4, dropout_rng=jax.random.key(3, impl="rbg"))
+    ref_out, ref_grads = _value_and_grads("reference", q, k, v, bias, d_out, mask, **kwargs)
+    out, grads = _value_and_grads("xla", q, k, v, bias, d_out, mask, **kwargs)
+    _assert_close(out, ref_out, 1e-10)
+    assert len(grads) == 5  # q, k, v, bias and the soft-causal ratio
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        _assert_close(grad, ref_grad, 1e-10)
+
+
 def test_dropout_keeps_about_one_minus_rate(x64):
     keep = _dense_blockwise_keep(jax.random.key(0, impl="rbg"), 0.25, 4, 4, 64, 64, 16, 16)
     assert abs(float(jnp.mean(keep > 0)) - 0.75) < 0.02
