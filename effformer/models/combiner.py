@@ -19,10 +19,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
 from effformer.mixers.combiner import VARIANTS
 from effformer.models.lm_layers import expand_layer_pattern
 from effformer.models.registry import register
 from effformer.models.transformer_lm import TransformerLM
+
+Array = jax.Array
 
 ABSOLUTE_ENCODINGS = ("learned", "sinusoidal", "none")
 
@@ -37,6 +42,23 @@ _PAPER_LM = dict(
 _TINY = dict(
     vocab_size=64, embed_dim=32, num_layers=2, num_heads=4, ffn_hidden_dim=64, max_length=64
 )
+
+
+class CombinerTransformerLM(TransformerLM):
+    """A :class:`TransformerLM` whose dummy inputs fit its Combiner layers' segment length.
+
+    The trainer initialises every model with ``dummy_inputs``; TransformerLM's
+    8 tokens are too short for a segment length of 8 or more (axial and mixture
+    need two rows, fixed a whole segment), although the parameters do not
+    depend on the length at all.
+    """
+
+    def dummy_inputs(self, batch_size: int) -> dict[str, Array]:
+        segment_length = self.mixer_kwargs["combiner"]["segment_length"]
+        length = 8 if segment_length is None else max(8, 2 * segment_length)
+        if self.position_encoding == "learned":
+            length = min(length, self.max_length)  # The table holds max_length positions.
+        return {"inputs": jnp.ones((batch_size, length), jnp.int32)}
 
 
 def _combiner_model(
@@ -68,7 +90,7 @@ def _combiner_model(
         "causal": kind == "decoder",
         "segment_length": segment_length,
     }
-    return TransformerLM(kind=kind, mixer_kwargs=mixer_kwargs, **kwargs)
+    return CombinerTransformerLM(kind=kind, mixer_kwargs=mixer_kwargs, **kwargs)
 
 
 @register("combiner_lm", tiny=dict(combiner_segment_length=None, **_TINY))

@@ -266,3 +266,24 @@ def test_registered_models_refuse_relative_encodings_and_unknown_variants():
         registry.create("combiner_lm", tiny=True, position_encoding="rope")
     with pytest.raises(ValueError, match="combiner_variant must be one of"):
         registry.create("combiner_encoder", tiny=True, combiner_variant="axial2")
+
+
+@pytest.mark.parametrize(
+    "variant, segment_length, max_length",
+    [("fixed", 8, 64), ("axial", 8, 64), ("mixture", 8, 64), ("mixture", 128, 2048)],
+)
+def test_dummy_inputs_fit_the_segment_length(variant, segment_length, max_length):
+    # The trainer initialises from dummy_inputs: 8 tokens were too few for segment
+    # length 8 (axial/mixture need two rows) or 128 (the paper's LM).
+    lm = registry.create(
+        "combiner_lm",
+        tiny=True,
+        combiner_variant=variant,
+        combiner_segment_length=segment_length,
+        max_length=max_length,
+    )
+    inputs = lm.dummy_inputs(1)
+    assert inputs["inputs"].shape == (1, 2 * segment_length)
+    variables = jax.eval_shape(lm.init, jax.random.key(0), **inputs)
+    logits = jax.eval_shape(lambda v: lm.apply(v, **inputs), variables)
+    assert logits.shape == (1, 2 * segment_length, 64)
