@@ -1,7 +1,8 @@
-"""Evaluation: a full pass over a split, from a live state or from a workdir."""
+"""Evaluation: a full pass over a split, from a live state or from a workdir; restoring a run."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -47,25 +48,55 @@ def run_evaluation(exp: Experiment, params: Any, split: str | None = None) -> di
     return {name: float(total / max(weight, 1.0)) for name, (total, weight) in totals.items()}
 
 
-def evaluate(
-    workdir: str | Path, *, step: int | None = None, split: str | None = None
-) -> dict[str, float]:
-    """Restore the checkpoint of ``workdir`` (latest, or ``step``) and evaluate it on ``split``.
+@dataclasses.dataclass
+class RestoredRun:
+    """A trained run read back from its workdir.
+
+    ``model.apply({"params": params}, **inputs)`` runs it; ``experiment`` holds
+    the config, dataset info and task it was trained with.
+    """
+
+    experiment: Experiment
+    step: int
+    params: Any  # The parameters evaluation uses (the EMA when the run kept one).
+    state: Any  # The whole train state (optimizer state included).
+
+    @property
+    def model(self):
+        return self.experiment.model
+
+    @property
+    def config(self):
+        return self.experiment.config
+
+
+def restore(workdir: str | Path, *, step: int | None = None) -> RestoredRun:
+    """Read the checkpoint of ``workdir`` (the latest that restores, or ``step``).
 
     Needs nothing but the workdir: the config saved there rebuilds the model.
     """
-    config = load_config(workdir)
-    exp = build_experiment(config)
+    exp = build_experiment(load_config(workdir))
     checkpointer = Checkpointer(workdir)
     try:
         restored = checkpointer.restore(exp.abstract_state, step=step)
     finally:
         checkpointer.close()
     if restored is None:
-        raise FileNotFoundError(f"No checkpoint in {Path(workdir) / 'checkpoints'} to evaluate.")
+        raise FileNotFoundError(
+            f"No checkpoint in {Path(workdir) / 'checkpoints'}: train first "
+            "(`effformer train --config ... --workdir DIR`)."
+        )
     restored_step, state, _ = restored
-    metrics = run_evaluation(exp, eval_params(exp, state), split)
+    return RestoredRun(exp, restored_step, eval_params(exp, state), state)
+
+
+def evaluate(
+    workdir: str | Path, *, step: int | None = None, split: str | None = None
+) -> dict[str, float]:
+    """Restore the checkpoint of ``workdir`` (latest, or ``step``) and evaluate it on ``split``."""
+    run = restore(workdir, step=step)
+    metrics = run_evaluation(run.experiment, run.params, split)
     logging.info(
-        "Evaluated step %d on %s: %s", restored_step, split or exp.info.eval_split, metrics
+        "Evaluated step %d on %s: %s", run.step, split or run.experiment.info.eval_split, metrics
     )
-    return {"step": restored_step, **metrics}
+    return {"step": run.step, **metrics}

@@ -1,4 +1,4 @@
-"""Starting a run from another run's parameters: config.init_from."""
+"""Starting a run from another run's parameters (config.init_from), and restore(workdir)."""
 
 import jax
 import jax.numpy as jnp
@@ -90,3 +90,19 @@ def test_adapt_params_rejects_unknown_reinit_and_missing_parameters():
         adapt_params(missing, model, model, params)
     kept = adapt_params(missing, model, model, params, reinit=("head",))
     np.testing.assert_array_equal(kept["head"]["kernel"], params["head"]["kernel"])
+
+
+def test_restore_gives_the_model_and_the_checkpoint_parameters(baseline_run, tmp_path):
+    from effformer.train import restore
+
+    config, workdir, result = baseline_run
+    run = restore(workdir)
+    assert run.step == 6 and run.config.model.name == config.model.name
+    _, state = _restored(config, workdir)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(run.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    inputs = run.model.dummy_inputs(2)
+    assert run.model.apply({"params": run.params}, **inputs).shape == (2, 10)
+    with pytest.raises(FileNotFoundError, match="No checkpoint.*train first"):
+        (tmp_path / "config.json").write_text((workdir / "config.json").read_text())
+        restore(tmp_path)
