@@ -34,21 +34,14 @@ import numpy as np
 
 from effformer.data import create_input_pipeline
 from effformer.models.illama import attention_maps as illama_attention_maps
-from effformer.train import default_config, train_and_evaluate
-from effformer.train.checkpoint import Checkpointer, load_config
-from effformer.train.experiment import build_experiment
+from effformer.train import default_config, restore, train_and_evaluate
 from effformer.train.schedules import make_schedule
 
 
-def restore(workdir, step=None):
+def restore_run(workdir, step=None):
     """(experiment, params) of the checkpoint at ``step`` (default: the latest) of a run."""
-    experiment = build_experiment(load_config(workdir))
-    checkpointer = Checkpointer(workdir)
-    try:
-        _, state, _ = checkpointer.restore(experiment.abstract_state, step=step)
-    finally:
-        checkpointer.close()
-    return experiment, state.params
+    run = restore(workdir, step=step)
+    return run.experiment, run.params
 
 
 def test_images(experiment, count):
@@ -136,8 +129,8 @@ plt.show()
 # is the class token, which sees every patch. Averaged over heads and 64 test digits.
 
 # %%
-switch_experiment, switch_params = restore(illama_dir, step=SWITCH_STEP)
-final_experiment, final_params = restore(illama_dir)
+switch_experiment, switch_params = restore_run(illama_dir, step=SWITCH_STEP)
+final_experiment, final_params = restore_run(illama_dir)
 model = final_experiment.model
 images, labels = test_images(final_experiment, 64)
 # One compiled program for the three panels: the ratio is a traced argument.
@@ -250,7 +243,7 @@ def vit_attention_maps(model, params, images):
     return jnp.stack(maps)
 
 
-vit_experiment, vit_params = restore(vit_dir)
+vit_experiment, vit_params = restore_run(vit_dir)
 vit_model = vit_experiment.model
 vit_maps = np.asarray(vit_attention_maps(vit_model, vit_params, images))
 print("ViT maps", vit_maps.shape, "- recomputed outputs match the model's")

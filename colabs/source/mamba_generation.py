@@ -32,9 +32,7 @@ import numpy as np
 
 from effformer.data.registry import get_dataset_spec
 from effformer.models.mamba_lm import generate_mamba
-from effformer.train import default_config, train_and_evaluate
-from effformer.train.checkpoint import Checkpointer, load_config
-from effformer.train.experiment import build_experiment
+from effformer.train import default_config, restore, train_and_evaluate
 
 # %% [markdown]
 # ## 1. The task and the training run
@@ -79,11 +77,8 @@ result = train_and_evaluate(
 )
 print("test metrics (per answer token, teacher forcing):", result["eval"])
 
-experiment = build_experiment(load_config(workdir))
-checkpointer = Checkpointer(workdir)
-_, state, _ = checkpointer.restore(experiment.abstract_state)
-checkpointer.close()
-model, params = experiment.model, state.params
+run = restore(workdir)
+model, params = run.model, run.params
 print(f"{model.num_layers} x {model.embed_dim} Mamba LM, "
       f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters")
 

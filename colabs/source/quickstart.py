@@ -136,21 +136,18 @@ assert abs(restored["accuracy"] - result["eval"]["accuracy"]) < 1e-6
 # %% [markdown]
 # ### The digits it gets wrong
 #
-# For predictions we need the parameters themselves: the same two pieces
-# `evaluate` uses (the experiment built from the saved config, and the
-# checkpointer), then the model on the test split's input pipeline.
+# For predictions we need the model and its parameters: `restore(workdir)`
+# reads them back (what `evaluate` does first), then we run the model on the
+# test split's input pipeline.
 
 # %%
 from effformer.data import create_input_pipeline
-from effformer.train.checkpoint import Checkpointer, load_config
-from effformer.train.experiment import build_experiment
+from effformer.train import restore
 
-experiment = build_experiment(load_config(WORKDIR))
-checkpointer = Checkpointer(WORKDIR)
-step, state, _ = checkpointer.restore(experiment.abstract_state)
-checkpointer.close()
+run = restore(WORKDIR)
+experiment, step = run.experiment, run.step
 
-predict = jax.jit(lambda params, images: experiment.model.apply({"params": params}, inputs=images))
+predict = jax.jit(lambda params, images: run.model.apply({"params": params}, inputs=images))
 images, labels, predictions = [], [], []
 test_pipeline = create_input_pipeline(
     experiment.config.data, split="test", global_batch_size=120, train=False, seed=0
@@ -159,7 +156,7 @@ for batch in test_pipeline:
     keep = batch["mask"]  # the last batch is padded with mask=False examples
     images.append(batch["inputs"][keep])
     labels.append(batch["label"][keep])
-    predictions.append(np.asarray(predict(state.params, batch["inputs"]).argmax(-1))[keep])
+    predictions.append(np.asarray(predict(run.params, batch["inputs"]).argmax(-1))[keep])
 images, labels, predictions = map(np.concatenate, (images, labels, predictions))
 wrong = np.flatnonzero(predictions != labels)
 print(f"step {step}: {len(wrong)} of {len(labels)} test digits misclassified "
