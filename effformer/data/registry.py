@@ -10,7 +10,10 @@ Two kinds of dataset share one interface:
   command that prepares them;
 * generated token datasets (``copy``, ``addition``, ... see
   ``effformer/data/tasks``): examples computed on the fly from a seed, served
-  as grain random-access sources; registered with :func:`register_dataset`.
+  as grain random-access sources; registered with :func:`register_dataset`;
+  ``digits_pixels`` (the digits as 64-pixel causal-LM rows) and
+  ``wiki40b_en_bytes`` (byte-level rows of prepared TFDS text) share that
+  interface.
 """
 
 from __future__ import annotations
@@ -57,7 +60,9 @@ class DatasetSpec:
       prepare_hint: extra instructions for preparing a TFDS dataset.
       generated: a generated dataset (``effformer.data.tasks``) that serves
         ``info``, ``as_data_source(split)``, ``example_transform()`` and
-        ``eval_example(source)`` itself; None for TFDS data.
+        ``eval_example(source)`` itself, or one with ``with_data_dir(data_dir)``
+        that returns such an object (records made from prepared TFDS data,
+        ``effformer.data.text_bytes``); None for TFDS data.
     """
 
     name: str
@@ -201,9 +206,11 @@ def register_dataset(spec: DatasetSpec) -> DatasetSpec:
 
 
 def _import_generated_datasets() -> None:
-    # effformer.data.tasks registers its datasets when imported; it imports this
-    # module, so it is imported here, on the first lookup, rather than at the top.
+    # These modules register their datasets when imported; they import this
+    # module, so they are imported here, on the first lookup, rather than at the top.
     importlib.import_module("effformer.data.tasks")
+    importlib.import_module("effformer.data.digits_pixels")
+    importlib.import_module("effformer.data.text_bytes")
 
 
 def list_datasets() -> list[str]:
@@ -236,7 +243,8 @@ def load_builder(spec: DatasetSpec, data_dir: str | None) -> Any:
         format other than array_record), with the command that prepares it.
     """
     if spec.generated is not None:
-        return spec.generated
+        with_data_dir = getattr(spec.generated, "with_data_dir", None)
+        return spec.generated if with_data_dir is None else with_data_dir(data_dir)
     import tensorflow_datasets as tfds
 
     data_dir = resolve_data_dir(data_dir)
@@ -275,7 +283,7 @@ def _input_shape(spec: DatasetSpec, image_size: int | None) -> tuple[int, ...]:
 
 def dataset_info(spec: DatasetSpec, builder: Any, image_size: int | None) -> DatasetInfo:
     if spec.generated is not None:
-        return spec.generated.info
+        return builder.info  # The generated dataset (bound to its data_dir where it reads one).
     splits = {name: int(split.num_examples) for name, split in builder.info.splits.items()}
     return DatasetInfo(
         name=spec.name,
