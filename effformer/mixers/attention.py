@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from effformer.nn.norms import RMSNorm
 from effformer.nn.position import PositionEncoding
 from effformer.ops.attention import dot_product_attention
+from effformer.ops.decode_attention import decode_attention
 from effformer.ops.masks import AttentionMask
 
 Array = jax.Array
@@ -131,18 +132,31 @@ class MultiHeadAttention(_AttentionProjections):
       implementation: passed to ``dot_product_attention``.
       max_decode_length: length of the KV cache; default the length of the
         input given to ``init`` with ``decode=True`` (Flax's convention).
+      decode_mask_positions: decoding orders the causal mask by the queries'
+        ``mask.q_positions`` instead of their cache slots, and the cache
+        records every key's mask position (the prefix LM's
+        ``max(position, prefix_length - 1)``); every decode call must then
+        give ``mask.q_positions``.
 
     Decoding: ``init(..., decode=True)`` creates the ``cache`` collection
     (``cached_key``/``cached_value [B, max_length, Hkv, Dh]``, the positions of
-    the cached keys, and ``cache_index``). Each ``apply(..., decode=True,
-    mutable=["cache"])`` call writes its L new keys at ``cache_index`` (keys are
-    stored already rotated) and attends causally over the cache; unfilled slots
-    lie after every query and so are masked. A step that would run past
-    ``max_length`` returns NaN (the index is traced, so it cannot raise).
+    the cached keys, ``cache_index``, and with ``decode_mask_positions`` the
+    keys' mask positions plus one, 0 marking an empty slot). Each
+    ``apply(..., decode=True, mutable=["cache"])`` call writes its L new keys at
+    ``cache_index`` (keys are stored already rotated) and attends causally over
+    the cache; unfilled slots lie after every query and so are masked. A step
+    that would run past ``max_length`` returns NaN (the index is traced, so it
+    cannot raise).
+
+    A one-token decode step whose visible keys are exactly the slots up to its
+    own (no window, block, bias, dropout, mask positions, or explicit
+    ``implementation``) runs the split-K :func:`~effformer.ops.decode_attention`
+    over the cache instead of the general masked attention: the same function.
     """
 
     position_encoding: PositionEncoding | None = None
     max_decode_length: int | None = None
+    decode_mask_positions: bool = False
 
     @nn.compact
     def __call__(
@@ -182,7 +196,17 @@ class MultiHeadAttention(_AttentionProjections):
 
         if decode and self.has_variable("cache", "cached_key"):
             q, k, v, mask, bias, overflow = self._decode_step(q, k, v, mask, positions)
-            y = self._attend(q, k, v, mask, bias, deterministic, dim)
+            if self._takes_split_k_path(q, k, mask, bias, deterministic):
+                # The visible keys are slots 0..index (causal over slot numbers), so the
+                # cache length is index + 1; clipped at a full cache, where the output is
+                # NaN below anyway (a concrete over-long length would raise instead).
+                cache_lengths = jnp.minimum(mask.q_positions[:, 0] + 1, k.shape[1])
+                out = decode_attention(q, k, v, cache_lengths, scale=self.scale)
+                y = self._dense(
+                    self.out_features or dim, "out", axis=(-2, -1), use_bias=self.out_bias
+                )(out)
+            else:
+                y = self._attend(q, k, v, mask, bias, deterministic, dim)
             # The cache index is traced, so a full cache cannot raise; dynamic_update_slice
             # would silently overwrite the last slots. NaN makes the mistake visible.
             return jnp.where(overflow, jnp.asarray(jnp.nan, y.dtype), y)
@@ -201,9 +225,30 @@ class MultiHeadAttention(_AttentionProjections):
             mask = dataclasses.replace(mask, q_positions=positions, kv_positions=positions)
         return self._attend(q, k, v, mask, bias, deterministic, dim)
 
+    def _takes_split_k_path(self, q, k, mask: AttentionMask, bias, deterministic: bool) -> bool:
+        """Whether a decode step may use ``decode_attention``: only where it is the same
+        function as ``_attend`` (one query seeing exactly the cache slots up to its own)."""
+        return (
+            q.shape[1] == 1
+            and not self.decode_mask_positions  # slots ordered by mask positions, not numbers
+            and mask.q_segment_ids is None  # block-local decoding
+            and mask.window_left is None
+            and mask.soft_causal_ratio is None
+            and bias is None
+            and self.implementation is None
+            and (deterministic or self.attention_dropout_rate == 0.0)
+            and (self.scale is None or isinstance(self.scale, int | float))
+            and q.dtype == k.dtype
+        )
+
     def _cache_variables(self, k: Array, positions: Array):
         batch, length, kv_heads, head_dim = k.shape
         max_length = self.max_decode_length or length
+        cached_mask_positions = None
+        if self.decode_mask_positions:
+            cached_mask_positions = self.variable(
+                "cache", "cached_mask_positions", jnp.zeros, (batch, max_length), jnp.int32
+            )
         cached_key = self.variable(
             "cache", "cached_key", jnp.zeros, (batch, max_length, kv_heads, head_dim), k.dtype
         )
@@ -218,14 +263,14 @@ class MultiHeadAttention(_AttentionProjections):
             jnp.int32,
         )
         cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
-        return cached_key, cached_value, cached_positions, cache_index
+        return cached_key, cached_value, cached_positions, cached_mask_positions, cache_index
 
     def _decode_step(self, q, k, v, mask, positions):
         owner = type(self).__name__
         batch, length = q.shape[:2]
         position_shape = (batch, length) if positions is None else positions.shape
-        cached_key, cached_value, cached_positions, cache_index = self._cache_variables(
-            k, jnp.zeros(position_shape, jnp.int32)
+        cached_key, cached_value, cached_positions, cached_mask_positions, cache_index = (
+            self._cache_variables(k, jnp.zeros(position_shape, jnp.int32))
         )
         max_length = cached_key.value.shape[1]
         if cached_key.value.shape[0] != batch or cached_key.value.shape[2:] != k.shape[2:]:
@@ -240,13 +285,24 @@ class MultiHeadAttention(_AttentionProjections):
         if mask is not None and (
             not mask.causal
             or mask.q_segment_ids is not None
-            or mask.q_positions is not None
+            or (mask.q_positions is not None and not self.decode_mask_positions)
             or mask.kv_positions is not None
         ):
             raise ValueError(
                 f"{owner}: decode=True needs mask None or a causal AttentionMask without "
                 f"segment ids or positions (the cache supplies them), got {mask}."
             )
+        if self.decode_mask_positions:
+            mask_positions = None if mask is None else mask.q_positions
+            if mask_positions is None or tuple(mask_positions.shape) not in (
+                (batch, length),
+                (1, length),
+            ):
+                raise ValueError(
+                    f"{owner}: with decode_mask_positions, decode=True needs the queries' mask "
+                    f"positions in mask.q_positions [B={batch}, L={length}], got "
+                    f"{None if mask_positions is None else tuple(mask_positions.shape)}."
+                )
         index = cache_index.value
         overflow = index + length > max_length
         slots = jnp.broadcast_to(index + jnp.arange(length, dtype=jnp.int32), (batch, length))
@@ -255,7 +311,9 @@ class MultiHeadAttention(_AttentionProjections):
         encoding = self.position_encoding
         if encoding is not None:
             q, k = encoding.rotate(q, k, positions, positions)
-        start = (0, index) + (0,) * (k.ndim - 2)
+        # Index arrays of one dtype (Python zeros would be int64 under jax_enable_x64).
+        zero = jnp.zeros_like(index)
+        start = (zero, index) + (zero,) * (k.ndim - 2)
         cached_key.value = jax.lax.dynamic_update_slice(
             cached_key.value, k.astype(cached_key.value.dtype), start
         )
@@ -265,20 +323,43 @@ class MultiHeadAttention(_AttentionProjections):
         cached_positions.value = jax.lax.dynamic_update_slice(
             cached_positions.value,
             positions.astype(jnp.int32),
-            (0, index) + (0,) * (positions.ndim - 2),
+            (zero, index) + (zero,) * (positions.ndim - 2),
         )
         cache_index.value = index + length
         bias = None
         if encoding is not None:
             bias = encoding.attention_bias(positions, cached_positions.value, q.shape[2])
-        all_slots = jnp.broadcast_to(jnp.arange(max_length, dtype=jnp.int32), (batch, max_length))
+        if self.decode_mask_positions:
+            q_mask_positions = jnp.broadcast_to(mask.q_positions, (batch, length)).astype(jnp.int32)
+            cached_mask_positions.value = jax.lax.dynamic_update_slice(
+                cached_mask_positions.value, q_mask_positions + 1, (zero, index)
+            )
+            # 0 marks a slot never written: placed after every query, so the causal mask hides it.
+            stored = cached_mask_positions.value
+            kv_mask_positions = jnp.where(stored == 0, jnp.iinfo(jnp.int32).max, stored - 1)
+        else:
+            q_mask_positions = slots
+            kv_mask_positions = jnp.broadcast_to(
+                jnp.arange(max_length, dtype=jnp.int32), (batch, max_length)
+            )
         decode_mask = AttentionMask(
             causal=True,
             window_left=None if mask is None else mask.window_left,
-            q_positions=slots,
-            kv_positions=all_slots,
+            q_positions=q_mask_positions,
+            kv_positions=kv_mask_positions,
         )
+        decode_mask = self._decode_visibility(decode_mask, positions, cached_positions.value)
         return q, cached_key.value, cached_value.value, decode_mask, bias, overflow
+
+    def _decode_visibility(
+        self, decode_mask: AttentionMask, positions: Array, cached_positions: Array
+    ) -> AttentionMask:
+        """Hook for subclasses restricting a decode step's mask further (block-local layers).
+
+        positions: [B, L] the new tokens' positions; cached_positions: [B, max_length]
+        every cached key's position, after this step's write.
+        """
+        return decode_mask
 
 
 class CrossAttention(_AttentionProjections):

@@ -177,18 +177,16 @@ class BlockLocalAttention(MultiHeadAttention):
 
     block_size: int = 1
 
-    def _decode_step(self, q, k, v, mask, positions):
-        q, keys, values, decode_mask, bias, overflow = super()._decode_step(
-            q, k, v, mask, positions
-        )
-        cached_positions = self.get_variable("cache", "cached_positions")  # after this step
-        query_positions = decode_mask.q_positions if positions is None else positions
-        decode_mask = dataclasses.replace(
+    def _decode_visibility(
+        self, decode_mask: AttentionMask, positions: Array, cached_positions: Array
+    ) -> AttentionMask:
+        # Blocks follow the tokens' positions, not the mask positions (which differ in a
+        # prefix LM), as block_segment_ids does for a whole sequence.
+        return dataclasses.replace(
             decode_mask,
-            q_segment_ids=query_positions // self.block_size + 1,
+            q_segment_ids=positions // self.block_size + 1,
             kv_segment_ids=cached_positions // self.block_size + 1,
         )
-        return q, keys, values, decode_mask, bias, overflow
 
 
 def attention_window(spec: LayerSpec, causal: bool) -> tuple[int | None, int | None]:
@@ -328,6 +326,10 @@ class LayerStack(nn.Module):
       mixer_kwargs: ``{mixer name: kwargs}`` for non-attention mixers.
       attention_implementation: passed to ``dot_product_attention``.
       max_decode_length: KV-cache length (the generation code sets it).
+      prefix_lm: the causal order is given by ``mask_positions`` also when
+        decoding: the attention layers' KV caches record each key's mask position
+        (``MultiHeadAttention.decode_mask_positions``), so a prefix decoded in one
+        call stays bidirectional and windows are measured as in a full pass.
     """
 
     num_layers: int
@@ -353,6 +355,7 @@ class LayerStack(nn.Module):
     drop_path_rate: float = 0.0
     attention_implementation: str | None = None
     max_decode_length: int | None = None
+    prefix_lm: bool = False
     dtype: Dtype | None = None
 
     @property
@@ -388,6 +391,7 @@ class LayerStack(nn.Module):
                 attention_dropout_rate=self.attention_dropout_rate,
                 implementation=self.attention_implementation,
                 max_decode_length=self.max_decode_length,
+                decode_mask_positions=self.prefix_lm,
                 dtype=self.dtype,
                 name=f"layer_{index}_attention",
             )
@@ -412,8 +416,13 @@ class LayerStack(nn.Module):
                 )
                 continue
             left, right = attention_window(spec, self.causal)
-            if decode:  # the KV cache supplies positions; segments are refused earlier
-                layer_masks.append(AttentionMask(causal=True, window_left=left))
+            if decode:  # the KV cache supplies key positions; segments are refused earlier
+                query_order = None
+                if self.prefix_lm:
+                    query_order = positions if mask_positions is None else mask_positions
+                layer_masks.append(
+                    AttentionMask(causal=True, window_left=left, q_positions=query_order)
+                )
                 continue
             layer_masks.append(
                 layer_attention_mask(
@@ -451,6 +460,11 @@ class LayerStack(nn.Module):
             raise ValueError(
                 "LayerStack: decode=True does not take segment_ids (the KV cache holds one "
                 "sequence per row); got segment_ids."
+            )
+        if decode and mask_positions is not None and not self.prefix_lm:
+            raise ValueError(
+                "LayerStack: decode=True with mask_positions needs prefix_lm=True (the KV "
+                "cache must record the keys' mask positions); got prefix_lm=False."
             )
         dim = x.shape[-1]
         encoding = self._position_encoding()

@@ -27,6 +27,9 @@ state between packed sequences, so hybrids need one sequence per row.
 
 Decoding (``decode=True``, ``mutable=["cache"]``): attention layers keep a KV
 cache, Mamba layers their recurrent state; see ``effformer.models.generate``.
+A prefix LM decodes too: each call gives its ``prefix_lengths`` and the caches
+record every key's mask position, so a prefix fed in one call is bidirectional
+and every later token is causal, as in a full pass.
 
 Ettin presets (``ettin_{encoder,decoder}_{17m,...,1b}``) use the sizes of the
 Ettin README's "Model Architecture" table (jhu-clsp/ettin-encoder-vs-decoder):
@@ -228,8 +231,8 @@ class TransformerLM(_LMBase):
                     "row); give one sequence per row."
                 )
         if decode:
-            if self.kind != "decoder":
-                raise ValueError(f"{owner}: decode=True needs kind='decoder'.")
+            if self.kind not in ("decoder", "prefix_lm"):
+                raise ValueError(f"{owner}: decode=True needs kind='decoder' or 'prefix_lm'.")
             if positions is None:
                 raise ValueError(
                     f"{owner}: decode=True needs explicit positions [B, L] (the position of "
@@ -269,7 +272,8 @@ class TransformerLM(_LMBase):
         embedding = self._embedding()
         x = self._stack("decoder" if self.causal else "encoder",
                         num_layers=self.num_layers, layer_pattern=self.layer_pattern,
-                        layer_overrides=self.layer_overrides, causal=self.causal)(
+                        layer_overrides=self.layer_overrides, causal=self.causal,
+                        prefix_lm=self.kind == "prefix_lm")(
             embedding(inputs),
             positions=positions,
             segment_ids=segment_ids,

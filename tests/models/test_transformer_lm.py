@@ -11,7 +11,12 @@ import pytest
 
 from effformer import models
 from effformer.data.packing import pack_sequences
-from effformer.models.lm_layers import LayerSpec, expand_layer_pattern, segment_positions
+from effformer.models.lm_layers import (
+    LayerSpec,
+    LayerStack,
+    expand_layer_pattern,
+    segment_positions,
+)
 from effformer.models.transformer_lm import ETTIN_SIZES, TransformerLM
 from effformer.train.tasks import CausalLMTask, MaskedLMTask
 
@@ -353,6 +358,15 @@ def test_bad_inputs_raise_clear_errors():
         apply(model, variables, inputs, decode=True, mutable=["cache"])
     with pytest.raises(ValueError, match="kind must be one of"):
         init(TransformerLM(kind="seq2seq", num_layers=1, **TINY), inputs=inputs)
+    with pytest.raises(ValueError, match="decode=True needs kind='decoder' or 'prefix_lm'"):
+        apply(TransformerLM(kind="encoder", num_layers=1, **TINY), variables, inputs,
+              positions=inputs, decode=True, mutable=["cache"])  # fmt: skip
+    # A stack whose caches do not record mask positions cannot decode with them.
+    stack = LayerStack(num_layers=1, num_heads=2, ffn_hidden_dim=8, max_decode_length=4)
+    x, positions = jnp.zeros((2, 1, 8)), jnp.zeros((2, 1), jnp.int32)
+    with pytest.raises(ValueError, match="decode=True with mask_positions needs prefix_lm=True"):
+        jax.eval_shape(lambda: stack.init(jax.random.PRNGKey(0), x, positions=positions,
+                                          mask_positions=positions, decode=True))  # fmt: skip
     with pytest.raises(ValueError, match="'mamba', a causal-only mixer, in a bidirectional"):
         init(TransformerLM(kind="encoder", num_layers=1, layer_pattern="mamba", **TINY),
              inputs=inputs)  # fmt: skip
