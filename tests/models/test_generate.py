@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from effformer import models
+from effformer.mixers import attention as attention_module
+from effformer.mixers.attention import MultiHeadAttention
+from effformer.models import generate as generate_module
 from effformer.models.generate import generate, generate_seq2seq, sample_logits
+from effformer.nn.position import make_position_encoding
+from effformer.ops.masks import AttentionMask
 
 PROMPTS = jnp.array([[5, 6, 7, 8], [9, 10, 0, 0], [3, 0, 0, 0]], jnp.int32)
 LENGTHS = [4, 2, 1]
@@ -166,5 +171,137 @@ def test_bad_generation_requests_raise(decoder):
     with pytest.raises(ValueError, match="max_new_tokens must be a positive int"):
         generate(model, params, PROMPTS, LENGTHS, max_new_tokens=0)
     encoder = models.create("lm_encoder", tiny=True)
-    with pytest.raises(ValueError, match="kind='decoder', got TransformerLM kind='encoder'"):
+    with pytest.raises(ValueError, match="kind='decoder' or 'prefix_lm', got TransformerLM kind="):
         generate(encoder, params, PROMPTS, LENGTHS, max_new_tokens=NEW)
+    with pytest.raises(ValueError, match="prefix_lengths is only for kind='prefix_lm'"):
+        generate(model, params, PROMPTS, LENGTHS, max_new_tokens=NEW, prefix_lengths=[1, 1, 1])
+
+
+# Prefix LM: the same layers as the "rope_local_block" decoder. The local window is measured
+# on mask positions (the whole prefix counts as one place), so it needs the cache's record of
+# each key's mask position; the blocks follow the tokens' own positions.
+PREFIX_LM = ("lm_prefix", dict(layer_pattern="block:3,local:3", position_encoding="rope"))
+
+
+def test_prefix_lm_generation_equals_recomputation_with_the_prefix():
+    name, overrides = PREFIX_LM
+    model = models.create(name, tiny=True, **overrides)
+    variables = _init(model)
+    apply = jax.jit(
+        lambda tokens, prefixes: model.apply(variables, tokens, prefix_lengths=prefixes)
+    )
+    greedy = lambda t, logits: jnp.argmax(logits, -1)  # noqa: E731
+    traces = generate_module._TRACES["decoder"]
+    # The whole prompt as the prefix (the default), then shorter prefixes (one of them empty,
+    # i.e. causal): prefix_lengths are data, so both runs share one compilation.
+    runs = []
+    for prefixes in (None, [2, 1, 0]):
+        out = generate(model, variables["params"], PROMPTS, LENGTHS, max_new_tokens=NEW,
+                       prefix_lengths=prefixes, return_logits=True)  # fmt: skip
+        rows = jnp.asarray(LENGTHS if prefixes is None else prefixes, jnp.int32)
+        tokens, scores = _recompute(
+            lambda t, rows=rows: apply(t, rows), PROMPTS, LENGTHS, NEW, greedy
+        )
+        np.testing.assert_array_equal(out.sequences, tokens)
+        np.testing.assert_allclose(out.logits[:, 1:], scores[:, 1:], rtol=1e-4, atol=1e-5)
+        runs.append(out)
+    assert generate_module._TRACES["decoder"] == traces + 1  # the counter counts compilations
+    # The prefix matters (the test would see a decoder's causal prompt as wrong).
+    assert not np.allclose(runs[0].logits[:, 1:], runs[1].logits[:, 1:], atol=1e-3)
+
+
+def test_prefix_lm_generation_rejects_a_prefix_longer_than_the_prompt_and_mamba_layers():
+    name, overrides = PREFIX_LM
+    model = models.create(name, tiny=True, **overrides)
+    params = jax.eval_shape(lambda: _init(model))["params"]  # errors come before any compute
+    with pytest.raises(ValueError, match=r"0 <= prefix_length <= prompt_length .*\[4, 2, 1\]\), "
+                       r"got \[4, 3, 1\]"):  # fmt: skip
+        generate(model, params, PROMPTS, LENGTHS, max_new_tokens=NEW, prefix_lengths=[4, 3, 1])
+    with pytest.raises(ValueError, match="need 7 cached positions, more than the cache_length 6"):
+        generate(model, params, PROMPTS, LENGTHS, max_new_tokens=NEW, cache_length=6)
+    hybrid = models.create(name, tiny=True, layer_pattern="mamba,global")
+    with pytest.raises(ValueError, match="a prefix LM decodes its prefix in one call"):
+        generate(hybrid, params, PROMPTS, LENGTHS, max_new_tokens=NEW)
+
+
+def test_second_generate_call_with_the_same_shapes_does_not_recompile(decoder):
+    model, variables, _, first = decoder("learned")  # compiled by the fixture
+    traces = dict(generate_module._TRACES)
+    # Other prompts, prompt lengths, parameter values and key; an equal but new model object.
+    params = jax.tree.map(lambda p: p * 1.5, variables["params"])
+    twin = models.create(*DECODERS["learned"][0:1], tiny=True, **DECODERS["learned"][1])
+    prompts = (PROMPTS + 1) % model.vocab_size
+    again = generate(twin, params, prompts, [2, 3, 4], max_new_tokens=NEW, return_logits=True,
+                     rng=jax.random.PRNGKey(3))  # fmt: skip
+    assert dict(generate_module._TRACES) == traces
+    assert not np.array_equal(again.sequences, first.sequences)
+
+
+def _attention_steps(module, params, x, chunks):
+    """Feed x [B, L, D] through module's cache in chunks; returns the concatenated outputs."""
+    cache = jax.tree.map(
+        jnp.zeros_like,
+        module.init(jax.random.PRNGKey(0), x[:, :1], decode=True)["cache"],
+    )
+    outputs, start = [], 0
+    for size in chunks:
+        out, mutated = module.apply({"params": params, "cache": cache}, x[:, start : start + size],
+                                    decode=True, mutable=["cache"])  # fmt: skip
+        outputs.append(out)
+        cache, start = mutated["cache"], start + size
+    return jnp.concatenate(outputs, axis=1)
+
+
+def test_split_k_decode_path_equals_the_masked_attention_and_is_taken_only_where_exact(
+    x64, monkeypatch
+):
+    calls = []
+    split_k = attention_module.decode_attention
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return split_k(*args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "decode_attention", counted)
+    fields = dict(num_heads=4, num_kv_heads=2, max_decode_length=6, dtype=jnp.float64,
+                  param_dtype=jnp.float64, position_encoding=make_position_encoding("rope"))  # fmt: skip
+    fast = MultiHeadAttention(**fields)
+    dense = MultiHeadAttention(**fields, implementation="reference")
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 8)))
+    params = fast.init(jax.random.PRNGKey(1), x)["params"]
+
+    # One compilation for both paths; forward only (decode_attention's gradients are tested
+    # against its reference in tests/ops/test_decode_attention.py).
+    run = jax.jit(lambda params: [_attention_steps(m, params, x, [4, 1]) for m in (fast, dense)])
+    fast_out, dense_out = run(params)
+    assert len(calls) == 1  # the fast module's one-token step, none of the dense module's
+    np.testing.assert_allclose(fast_out, dense_out, rtol=1e-12, atol=1e-12)
+
+    # Not taken where the visible keys are not the slots up to the query's: a window, a bias,
+    # mask positions (prefix LM), blocks (tested through generation above).
+    step = x[:, :1]
+    for module, mask in [
+        (fast, AttentionMask(causal=True, window_left=1)),
+        (MultiHeadAttention(**{**fields, "position_encoding": make_position_encoding("alibi")}),
+         None),
+        (MultiHeadAttention(**fields, decode_mask_positions=True),
+         AttentionMask(causal=True, q_positions=jnp.zeros((2, 1), jnp.int32))),
+    ]:  # fmt: skip
+        variables = jax.eval_shape(
+            lambda m=module: m.init(jax.random.PRNGKey(0), step, decode=True)
+        )
+        jax.eval_shape(
+            lambda v, m=module, mask=mask: m.apply(v, step, mask=mask, decode=True, mutable=["cache"]),
+            variables,
+        )  # fmt: skip
+    assert len(calls) == 1
+
+
+def test_decode_mask_positions_are_required_when_the_cache_records_them():
+    module = MultiHeadAttention(num_heads=2, max_decode_length=4, decode_mask_positions=True)
+    x = jnp.zeros((2, 1, 8))
+    variables = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), x, decode=True))
+    assert variables["cache"]["cached_mask_positions"].shape == (2, 4)
+    with pytest.raises(ValueError, match=r"needs the queries' mask positions in "
+                       r"mask.q_positions \[B=2, L=1\], got None"):  # fmt: skip
+        jax.eval_shape(lambda v: module.apply(v, x, decode=True, mutable=["cache"]), variables)
