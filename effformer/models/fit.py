@@ -13,9 +13,10 @@ layers does, in order (google-research/pix2seq ``architectures/transformers.py``
 4. WRITE: ``tokens += CrossAttention(tokens -> their own group's latents)``,
    except after the last block (nothing would read the tokens' update).
 
-So a local layer costs ``O(n^2)`` per group and a global layer
-``O((T m)^2)``: with ``n ~ L^(2/3)`` and ``T ~ L^(1/3)`` the whole costs
-``O(L^(4/3))``. Latents start from a learned table ``[T, m, Dl]`` (a
+So a local layer costs ``O(n^2)`` per group (``O(L n)`` for all ``T = L/n``
+groups) and a global layer ``O((T m)^2) = O((L m / n)^2)``: the sum is least
+at ``n ~ (L m^2)^(1/3)``, i.e. ``n ~ L^(1/3)`` and ``T ~ L^(2/3)`` for a fixed
+``m``, where both terms, and the whole, cost ``O(L^(4/3))``. Latents start from a learned table ``[T, m, Dl]`` (a
 per-group, per-slot embedding); the token position table ``[n, D]`` is shared
 by every group (the group identity reaches the tokens through the latents).
 
