@@ -9,12 +9,17 @@ vocabulary 256) under ``jax.jit``. "XLA memory" is the compiled step's
 ``memory_analysis()`` (arguments + outputs + temporaries, what XLA plans, not
 a measurement of the process); "peak RSS" is ``ru_maxrss`` of this process
 after the run (measured; includes the Python/JAX runtime, about 0.3-0.5 GB).
-Run one length per process when the RSS matters. Prints a Markdown table.
+Run one length per process when the RSS matters. ``--compile-only`` stops
+after compilation (XLA memory and FLOPs only, nothing run; RSS then measures
+the compilation): enough to find the longest full-attention step that fits.
+"GFLOP" is XLA's ``cost_analysis()`` of the step. Prints a Markdown table and
+the load average.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import time
 
@@ -60,15 +65,21 @@ def measure(name: str, length: int, args) -> dict:
         + analysis.output_size_in_bytes
         + analysis.temp_size_in_bytes
     )
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    num_params = sum(x.size for x in jax.tree.leaves(params))
+    result = dict(model=name, length=length, params=num_params, xla_gb=xla_bytes / 2**30,
+                  gflop=float(cost.get("flops", float("nan"))) / 1e9, seconds=float("nan"),
+                  loss=float("nan"))  # fmt: skip
+    if args.compile_only:
+        return dict(result, rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
         params, opt_state, loss = compiled(params, opt_state)
         loss.block_until_ready()
         times.append(time.perf_counter() - start)
-    num_params = sum(x.size for x in jax.tree.leaves(params))
-    return dict(model=name, length=length, params=num_params, xla_gb=xla_bytes / 2**30,
-                seconds=float(np.median(times)), loss=float(loss),
+    return dict(result, seconds=float(np.median(times)), loss=float(loss),
                 rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # fmt: skip
 
 
@@ -85,17 +96,22 @@ def main() -> None:
     parser.add_argument("--full-implementation", default=None, help="e.g. 'blockwise'")
     parser.add_argument("--remat", action="store_true")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--compile-only", action="store_true")
     args = parser.parse_args()
+    print(f"load average at start: {os.getloadavg()}")
     print(f"width {args.width}, heads {args.heads}, FIT plan {args.layer_plan!r}, groups of "
           f"{args.group_size}, {args.num_latents} latents/group, remat {args.remat}; full: "
           f"{args.full_layers} layers, implementation {args.full_implementation}\n")  # fmt: skip
-    print("| model | length | params | XLA memory (GB) | step (s) | peak RSS so far (GB) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| model | length | params | XLA memory (GB) | GFLOP | step (s) | loss "
+          "| peak RSS so far (GB) |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for length in args.lengths:
         for name in args.models:
             r = measure(name, length, args)
             print(f"| {r['model']} | {r['length']} | {r['params']:,} | {r['xla_gb']:.3f} | "
-                  f"{r['seconds']:.3f} | {r['rss_gb']:.2f} |", flush=True)  # fmt: skip
+                  f"{r['gflop']:.1f} | {r['seconds']:.3f} | {r['loss']:.3f} | {r['rss_gb']:.2f} |",
+                  flush=True)  # fmt: skip
+    print(f"\nload average at end: {os.getloadavg()}")
 
 
 if __name__ == "__main__":
