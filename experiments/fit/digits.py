@@ -2,7 +2,7 @@
 
     .venv/bin/effformer train --config experiments/fit/digits.py:fit --workdir /tmp/fit_digits
     .venv/bin/effformer train --config experiments/fit/digits.py:vit --workdir /tmp/vit_digits
-    .venv/bin/python experiments/fit/compare.py --task digits --seeds 0 1 2
+    nice -n 10 .venv/bin/python experiments/fit/run.py --arms fit vit --seeds 0 1 2
 
 Both models see 64 tokens (1x1 patches, one per pixel), width 64, 4 heads,
 MLP ratio 2, mean pooling, a learned position table, the same optimiser.
@@ -13,6 +13,9 @@ MLP ratio 2, mean pooling, a learned position table, the same optimiser.
 * ``vit``: a plain pre-norm ViT encoder of 4 layers over all 64 tokens
   (FIT's 2 local + 1 global + READ + WRITE are about 4-5 layers' parameters).
 
+Parameters: fit 170,570, vit 138,890. 10 epochs = 113 steps of 128. Measured
+(3 seeds, 2-core CPU at load ~13): test accuracy fit 30.8 ± 11.3 %, vit
+24.0 ± 3.4 %: both far from converged at this budget, so this is no ranking.
 Results (seeds, machine, time): experiments/fit/README.md.
 """
 
