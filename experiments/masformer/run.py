@@ -15,13 +15,17 @@ preceding key (a short span suffices), then the query must find that value
 one hop (the query need only reach position 1). A model whose layers all
 have span s cannot see the pairs from the query at all when 4 (s - 1) < L - 2P.
 
-Three 4-layer decoders of identical size (width 64, 4 heads, RoPE) and
-training budget (same steps, batch, optimiser, data):
+4-layer decoders of identical size (width 64, 4 heads, RoPE) and training
+budget (same steps, batch, optimiser, data), chosen with ``--models``
+(default the first three):
 
 * ``full``: global attention in every layer;
 * ``local``: sliding window of ``--span`` keys in every layer;
 * ``mixed``: MASFormer, full attention in layer 1 only (``--global_layers``),
-  window ``--span`` elsewhere.
+  window ``--span`` elsewhere;
+* ``block``: block-local attention (MASFormer's other short span: fixed,
+  non-overlapping blocks of ``--span`` tokens, causal inside each) in every layer;
+* ``mixed_block``: full attention in layer 1 only, blocks of ``--span`` elsewhere.
 
 Reported: recall accuracy on 1024 held-out sequences, measured median train
 step time, XLA's cost-analysis FLOPs of the compiled train step, and the
@@ -31,6 +35,7 @@ implementation) and masks them, so XLA's FLOPs do not fall with the span;
 the analytic column shows what a block-sparse kernel would save.
 
     .venv/bin/python experiments/masformer/run.py [--steps 400] [--length 64] [--span 8]
+        [--models full local mixed block mixed_block]
 """
 
 from __future__ import annotations
@@ -64,13 +69,16 @@ def recall_batch(rng: np.random.Generator, batch: int, length: int, pairs: int) 
 
 
 def attention_score_flops(pattern, overrides, layers, length, batch, heads, head_dim) -> int:
-    """Analytic forward FLOPs of q.k and p.v over the visible (causal, windowed) pairs."""
+    """Analytic forward FLOPs of q.k and p.v over the visible (causal, windowed, block) pairs."""
     total = 0
     positions = np.arange(length)
     for spec in expand_layer_pattern(pattern, layers, overrides):
         left, _ = attention_window(spec, causal=True)
         distance = positions[:, None] - positions[None, :]
         visible = (distance >= 0) & (True if left is None else distance <= left)
+        if spec.kind == "block":
+            blocks = positions // spec.window
+            visible &= blocks[:, None] == blocks[None, :]
         total += 2 * 2 * int(visible.sum()) * head_dim * heads * batch
     return total
 
@@ -132,14 +140,19 @@ def main() -> None:
     parser.add_argument("--span", type=int, default=8)
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--global_layers", type=int, nargs="+", default=[1])
+    parser.add_argument("--models", nargs="+", default=["full", "local", "mixed"],
+                        choices=["full", "local", "mixed", "block", "mixed_block"])  # fmt: skip
     args = parser.parse_args()
-    local = f"local:{args.span}"
-    configs = [
-        ("full", "global", None),
-        ("local", local, None),
-        ("mixed", local, {layer: "global" for layer in args.global_layers}),
-    ]
-    results = [run(name, pattern, overrides, args) for name, pattern, overrides in configs]
+    local, block = f"local:{args.span}", f"block:{args.span}"
+    global_layers = {layer: "global" for layer in args.global_layers}
+    configs = {
+        "full": ("global", None),
+        "local": (local, None),
+        "mixed": (local, global_layers),
+        "block": (block, None),
+        "mixed_block": (block, global_layers),
+    }
+    results = [run(name, *configs[name], args) for name in args.models]
     print(f"\nlength {args.length}, span {args.span}, {args.pairs} pairs, "
           f"{args.steps} steps of batch {args.batch}\n")  # fmt: skip
     print("| model | layers | recall accuracy | step (ms) | XLA GFLOPs / step | "
