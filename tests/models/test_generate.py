@@ -186,7 +186,7 @@ PREFIX_LM = ("lm_prefix", dict(layer_pattern="block:3,local:3", position_encodin
 def test_prefix_lm_generation_equals_recomputation_with_the_prefix():
     name, overrides = PREFIX_LM
     model = models.create(name, tiny=True, **overrides)
-    variables = _init(model)
+    variables = jax.jit(lambda: _init(model))()  # one compilation, not eager dispatch
     apply = jax.jit(
         lambda tokens, prefixes: model.apply(variables, tokens, prefix_lengths=prefixes)
     )
@@ -239,10 +239,8 @@ def test_second_generate_call_with_the_same_shapes_does_not_recompile(decoder):
 
 def _attention_steps(module, params, x, chunks):
     """Feed x [B, L, D] through module's cache in chunks; returns the concatenated outputs."""
-    cache = jax.tree.map(
-        jnp.zeros_like,
-        module.init(jax.random.PRNGKey(0), x[:, :1], decode=True)["cache"],
-    )
+    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), x[:, :1], decode=True))
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
     outputs, start = [], 0
     for size in chunks:
         out, mutated = module.apply({"params": params, "cache": cache}, x[:, start : start + size],
@@ -268,7 +266,7 @@ def test_split_k_decode_path_equals_the_masked_attention_and_is_taken_only_where
     fast = MultiHeadAttention(**fields)
     dense = MultiHeadAttention(**fields, implementation="reference")
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 8)))
-    params = fast.init(jax.random.PRNGKey(1), x)["params"]
+    params = jax.jit(fast.init)(jax.random.PRNGKey(1), x)["params"]  # jitted: eager x64 is slow
 
     # One compilation for both paths; forward only (decode_attention's gradients are tested
     # against its reference in tests/ops/test_decode_attention.py).
