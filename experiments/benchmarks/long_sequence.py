@@ -16,7 +16,7 @@ jitted: value and gradients (w.r.t. the input and the parameters) of
   its tokens; (3) chunk-causal self-attention over all ``L/N * M`` latents;
   (4) WRITE: the tokens attend to their group's latents after the shift right
   by one group. Cost ``O(L N + (L M / N)^2)``: linear in L while the local
-  term dominates (``L N > (L M / N)^2``, i.e. L < N^3 / M^2 = 1M tokens at
+  term dominates (``L N > (L M / N)^2``, i.e. L < N^3 / M^2 = 65,536 tokens at
   N=256, M=16), quadratic beyond.
 
 Time: median wall time of ``--repeats`` calls after a warm-up call (one call
