@@ -46,7 +46,9 @@ def _raw_split(data_dir, name, split):
 def test_list_datasets():
     names = list_datasets()
     assert names == sorted(names)
-    assert {"cifar10", "cifar100", "digits", "imagenet2012", "mnist1d", "oxford_flowers102"} <= set(names)
+    assert {"cifar10", "cifar100", "digits", "imagenet2012", "mnist1d", "oxford_flowers102"} <= set(
+        names
+    )
     # The generated sequence tasks register themselves too, as LM and seq2seq datasets.
     assert {"copy", "copy_seq2seq"} <= set(names)
 
