@@ -409,7 +409,7 @@ def _forced_prompt_loop(
     return tokens, new_tokens, scores
 
 
-@functools.partial(jax.jit, static_argnames=("family", "model", "loop", "chunked"))
+@functools.partial(jax.jit, static_argnames=("family", "model", "loop", "prefill_length"))
 def _generate_loop(
     inputs: Any,
     prompts: Array,
@@ -420,11 +420,11 @@ def _generate_loop(
     family: _Family,
     model: _StaticModule,
     loop: _LoopSettings,
-    chunked: bool,
+    prefill_length: int | None,
 ) -> tuple[Array, Array, Array]:
     """Encode (seq2seq), make the zero cache and run the loop: compiled once per static
-    arguments and argument shapes. ``chunked``: prefill the prompt width in one call
-    (attention-only models), else one token per call."""
+    arguments and argument shapes. ``prefill_length``: see ``_forced_prompt_loop`` (None:
+    the prompt width in one call, for attention-only models)."""
     _TRACES[family.name] += 1
     module = model.module
     context = family.prepare(module, inputs)
@@ -439,48 +439,8 @@ def _generate_loop(
         prefix_lengths,
         rng,
         loop,
-        None if chunked else 1,
+        prefill_length,
     )
-
-
-def _decode_loop(
-    step: Callable[[Any, Any, Array, Array], tuple[Array, Any]],
-    context: Any,
-    cache: Any,
-    prompts: Array,
-    lengths: np.ndarray,
-    rng: Array,
-    *,
-    max_new_tokens: int,
-    prefill_length: int,
-    temperature: float,
-    top_k: int | None,
-    eos_id: int | None,
-    pad_id: int,
-    return_logits: bool,
-) -> GenerateOutput:
-    """The loop for a caller's own ``step(context, cache, tokens, positions)`` (MambaLM's
-    parallel prefill): feeds ``prefill_length`` tokens first. Compiled on every call,
-    since a fresh step function cannot key the cache of compiled loops."""
-    loop = _LoopSettings(max_new_tokens, temperature, top_k, eos_id, pad_id, return_logits)
-
-    def run(context, cache, prompts, prompt_lengths, rng):
-        return _forced_prompt_loop(
-            lambda context, cache, tokens, positions, _: step(context, cache, tokens, positions),
-            context,
-            cache,
-            prompts,
-            prompt_lengths,
-            None,
-            rng,
-            loop,
-            prefill_length,
-        )
-
-    tokens, new_tokens, scores = jax.jit(run)(
-        context, cache, prompts, jnp.asarray(lengths, jnp.int32), rng
-    )
-    return GenerateOutput(tokens, new_tokens, scores if return_logits else None)
 
 
 def _zeros_like_shapes(tree: Any) -> Any:
@@ -496,8 +456,13 @@ def _run_loop(
     prefixes: np.ndarray | None,
     rng: Array | None,
     loop: _LoopSettings,
-    chunked: bool,
+    prefill_length: int | None,
 ) -> GenerateOutput:
+    """Run the compiled loop of ``family`` (cached per static settings and shapes).
+
+    prefill_length: None feeds the whole prompt width in one call (attention-only
+    models); an int feeds that many tokens first (at most the shortest prompt).
+    """
     tokens, new_tokens, scores = _generate_loop(
         inputs,
         jnp.asarray(prompts),
@@ -507,7 +472,7 @@ def _run_loop(
         family=family,
         model=_StaticModule(model),
         loop=loop,
-        chunked=chunked,
+        prefill_length=prefill_length,
     )
     return GenerateOutput(tokens, new_tokens, scores if loop.return_logits else None)
 
@@ -569,7 +534,9 @@ def generate(
     cache_length = _check_cache_length(cache_length, needed, _learned_table_length(model))
     loop = _LoopSettings(max_new_tokens, float(temperature), top_k, eos_id, pad_id, return_logits)
     decoder = model.clone(max_decode_length=cache_length)
-    return _run_loop(_DECODER, decoder, params, prompts, lengths, prefixes, rng, loop, chunked)
+    return _run_loop(
+        _DECODER, decoder, params, prompts, lengths, prefixes, rng, loop, None if chunked else 1
+    )
 
 
 def generate_seq2seq(
@@ -618,5 +585,5 @@ def generate_seq2seq(
     source = (params, jnp.asarray(inputs))
     return _run_loop(
         _SEQ2SEQ, seq2seq, source, decoder_prompts, lengths, None, rng, loop,
-        model.supports_chunked_decode,
+        None if model.supports_chunked_decode else 1,
     )  # fmt: skip

@@ -52,7 +52,9 @@ from effformer.models.generate import (
     GenerateOutput,
     _check_prompts,
     _check_sampling,
-    _decode_loop,
+    _Family,
+    _LoopSettings,
+    _run_loop,
     _zeros_like_shapes,
 )
 from effformer.models.registry import register
@@ -350,38 +352,38 @@ def generate_mamba(
         )
     _check_sampling(temperature, top_k, model.vocab_size)
     lengths = _check_prompts(prompts, prompt_lengths)
-    batch = prompts.shape[0]
+    loop = _LoopSettings(max_new_tokens, float(temperature), top_k, eos_id, pad_id, return_logits)
+    # The parallel scan prefills the first min(prompt_lengths) tokens of every row (from
+    # the zero state); one compiled loop per model, settings, shapes and prefill length.
+    return _run_loop(
+        _MAMBA, model, params, prompts, np.asarray(lengths), None, rng, loop, int(lengths.min())
+    )
+
+
+def _mamba_cache_shapes(model: MambaLM, batch: int) -> Any:
     one = jnp.zeros((batch, 1), jnp.int32)
-    cache_shapes = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), one, decode=True)["cache"]
-    )
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), one, decode=True)["cache"])
 
-    def step(params, cache, tokens, positions):
-        del positions
-        if tokens.shape[1] == 1:
-            logits, mutated = model.apply(
-                {"params": params, "cache": cache}, tokens, decode=True, mutable=["cache"]
-            )
-            return logits, mutated["cache"]
-        # Prefill (always from position 0, so from the zero state): the parallel scan.
-        logits, sown = model.apply({"params": params}, tokens, mutable=["intermediates"])
-        return logits, _cache_from_intermediates(sown["intermediates"], cache_shapes)
 
-    return _decode_loop(
-        step,
-        params,
-        _zeros_like_shapes(cache_shapes),
-        prompts,
-        np.asarray(lengths),
-        jax.random.PRNGKey(0) if rng is None else rng,
-        max_new_tokens=max_new_tokens,
-        prefill_length=int(lengths.min()),
-        temperature=float(temperature),
-        top_k=top_k,
-        eos_id=eos_id,
-        pad_id=pad_id,
-        return_logits=return_logits,
-    )
+def _mamba_step(model: MambaLM, params, cache, tokens, positions, prefix_lengths):
+    del positions, prefix_lengths  # a Mamba LM has neither
+    if tokens.shape[1] == 1:
+        logits, mutated = model.apply(
+            {"params": params, "cache": cache}, tokens, decode=True, mutable=["cache"]
+        )
+        return logits, mutated["cache"]
+    # Prefill (always from position 0, so from the zero state): the parallel scan.
+    logits, sown = model.apply({"params": params}, tokens, mutable=["intermediates"])
+    cache_shapes = _mamba_cache_shapes(model, tokens.shape[0])
+    return logits, _cache_from_intermediates(sown["intermediates"], cache_shapes)
+
+
+_MAMBA = _Family(
+    "mamba",
+    lambda model, params: params,
+    lambda model, params, batch: _zeros_like_shapes(_mamba_cache_shapes(model, batch)),
+    _mamba_step,
+)
 
 
 # ---------------------------------------------------------------------------- registry

@@ -1,5 +1,6 @@
 """Mamba LM and sequence classifier: sizes, init, tied padded head, decoding, padding, training."""
 
+import importlib
 import math
 from functools import partial
 
@@ -24,6 +25,8 @@ from effformer.train.metric_writers import read_metrics
 from effformer.train.tasks import CausalLMTask
 
 TINY_LM = dict(vocab_size=61, embed_dim=16, num_layers=2, d_state=4)
+
+generate_module = importlib.import_module("effformer.models.generate")
 
 
 def _count(tree) -> int:
@@ -190,6 +193,13 @@ def test_generation_is_greedy_over_the_full_recomputation_and_top_1_sampling_agr
     top1 = generate_mamba(model, params, prompts, lengths, max_new_tokens=4, temperature=1.0,
                           top_k=1, rng=jax.random.PRNGKey(7))  # fmt: skip
     np.testing.assert_array_equal(top1.sequences, out.sequences)
+    # The compiled loop is cached: other prompts of the same shapes, lengths with the same
+    # shortest prompt, and an equal model object do not compile it again.
+    traces = generate_module._TRACES["mamba"]
+    other = generate_mamba(model.clone(), params, prompts[::-1], [3, 4], max_new_tokens=4,
+                           return_logits=True)  # fmt: skip
+    assert generate_module._TRACES["mamba"] == traces
+    np.testing.assert_array_equal(other.sequences[0, :3], prompts[1, :3])
 
 
 def test_temperature_sampling_draws_real_tokens_from_the_model(tiny_lm):
