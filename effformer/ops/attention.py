@@ -4,7 +4,7 @@
 ``softmax(scale * q k^T + bias, over visible keys) * w  @ v`` where the visible
 keys and the post-softmax weight ``w`` (iLLaMA's soft-causal multiplier) come
 from an :class:`~effformer.ops.masks.AttentionMask`, and ``w`` also carries
-dropout's ``keep / (1 - rate)``. Implementations:
+dropout's ``keep / p_keep`` (``p_keep`` is ``1 - rate`` to 2^-16). Implementations:
 
 ``"reference"``
     Dense ``[B, 1, Lq, Lk]`` mask from ``masks.dense_mask``, kv heads repeated,
@@ -51,6 +51,7 @@ from effformer.ops.attention_blockwise import (
     DEFAULT_BLOCK_Q,
     blockwise_attention,
     dropout_keep,
+    dropout_keep_probability,
     grouped_bias,
 )
 from effformer.ops.attention_xla import masked_softmax, materialised_attention
@@ -330,7 +331,7 @@ def dot_product_attention(
       bias: added to the logits, broadcastable to [B, H, Lq, Lk] (ALiBi, T5).
       scale: logit scale, default ``1 / sqrt(Dh)``.
       dropout_rate: dropout on the attention probabilities (scaled by
-        ``1 / (1 - rate)``); needs ``dropout_rng``. Not available with cuDNN.
+        ``1 / p_keep``, ``p_keep = 1 - rate`` rounded to 2^-16); needs ``dropout_rng``. Not available with cuDNN.
       implementation: one of ``IMPLEMENTATIONS`` or None (see module docstring).
       block_q, block_k: block sizes of ``"xla_blockwise"`` (any positive size;
         lengths need not be multiples).
@@ -386,9 +387,9 @@ def dot_product_attention(
         dtype = (
             q.dtype if implementation == "reference" else jnp.promote_types(q.dtype, jnp.float32)
         )
-        keep = dropout_keep(dropout_rng, 0, dropout_rate, shape).astype(dtype) / (
-            1.0 - dropout_rate
-        )
+        keep = dropout_keep(dropout_rng, 0, dropout_rate, shape).astype(
+            dtype
+        ) / dropout_keep_probability(dropout_rate)
     if implementation == "reference":
         return _reference(q, k, v, mask, bias, scale, keep)
     return _xla(q, k, v, mask, bias, scale, keep)

@@ -14,7 +14,7 @@ Everything that multiplies the probabilities after the softmax, without
 renormalising, is one per-entry weight ``w``:
 
 * iLLaMA's soft-causal mask ``r + (1 - r) * [pos_k <= pos_q]``;
-* dropout's ``keep / (1 - rate)``.
+* dropout's ``keep / p_keep`` (``p_keep = 1 - rate`` to 2^-16: :func:`dropout_keep`).
 
 ``out_i = sum_k P_ik w_ik v_k`` with ``P = softmax(s)``, so one accumulator
 suffices (the two-accumulator form ``(r * acc_all + (1 - r) * acc_causal) / l``
@@ -61,8 +61,29 @@ def grouped_bias(bias: Array, num_heads: int, num_kv_heads: int) -> Array:
     return bias.reshape(b, num_kv_heads, num_heads // num_kv_heads, lq, lk)
 
 
+# Dropout draws 16 random bits per entry: two entries per 32-bit word. With
+# threefry (JAX's default key), each word costs a full threefry evaluation, which
+# made the mask about a tenth of a CCT training step on CPU; the keep probability
+# becomes a multiple of 2^-16, within 2^-17 of 1 - rate, and every path scales by
+# that exact probability, so the kept values stay unbiased.
+_DROPOUT_BITS = 16
+
+
+def dropout_keep_probability(rate: float) -> float:
+    """The exact keep probability of :func:`dropout_keep`: ``1 - rate`` rounded to 2^-16.
+
+    Scale kept entries by ``1 / dropout_keep_probability(rate)``, not ``1 / (1 - rate)``,
+    so that the expectation is exactly the undropped value.
+    """
+    levels = 1 << _DROPOUT_BITS
+    return max(1, round((1.0 - rate) * levels)) / levels
+
+
 def dropout_keep(rng: Array, tile_index: Array | int, rate: float, shape: tuple[int, ...]) -> Array:
-    """The dropout keep mask of one tile of attention probabilities.
+    """The dropout keep mask (bool ``shape``) of one tile of attention probabilities.
+
+    Each entry is kept with probability :func:`dropout_keep_probability` ``(rate)``:
+    16 random bits per entry, from 32-bit words split in two along the last axis.
 
     Every implementation draws its mask this way: the reference and the XLA
     path as a single tile (index 0) of shape [B, H, Lq, Lk]; the blockwise path
@@ -70,7 +91,14 @@ def dropout_keep(rng: Array, tile_index: Array | int, rate: float, shape: tuple[
     backward regenerates the same mask. One tile covering the whole matrix
     gives the same mask in every implementation (same key, same element order).
     """
-    return jax.random.bernoulli(jax.random.fold_in(rng, tile_index), 1.0 - rate, shape)
+    *rows, width = shape
+    words = jax.random.bits(
+        jax.random.fold_in(rng, tile_index), (*rows, -(-width // 2)), jnp.uint32
+    )
+    halves = jnp.stack([words & 0xFFFF, words >> 16], axis=-1)  # [..., words, 2]
+    bits = halves.reshape(*rows, -1)[..., :width]
+    threshold = round(dropout_keep_probability(rate) * (1 << _DROPOUT_BITS))
+    return bits < threshold
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,7 +208,7 @@ class _Blocks:
         if rate == 0.0:
             return None
         keep = dropout_keep(self.rng, i * self.num_k_blocks + j, rate, shape)
-        return keep.astype(dtype) / (1.0 - rate)
+        return keep.astype(dtype) / dropout_keep_probability(rate)
 
     def weight(self, i, j, shape, dtype) -> Array | None:
         """The post-softmax per-entry multiplier w (see module docstring), or None for 1."""

@@ -2,7 +2,7 @@
 
 Forward: ``S = q k^T + bias`` (q pre-scaled), ``P = softmax(S)`` over the visible
 keys, ``O = (P * M) v`` with ``M`` the post-softmax multiplier (dropout's
-``keep / (1 - rate)`` times iLLaMA's soft-causal weight ``r + (1 - r) tril``;
+``keep / p_keep`` times iLLaMA's soft-causal weight ``r + (1 - r) tril``;
 absent when neither is used).
 
 Backward (FlashAttention-2's formulation, for any ``M``):

@@ -287,7 +287,7 @@ def _dense_blockwise_keep(rng, rate, batch, heads, q_len, kv_len, block_q, block
         ]
         rows.append(jnp.concatenate(tiles, axis=-1))
     keep = jnp.concatenate(rows, axis=-2)[:, :, :q_len, :kv_len]
-    return keep.astype(jnp.float64) / (1 - rate)
+    return keep.astype(jnp.float64) / attention_blockwise.dropout_keep_probability(rate)
 
 
 _dense_blockwise_keep = jax.jit(_dense_blockwise_keep, static_argnums=range(1, 8))
@@ -350,6 +350,29 @@ def test_xla_dropout_gradients_match_reference(x64):
 def test_dropout_keeps_about_one_minus_rate(x64):
     keep = _dense_blockwise_keep(jax.random.key(0, impl="rbg"), 0.25, 4, 4, 64, 64, 16, 16)
     assert abs(float(jnp.mean(keep > 0)) - 0.75) < 0.02
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.25, 1e-6, 0.9999999])
+def test_dropout_keep_probability_is_one_minus_rate_to_16_bits(rate):
+    p_keep = attention_blockwise.dropout_keep_probability(rate)
+    assert abs(p_keep - (1 - rate)) <= 2.0**-17 or p_keep == 2.0**-16  # never 0
+    assert (p_keep * 2**16) == int(p_keep * 2**16)
+
+
+def test_dropout_keep_entries_are_independent():
+    """Two entries share each 32-bit word: pairs must be kept independently (p^2 both)."""
+    rate, shape = 0.5, (64, 64, 64)
+    keep = attention_blockwise.dropout_keep(jax.random.key(1, impl="rbg"), 0, rate, shape)
+    p_keep = attention_blockwise.dropout_keep_probability(rate)
+    pairs = keep.reshape(64, 64, 32, 2)  # the two halves of one word
+    n = pairs.shape[0] * pairs.shape[1] * pairs.shape[2]
+    both = float(jnp.mean(pairs[..., 0] & pairs[..., 1]))
+    # 5 standard deviations of the mean of n Bernoulli(p^2) draws.
+    assert abs(both - p_keep**2) < 5 * (p_keep**2 * (1 - p_keep**2) / n) ** 0.5
+    assert abs(float(jnp.mean(keep)) - p_keep) < 5 * (p_keep * (1 - p_keep) / keep.size) ** 0.5
+    # An odd last axis keeps the first half of the last word.
+    odd = attention_blockwise.dropout_keep(jax.random.key(1, impl="rbg"), 0, rate, (64, 64, 63))
+    assert bool(jnp.all(odd == keep[..., :63]))
 
 
 def test_blockwise_backward_memory_is_linear():
