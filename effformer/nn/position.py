@@ -129,17 +129,25 @@ class SinusoidalPositionEncoding(PositionEncoding):
       base: wavelength scale (10000).
       interleaved: sin/cos interleaved per channel pair (CCT's sine variant) or
         concatenated halves.
+      scale: the table's amplitude (1: entries in [-1, 1], RMS 1/sqrt(2)). Token
+        embeddings initialised at a small std (the LMs' 0.02) are swamped by an
+        amplitude-1 table; ``scale = sqrt(2) * std`` gives both the same RMS.
     """
 
     base: float = 10000.0
     interleaved: bool = False
+    scale: float = 1.0
 
     def embed(self, x: Array, positions: Array) -> Array:
         _check_positions("SinusoidalPositionEncoding", "positions", positions, *x.shape[:2], 1)
+        if not self.scale > 0:
+            raise ValueError(
+                f"SinusoidalPositionEncoding: scale must be a positive number, got {self.scale!r}."
+            )
         table = sinusoidal_table(
             positions, x.shape[-1], base=self.base, interleaved=self.interleaved
         )
-        return x + table.astype(x.dtype)
+        return x + (self.scale * table).astype(x.dtype)
 
 
 # ---------------------------------------------------------------------------- rotary

@@ -2,7 +2,8 @@
 
 Kazemnejad et al. (2023), "The Impact of Positional Encoding on Length
 Generalization in Transformers": train on short instances, test on longer ones.
-Encodings: NoPE (``none``), sinusoidal APE, T5 relative bias, ALiBi, RoPE.
+Encodings: NoPE (``none``), sinusoidal APE, T5 relative bias, ALiBi, RoPE, and two
+optional arms: a learned table and the sinusoidal table scaled to the tokens' RMS.
 
     .venv/bin/python experiments/length_generalization/run_grid.py \
         --tasks copy,reverse,sorting,parity --seeds 0,1,2 --steps 1500 --batch_size 32
@@ -29,10 +30,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from sequence_runs import run_seeds  # noqa: E402
 
-# The five of the paper; "learned" (a learned absolute table) is an optional sixth: the
-# sinusoidal table adds values of size ~1 to token embeddings initialised at std 0.02, the
-# learned table starts at the tokens' scale.
-ENCODINGS = ("none", "sinusoidal", "t5", "alibi", "rope", "learned")
+# The five of the paper, then two optional arms. The sinusoidal table adds values of
+# size ~1 to token embeddings initialised at std 0.02, which swamps them:
+# "sinusoidal_scaled" scales the table to the tokens' RMS (amplitude sqrt(2) * 0.02),
+# and "learned" (a learned absolute table) starts at the tokens' scale.
+ENCODINGS = ("none", "sinusoidal", "t5", "alibi", "rope", "learned", "sinusoidal_scaled")
+ENCODING_SETTINGS = {
+    name: {"position_encoding": name} for name in ENCODINGS if name != "sinusoidal_scaled"
+}
+ENCODING_SETTINGS["sinusoidal_scaled"] = {
+    "position_encoding": "sinusoidal",
+    "position_kwargs": {"scale": 2**0.5 * 0.02},
+}
 MODEL = dict(num_layers=2, embed_dim=64, num_heads=4, ffn_hidden_dim=128, max_length=128)
 
 
@@ -59,7 +68,7 @@ def main() -> None:
             )
             if not seeds:
                 continue
-            group = run_seeds(task, "lm_decoder", {**MODEL, "position_encoding": encoding},
+            group = run_seeds(task, "lm_decoder", {**MODEL, **ENCODING_SETTINGS[encoding]},
                               seeds=seeds, steps=args.steps, batch_size=args.batch_size)  # fmt: skip
             for seed, result in zip(seeds, group, strict=True):
                 scores = {split: {str(k): v for k, v in buckets.items()}

@@ -97,7 +97,8 @@ _COMPILED: dict[tuple, tuple[Any, Any, Any]] = {}
 
 
 def _compiled(model_name, model_kwargs, task, steps, learning_rate):
-    key = (model_name, tuple(sorted(model_kwargs.items())), task.name, steps, learning_rate)
+    # repr: model kwargs may hold dicts (position_kwargs), which do not hash.
+    key = (model_name, repr(sorted(model_kwargs.items())), task.name, steps, learning_rate)
     if key in _COMPILED:
         return _COMPILED[key]
     model = models.create(model_name, **model_kwargs)

@@ -88,6 +88,19 @@ def test_sinusoidal_matches_formula_and_has_no_params(interleaved):
     np.testing.assert_allclose(got, want, atol=2e-5)
 
 
+def test_sinusoidal_scale_multiplies_the_table():
+    x = jax.random.normal(jax.random.key(0), (B, L, 6))
+    positions = _positions()
+
+    def added(**kwargs):
+        pe = make_position_encoding("sinusoidal", **kwargs)
+        return np.asarray(pe.apply({}, x, positions, method="embed")) - np.asarray(x)
+
+    np.testing.assert_allclose(added(scale=0.03), 0.03 * added(), atol=1e-6)
+    with pytest.raises(ValueError, match="scale must be a positive number, got 0.0"):
+        added(scale=0.0)
+
+
 def test_sinusoidal_odd_dim_error():
     with pytest.raises(ValueError, match="dim must be even, got 5"):
         make_position_encoding("sinusoidal").apply(
