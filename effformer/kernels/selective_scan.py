@@ -51,9 +51,9 @@ register arrays ([channel_block, n_pad], [channel_block, 1], [1, n_pad]),
 per-step loads through ``pl.ds`` with a static size, no scratch buffers. The
 wrapper pads n to a power of two (zero A, B, C columns: the padded state stays
 exactly 0) and L to a multiple of ``seq_block`` (zero dt: the state passes
-through unchanged). On CPU it runs with ``interpret=True``. Mosaic TPU is not
-supported: the per-step loads slice the lane (last) dimension dynamically; the
-op falls back to XLA there.
+through unchanged). On CPU it runs with ``interpret=True``. Mosaic TPU rejects
+this kernel (its per-step loads slice the lane, last, dimension dynamically);
+effformer/kernels/selective_scan_tpu.py is the TPU version, and the op picks it there.
 """
 
 from __future__ import annotations
@@ -93,8 +93,8 @@ def _log_interpret_once() -> None:
 def supported_backend(backend: str | None = None) -> bool:
     """Whether the kernel runs on ``backend`` (default: JAX's default backend).
 
-    GPU (Triton lowering) compiles it; CPU runs it in interpret mode; other
-    backends (TPU) are not supported.
+    GPU (Triton lowering) compiles it; CPU runs it in interpret mode; TPU has
+    its own kernel (effformer/kernels/selective_scan_tpu.py).
     """
     return (backend or jax.default_backend()) in ("gpu", "cuda", "rocm", "cpu")
 

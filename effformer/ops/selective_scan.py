@@ -40,10 +40,12 @@ in how the recurrence over time is evaluated):
     vertical add), never materialising the ``[batch, d, n, L]`` tensor. This is
     the fastest on CPU (measured: experiments/benchmarks/README.md, section
     "Selective scan") and the default.
-  * ``"pallas"``: the Pallas kernel of effformer/kernels/selective_scan.py
-    (state kept on chip, backward recomputing from block-boundary states). It
-    compiles for GPUs (Triton); on CPU it runs in interpret mode (slow; logged
-    once); on other backends the op falls back to ``"chunked"`` (logged once).
+  * ``"pallas"``: a Pallas kernel (state kept on chip, backward recomputing
+    from block-boundary states). On TPU, the Mosaic TPU kernel of
+    effformer/kernels/selective_scan_tpu.py; on GPU, the Triton kernel of
+    effformer/kernels/selective_scan.py; on CPU, that GPU kernel in interpret
+    mode (slow; logged once); on other backends the op falls back to
+    ``"chunked"`` (logged once).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ import jax
 import jax.numpy as jnp
 
 from effformer.kernels import selective_scan as pallas_kernel
+from effformer.kernels import selective_scan_tpu as tpu_kernel
 
 Array = jax.Array
 
@@ -190,14 +193,20 @@ def _selective_scan(
         dt = jnp.where(mask[:, None, :], dt, 0)
     A, B, C = A.astype(dtype), B.astype(dtype), C.astype(dtype)
 
-    if implementation == "pallas" and not pallas_kernel.supported_backend():
-        _log_pallas_fallback_once(jax.default_backend())
-        implementation = "chunked"
+    if implementation == "pallas":
+        backend = _backend()
+        if tpu_kernel.supported_backend(backend):
+            implementation = "pallas_tpu"
+        elif not pallas_kernel.supported_backend(backend):
+            _log_pallas_fallback_once(backend)
+            implementation = "chunked"
     if implementation == "reference":
         y, last_state = _scan_reference(u_c, dt, A, B, C)
     elif implementation == "associative":
         y, last_state = _scan_associative(u_c, dt, A, B, C)
-    elif implementation == "pallas":
+    elif implementation == "pallas_tpu":
+        y, last_state = tpu_kernel.selective_scan_tpu(u_c, dt, A, B, C)
+    elif implementation == "pallas":  # GPU (Triton), or CPU in interpret mode
         y, last_state = pallas_kernel.selective_scan_pallas(u_c, dt, A, B, C)
     else:
         y, last_state = _scan_chunked(u_c, dt, A, B, C, chunk_size)
@@ -210,6 +219,11 @@ def _selective_scan(
         y = jnp.where(mask[:, None, :], y, 0)
     out = y.astype(u.dtype)
     return (out, last_state) if return_last_state else out
+
+
+def _backend() -> str:
+    """The backend the op dispatches ``implementation="pallas"`` for (patched in tests)."""
+    return jax.default_backend()
 
 
 @functools.cache
