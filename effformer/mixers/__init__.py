@@ -10,12 +10,14 @@ import flax.linen as nn
 
 from effformer.mixers.attention import CrossAttention, MultiHeadAttention
 from effformer.mixers.combiner import CombinerAttention
+from effformer.mixers.lmu import LMUMixer
 from effformer.mixers.mamba import MambaMixer
 
 MIXERS: dict[str, type[nn.Module]] = {
     "attention": MultiHeadAttention,
     "mamba": MambaMixer,
     "combiner": CombinerAttention,
+    "lmu": LMUMixer,
 }
 
 
@@ -30,6 +32,7 @@ __all__ = [
     "MIXERS",
     "CombinerAttention",
     "CrossAttention",
+    "LMUMixer",
     "MambaMixer",
     "MultiHeadAttention",
     "make_mixer",

@@ -16,7 +16,7 @@ each layer is data: a **layer spec** string, one of
   (sequence, block) run (:func:`block_segment_ids`), so every attention path
   that honours segment ids computes it; KV-cached decoding adds the block ids
   of the cached positions (:class:`BlockLocalAttention`);
-* any other mixer name known to :func:`available_mixers` (``"mamba"``; the
+* any other mixer name known to :func:`available_mixers` (``"mamba"``, ``"lmu"``; the
   mixers added to ``effformer.mixers.MIXERS`` later), built with the stack's
   ``mixer_kwargs[name]``.
 
@@ -64,7 +64,7 @@ SIZED_SPECS = {
 }
 # Mixers that only look backwards; a bidirectional stack refuses them rather than
 # silently giving an encoder causal layers.
-CAUSAL_ONLY_MIXERS = frozenset({"mamba"})
+CAUSAL_ONLY_MIXERS = frozenset({"mamba", "lmu"})
 ORDERINGS = ("pre_norm", "post_norm")
 
 
