@@ -50,7 +50,9 @@ Backends: written for Pallas's GPU Triton lowering (2-D ``jnp.dot`` on blocks,
 ``lax.fori_loop`` with bounds read from an input, power-of-two block shapes,
 ``exp2``) and run anywhere with ``interpret=True`` (what the op does on CPU).
 It is not written for Mosaic TPU (blocks squeeze the head axis, which Mosaic's
-(8, 128) tiling rejects); the op falls back to XLA there.
+(8, 128) tiling rejects): :mod:`effformer.kernels.flash_attention_tpu` is the
+TPU version, with the same contract, sharing :func:`validate_arguments`,
+:func:`padded_rows` and :func:`block_ranges` from here.
 """
 
 from __future__ import annotations
@@ -410,14 +412,20 @@ def _span(may_see: Array) -> Array:
     return span.astype(jnp.int32)
 
 
-def _block_ranges(cfg, batch, q_pos, kv_pos, q_seg, kv_seg, block_q, block_k):
+def block_ranges(cfg, batch, q_pos, kv_pos, q_seg, kv_seg, block_q, block_k, q_padded, kv_padded):
     """Key blocks each query block may see, and the reverse: ([B, nq, 2], [B, nk, 2]).
+
+    Shared with :mod:`effformer.kernels.flash_attention_tpu`. ``cfg`` is either
+    kernel's config: it reads ``causal``, ``window_left``, ``window_right``,
+    ``masks_by_position`` and the unpadded ``q_len``, ``kv_len``. ``q_pos``, ``kv_pos``,
+    ``q_seg``, ``kv_seg`` are the [B, padded length] int32 rows of :func:`padded_rows`
+    (or None); ``q_padded``, ``kv_padded`` are those lengths, multiples of the blocks.
 
     Conservative: a block pair is kept whenever some query of the one might see
     some key of the other. Padded entries repeat the last position and have
     segment id 0, so they do not widen the ranges.
     """
-    num_q, num_k = _padded_q_len(cfg) // block_q, _padded_kv_len(cfg) // block_k
+    num_q, num_k = q_padded // block_q, kv_padded // block_k
     # Blocks of padding only (when the other pass's blocks are larger) are never visited.
     q_real = jnp.arange(num_q) * block_q < cfg.q_len
     kv_real = jnp.arange(num_k) * block_k < cfg.kv_len
@@ -459,7 +467,9 @@ def _forward_call(cfg: _Config, q, k, v, ratio, q_pos, kv_pos, q_seg, kv_seg):
     batch, q_len, num_heads, head_dim = q.shape
     kv_len, groups = k.shape[1], num_heads // k.shape[2]
     block_q = cfg.block_q
-    ranges, _ = _block_ranges(cfg, batch, q_pos, kv_pos, q_seg, kv_seg, block_q, cfg.block_k)
+    ranges, _ = block_ranges(
+        cfg, batch, q_pos, kv_pos, q_seg, kv_seg, block_q, cfg.block_k, q_len, kv_len
+    )
     q_block = pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, h: (b, i, h, 0))
     kv_all = pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, h // groups, 0))
     q_row = pl.BlockSpec((None, block_q), lambda i, b, h: (b, i))
@@ -501,7 +511,9 @@ def _backward_calls(cfg: _Config, residuals, d_out):
     dtype = _accumulator_dtype(q.dtype)
     # FlashAttention-2's row term D_i = dO_i . o_i (right with the soft weights too), [B, H, Lq].
     delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(dtype), out.astype(dtype))
-    q_ranges, kv_ranges = _block_ranges(cfg, batch, q_pos, kv_pos, q_seg, kv_seg, block_q, block_k)
+    q_ranges, kv_ranges = block_ranges(
+        cfg, batch, q_pos, kv_pos, q_seg, kv_seg, block_q, block_k, q_len, kv_len
+    )
     optional = lambda x, spec: None if x is None else spec  # noqa: E731
     inputs = (ratio, q, k, v, q_pos, kv_pos, q_seg, kv_seg, d_out, lse, delta)
     params = _compiler_params(head_dim)
@@ -605,14 +617,133 @@ def _pad_axis(x: Array | None, axis: int, length: int, mode: str = "constant") -
     return jnp.pad(x, widths, mode=mode)
 
 
-def _check_rows(name: str, x, batch: int, length: int) -> None:
+def _check_rows(caller: str, name: str, x, batch: int, length: int) -> None:
     if x is not None and (
         jnp.ndim(x) != 2 or jnp.shape(x)[0] not in (1, batch) or jnp.shape(x)[1] != length
     ):
         raise ValueError(
-            f"flash_attention: {name} must have shape ({batch}, {length}) (or batch 1), "
+            f"{caller}: {name} must have shape ({batch}, {length}) (or batch 1), "
             f"got {jnp.shape(x)}."
         )
+
+
+def validate_arguments(
+    caller: str,
+    q,
+    k,
+    v,
+    *,
+    causal,
+    window_left,
+    window_right,
+    q_segment_ids,
+    kv_segment_ids,
+    q_positions,
+    kv_positions,
+    soft_causal_ratio,
+    scale,
+) -> float:
+    """Checks :func:`flash_attention`'s arguments (all but the block sizes); returns the scale.
+
+    Shared with :mod:`effformer.kernels.flash_attention_tpu`, whose entry has the
+    same contract; ``caller`` names the entry in the error messages.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if jnp.ndim(x) != 4:
+            raise ValueError(
+                f"{caller}: {name} must have rank 4 [batch, length, heads, head_dim], "
+                f"got shape {jnp.shape(x)}."
+            )
+    batch, q_len, num_heads, head_dim = q.shape
+    kv_len, num_kv_heads = k.shape[1], k.shape[2]
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(
+            f"{caller}: k and v must both have shape ({batch}, Lk, Hkv, {head_dim}), "
+            f"got k {k.shape} and v {v.shape}."
+        )
+    if num_heads % num_kv_heads:
+        raise ValueError(
+            f"{caller}: q heads ({num_heads}) must be a multiple of k/v heads, got {num_kv_heads}."
+        )
+    if not (q.dtype == k.dtype == v.dtype) or not jnp.issubdtype(q.dtype, jnp.floating):
+        raise ValueError(
+            f"{caller}: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}."
+        )
+    if causal and soft_causal_ratio is not None:
+        raise ValueError(
+            f"{caller}: causal=True and soft_causal_ratio are exclusive (the soft-causal "
+            "mask already carries the causal structure)."
+        )
+    for name, window in (("window_left", window_left), ("window_right", window_right)):
+        if window is not None and (not isinstance(window, int) or window < 0):
+            raise ValueError(
+                f"{caller}: {name} must be a non-negative int or None, got {window!r}."
+            )
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError(
+            f"{caller}: give both q_segment_ids and kv_segment_ids, or neither, got "
+            f"q_segment_ids={'None' if q_segment_ids is None else 'an array'} and "
+            f"kv_segment_ids={'None' if kv_segment_ids is None else 'an array'}."
+        )
+    _check_rows(caller, "q_segment_ids", q_segment_ids, batch, q_len)
+    _check_rows(caller, "kv_segment_ids", kv_segment_ids, batch, kv_len)
+    _check_rows(caller, "q_positions", q_positions, batch, q_len)
+    _check_rows(caller, "kv_positions", kv_positions, batch, kv_len)
+    if soft_causal_ratio is not None and jnp.ndim(soft_causal_ratio) != 0:
+        raise ValueError(
+            f"{caller}: soft_causal_ratio must be a scalar, got shape "
+            f"{jnp.shape(soft_causal_ratio)}."
+        )
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    try:
+        return float(scale)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        raise ValueError(
+            f"{caller}: scale must be a Python number (it is compiled into the kernel), "
+            f"got {scale!r}."
+        ) from None
+
+
+def padded_rows(
+    batch: int,
+    q_len: int,
+    kv_len: int,
+    q_padded: int,
+    kv_padded: int,
+    *,
+    with_positions: bool,
+    q_positions,
+    kv_positions,
+    q_segment_ids,
+    kv_segment_ids,
+):
+    """Positions and segment ids as [B, padded length] int32 rows (None where not needed).
+
+    Positions (only ``with_positions``) default to ``Lk - Lq + i`` for queries and
+    ``j`` for keys and are edge-padded: padded entries repeat the last position,
+    so block ranges stay tight. Segment ids are padded with 0 (padding). Shared
+    with :mod:`effformer.kernels.flash_attention_tpu`.
+    Returns ``(q_pos, kv_pos, q_seg, kv_seg)``.
+    """
+
+    def rows(x, length, padded, mode):
+        if x is None:
+            return None
+        x = jnp.broadcast_to(jnp.asarray(x, jnp.int32), (batch, length))
+        return _pad_axis(x, 1, padded, mode)
+
+    q_pos = kv_pos = None
+    if with_positions:
+        if q_positions is None:
+            q_positions = jnp.arange(kv_len - q_len, kv_len, dtype=jnp.int32)[None]
+        if kv_positions is None:
+            kv_positions = jnp.arange(kv_len, dtype=jnp.int32)[None]
+        q_pos = rows(q_positions, q_len, q_padded, "edge")
+        kv_pos = rows(kv_positions, kv_len, kv_padded, "edge")
+    q_seg = rows(q_segment_ids, q_len, q_padded, "constant")
+    kv_seg = rows(kv_segment_ids, kv_len, kv_padded, "constant")
+    return q_pos, kv_pos, q_seg, kv_seg
 
 
 def flash_attention(
@@ -654,63 +785,23 @@ def flash_attention(
     Returns:
       [B, Lq, H, D] in q's dtype.
     """
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if jnp.ndim(x) != 4:
-            raise ValueError(
-                f"flash_attention: {name} must have rank 4 [batch, length, heads, head_dim], "
-                f"got shape {jnp.shape(x)}."
-            )
-    batch, q_len, num_heads, head_dim = q.shape
-    kv_len, num_kv_heads = k.shape[1], k.shape[2]
-    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:
-        raise ValueError(
-            f"flash_attention: k and v must both have shape ({batch}, Lk, Hkv, {head_dim}), "
-            f"got k {k.shape} and v {v.shape}."
-        )
-    if num_heads % num_kv_heads:
-        raise ValueError(
-            f"flash_attention: q heads ({num_heads}) must be a multiple of k/v heads, "
-            f"got {num_kv_heads}."
-        )
-    if not (q.dtype == k.dtype == v.dtype) or not jnp.issubdtype(q.dtype, jnp.floating):
-        raise ValueError(
-            f"flash_attention: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, "
-            f"{v.dtype}."
-        )
-    if causal and soft_causal_ratio is not None:
-        raise ValueError(
-            "flash_attention: causal=True and soft_causal_ratio are exclusive (the soft-causal "
-            "mask already carries the causal structure)."
-        )
-    for name, window in (("window_left", window_left), ("window_right", window_right)):
-        if window is not None and (not isinstance(window, int) or window < 0):
-            raise ValueError(
-                f"flash_attention: {name} must be a non-negative int or None, got {window!r}."
-            )
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ValueError(
-            "flash_attention: give both q_segment_ids and kv_segment_ids, or neither, got "
-            f"q_segment_ids={'None' if q_segment_ids is None else 'an array'} and "
-            f"kv_segment_ids={'None' if kv_segment_ids is None else 'an array'}."
-        )
-    _check_rows("q_segment_ids", q_segment_ids, batch, q_len)
-    _check_rows("kv_segment_ids", kv_segment_ids, batch, kv_len)
-    _check_rows("q_positions", q_positions, batch, q_len)
-    _check_rows("kv_positions", kv_positions, batch, kv_len)
-    if soft_causal_ratio is not None and jnp.ndim(soft_causal_ratio) != 0:
-        raise ValueError(
-            "flash_attention: soft_causal_ratio must be a scalar, got shape "
-            f"{jnp.shape(soft_causal_ratio)}."
-        )
-    if scale is None:
-        scale = 1.0 / math.sqrt(head_dim)
-    try:
-        scale = float(scale)
-    except (TypeError, jax.errors.ConcretizationTypeError):
-        raise ValueError(
-            f"flash_attention: scale must be a Python number (it is compiled into the kernel), "
-            f"got {scale!r}."
-        ) from None
+    scale = validate_arguments(
+        "flash_attention",
+        q,
+        k,
+        v,
+        causal=causal,
+        window_left=window_left,
+        window_right=window_right,
+        q_segment_ids=q_segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        q_positions=q_positions,
+        kv_positions=kv_positions,
+        soft_causal_ratio=soft_causal_ratio,
+        scale=scale,
+    )
+    batch, q_len, _, head_dim = q.shape
+    kv_len = k.shape[1]
     block_sizes = BlockSizes() if block_sizes is None else block_sizes
     if not isinstance(block_sizes, BlockSizes):
         raise ValueError(
@@ -736,23 +827,18 @@ def flash_attention(
     # dot product and are sliced off the output.
     head_padded = max(_MIN_BLOCK, _next_power_of_2(head_dim))
 
-    def rows(x, length, padded, mode):
-        if x is None:
-            return None
-        x = jnp.broadcast_to(jnp.asarray(x, jnp.int32), (batch, length))
-        return _pad_axis(x, 1, padded, mode)
-
-    q_pos = kv_pos = None
-    if cfg.masks_by_position or cfg.soft:
-        if q_positions is None:
-            q_positions = jnp.arange(kv_len - q_len, kv_len, dtype=jnp.int32)[None]
-        if kv_positions is None:
-            kv_positions = jnp.arange(kv_len, dtype=jnp.int32)[None]
-        # Edge padding: padded entries repeat the last position, so block ranges stay tight.
-        q_pos = rows(q_positions, q_len, q_padded, "edge")
-        kv_pos = rows(kv_positions, kv_len, kv_padded, "edge")
-    q_seg = rows(q_segment_ids, q_len, q_padded, "constant")  # padding id 0
-    kv_seg = rows(kv_segment_ids, kv_len, kv_padded, "constant")
+    q_pos, kv_pos, q_seg, kv_seg = padded_rows(
+        batch,
+        q_len,
+        kv_len,
+        q_padded,
+        kv_padded,
+        with_positions=cfg.masks_by_position or cfg.soft,
+        q_positions=q_positions,
+        kv_positions=kv_positions,
+        q_segment_ids=q_segment_ids,
+        kv_segment_ids=kv_segment_ids,
+    )
     ratio = None
     if cfg.soft:
         ratio = jnp.reshape(jnp.asarray(soft_causal_ratio, _accumulator_dtype(q.dtype)), (1,))
