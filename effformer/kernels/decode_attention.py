@@ -32,8 +32,9 @@ computed from the schedule selects the written ones).
 Backends: GPU through Pallas' Triton lowering (selected by
 ``pltriton.CompilerParams``; all block shapes are powers of two, query heads
 are padded to at least 16 rows for ``tl.dot``); CPU with ``interpret=True``.
-No Mosaic TPU version: the TPU would need the cache in ``pl.ANY`` memory with
-manual DMA of each tile, which this kernel does not do.
+The Mosaic TPU version is :mod:`effformer.kernels.decode_attention_tpu`: the
+same schedule and combination, the cache in ``pl.ANY`` memory and each tile
+(all kv heads of ``block_k`` keys) copied by a double-buffered DMA.
 """
 
 from __future__ import annotations
