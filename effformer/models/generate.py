@@ -1,4 +1,4 @@
-"""Autoregressive generation with a KV cache (and Mamba's recurrent state).
+"""Autoregressive generation with a KV cache (and the recurrent states of Mamba and LMU layers).
 
 :func:`generate` runs a decoder or a prefix LM
 (:class:`~effformer.models.transformer_lm.TransformerLM` with ``kind="decoder"``,

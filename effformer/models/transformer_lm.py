@@ -26,7 +26,7 @@ layers treat segment ids as a padding mask only: they do not reset their
 state between packed sequences, so hybrids need one sequence per row.
 
 Decoding (``decode=True``, ``mutable=["cache"]``): attention layers keep a KV
-cache, Mamba layers their recurrent state; see ``effformer.models.generate``.
+cache, Mamba and LMU layers their recurrent states; see ``effformer.models.generate``.
 A prefix LM decodes too: each call gives its ``prefix_lengths`` and the caches
 record every key's mask position, so a prefix fed in one call is bidirectional
 and every later token is causal, as in a full pass.

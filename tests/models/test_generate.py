@@ -44,7 +44,7 @@ def _recompute(full_logits, prompts, lengths, new, choose):
 
 
 # Each case is a separate cache path: RoPE with block-local and local-window caches, a learned
-# position table, and Mamba's recurrent state next to a global attention cache.
+# position table, and Mamba's and the LMU's recurrent states next to a global attention cache.
 DECODERS = {
     "rope_local_block": (
         "lm_decoder",
@@ -52,6 +52,10 @@ DECODERS = {
     ),
     "learned": ("lm_decoder", dict(num_layers=1, position_encoding="learned")),
     "hybrid_mamba": ("lm_hybrid_mamba", dict(num_layers=2, layer_pattern="mamba,global")),
+    "hybrid_lmu": (
+        "lm_decoder",
+        dict(layer_pattern="lmu,global", mixer_kwargs={"lmu": {"order": 4, "theta": 6.0}}),
+    ),
 }
 
 
