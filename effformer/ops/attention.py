@@ -22,10 +22,11 @@ dropout's ``keep / p_keep`` (``p_keep`` is ``1 - rate`` to 2^-16). Implementatio
     float16/bfloat16 with no mask, causal, or causal sliding window, with
     ``Lq == Lk`` and default positions (cuDNN aligns causal masks top-left).
 ``"pallas"``
-    :mod:`effformer.kernels.flash_attention`: a Pallas flash-attention kernel
-    (forward and backward) for every mask here, soft-causal included, written
-    for the GPU (Triton). On CPU it runs in Pallas's interpreter (correct but
-    slow: for tests); on other backends the XLA path is used instead. Both are
+    A Pallas flash-attention kernel (forward and backward) for every mask
+    here, soft-causal included: :mod:`effformer.kernels.flash_attention`
+    (Triton) on GPU, :mod:`effformer.kernels.flash_attention_tpu` (Mosaic) on
+    TPU. On CPU the GPU kernel runs in Pallas's interpreter (correct but slow:
+    for tests); on other backends the XLA path is used instead. Both are
     logged once. No bias, no dropout; ``scale`` must be a Python number; the
     soft-causal ratio gets a zero gradient.
 
@@ -45,6 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from effformer.kernels import flash_attention as pallas_flash
+from effformer.kernels import flash_attention_tpu as pallas_flash_tpu
 from effformer.ops import masks
 from effformer.ops.attention_blockwise import (
     DEFAULT_BLOCK_K,
@@ -178,7 +180,7 @@ def _cudnn(q, k, v, mask, bias, scale) -> Array:
 
 
 def _pallas_or_fallback(q, k, bias, dropout_rate) -> str:
-    """'pallas' where the kernel runs (GPU; CPU interpreted), else an XLA path; logged once."""
+    """'pallas' where a kernel runs (GPU, TPU; CPU interpreted), else an XLA path; logged once."""
     if bias is not None:
         raise ValueError(
             "dot_product_attention: implementation='pallas' takes no bias, "
@@ -190,7 +192,7 @@ def _pallas_or_fallback(q, k, bias, dropout_rate) -> str:
             f"got dropout_rate={dropout_rate}."
         )
     backend = jax.default_backend()
-    if backend == "gpu":
+    if backend in ("gpu", "tpu"):
         return "pallas"
     if backend == "cpu":
         _log_once("dot_product_attention: 'pallas' runs in Pallas interpret mode on CPU (slow).")
@@ -198,17 +200,15 @@ def _pallas_or_fallback(q, k, bias, dropout_rate) -> str:
     fallback = "xla" if q.shape[1] * k.shape[1] <= XLA_MAX_SCORES else "xla_blockwise"
     _log_once(
         f"dot_product_attention: the 'pallas' kernel has no {backend!r} lowering "
-        f"(it targets GPU Triton); using {fallback!r}."
+        f"(it has GPU Triton and TPU Mosaic versions); using {fallback!r}."
     )
     return fallback
 
 
 def _pallas(q, k, v, mask, scale, block_sizes) -> Array:
+    """The backend's kernel: Mosaic on TPU, Triton on GPU, the Triton one interpreted on CPU."""
     mask = AttentionMask() if mask is None else mask
-    return pallas_flash.flash_attention(
-        q,
-        k,
-        v,
+    arguments = dict(
         causal=mask.causal,
         window_left=mask.window_left,
         window_right=mask.window_right,
@@ -219,8 +219,11 @@ def _pallas(q, k, v, mask, scale, block_sizes) -> Array:
         soft_causal_ratio=mask.soft_causal_ratio,
         scale=scale,
         block_sizes=block_sizes,
-        interpret=jax.default_backend() == "cpu",
     )
+    backend = jax.default_backend()
+    if backend == "tpu":
+        return pallas_flash_tpu.flash_attention_tpu(q, k, v, **arguments, interpret=False)
+    return pallas_flash.flash_attention(q, k, v, **arguments, interpret=backend == "cpu")
 
 
 def _validate(q, k, v, mask, bias, implementation, dropout_rate, dropout_rng) -> None:
@@ -316,7 +319,7 @@ def dot_product_attention(
     implementation: str | None = None,
     block_q: int = DEFAULT_BLOCK_Q,
     block_k: int = DEFAULT_BLOCK_K,
-    pallas_block_sizes: pallas_flash.BlockSizes | None = None,
+    pallas_block_sizes: pallas_flash.BlockSizes | pallas_flash_tpu.BlockSizes | None = None,
 ) -> Array:
     """Softmax attention with a structural mask.
 
@@ -335,7 +338,9 @@ def dot_product_attention(
       implementation: one of ``IMPLEMENTATIONS`` or None (see module docstring).
       block_q, block_k: block sizes of ``"xla_blockwise"`` (any positive size;
         lengths need not be multiples).
-      pallas_block_sizes: block sizes of ``"pallas"`` (default: the kernel's).
+      pallas_block_sizes: block sizes of ``"pallas"``, the running kernel's
+        ``BlockSizes``: ``flash_attention.BlockSizes`` on GPU and CPU,
+        ``flash_attention_tpu.BlockSizes`` on TPU (default: the kernel's).
     Returns:
       [B, Lq, H, Dh] in q's dtype.
     """

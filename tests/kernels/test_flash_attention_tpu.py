@@ -1,14 +1,16 @@
-"""The Mosaic TPU flash-attention kernel: TPU interpret mode on CPU, Mosaic lowering.
+"""The Mosaic TPU flash-attention kernel: TPU interpret mode on CPU, Mosaic lowering, dispatch.
 
 Interpret mode (``pltpu.InterpretParams``: Pallas's TPU interpreter, which
 simulates VMEM/SMEM, scalar prefetch, the grid and its DMAs, and fills
 scratch with NaN so a missing initialisation shows) runs in float64, which it
-supports when it is switched on globally (``global_x64``); results are compared with the op's float64 reference, forward and
-gradients. Shapes: batch 2, 4 query heads on 2 kv heads (grouped-query
-attention), head dim 8, blocks of 128 (the smallest the kernel takes) and
-lengths of 200 to 300, which no block divides, so every kernel has at least
-two query and two key blocks (accumulation across grid steps, block skipping
-by the causal triangle, the window band and the segments).
+supports when float64 is switched on globally (``global_x64``); results are
+compared with the op's float64 reference, forward and gradients. Shapes:
+batch 2, 4 query heads on 2 kv heads (grouped-query attention; the
+soft-causal test, three runs, uses batch 1 and 2 heads on 1), head dim 8,
+blocks of 128 (the smallest the kernel takes) and lengths of 150 to 300,
+which no block divides, so every kernel has at least two query and two key
+blocks (accumulation across grid steps, block skipping by the causal
+triangle, the window band and the segments).
 
 Tolerance: kernel and reference compute the same sums in a different order
 (online softmax over blocks), so they differ by rounding only: the measured
@@ -23,6 +25,9 @@ kernels have not been compiled by libtpu or run on a TPU.
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,8 +35,9 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from effformer.kernels import flash_attention as gpu_kernel
+from effformer.kernels import flash_attention_tpu as tpu_kernel
 from effformer.kernels.flash_attention_tpu import BlockSizes, flash_attention_tpu
-from effformer.ops import masks
+from effformer.ops import attention, masks
 from effformer.ops.attention import dot_product_attention
 from effformer.ops.masks import AttentionMask
 
@@ -167,6 +173,8 @@ def test_forward_and_gradients_match_reference(name, global_x64):
 
 def test_soft_causal_traced_ratio_matches_reference_and_ratio_gets_no_gradient(global_x64):
     q, k, v, d_out = _inputs(LENGTH, LENGTH)
+    # Three interpreted runs: batch 1, 2 query heads on 1 kv head keep them short.
+    q, k, v, d_out = q[:1, :, :2], k[:1, :, :1], v[:1, :, :1], d_out[:1, :, :2]
 
     @jax.jit  # one compilation for every ratio: r is traced, as the trainer's schedule gives it
     def kernel(q, k, v, ratio, d_out):
@@ -183,7 +191,7 @@ def test_soft_causal_traced_ratio_matches_reference_and_ratio_gets_no_gradient(g
         _assert_close((out, grads[:3]), expected)
         assert grads[3] == 0.0 and expected[1][3] != 0.0  # the reference does depend on r
     # r = 1 is plain bidirectional attention: the full-row softmax is never renormalised.
-    all_visible = jnp.ones((2, 1, LENGTH, LENGTH), bool)
+    all_visible = jnp.ones((1, 1, LENGTH, LENGTH), bool)
     np.testing.assert_allclose(
         out, _reference_vjp(q, k, v, d_out, all_visible)[0], atol=TOLERANCE, rtol=0
     )
@@ -235,6 +243,78 @@ def test_forward_and_backward_lower_to_mosaic_tpu(dtype, head_dim, length, kwarg
     assert text.count("tpu_custom_call") == 3
 
 
+def _record_calls(monkeypatch, module, name):
+    """Replace module.name by a fake that records its arguments and returns zeros like q."""
+    calls = []
+
+    def fake(q, k, v, **kwargs):
+        calls.append(kwargs)
+        return jnp.zeros_like(q)
+
+    monkeypatch.setattr(module, name, fake)
+    return calls
+
+
+def test_op_dispatches_to_the_tpu_kernel_on_tpu(monkeypatch, caplog):
+    q, k, v, _ = _inputs(24, 24, jnp.float32)
+    tpu_calls = _record_calls(monkeypatch, tpu_kernel, "flash_attention_tpu")
+    gpu_calls = _record_calls(monkeypatch, gpu_kernel, "flash_attention")
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: "tpu")
+    segments = jnp.ones((2, 24), jnp.int32)
+    mask = AttentionMask(
+        soft_causal_ratio=0.25, window_left=5, q_segment_ids=segments, kv_segment_ids=segments
+    )
+    blocks = BlockSizes(block_q=256)
+    attention._logged_fallbacks.clear()
+    with caplog.at_level(logging.INFO, logger=attention.__name__):
+        out = dot_product_attention(
+            q, k, v, mask=mask, scale=0.5, implementation="pallas", pallas_block_sizes=blocks
+        )
+    assert not caplog.records  # the kernel runs: nothing to report
+    assert out.shape == q.shape and not gpu_calls and len(tpu_calls) == 1
+    call = dict(tpu_calls[0])
+    assert call.pop("q_segment_ids") is segments and call.pop("kv_segment_ids") is segments
+    assert call == dict(
+        causal=False,
+        window_left=5,
+        window_right=None,
+        q_positions=None,
+        kv_positions=None,
+        soft_causal_ratio=0.25,
+        scale=0.5,
+        block_sizes=blocks,
+        interpret=False,
+    )
+
+
+def test_op_keeps_interpreting_the_gpu_kernel_on_cpu(monkeypatch):
+    q, k, v, _ = _inputs(24, 24, jnp.float32)
+    tpu_calls = _record_calls(monkeypatch, tpu_kernel, "flash_attention_tpu")
+    gpu_calls = _record_calls(monkeypatch, gpu_kernel, "flash_attention")
+    dot_product_attention(q, k, v, mask=AttentionMask(causal=True), implementation="pallas")
+    assert not tpu_calls and len(gpu_calls) == 1
+    assert gpu_calls[0]["interpret"] is True and gpu_calls[0]["causal"] is True
+
+
+def test_op_falls_back_to_xla_on_a_backend_without_a_kernel(monkeypatch, caplog):
+    q, k, v, _ = _inputs(24, 24, jnp.float32)
+
+    def program(implementation):
+        attend = functools.partial(
+            dot_product_attention, mask=AttentionMask(causal=True), implementation=implementation
+        )
+        return str(jax.make_jaxpr(attend)(q, k, v))
+
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: "metal")
+    attention._logged_fallbacks.clear()
+    with caplog.at_level(logging.INFO, logger=attention.__name__):
+        fallback = program("pallas")
+        program("pallas")
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "no 'metal' lowering" in messages[0] and "'xla'" in messages[0]
+    assert fallback == program("xla")  # exactly the XLA path's program
+
+
 def _bad_call(**overrides):
     q, k, v, _ = _inputs(24, 24, jnp.float32)
     return lambda: flash_attention_tpu(q, k, v, **({"interpret": INTERPRET} | overrides))
@@ -257,3 +337,12 @@ def _bad_call(**overrides):
 def test_bad_input_is_named(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_op_rejects_gpu_block_sizes_on_tpu(monkeypatch):
+    q, k, v, _ = _inputs(24, 24, jnp.float32)
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: "tpu")
+    with pytest.raises(ValueError, match=r"flash_attention_tpu: block_sizes must be"):
+        dot_product_attention(
+            q, k, v, implementation="pallas", pallas_block_sizes=gpu_kernel.BlockSizes()
+        )
