@@ -33,16 +33,23 @@ Implementations:
     ``num_splits * B * Hkv`` programs regardless of head and sequence
     boundaries (Lean Attention's stream-K schedule, described there), then
     combines the partials in XLA. GPU through the Triton lowering; on CPU it
-    runs with ``interpret=True`` (logged once); elsewhere (TPU), or on a GPU
-    for shapes the Triton lowering cannot take (head_dim not a power of two),
-    and for float64 (the kernel accumulates in float32) it falls back to
-    ``"xla"`` and logs why once. Inference only:
-    gradients are those of the ``"xla"`` path (a ``custom_vjp`` recomputes it),
-    which computes the same function.
+    runs with ``interpret=True`` (logged once). On TPU,
+    :mod:`effformer.kernels.decode_attention_tpu`: the same schedule with the
+    cache left in HBM and copied tile by tile (double-buffered DMA), a tile
+    holding ``block_k`` keys of all kv heads of one sequence, spread over
+    ``num_splits * B`` programs (default: one per TensorCore); it has been
+    checked in TPU interpret mode and by lowering to Mosaic, never run on a
+    TPU. Elsewhere, on a GPU for shapes the Triton lowering cannot take
+    (head_dim not a power of two), on a TPU for head_dim not a multiple of 128
+    or float16, and for float64 (the kernels accumulate in float32) it falls
+    back to ``"xla"`` and logs why once. Inference only: gradients are those
+    of the ``"xla"`` path (a ``custom_vjp`` recomputes it), which computes the
+    same function.
 
 ``implementation=None`` picks ``"xla"`` on every backend: the kernel has been
-verified in interpret mode and by lowering to Triton IR, not yet timed on a
-GPU (experiments/benchmarks/README.md), so it is not a default.
+verified in interpret mode and by lowering to Triton IR (to Mosaic for the TPU
+version), not yet timed on a GPU or a TPU (experiments/benchmarks/README.md), so
+it is not a default.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from effformer.kernels import decode_attention as kernel
+from effformer.kernels import decode_attention_tpu as tpu_kernel
 
 Array = jax.Array
 
@@ -128,7 +136,19 @@ def _xla(q: Array, k: Array, v: Array, lengths: Array, scale: float, num_splits:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _pallas(q, k, v, lengths, scale, num_programs, block_k, interpret):
+def _pallas(q, k, v, lengths, scale, num_programs, block_k, backend):
+    """The kernel for `backend`: Mosaic on "tpu", Triton on "gpu", interpreted on "cpu"."""
+    if backend == "tpu":
+        return tpu_kernel.split_k_decode_attention_tpu(
+            q,
+            k,
+            v,
+            lengths,
+            scale=scale,
+            num_programs=num_programs,
+            block_k=block_k,
+            interpret=False,
+        )
     return kernel.split_k_decode_attention(
         q,
         k,
@@ -137,12 +157,12 @@ def _pallas(q, k, v, lengths, scale, num_programs, block_k, interpret):
         scale=scale,
         num_programs=num_programs,
         block_k=block_k,
-        interpret=interpret,
+        interpret=backend == "cpu",
     )
 
 
-def _pallas_forward(q, k, v, lengths, scale, num_programs, block_k, interpret):
-    out = _pallas(q, k, v, lengths, scale, num_programs, block_k, interpret)
+def _pallas_forward(q, k, v, lengths, scale, num_programs, block_k, backend):
+    out = _pallas(q, k, v, lengths, scale, num_programs, block_k, backend)
     return out, (q, k, v, lengths)
 
 
@@ -153,7 +173,7 @@ def _xla_vjp(q, k, v, lengths, cotangent, *, scale):
     return vjp(cotangent)
 
 
-def _pallas_backward(scale, num_programs, block_k, interpret, residuals, cotangent):
+def _pallas_backward(scale, num_programs, block_k, backend, residuals, cotangent):
     # The kernel has no backward pass: differentiate the XLA split-K path, the same function.
     q, k, v, lengths = residuals
     dq, dk, dv = _xla_vjp(q, k, v, lengths, cotangent, scale=scale)
@@ -171,9 +191,19 @@ def _pallas_unsupported_reason(q: Array, backend: str) -> str | None:
         )
     if backend == "cpu":
         return None
-    if backend != "gpu":
-        return f"the Pallas decode-attention kernel has no {backend!r} version (GPU Triton only)"
     head_dim = q.shape[-1]
+    if backend == "tpu":
+        if q.dtype == jnp.float16:
+            return "the 'tpu' (Mosaic) kernel takes bfloat16 or float32, got float16"
+        if head_dim % tpu_kernel.LANES:
+            # Lane-aligned tiles only: the case whose lowering was checked (see the kernel).
+            return f"the 'tpu' (Mosaic) kernel needs head_dim a multiple of 128, got {head_dim}"
+        return None
+    if backend != "gpu":
+        return (
+            f"the Pallas decode-attention kernel has no {backend!r} version "
+            "(GPU Triton and TPU Mosaic only)"
+        )
     if head_dim < kernel.MIN_BLOCK or head_dim & (head_dim - 1):
         return f"the Triton kernel needs head_dim a power of two >= 16, got {head_dim}"
     return None
@@ -277,9 +307,12 @@ def decode_attention(
         ``ceil(max_len / XLA_KEYS_PER_SPLIT)``). ``"pallas"``: the valid tiles are
         spread over ``num_splits * B * Hkv`` programs, i.e. each (sequence, kv head)
         is split ``num_splits`` ways on average (default: two programs per GPU
-        core, at least one per (sequence, kv head)). Ignored by ``"reference"``.
+        core, at least one per (sequence, kv head)); on TPU over
+        ``num_splits * B`` programs, a tile covering all kv heads (default: one
+        program per TensorCore). Ignored by ``"reference"``.
       implementation: one of ``IMPLEMENTATIONS`` or None (see module docstring).
-      block_k: ``"pallas"`` keys per tile, a power of two >= 16 (default 128).
+      block_k: ``"pallas"`` keys per tile, a power of two >= 16 (default 128; on
+        TPU ``tpu_kernel.default_block_k``: 1024 key rows over all kv heads).
     Returns:
       [B, 1, H, Dh] in q's dtype; zeros for a sequence of length 0.
     """
@@ -303,13 +336,20 @@ def decode_attention(
         splits = num_splits or max(1, math.ceil(max_len / XLA_KEYS_PER_SPLIT))
         out = _xla(query, k_cache, v_cache, lengths, scale, splits)
     else:
-        interpret = jax.default_backend() == "cpu"
-        if interpret:
+        backend = jax.default_backend()
+        if backend == "cpu":
             _log_once("decode_attention: no GPU; running the Pallas kernel with interpret=True.")
-        block = block_k or kernel.DEFAULT_BLOCK_K
-        if num_splits is None:
-            programs = kernel.default_num_programs(batch, num_kv_heads, max_len, block)
+        if backend == "tpu":
+            block = block_k or tpu_kernel.default_block_k(num_kv_heads, max_len)
+            if num_splits is None:
+                programs = tpu_kernel.default_num_programs()
+            else:
+                programs = num_splits * batch
         else:
-            programs = num_splits * batch * num_kv_heads
-        out = _pallas(query, k_cache, v_cache, lengths, scale, programs, block, interpret)
+            block = block_k or kernel.DEFAULT_BLOCK_K
+            if num_splits is None:
+                programs = kernel.default_num_programs(batch, num_kv_heads, max_len, block)
+            else:
+                programs = num_splits * batch * num_kv_heads
+        out = _pallas(query, k_cache, v_cache, lengths, scale, programs, block, backend)
     return out.astype(q.dtype)[:, None]

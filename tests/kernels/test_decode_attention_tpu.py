@@ -10,6 +10,9 @@ libtpu's compiler never see the kernel here, and it has never run on a TPU.
 """
 
 import functools
+import importlib
+import logging
+import math
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +26,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from effformer.kernels import decode_attention_tpu as tpu_kernel
 from effformer.ops.decode_attention import decode_attention
+
+decode_module = importlib.import_module("effformer.ops.decode_attention")
 
 MAX_LEN, HEAD_DIM, BLOCK_K = 40, 128, 16
 # Two simulated TensorCores share the grid; the race detector watches every buffer.
@@ -108,6 +113,73 @@ def test_lowers_to_mosaic_for_tpu():
     )
     lowered = call.trace(*arguments).lower(lowering_platforms=("tpu",))
     assert "tpu_custom_call" in lowered.as_text()
+
+
+def test_op_runs_the_tpu_kernel_on_tpu(monkeypatch, caplog):
+    """On backend "tpu" the op calls the Mosaic kernel (interpret=False) with the TPU
+    defaults; here the entry is replaced by one that records the call and runs the kernel
+    in interpret mode. Gradients go through the XLA path."""
+    calls = []
+    real_entry = tpu_kernel.split_k_decode_attention_tpu
+
+    def recording_entry(*args, interpret, **kwargs):
+        calls.append(dict(kwargs, interpret=interpret))
+        return real_entry(*args, interpret=True, **kwargs)
+
+    monkeypatch.setattr(decode_module.jax, "default_backend", lambda: "tpu")
+    monkeypatch.setattr(tpu_kernel, "split_k_decode_attention_tpu", recording_entry)
+    q, k, v = _inputs(seed=11, heads=4, kv_heads=2)
+    lengths = (5, 40, 0, 17)
+    decode_module._logged.clear()
+    with caplog.at_level(logging.INFO, logger=decode_module.__name__):
+        out = decode_attention(q[:, None], k, v, jnp.asarray(lengths), implementation="pallas")
+        split_out = decode_attention(
+            q[:, None], k, v, jnp.asarray(lengths), implementation="pallas", num_splits=2
+        )
+    assert caplog.text == ""  # no fallback, no interpret-mode note
+    default_block = tpu_kernel.default_block_k(2, MAX_LEN)
+    scale = 1.0 / math.sqrt(HEAD_DIM)
+    assert calls == [
+        dict(scale=scale, num_programs=1, block_k=default_block, interpret=False),
+        dict(scale=scale, num_programs=2 * 4, block_k=default_block, interpret=False),
+    ]
+    expected = _reference(q, k, v, lengths)
+    for result in (out, split_out):
+        np.testing.assert_allclose(np.asarray(result[:, 0]), expected, atol=2e-6, rtol=0)
+
+    def loss(implementation):
+        def f(q):
+            out = decode_attention(q, k, v, jnp.asarray(lengths), implementation=implementation)
+            return jnp.sum(out * np.cos(np.arange(HEAD_DIM)))
+
+        return f
+
+    calls.clear()
+    grad = jax.grad(loss("pallas"))(q[:, None])
+    assert len(calls) == 1  # the forward only: the backward is the XLA path's
+    expected_grad = jax.grad(loss("reference"))(q[:, None])
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(expected_grad), atol=2e-6, rtol=0)
+
+
+def test_op_falls_back_to_xla_where_the_tpu_kernel_does_not_apply(monkeypatch, caplog):
+    reason = decode_module._pallas_unsupported_reason
+    assert reason(jnp.zeros((1, 1, 2, 128), jnp.bfloat16), "tpu") is None
+    assert reason(jnp.zeros((1, 1, 2, 256), jnp.float32), "tpu") is None
+    assert "multiple of 128" in reason(jnp.zeros((1, 1, 2, 64), jnp.bfloat16), "tpu")
+    assert "bfloat16 or float32" in reason(jnp.zeros((1, 1, 2, 128), jnp.float16), "tpu")
+    assert "no 'metal' version" in reason(jnp.zeros((1, 1, 2, 128), jnp.float32), "metal")
+
+    monkeypatch.setattr(decode_module.jax, "default_backend", lambda: "metal")
+    q, k, v = _inputs(seed=12, heads=2, kv_heads=1, batch=2)
+    lengths = jnp.asarray((7, 40))
+    decode_module._logged.clear()
+    with caplog.at_level(logging.INFO, logger=decode_module.__name__):
+        for _ in range(2):
+            out = decode_attention(q[:, None], k, v, lengths, implementation="pallas")
+    assert caplog.text.count("using 'xla' instead of 'pallas'") == 1
+    np.testing.assert_allclose(
+        np.asarray(out[:, 0]), _reference(q, k, v, (7, 40)), atol=2e-6, rtol=0
+    )
 
 
 @pytest.mark.parametrize(
