@@ -6,7 +6,9 @@
 
 Arms (similar size; two Mamba blocks per Transformer layer, as in the Mamba paper):
   mamba:       mamba_classifier, 4 blocks x 64, d_state 16, mean pooling;
-  transformer: signal_transformer, 2 layers x 64, 4 heads, MLP 256, RoPE, mean pooling.
+  transformer: signal_transformer, 2 layers x 64, 4 heads, MLP 256, RoPE, mean pooling;
+  lmu:         the same skeleton with LMU mixers (order 64, theta = the sequence length)
+               in place of attention: causal, no position encoding.
 Same data, optimiser, schedule and budget. Measured results (2-core CPU): README.md here.
 """
 
@@ -19,6 +21,19 @@ from effformer.train import default_config
 ARMS = {
     "mamba": ("mamba_classifier", dict(embed_dim=64, num_layers=4)),
     "transformer": ("signal_transformer", dict(embed_dim=64, num_layers=2, num_heads=4)),
+    # LMUFormer-style blocks; theta (the memory's window) = the sequence length.
+    "lmu": (
+        "signal_transformer",
+        dict(
+            embed_dim=64,
+            num_layers=2,
+            num_heads=4,
+            layer_pattern="lmu",
+            causal=True,
+            position_encoding="none",
+            mixer_kwargs={"lmu": {"order": 64, "theta": 40.0}},
+        ),
+    ),
 }
 
 

@@ -7,6 +7,10 @@ GELU MLP, effformer's ``LayerStack``) in place of the Mamba blocks, so the
 comparison differs only in the token mixing. Images are read pixel by pixel
 in raster order, as the Mamba classifier reads them.
 
+The same skeleton also builds the LMU arm: ``layer_pattern="lmu"`` with
+``causal=True`` and no position encoding gives LMUFormer-style blocks (the LMU
+mixer, then the MLP channel mixer, each with a pre-norm residual).
+
 It lives here, not in ``effformer/models``, because it exists only for this
 comparison; importing this file registers it (the configs do).
 """
@@ -39,6 +43,10 @@ class SignalTransformer(nn.Module):
     num_heads: int = 4
     mlp_ratio: int = 4
     dropout_rate: float = 0.0
+    layer_pattern: str = "global"  # "lmu": LMU mixers instead of attention
+    causal: bool = False
+    position_encoding: str = "rope"
+    mixer_kwargs: Any = None  # {mixer name: kwargs} for non-attention mixers
 
     @property
     def channels(self) -> int:
@@ -56,9 +64,11 @@ class SignalTransformer(nn.Module):
         sequence = inputs.reshape(inputs.shape[0], -1, self.channels)  # raster order for images
         batch, length, _ = sequence.shape
         hidden = LayerStack(
-            num_layers=self.num_layers, causal=False, num_heads=self.num_heads,
+            num_layers=self.num_layers, causal=self.causal, num_heads=self.num_heads,
             ffn="gelu", ffn_hidden_dim=self.mlp_ratio * self.embed_dim,
-            position_encoding="rope", dropout_rate=self.dropout_rate, name="encoder",
+            layer_pattern=self.layer_pattern, mixer_kwargs=self.mixer_kwargs,
+            position_encoding=self.position_encoding, dropout_rate=self.dropout_rate,
+            name="encoder",
         )(
             nn.Dense(self.embed_dim, name="embedding")(sequence),
             positions=jnp.broadcast_to(jnp.arange(length), (batch, length)),
