@@ -36,3 +36,19 @@ def x64():
     """Run the test body with float64 enabled (for the slow references)."""
     with jax.enable_x64(True):
         yield
+
+
+@pytest.fixture
+def global_x64():
+    """float64 for the test body, switched on process-wide and restored after.
+
+    For TPU interpret mode: it runs the kernel body in host callbacks on other
+    threads, which do not see ``x64``'s thread-local switch and then return float32
+    where float64 is expected ("Incorrect output dtype ... Actual: float32").
+    """
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", previous)

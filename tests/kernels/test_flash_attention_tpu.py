@@ -52,22 +52,6 @@ SEGMENTS = np.array([[1] * 70 + [2] * 110 + [0] * 20, [3] * LENGTH], np.int32)
 POSITIONS = np.array([list(range(70)) + list(range(110)) + [0] * 20, list(range(LENGTH))], np.int32)
 
 
-@pytest.fixture
-def global_x64():
-    """float64 for the test body, switched on process-wide and restored after.
-
-    Not the shared ``x64`` fixture (``jax.enable_x64``, thread-local): TPU interpret
-    mode runs the kernel body in host callbacks on other threads, which do not see a
-    thread-local setting and then return float32 where float64 is expected.
-    """
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", previous)
-
-
 def _inputs(q_len, kv_len, dtype=jnp.float64, seed=0):
     rng = np.random.default_rng(seed)
     shapes = [(2, q_len, 4, 8), (2, kv_len, 2, 8), (2, kv_len, 2, 8), (2, q_len, 4, 8)]

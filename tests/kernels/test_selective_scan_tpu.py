@@ -27,18 +27,6 @@ BATCH, N_STATE = 2, 3  # n = 3 is padded to 8 inside the kernel
 INTERPRET = pltpu.InterpretParams()
 
 
-@pytest.fixture
-def x64_global():
-    """float64 for the test body, switched on globally rather than by conftest's ``x64``
-    context manager: TPU interpret mode runs the kernel's memory operations in
-    host callbacks on other threads, which do not see a thread-local x64 switch
-    (measured: "Incorrect output dtype ... Expected: float64, Actual: float32")."""
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
-
-
 def _coefficient(rng, layout, d, length):
     if layout == "shared":
         return rng.normal(size=(d, N_STATE))
@@ -72,7 +60,7 @@ def _core_inputs(seed, d, length, B_layout, C_layout):
         (512, 17, 128, "shared", "grouped2"),
     ],
 )
-def test_kernel_matches_reference(x64_global, d, length, channel_block, B_layout, C_layout):
+def test_kernel_matches_reference(global_x64, d, length, channel_block, B_layout, C_layout):
     # seq_block 8: three sequence blocks, the last one partly padding (L is not a multiple).
     args = _core_inputs(0, d, length, B_layout, C_layout)
     rng = np.random.default_rng(1)
@@ -114,7 +102,7 @@ def fresh_op_cache():
     ops_module._selective_scan.clear_cache()
 
 
-def test_op_dispatches_to_tpu_kernel_on_tpu(x64_global, monkeypatch, fresh_op_cache):
+def test_op_dispatches_to_tpu_kernel_on_tpu(global_x64, monkeypatch, fresh_op_cache):
     # Pretend the backend is a TPU; the TPU entry runs in interpret mode, so the
     # op's pre- and post-processing (D, z, delta bias, softplus, mask) around it
     # is checked too. Forward only: the gradients are the test above.
