@@ -41,7 +41,8 @@ from effformer.ops.legendre_memory import (
     legendre_memory,
     legendre_step,
 )
-from effformer.ops.masks import AttentionMask, validate_mask
+from effformer.ops.masks import AttentionMask
+from effformer.ops.masks import token_mask as padding_token_mask
 
 Array = jax.Array
 
@@ -103,11 +104,7 @@ class LMUMixer(nn.Module):
                 f"LMUMixer: decode=True advances one token per call; x must have shape "
                 f"[batch, 1, {self.d_model}], got {tuple(x.shape)}."
             )
-        token_mask = None
-        if mask is not None:
-            validate_mask(mask, batch, length, length)
-            if mask.q_segment_ids is not None:
-                token_mask = jnp.broadcast_to(mask.q_segment_ids, (batch, length)) != 0
+        token_mask = padding_token_mask(mask, batch, length)
 
         dtype = x.dtype if self.dtype is None else self.dtype
         dense = lambda features, name: nn.Dense(  # noqa: E731

@@ -38,7 +38,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from effformer.ops.masks import AttentionMask, validate_mask
+from effformer.ops.masks import AttentionMask
+from effformer.ops.masks import token_mask as padding_token_mask
 from effformer.ops.selective_scan import DEFAULT_CHUNK_SIZE, selective_scan
 
 Array = jax.Array
@@ -139,11 +140,7 @@ class MambaMixer(nn.Module):
                 f"MambaMixer: decode=True advances one token per call; x must have shape "
                 f"[batch, 1, {self.d_model}], got {tuple(x.shape)}."
             )
-        token_mask = None
-        if mask is not None:
-            validate_mask(mask, batch, length, length)
-            if mask.q_segment_ids is not None:
-                token_mask = jnp.broadcast_to(mask.q_segment_ids, (batch, length)) != 0
+        token_mask = padding_token_mask(mask, batch, length)
 
         E, n, R = self.d_inner, self.d_state, self.resolved_dt_rank
         dtype = x.dtype if self.dtype is None else self.dtype

@@ -137,6 +137,20 @@ def validate_mask(mask: AttentionMask, batch: int, q_len: int, kv_len: int) -> N
         )
 
 
+def token_mask(mask: AttentionMask | None, batch: int, length: int) -> Array | None:
+    """bool [batch, length], True for real tokens (segment id != 0), or None without ids.
+
+    For the recurrent mixers (Mamba, LMU), which read a mask only for its padding;
+    the mask is validated for a sequence of ``length`` tokens first.
+    """
+    if mask is None:
+        return None
+    validate_mask(mask, batch, length, length)
+    if mask.q_segment_ids is None:
+        return None
+    return jnp.broadcast_to(mask.q_segment_ids, (batch, length)) != 0
+
+
 def visibility(
     mask: AttentionMask, q_pos: Array, kv_pos: Array, q_seg: Array | None, kv_seg: Array | None
 ) -> Array:
