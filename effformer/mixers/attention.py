@@ -27,6 +27,7 @@ from effformer.nn.position import PositionEncoding
 from effformer.ops.attention import dot_product_attention
 from effformer.ops.decode_attention import decode_attention
 from effformer.ops.masks import AttentionMask
+from effformer.reducers.tome import proportional_attention_bias
 
 Array = jax.Array
 Dtype = Any
@@ -167,11 +168,24 @@ class MultiHeadAttention(_AttentionProjections):
         positions: Array | None = None,
         deterministic: bool = True,
         decode: bool = False,
-    ) -> Array:
-        """x: [B, L, D] -> [B, L, out_features or D]. positions: [B, L] ([B, L, 2] for rope2d)."""
+        token_sizes: Array | None = None,
+        return_mean_keys: bool = False,
+    ) -> Array | tuple[Array, Array]:
+        """x: [B, L, D] -> [B, L, out_features or D]. positions: [B, L] ([B, L, 2] for rope2d).
+
+        Token merging (:mod:`effformer.reducers.tome`), both off by default:
+        ``token_sizes [B, L]`` adds ``log(size)`` of each key to the logits
+        (ToMe's proportional attention: a token of size s weighs as s copies);
+        ``return_mean_keys`` returns ``(y, keys)`` with the keys averaged over
+        the kv heads, ``[B, L, head_dim]`` (ToMe's similarity metric; after
+        ``qk_norm``, before any rotation). Neither works with ``decode`` or a
+        ``position_encoding`` (merged tokens have no single position).
+        """
         owner = type(self).__name__
         _check_input(owner, "x", x)
         batch, length, dim = x.shape
+        if token_sizes is not None or return_mean_keys:
+            self._check_token_merging(token_sizes, batch, length, decode)
         encoding = self.position_encoding
         position_axes = 1 if encoding is None else encoding.position_axes
         if positions is None:
@@ -223,7 +237,31 @@ class MultiHeadAttention(_AttentionProjections):
             # The explicit positions order the tokens for causal / window masks
             # (packed rows restart at 0 in each segment).
             mask = dataclasses.replace(mask, q_positions=positions, kv_positions=positions)
-        return self._attend(q, k, v, mask, bias, deterministic, dim)
+        if token_sizes is not None:
+            bias = proportional_attention_bias(token_sizes)
+        y = self._attend(q, k, v, mask, bias, deterministic, dim)
+        if return_mean_keys:
+            return y, jnp.mean(k, axis=2)
+        return y
+
+    def _check_token_merging(self, token_sizes: Array | None, batch: int, length: int, decode):
+        owner = type(self).__name__
+        if decode:
+            raise ValueError(
+                f"{owner}: token_sizes / return_mean_keys (token merging) need decode=False, "
+                "got decode=True."
+            )
+        if self.position_encoding is not None:
+            raise ValueError(
+                f"{owner}: token_sizes / return_mean_keys (token merging) need "
+                "position_encoding=None (merged tokens have no single position), got "
+                f"{type(self.position_encoding).__name__}."
+            )
+        if token_sizes is not None and tuple(token_sizes.shape) != (batch, length):
+            raise ValueError(
+                f"{owner}: token_sizes must have shape {(batch, length)} (x's [B, L]), "
+                f"got {tuple(token_sizes.shape)}."
+            )
 
     def _takes_split_k_path(self, q, k, mask: AttentionMask, bias, deterministic: bool) -> bool:
         """Whether a decode step may use ``decode_attention``: only where it is the same

@@ -19,6 +19,15 @@ learned position table has one row per token *including* the class token, as
 in both original codes. Stochastic depth grows linearly with depth,
 ``rate * i / (num_layers - 1)`` for block i (``torch.linspace(0, rate, L)``).
 
+Token merging (ToMe, :mod:`effformer.reducers.tome`) is opt-in: with
+``tome_r`` > 0 every block merges that many token pairs between its attention
+and its MLP (similarity: the attention keys averaged over heads, as in the
+paper), attends with proportional attention, and the pooling weighs each
+token by its size (the class token is never merged). It adds no parameters,
+so a model trained without merging is evaluated with it by rebuilding it with
+``tome_r`` set (``model.clone(tome_r=8)``). With ``tome_r=0`` (the default) the
+model is the same program as without the option.
+
 A model is built for one input size (``image_size``, ``num_channels``); a
 learned table trained at one size is carried to another by
 :func:`interpolate_position_embedding` (CCT-14/7x2 224 -> 384 fine-tuning).
@@ -40,6 +49,12 @@ from effformer.nn.norms import LayerNorm
 from effformer.nn.pooling import ClassToken, SeqPool, mean_pool
 from effformer.nn.position import LearnedPositionEmbedding, SinusoidalPositionEncoding
 from effformer.nn.tokenizers import ConvTokenizer, PatchEmbed
+from effformer.reducers.tome import (
+    SizeWeightedSeqPool,
+    compose_token_map,
+    merge_schedule,
+    size_weighted_mean,
+)
 
 Array = jax.Array
 Dtype = Any
@@ -88,6 +103,18 @@ class VisionTransformer(nn.Module):
       attention_dropout_rate: on the attention probabilities.
       drop_path_rate: stochastic depth of the last block (linear from 0).
       attention_implementation: passed to ``dot_product_attention``.
+      tome_r: token merging: tokens merged per block (an int, clipped in each
+        block to what its tokens allow, as the official code does) or one value
+        per block (a sequence, taken exactly: too large is an error). 0: off.
+        ``tome_schedule`` gives the per-block values.
+      tome_proportional_attention: with merging, add ``log(size)`` of each key
+        to the attention logits (the paper's choice for models evaluated off
+        the shelf).
+
+    With merging, ``apply(..., mutable=["intermediates"])`` also returns
+    ``tome_token_sizes [B, N]`` (original tokens per final token) and
+    ``tome_token_map [B, sequence_length]`` (the final token holding each
+    original token; see ``effformer.reducers.tome.unmerge_tokens``).
     """
 
     num_classes: int = 1000
@@ -113,6 +140,14 @@ class VisionTransformer(nn.Module):
     drop_path_rate: float = 0.0
     attention_implementation: str | None = None
     dtype: Dtype | None = None
+    tome_r: int | tuple[int, ...] = 0
+    tome_proportional_attention: bool = True
+
+    def __post_init__(self) -> None:
+        # A list (from a config file or config.json) becomes a tuple: modules must hash.
+        if isinstance(self.tome_r, list):
+            object.__setattr__(self, "tome_r", tuple(self.tome_r))
+        super().__post_init__()
 
     # ------------------------------------------------------------------ shape arithmetic
 
@@ -145,6 +180,12 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"{name}: conv_layers must be >= 1, got {self.conv_layers}.")
         # With padding max(1, k//2) every conv and pool keeps at least one row, so any
         # positive image_size gives a non-empty grid for the conv tokenizer.
+        try:
+            merge_schedule(
+                self.sequence_length, self.num_layers, self.tome_r, self.num_prefix_tokens
+            )
+        except ValueError as error:
+            raise ValueError(f"{name}: tome_r={self.tome_r!r} is invalid: {error}") from None
 
     @property
     def token_grid(self) -> tuple[int, int]:
@@ -165,6 +206,13 @@ class VisionTransformer(nn.Module):
         """Tokens the encoder sees: image tokens plus the class token if any."""
         rows, cols = self.token_grid
         return rows * cols + self.num_prefix_tokens
+
+    @property
+    def tome_schedule(self) -> tuple[int, ...]:
+        """Tokens merged in each block (all 0 without merging); see ``merge_schedule``."""
+        return merge_schedule(
+            self.sequence_length, self.num_layers, self.tome_r, self.num_prefix_tokens
+        )
 
     def dummy_inputs(self, batch_size: int) -> dict[str, Array]:
         shape = (batch_size, self.image_size, self.image_size, self.num_channels)
@@ -235,6 +283,14 @@ class VisionTransformer(nn.Module):
         x = self._embed_positions(x)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
 
+        schedule = self.tome_schedule
+        merging = any(schedule)
+        if merging:
+            # Sizes: how many original tokens each token stands for (float: log, weights).
+            sizes = jnp.ones(x.shape[:2], jnp.promote_types(x.dtype, jnp.float32))
+            token_map = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+            merged_before = False
+
         max_rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
         for i in range(self.num_layers):
             # torch.linspace(0, rate, L): block i drops with rate * i / (L - 1).
@@ -260,13 +316,35 @@ class VisionTransformer(nn.Module):
                 name=f"block_{i}",
             )
             # A Python 0.0 rate skips DropPath entirely (block 0, or no stochastic depth).
-            x = block(x, deterministic=deterministic, drop_path_rate=block_rate)
+            if not merging:
+                x = block(x, deterministic=deterministic, drop_path_rate=block_rate)
+                continue
+            x, sizes, destination = block(
+                x,
+                deterministic=deterministic,
+                drop_path_rate=block_rate,
+                token_sizes=sizes,
+                merge_r=schedule[i],
+                num_protected=self.num_prefix_tokens,
+                # Before the first merge every size is 1 and log(1) = 0: no bias needed.
+                proportional_attention=self.tome_proportional_attention and merged_before,
+            )
+            token_map = compose_token_map(token_map, destination)
+            merged_before = merged_before or schedule[i] > 0
         x = LayerNorm(self.norm_epsilon, dtype=self.dtype, name="final_norm")(x)
+        if merging:
+            self.sow("intermediates", "tome_token_sizes", sizes)
+            self.sow("intermediates", "tome_token_map", token_map)
 
+        # Pooling over merged tokens weighs each by its size; the class token is never merged.
         if self.pooling == "class_token":
             pooled = x[:, 0]
+        elif self.pooling == "seq_pool" and merging:
+            pooled = SizeWeightedSeqPool(dtype=self.dtype, name="seq_pool")(x, sizes)
         elif self.pooling == "seq_pool":
             pooled = SeqPool(dtype=self.dtype, name="seq_pool")(x)
+        elif merging:
+            pooled = size_weighted_mean(x, sizes)
         else:
             pooled = mean_pool(x)
         return nn.Dense(

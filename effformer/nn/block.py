@@ -24,6 +24,7 @@ from effformer.nn.droppath import DropPath
 from effformer.nn.ffn import make_ffn
 from effformer.nn.norms import make_norm
 from effformer.ops.masks import AttentionMask
+from effformer.reducers.tome import bipartite_soft_matching, merge_tokens
 
 Array = jax.Array
 Dtype = Any
@@ -84,28 +85,100 @@ class ResidualBlock(nn.Module):
         deterministic: bool = True,
         decode: bool = False,
         drop_path_rate: float | Array | None = None,
-    ) -> Array:
-        """x: [B, L, D] -> [B, L, D]; mask / positions / decode go to the mixer."""
+        token_sizes: Array | None = None,
+        merge_r: int = 0,
+        num_protected: int = 0,
+        proportional_attention: bool = True,
+    ) -> Array | tuple[Array, Array, Array]:
+        """x: [B, L, D] -> [B, L, D]; mask / positions / decode go to the mixer.
+
+        Token merging (ToMe, :mod:`effformer.reducers.tome`) is on when
+        ``token_sizes [B, L]`` (how many original tokens each token stands
+        for) is given; the mixer must then be a ``MultiHeadAttention``, with no
+        mask, positions or decoding. The mixer attends with proportional
+        attention (``log(size)`` on the logits; off with
+        ``proportional_attention=False``) and returns its keys averaged over
+        heads; between the mixer's sub-layer and the FFN's, the ``merge_r``
+        most similar token pairs by those keys merge (size-weighted), the first
+        ``num_protected`` tokens kept out. Where exactly, per ordering
+        (``m`` = merge): pre_norm ``x = m(x + d(mixer(n1(x))))``; post_norm
+        ``x = m(n1(x + d(mixer(x))))``; cct ``x = n2(m(x + d(mixer(n1(x)))))``
+        (the residual stream is merged before CCT's norm, as in the other two).
+        Returns ``(x [B, L - merge_r, D], sizes [B, L - merge_r],
+        destination [B, L])``, where ``destination`` maps each input token to
+        the output token it became.
+        """
         if self.ordering not in ORDERINGS:
             raise ValueError(
                 f"ResidualBlock: ordering must be one of {ORDERINGS}, got {self.ordering!r}."
             )
         mixer, ffn = self._build_mixer(), self._build_ffn()
+        merging = token_sizes is not None
+        if merging:
+            self._check_merging(mixer, x, mask, positions, decode, token_sizes)
+        elif merge_r != 0:
+            raise ValueError(
+                f"ResidualBlock: merge_r={merge_r} needs token_sizes [B, L] (token merging), "
+                "got None."
+            )
         norm1 = make_norm(self.norm, epsilon=self.norm_epsilon, dtype=self.dtype, name="norm1")
         norm2 = make_norm(self.norm, epsilon=self.norm_epsilon, dtype=self.dtype, name="norm2")
         drop_path = DropPath(self.drop_path_rate, name="drop_path")
         drop = lambda y: drop_path(y, deterministic=deterministic, rate=drop_path_rate)
+        mean_keys = None  # the merging metric, set by mix() when merging
 
         def mix(y: Array) -> Array:
-            y = mixer(y, mask=mask, positions=positions, deterministic=deterministic, decode=decode)
+            nonlocal mean_keys
+            args = dict(mask=mask, positions=positions, deterministic=deterministic, decode=decode)
+            if merging:
+                sizes = token_sizes if proportional_attention else None
+                y, mean_keys = mixer(y, **args, token_sizes=sizes, return_mean_keys=True)
+            else:
+                y = mixer(y, **args)
             return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+
+        sizes, destination = token_sizes, None
+
+        def merge(y: Array) -> Array:
+            nonlocal sizes, destination
+            if not merging:
+                return y
+            destination = bipartite_soft_matching(mean_keys, merge_r, num_protected=num_protected)
+            if merge_r == 0:  # the identity map: nothing to average
+                return y
+            y, sizes = merge_tokens(y, token_sizes, destination, y.shape[1] - merge_r)
+            return y
 
         channel = lambda y: ffn(y, deterministic=deterministic)
         if self.ordering == "pre_norm":
-            x = x + drop(mix(norm1(x)))
-            return x + drop(channel(norm2(x)))
-        if self.ordering == "post_norm":
-            x = norm1(x + drop(mix(x)))
-            return norm2(x + drop(channel(x)))
-        x = norm2(x + drop(mix(norm1(x))))
-        return x + drop(channel(x))
+            x = merge(x + drop(mix(norm1(x))))
+            out = x + drop(channel(norm2(x)))
+        elif self.ordering == "post_norm":
+            x = merge(norm1(x + drop(mix(x))))
+            out = norm2(x + drop(channel(x)))
+        else:
+            x = norm2(merge(x + drop(mix(norm1(x)))))
+            out = x + drop(channel(x))
+        return (out, sizes, destination) if merging else out
+
+    def _check_merging(self, mixer, x, mask, positions, decode, token_sizes) -> None:
+        from effformer.mixers import MultiHeadAttention  # mixers import nn; import lazily.
+
+        if not isinstance(mixer, MultiHeadAttention):
+            raise ValueError(
+                "ResidualBlock: token merging (token_sizes given) needs a MultiHeadAttention "
+                f"mixer (its keys are the similarity metric), got {type(mixer).__name__}."
+            )
+        if mask is not None or positions is not None or decode:
+            raise ValueError(
+                "ResidualBlock: token merging (token_sizes given) needs mask=None, "
+                "positions=None and decode=False (a merged token has no single position, so "
+                f"causal, windowed or segment masks are undefined), got mask={mask}, "
+                f"positions={'None' if positions is None else tuple(positions.shape)}, "
+                f"decode={decode}."
+            )
+        if tuple(token_sizes.shape) != tuple(x.shape[:2]):
+            raise ValueError(
+                f"ResidualBlock: token_sizes must have shape {tuple(x.shape[:2])} (x's [B, L]), "
+                f"got {tuple(token_sizes.shape)}."
+            )

@@ -202,7 +202,8 @@ class SizeWeightedSeqPool(nn.Module):
     attention of ToMe, applied to the pooling's attention). Its parameters are
     those of :class:`effformer.nn.pooling.SeqPool` (a Dense named
     ``attention_pool``), so a model trained without merging loads unchanged;
-    with all sizes 1 it computes the same function.
+    with all sizes 1 it computes the same function. The softmax runs in float32
+    at least, float64 for float64 inputs (SeqPool's always in float32).
     """
 
     kernel_init: Initializer = nn.initializers.truncated_normal(stddev=0.02)
@@ -223,7 +224,8 @@ class SizeWeightedSeqPool(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="attention_pool",
-        )(x)[..., 0].astype(jnp.float32)
+        )(x)[..., 0]
+        logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
         logits = logits + jnp.log(sizes.astype(logits.dtype))
         weights = jax.nn.softmax(logits, axis=-1)
         return jnp.einsum("bn,bnd->bd", weights.astype(x.dtype), x)
