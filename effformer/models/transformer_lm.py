@@ -31,6 +31,23 @@ A prefix LM decodes too: each call gives its ``prefix_lengths`` and the caches
 record every key's mask position, so a prefix fed in one call is bidirectional
 and every later token is causal, as in a full pass.
 
+MatFormer (Devvrit et al., 2023, "MatFormer: Nested Transformer for Elastic
+Inference"; MatLM): every FFN is nested, so one set of weights holds models
+of every FFN width up to ``ffn_hidden_dim``. A call's ``ffn_widths`` runs each
+layer's FFN on its first ``m`` hidden units, ``W2[:, :m] act(W1[:m] x)``: one
+width for every layer, or one per layer (Mix'n'Match); an int is a number of
+hidden units, a float a fraction of ``ffn_hidden_dim``
+(``effformer.models.lm_layers.resolve_ffn_widths``). None, the default, is
+the full model, computed exactly as without the argument. Training over
+granularities passes ``ffn_granularities`` (several ``ffn_widths`` values):
+the model runs once per granularity on the same inputs and stacks the
+outputs, and the task sums their losses (``config.task.matformer_widths``,
+``effformer.train.tasks``). Decoding (and so ``generate``, which passes no
+width) uses the model's ``ffn_widths`` field: ``model.clone(ffn_widths=...)``
+is the sub-model, its KV caches filled at its own widths. The parameters keep
+the full width; extracting a smaller standalone model (slicing the weights) is
+left to the user (tests/models/test_matformer.py does it for one width).
+
 Ettin presets (``ettin_{encoder,decoder}_{17m,...,1b}``) use the sizes of the
 Ettin README's "Model Architecture" table (jhu-clsp/ettin-encoder-vs-decoder):
 layers 7/10/19/22/28/28, hidden 256/384/512/768/1024/1792, GLU intermediate
@@ -50,14 +67,20 @@ non-overlapping blocks (``"block"``), the paper's two short-span forms. The pape
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from effformer.models.lm_layers import LayerStack, expand_layer_pattern, segment_positions
+from effformer.models.lm_layers import (
+    FfnWidths,
+    LayerStack,
+    expand_layer_pattern,
+    resolve_ffn_widths,
+    segment_positions,
+)
 from effformer.models.registry import register
 from effformer.nn.norms import make_norm
 
@@ -129,6 +152,7 @@ class _LMBase(nn.Module):
     attention_implementation: str | None = None
     max_decode_length: int | None = None
     max_length: int = 2048
+    ffn_widths: FfnWidths = None
     dtype: Dtype | None = None
 
     def _stack(self, name: str | None, **kwargs) -> LayerStack:
@@ -152,12 +176,63 @@ class _LMBase(nn.Module):
             name="token_embedding",
         )
 
-    def _lm_logits(self, embedding: nn.Embed, x: Array) -> Array:
+    def _granularities(
+        self,
+        ffn_widths: FfnWidths,
+        ffn_granularities: Sequence[FfnWidths] | None,
+        decode: bool,
+        num_layers: int,
+    ) -> list[FfnWidths]:
+        """The ``ffn_widths`` of each run: [one] for a plain call, one per granularity.
+
+        Each is checked here (against ``num_layers`` layers), so a bad width fails before
+        anything runs, with the argument it came from in the message.
+        """
+        owner = type(self).__name__
+        if ffn_granularities is None:
+            widths = self.ffn_widths if ffn_widths is None else ffn_widths
+            resolve_ffn_widths(widths, num_layers, self.ffn_hidden_dim)
+            return [widths]
+        if ffn_widths is not None:
+            raise ValueError(
+                f"{owner}: give ffn_widths (one run) or ffn_granularities (one run per "
+                f"granularity), not both; got ffn_widths={ffn_widths!r} and "
+                f"ffn_granularities={ffn_granularities!r}."
+            )
+        if decode:
+            raise ValueError(
+                f"{owner}: ffn_granularities is for training and evaluation; decode=True keeps "
+                "one KV cache, which belongs to one width (use ffn_widths)."
+            )
+        if (
+            not isinstance(ffn_granularities, Sequence)
+            or isinstance(ffn_granularities, str)
+            or not ffn_granularities
+        ):
+            raise ValueError(
+                f"{owner}: ffn_granularities must be a non-empty sequence of ffn_widths values "
+                f"(a width, or one per layer), got {ffn_granularities!r}."
+            )
+        for index, widths in enumerate(ffn_granularities):
+            if widths is None:
+                raise ValueError(
+                    f"{owner}: ffn_granularities[{index}] is None; name the full width "
+                    f"({self.ffn_hidden_dim} or 1.0) so that every granularity is explicit."
+                )
+            try:
+                resolve_ffn_widths(widths, num_layers, self.ffn_hidden_dim)
+            except ValueError as error:
+                raise ValueError(f"{owner}: ffn_granularities[{index}]: {error}") from None
+        return list(ffn_granularities)
+
+    def _lm_head(self, embedding: nn.Embed) -> Callable[[Array], Array]:
+        """hidden states [..., D] -> logits [..., vocab]: the tied embedding or a Dense.
+
+        Built once per call, so that runs at several granularities share it.
+        """
         if self.tie_embeddings:
-            return embedding.attend(x)
-        return nn.Dense(self.vocab_size, use_bias=self.use_bias, dtype=self.dtype, name="lm_head")(
-            x
-        )
+            return embedding.attend
+        return nn.Dense(self.vocab_size, use_bias=self.use_bias, dtype=self.dtype, name="lm_head")
 
 
 class TransformerLM(_LMBase):
@@ -184,6 +259,9 @@ class TransformerLM(_LMBase):
         (active with ``train=True``, RNG stream ``dropout``).
       attention_implementation: for ``dot_product_attention``.
       max_decode_length: KV-cache length for decoding (set by the generation code).
+      ffn_widths: the FFN widths of a call that gives none (MatFormer; see the
+        module docstring); None: full width. A sub-model for ``generate``, which
+        passes no width: ``model.clone(ffn_widths=...)``.
     """
 
     kind: str = "decoder"
@@ -239,6 +317,40 @@ class TransformerLM(_LMBase):
                     "each new token), got None."
                 )
 
+    def _output_head(
+        self, embedding: nn.Embed, segment_ids: Array | None, batch: int, length: int
+    ) -> Callable[[Array], Array]:
+        """Final hidden states [B, L, D] -> logits: the classifier (with pooling) or LM head.
+
+        Its modules are built here, once, so that runs at several granularities share them.
+        """
+        if self.num_classes is not None:
+            classifier = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")
+
+            def classify(x: Array) -> Array:
+                if self.pooling == "first":
+                    return classifier(x[:, 0])
+                real = (
+                    jnp.ones((batch, length), x.dtype)
+                    if segment_ids is None
+                    else (segment_ids != 0).astype(x.dtype)
+                )
+                pooled = jnp.sum(x * real[..., None], 1) / jnp.maximum(
+                    real.sum(1, keepdims=True), 1
+                )
+                return classifier(pooled)
+
+            return classify
+        lm_head = self._lm_head(embedding)
+        if not self.head_transform:
+            return lm_head
+        head_dense = nn.Dense(
+            self.embed_dim, use_bias=self.use_bias, dtype=self.dtype, name="head_dense"
+        )
+        norm_kwargs = {"use_bias": self.use_bias} if self.norm == "layer_norm" else {}
+        head_norm = make_norm(self.norm, epsilon=self.norm_epsilon, name="head_norm", **norm_kwargs)
+        return lambda x: lm_head(head_norm(jax.nn.gelu(head_dense(x), approximate=False)))
+
     @nn.compact
     def __call__(
         self,
@@ -249,14 +361,24 @@ class TransformerLM(_LMBase):
         prefix_lengths: Array | None = None,
         train: bool = False,
         decode: bool = False,
+        ffn_widths: FfnWidths = None,
+        ffn_granularities: Sequence[FfnWidths] | None = None,
     ) -> Array:
         """inputs [B, L] int -> logits [B, L, vocab] ([B, num_classes] for a classifier).
 
         segment_ids [B, L]: packed sequences (0 = padding); positions [B, L]:
         per-sequence positions (default: from the segment ids, else 0..L-1);
         prefix_lengths [B]: the bidirectional prefix of a prefix LM.
+
+        MatFormer (see the module docstring): ffn_widths: every layer's FFN
+        hidden width, one number or one per layer (Mix'n'Match); None: the
+        ``ffn_widths`` field (default: full width). ffn_granularities: G
+        ``ffn_widths`` values; the model runs once at each on the same inputs
+        (sharing the embedding lookup) and returns the outputs stacked,
+        [G, B, L, vocab] ([G, B, num_classes]); not with ``decode``.
         """
         self._validate(inputs, segment_ids, positions, prefix_lengths, decode)
+        runs = self._granularities(ffn_widths, ffn_granularities, decode, self.num_layers)
         batch, length = inputs.shape
         if positions is None:
             positions = (
@@ -270,39 +392,27 @@ class TransformerLM(_LMBase):
             mask_positions = jnp.maximum(positions, last_prefix)
 
         embedding = self._embedding()
-        x = self._stack("decoder" if self.causal else "encoder",
-                        num_layers=self.num_layers, layer_pattern=self.layer_pattern,
-                        layer_overrides=self.layer_overrides, causal=self.causal,
-                        prefix_lm=self.kind == "prefix_lm")(
-            embedding(inputs),
-            positions=positions,
-            segment_ids=segment_ids,
-            mask_positions=mask_positions,
-            deterministic=not train,
-            decode=decode,
-        )  # fmt: skip
-
-        if self.num_classes is not None:
-            if self.pooling == "first":
-                pooled = x[:, 0]
-            else:
-                real = (
-                    jnp.ones((batch, length), x.dtype)
-                    if segment_ids is None
-                    else (segment_ids != 0).astype(x.dtype)
+        stack = self._stack("decoder" if self.causal else "encoder",
+                            num_layers=self.num_layers, layer_pattern=self.layer_pattern,
+                            layer_overrides=self.layer_overrides, causal=self.causal,
+                            prefix_lm=self.kind == "prefix_lm")  # fmt: skip
+        head = self._output_head(embedding, segment_ids, batch, length)
+        embedded = embedding(inputs)
+        outputs = [
+            head(
+                stack(
+                    embedded,
+                    positions=positions,
+                    segment_ids=segment_ids,
+                    mask_positions=mask_positions,
+                    deterministic=not train,
+                    decode=decode,
+                    ffn_widths=widths,
                 )
-                pooled = jnp.sum(x * real[..., None], 1) / jnp.maximum(
-                    real.sum(1, keepdims=True), 1
-                )
-            return nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(pooled)
-        if self.head_transform:
-            x = nn.Dense(
-                self.embed_dim, use_bias=self.use_bias, dtype=self.dtype, name="head_dense"
-            )(x)
-            x = jax.nn.gelu(x, approximate=False)
-            norm_kwargs = {"use_bias": self.use_bias} if self.norm == "layer_norm" else {}
-            x = make_norm(self.norm, epsilon=self.norm_epsilon, name="head_norm", **norm_kwargs)(x)
-        return self._lm_logits(embedding, x)
+            )
+            for widths in runs
+        ]
+        return outputs[0] if ffn_granularities is None else jnp.stack(outputs)
 
 
 class EncoderDecoderLM(_LMBase):
@@ -319,6 +429,10 @@ class EncoderDecoderLM(_LMBase):
 
     Methods ``encode`` and ``decode`` (through ``apply(..., method=...)``) run
     the halves separately, for generation.
+
+    FFN widths (MatFormer): ``ffn_widths`` is one width for every layer or one
+    per layer, the encoder's ``num_encoder_layers`` first, then the decoder's;
+    ``encode`` and ``decode`` each use their part.
     """
 
     num_encoder_layers: int = 2
@@ -370,9 +484,25 @@ class EncoderDecoderLM(_LMBase):
         )
         return all(spec.is_attention for spec in specs)
 
-    def encode(self, inputs: Array, *, train: bool = False) -> tuple[Array, Array]:
-        """inputs [B, Ls] int -> (encoded [B, Ls, D], source_mask [B, Ls] bool, True = real)."""
+    def _split_ffn_widths(self, ffn_widths: FfnWidths) -> tuple[FfnWidths, FfnWidths]:
+        """(encoder widths, decoder widths) of a call's ``ffn_widths`` (None: the field)."""
+        widths = self.ffn_widths if ffn_widths is None else ffn_widths
+        num_layers = self.num_encoder_layers + self.num_decoder_layers
+        resolve_ffn_widths(widths, num_layers, self.ffn_hidden_dim)
+        if isinstance(widths, Sequence) and not isinstance(widths, str):
+            widths = tuple(widths)
+            return widths[: self.num_encoder_layers], widths[self.num_encoder_layers :]
+        return widths, widths
+
+    def encode(
+        self, inputs: Array, *, train: bool = False, ffn_widths: FfnWidths = None
+    ) -> tuple[Array, Array]:
+        """inputs [B, Ls] int -> (encoded [B, Ls, D], source_mask [B, Ls] bool, True = real).
+
+        ffn_widths: as in the class docstring (the encoder uses its layers' part).
+        """
         _check_tokens("EncoderDecoderLM", "inputs", inputs)
+        encoder_widths, _ = self._split_ffn_widths(ffn_widths)
         batch, length = inputs.shape
         if self.pad_id is None:
             source_mask = jnp.ones((batch, length), bool)
@@ -384,6 +514,7 @@ class EncoderDecoderLM(_LMBase):
             positions=positions,
             segment_ids=None if self.pad_id is None else source_mask.astype(jnp.int32),
             deterministic=not train,
+            ffn_widths=encoder_widths,
         )
         return encoded, source_mask
 
@@ -396,12 +527,15 @@ class EncoderDecoderLM(_LMBase):
         positions: Array | None = None,
         train: bool = False,
         decode: bool = False,
+        ffn_widths: FfnWidths = None,
     ) -> Array:
         """decoder_inputs [B, Lt] int, encoded [B, Ls, D], source_mask [B, Ls] -> [B, Lt, V].
 
         positions [B, Lt] default 0..Lt-1; required with ``decode=True``.
+        ffn_widths: as in the class docstring (the decoder uses its layers' part).
         """
         owner = "EncoderDecoderLM"
+        _, decoder_widths = self._split_ffn_widths(ffn_widths)
         _check_tokens(owner, "decoder_inputs", decoder_inputs)
         batch, length = decoder_inputs.shape
         _check_like(owner, "encoded", encoded, (batch, source_mask.shape[1], self.embed_dim))
@@ -420,21 +554,41 @@ class EncoderDecoderLM(_LMBase):
             decode=decode,
             context=encoded,
             context_mask=source_mask,
+            ffn_widths=decoder_widths,
         )
         if self.tie_embeddings:
             return self.token_embedding.attend(x)
         return self.lm_head(x)
 
-    def __call__(self, inputs: Array, decoder_inputs: Array, *, train: bool = False) -> Array:
-        """inputs [B, Ls], decoder_inputs [B, Lt] int -> logits [B, Lt, vocab]."""
+    def __call__(
+        self,
+        inputs: Array,
+        decoder_inputs: Array,
+        *,
+        train: bool = False,
+        ffn_widths: FfnWidths = None,
+        ffn_granularities: Sequence[FfnWidths] | None = None,
+    ) -> Array:
+        """inputs [B, Ls], decoder_inputs [B, Lt] int -> logits [B, Lt, vocab].
+
+        ffn_widths: as in the class docstring. ffn_granularities: G such values;
+        encoder and decoder run once at each, outputs stacked [G, B, Lt, vocab].
+        """
         _check_tokens("EncoderDecoderLM", "decoder_inputs", decoder_inputs)
         if decoder_inputs.shape[0] != inputs.shape[0]:
             raise ValueError(
                 f"EncoderDecoderLM: decoder_inputs batch must equal inputs batch "
                 f"{inputs.shape[0]}, got {decoder_inputs.shape[0]}."
             )
-        encoded, source_mask = self.encode(inputs, train=train)
-        return self.decode(decoder_inputs, encoded, source_mask, train=train)
+        num_layers = self.num_encoder_layers + self.num_decoder_layers
+        runs = self._granularities(ffn_widths, ffn_granularities, False, num_layers)
+        outputs = []
+        for widths in runs:
+            encoded, source_mask = self.encode(inputs, train=train, ffn_widths=widths)
+            outputs.append(
+                self.decode(decoder_inputs, encoded, source_mask, train=train, ffn_widths=widths)
+            )
+        return outputs[0] if ffn_granularities is None else jnp.stack(outputs)
 
 
 # ---------------------------------------------------------------------------- registry
