@@ -42,6 +42,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.task.mix_switch_prob = 0.5
     config.task.distill_temperature = 1.0
     config.task.distill_weight = 1.0
+    # MatFormer: train a language model over these FFN granularities (the loss sums them),
+    # e.g. (0.125, 0.25, 0.5, 1.0) of the FFN width; () trains the model as it is.
+    # See effformer.train.tasks.matformer_granularities.
+    config.task.matformer_widths = ()
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.name = "adamw"
@@ -112,7 +116,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     from effformer.train.init_from import validate_init_from
     from effformer.train.optim import LR_SCHEDULES, OPTIMIZERS
     from effformer.train.schedules import validate_model_schedules
-    from effformer.train.tasks import TASKS
+    from effformer.train.tasks import TASKS, LanguageModelTask, matformer_granularities
 
     for field in REQUIRED_FIELDS:
         value = _get(config, field)
@@ -133,6 +137,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.task.name not in TASKS:
         raise ValueError(
             f"config.task.name must be one of {sorted(TASKS)}, got {config.task.name!r}."
+        )
+    if matformer_granularities(config.task) and not issubclass(
+        TASKS[config.task.name], LanguageModelTask
+    ):
+        raise ValueError(
+            "config.task.matformer_widths is for the language-model tasks (causal_lm, masked_lm, "
+            f"seq2seq), got config.task.name={config.task.name!r}; set it to ()."
         )
     if config.optimizer.name not in OPTIMIZERS:
         raise ValueError(

@@ -9,10 +9,29 @@ combine exactly: the trainer divides once, at the end.
 Metrics are ``name -> (sum, weight)``; the reported value is sum / weight.
 
 To add a task: subclass :class:`Task`, decorate it with :func:`register_task`.
+
+MatFormer (Devvrit et al., 2023): the language-model tasks (``causal_lm``,
+``masked_lm``, ``seq2seq``) train over FFN granularities when
+``config.matformer_widths`` names them (:func:`matformer_granularities`). The
+model then runs once per granularity on the same batch (its
+``ffn_granularities`` argument) and the loss is the SUM of the granularities'
+losses: the paper's joint objective with equal weights, and what scenic's
+MatViT trainer computes (``loss += loss_fn(...)`` over its ``matvit_dims``).
+A mean would divide the gradient by G: Adam's update barely changes, but the
+meaning of gradient clipping and of the reported ``loss`` would differ from
+the paper's. Metrics are reported per granularity (``ffn_<width>/loss``,
+``ffn_<width>/accuracy``) beside the summed ``loss``. :func:`evaluate_ffn_widths`
+evaluates a trained model at any widths (Mix'n'Match sub-models). The model
+must take ``ffn_granularities`` (``TransformerLM``, ``EncoderDecoderLM``; not
+``mamba_lm``), and code that reads one output from ``model_inputs`` (such as
+``effformer.train.sequence_eval``) needs the option off.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import numbers
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -208,8 +227,159 @@ def _sequence_inputs(batch: Batch, keys: tuple[str, ...]) -> dict[str, Array]:
     return {key: batch[key] for key in keys if key in batch}
 
 
+def _check_width(where: str, width: Any) -> None:
+    if isinstance(width, bool) or not isinstance(width, numbers.Real) or width <= 0:
+        raise ValueError(
+            f"{where} must be a positive int (hidden units) or a float in (0, 1] (a fraction of "
+            f"the FFN width), got {width!r}."
+        )
+    if not isinstance(width, numbers.Integral) and width > 1:
+        raise ValueError(
+            f"{where}: a float is a fraction of the FFN width, so it must be in (0, 1], got "
+            f"{width!r} (give an int for a number of hidden units)."
+        )
+
+
+def _as_granularity(value: Any) -> Any:
+    """A width, or per-layer widths as a tuple (config files may hold lists)."""
+    return tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else value
+
+
+def granularity_label(granularity: Any) -> str:
+    """The metric-name prefix of a granularity: ``ffn_0.25``, ``ffn_64``, ``ffn_32-64-64``."""
+    if isinstance(granularity, Sequence) and not isinstance(granularity, str):
+        return "ffn_" + "-".join(f"{width:g}" for width in granularity)
+    return f"ffn_{granularity:g}"
+
+
+def matformer_granularities(config: ml_collections.ConfigDict) -> tuple[Any, ...]:
+    """The FFN granularities ``config.matformer_widths`` names (``config`` is ``config.task``).
+
+    ``()`` (the default) trains the model as it is. Otherwise a tuple of
+    granularities, each an ``ffn_widths`` value of the model: one width for
+    every layer, an int number of hidden units or a float fraction of
+    ``ffn_hidden_dim`` (MatFormer's ``{d/2, d, 2d, 4d}`` with a 4d FFN is
+    ``(0.125, 0.25, 0.5, 1.0)``), or a tuple of one width per layer. The model
+    checks the widths against its FFN width and depth when it runs.
+    """
+    granularities = config.get("matformer_widths", ()) or ()
+    if isinstance(granularities, str) or not isinstance(granularities, Sequence):
+        raise ValueError(
+            "config.task.matformer_widths must be a tuple of granularities (widths, or tuples "
+            f"of per-layer widths), got {granularities!r}."
+        )
+    granularities = tuple(_as_granularity(g) for g in granularities)
+    for index, granularity in enumerate(granularities):
+        where = f"config.task.matformer_widths[{index}]"
+        if isinstance(granularity, tuple):
+            if not granularity:
+                raise ValueError(f"{where}: per-layer widths must not be empty, got ().")
+            for layer, width in enumerate(granularity):
+                _check_width(f"{where}[{layer}]", width)
+        else:
+            _check_width(where, granularity)
+    labels = [granularity_label(g) for g in granularities]
+    if len(set(labels)) != len(labels):
+        raise ValueError(
+            f"config.task.matformer_widths names a granularity twice: {granularities!r}."
+        )
+    return granularities
+
+
+class LanguageModelTask(Task):
+    """Base of the token-level tasks: the vocabulary from the data, MatFormer granularities.
+
+    Subclasses define :meth:`lm_inputs` and :meth:`lm_loss` for one model
+    output; this class runs them once per granularity when
+    ``config.matformer_widths`` is set (module docstring).
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, dataset_info: Any):
+        super().__init__(config, dataset_info)
+        self.granularities = matformer_granularities(config)
+
+    def model_overrides(self) -> dict[str, Any]:
+        vocab = getattr(self.info, "vocab_size", None)
+        return {"vocab_size": vocab} if vocab else {}
+
+    def lm_inputs(self, batch: Batch) -> dict[str, Array]:
+        """The model's arguments for one output."""
+        raise NotImplementedError
+
+    def lm_loss(self, outputs: Array, batch: Batch) -> tuple[Array, Array, Metrics]:
+        """(loss sum, loss weight, metrics) of one model output."""
+        raise NotImplementedError
+
+    def model_inputs(self, batch: Batch) -> dict[str, Any]:
+        inputs: dict[str, Any] = self.lm_inputs(batch)
+        if self.granularities:
+            inputs["ffn_granularities"] = self.granularities
+        return inputs
+
+    def loss_and_metrics(self, outputs: Array, batch: Batch) -> tuple[Array, Array, Metrics]:
+        """With granularities, outputs are [G, ...] and the loss is the sum of their losses."""
+        if not self.granularities:
+            return self.lm_loss(outputs, batch)
+        if outputs.shape[0] != len(self.granularities):
+            raise ValueError(
+                f"Task {self.name!r}: with {len(self.granularities)} matformer_widths the model "
+                f"output must be stacked over them, [G={len(self.granularities)}, ...], got "
+                f"shape {tuple(outputs.shape)}."
+            )
+        total = jnp.zeros((), jnp.float32)
+        metrics: Metrics = {}
+        for granularity, output in zip(self.granularities, outputs, strict=True):
+            # The weight is the same at every granularity: the same batch is scored.
+            loss_sum, weight, granularity_metrics = self.lm_loss(output, batch)
+            total = total + loss_sum
+            label = granularity_label(granularity)
+            metrics.update(
+                {f"{label}/{name}": value for name, value in granularity_metrics.items()}
+            )
+        metrics["loss"] = (total, weight)
+        return total, weight, metrics
+
+
+def evaluate_ffn_widths(
+    exp: Any, params: Any, ffn_widths: Sequence[Any], split: str | None = None
+) -> dict[str, dict[str, float]]:
+    """Evaluate a trained language model at each of ``ffn_widths`` (MatFormer, Mix'n'Match).
+
+    exp: the run's ``Experiment`` (``effformer.train.restore(workdir).experiment``);
+    params: its parameters; ffn_widths: the configurations to score, each a
+    width for every layer or a tuple of per-layer widths (as in
+    ``config.task.matformer_widths``); split: default the eval split. The model
+    runs once per configuration on every eval batch.
+    Returns ``{label: {metric: value}}`` over the whole split, labels as in the
+    metric names (``ffn_32-64``).
+    """
+    from effformer.train.evaluate import run_evaluation  # evaluate imports this module
+
+    if not isinstance(exp.task, LanguageModelTask):
+        names = sorted(name for name, cls in TASKS.items() if issubclass(cls, LanguageModelTask))
+        raise ValueError(
+            f"evaluate_ffn_widths: the run's task must be a language-model task {names}, got "
+            f"{exp.task.name!r}."
+        )
+    config = ml_collections.ConfigDict(exp.config.task.to_dict())
+    config.matformer_widths = tuple(_as_granularity(g) for g in ffn_widths)
+    task = type(exp.task)(config, exp.info)
+    if not task.granularities:
+        raise ValueError("evaluate_ffn_widths: ffn_widths must name at least one configuration.")
+    metrics = run_evaluation(dataclasses.replace(exp, task=task), params, split)
+    results: dict[str, dict[str, float]] = {}
+    for granularity in task.granularities:
+        prefix = granularity_label(granularity) + "/"
+        results[prefix[:-1]] = {
+            name.removeprefix(prefix): value
+            for name, value in metrics.items()
+            if name.startswith(prefix)
+        }
+    return results
+
+
 @register_task
-class CausalLMTask(Task):
+class CausalLMTask(LanguageModelTask):
     """Next-token prediction: logits [b, L, V] at position t predict ``targets[t]``.
 
     Batch: ``inputs`` [b, L] int; optional ``targets`` (default: inputs shifted
@@ -221,15 +391,11 @@ class CausalLMTask(Task):
     name = "causal_lm"
     required_keys = ("inputs",)
 
-    def model_overrides(self) -> dict[str, Any]:
-        vocab = getattr(self.info, "vocab_size", None)
-        return {"vocab_size": vocab} if vocab else {}
-
-    def model_inputs(self, batch: Batch) -> dict[str, Array]:
+    def lm_inputs(self, batch: Batch) -> dict[str, Array]:
         # prefix_lengths [b]: a prefix LM attends bidirectionally inside each row's prefix.
         return _sequence_inputs(batch, ("inputs", "segment_ids", "positions", "prefix_lengths"))
 
-    def loss_and_metrics(self, outputs: Array, batch: Batch) -> tuple[Array, Array, Metrics]:
+    def lm_loss(self, outputs: Array, batch: Batch) -> tuple[Array, Array, Metrics]:
         if "targets" in batch:
             targets = batch["targets"]
             weights = batch.get("weights", jnp.ones(targets.shape, jnp.float32))
@@ -252,7 +418,7 @@ class CausalLMTask(Task):
 
 
 @register_task
-class MaskedLMTask(Task):
+class MaskedLMTask(LanguageModelTask):
     """Masked-token prediction (BERT): the corruption is made on device from the step's key.
 
     Of the non-padding tokens (``inputs != pad_id``), ``mask_rate`` are chosen;
@@ -263,10 +429,6 @@ class MaskedLMTask(Task):
 
     name = "masked_lm"
     required_keys = ("inputs",)
-
-    def model_overrides(self) -> dict[str, Any]:
-        vocab = getattr(self.info, "vocab_size", None)
-        return {"vocab_size": vocab} if vocab else {}
 
     def prepare_batch(self, batch: Batch, rng: Array, train: bool) -> Batch:
         cfg = self.config
@@ -282,10 +444,10 @@ class MaskedLMTask(Task):
         corrupted = jnp.where(chosen & (kind >= 0.8) & (kind < 0.9), random_tokens, corrupted)
         return dict(batch, inputs=corrupted, targets=tokens, weights=chosen.astype(jnp.float32))
 
-    def model_inputs(self, batch: Batch) -> dict[str, Array]:
+    def lm_inputs(self, batch: Batch) -> dict[str, Array]:
         return _sequence_inputs(batch, ("inputs", "segment_ids", "positions"))
 
-    def loss_and_metrics(self, outputs: Array, batch: Batch) -> tuple[Array, Array, Metrics]:
+    def lm_loss(self, outputs: Array, batch: Batch) -> tuple[Array, Array, Metrics]:
         weights = batch["weights"]
         if "mask" in batch:
             weights = weights * batch["mask"][:, None]
@@ -293,7 +455,7 @@ class MaskedLMTask(Task):
 
 
 @register_task
-class Seq2SeqTask(Task):
+class Seq2SeqTask(LanguageModelTask):
     """Sequence-to-sequence with teacher forcing.
 
     Batch: ``inputs`` [b, Ls] and ``targets`` [b, Lt] int, 0 = padding. The
@@ -304,17 +466,13 @@ class Seq2SeqTask(Task):
     name = "seq2seq"
     required_keys = ("inputs", "targets")
 
-    def model_overrides(self) -> dict[str, Any]:
-        vocab = getattr(self.info, "vocab_size", None)
-        return {"vocab_size": vocab} if vocab else {}
-
-    def model_inputs(self, batch: Batch) -> dict[str, Array]:
+    def lm_inputs(self, batch: Batch) -> dict[str, Array]:
         targets = batch["targets"]
         bos = jnp.full((targets.shape[0], 1), self.config.get("bos_id", 0), targets.dtype)
         decoder_inputs = jnp.concatenate([bos, targets[:, :-1]], axis=1)
         return {"inputs": batch["inputs"], "decoder_inputs": decoder_inputs}
 
-    def loss_and_metrics(self, outputs: Array, batch: Batch) -> tuple[Array, Array, Metrics]:
+    def lm_loss(self, outputs: Array, batch: Batch) -> tuple[Array, Array, Metrics]:
         targets = batch["targets"]
         weights = batch.get("weights", (targets != self.config.get("pad_id", 0))).astype(
             jnp.float32
