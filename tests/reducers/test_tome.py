@@ -75,6 +75,10 @@ def test_matching_and_merging_match_loop_reference(x64, num_tokens, num_protecte
     metric, x = _random(rng, (3, num_tokens, 4)), _random(rng, (3, num_tokens, 5))
     sizes = jnp.asarray(rng.integers(1, 5, (3, num_tokens)), jnp.float64)
     weights = _random(rng, (3, num_tokens - r, 5))
+    # Exact ties: two identical B tokens (every A token's best match is tied) and two
+    # identical A tokens (tied best scores); both must go to the lower index.
+    p = num_protected
+    metric = metric.at[:, p + 3].set(metric[:, p + 1]).at[:, p + 2].set(metric[:, p])
 
     destination = _matching(metric, r, num_protected=num_protected)
     groups = _reference_groups(np.asarray(metric), r, num_protected)
