@@ -9,7 +9,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("data", "kernels", "mixers", "models", "nn", "ops", "train")
+_SUBMODULES = ("data", "kernels", "mixers", "models", "nn", "ops", "reducers", "train")
 
 
 def __getattr__(name: str) -> Any:
