@@ -260,9 +260,10 @@ def matformer_granularities(config: ml_collections.ConfigDict) -> tuple[Any, ...
     every layer, an int number of hidden units or a float fraction of
     ``ffn_hidden_dim`` (MatFormer's ``{d/2, d, 2d, 4d}`` with a 4d FFN is
     ``(0.125, 0.25, 0.5, 1.0)``), or a tuple of one width per layer. The model
-    checks the widths against its FFN width and depth when it runs.
+    checks the widths against its FFN width and depth when it runs. A task built
+    without a config (``config=None``, as tests do) trains at full width.
     """
-    granularities = config.get("matformer_widths", ()) or ()
+    granularities = () if config is None else config.get("matformer_widths", ()) or ()
     if isinstance(granularities, str) or not isinstance(granularities, Sequence):
         raise ValueError(
             "config.task.matformer_widths must be a tuple of granularities (widths, or tuples "
