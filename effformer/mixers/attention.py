@@ -113,6 +113,25 @@ class _AttentionProjections(nn.Module):
         )(out)
 
 
+def _explicit_attention(q, k, v, mask, bias, scale) -> tuple[Array, Array]:
+    """Softmax attention that also returns its probabilities (token pruning needs them):
+    q [B, L, H, Dh], k, v [B, L, Hkv, Dh] -> (out [B, L, H, Dh] in q's dtype,
+    probs [B, H, L, L] in at least float32). Callers pass mask=None (checked)."""
+    if mask is not None:
+        raise ValueError(f"return_attention_probs needs mask=None, got {mask}.")
+    heads, kv_heads = q.shape[2], k.shape[2]
+    k = jnp.repeat(k, heads // kv_heads, axis=2)
+    v = jnp.repeat(v, heads // kv_heads, axis=2)
+    dtype = jnp.promote_types(q.dtype, jnp.float32)
+    scale = 1.0 / float(q.shape[-1]) ** 0.5 if scale is None else scale
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(dtype), k.astype(dtype)) * scale
+    if bias is not None:
+        logits = logits + bias.astype(dtype)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(dtype)).astype(q.dtype)
+    return out, probs
+
+
 def _check_input(owner: str, name: str, x: Array) -> None:
     if x.ndim != 3:
         raise ValueError(f"{owner}: {name} must be [B, L, D], got shape {tuple(x.shape)}.")
@@ -170,7 +189,8 @@ class MultiHeadAttention(_AttentionProjections):
         decode: bool = False,
         token_sizes: Array | None = None,
         return_mean_keys: bool = False,
-    ) -> Array | tuple[Array, Array]:
+        return_attention_probs: bool = False,
+    ) -> Array | tuple[Array, ...]:
         """x: [B, L, D] -> [B, L, out_features or D]. positions: [B, L] ([B, L, 2] for rope2d).
 
         Token merging (:mod:`effformer.reducers.tome`), both off by default:
@@ -180,12 +200,25 @@ class MultiHeadAttention(_AttentionProjections):
         the kv heads, ``[B, L, head_dim]`` (ToMe's similarity metric; after
         ``qk_norm``, before any rotation). Neither works with ``decode`` or a
         ``position_encoding`` (merged tokens have no single position).
+
+        ``return_attention_probs`` (token pruning, :mod:`effformer.reducers.zero_tprune`,
+        off by default) computes the attention explicitly (softmax in at least
+        float32, no dropout) and appends its probabilities ``[B, H, L, L]`` to what
+        is returned: ``(y, probs)`` or, with ``return_mean_keys``, ``(y, keys, probs)``.
+        It needs ``decode=False`` and no ``position_encoding`` (as merging does), and
+        no attention dropout when ``deterministic=False``.
         """
         owner = type(self).__name__
         _check_input(owner, "x", x)
         batch, length, dim = x.shape
-        if token_sizes is not None or return_mean_keys:
+        if token_sizes is not None or return_mean_keys or return_attention_probs:
             self._check_token_merging(token_sizes, batch, length, decode)
+        if return_attention_probs and not deterministic and self.attention_dropout_rate > 0.0:
+            raise ValueError(
+                f"{owner}: return_attention_probs (token pruning) has no attention dropout; "
+                f"needs deterministic=True or attention_dropout_rate=0, got "
+                f"attention_dropout_rate={self.attention_dropout_rate}."
+            )
         encoding = self.position_encoding
         position_axes = 1 if encoding is None else encoding.position_axes
         if positions is None:
@@ -239,22 +272,25 @@ class MultiHeadAttention(_AttentionProjections):
             mask = dataclasses.replace(mask, q_positions=positions, kv_positions=positions)
         if token_sizes is not None:
             bias = proportional_attention_bias(token_sizes)
-        y = self._attend(q, k, v, mask, bias, deterministic, dim)
-        if return_mean_keys:
-            return y, jnp.mean(k, axis=2)
-        return y
+        if not return_attention_probs:
+            y = self._attend(q, k, v, mask, bias, deterministic, dim)
+            return (y, jnp.mean(k, axis=2)) if return_mean_keys else y
+        out, probs = _explicit_attention(q, k, v, mask, bias, self.scale)
+        y = self._dense(self.out_features or dim, "out", axis=(-2, -1), use_bias=self.out_bias)(out)
+        return (y, jnp.mean(k, axis=2), probs) if return_mean_keys else (y, probs)
 
     def _check_token_merging(self, token_sizes: Array | None, batch: int, length: int, decode):
         owner = type(self).__name__
         if decode:
             raise ValueError(
-                f"{owner}: token_sizes / return_mean_keys (token merging) need decode=False, "
-                "got decode=True."
+                f"{owner}: token_sizes / return_mean_keys (token merging) and "
+                "return_attention_probs (token pruning) need decode=False, got decode=True."
             )
         if self.position_encoding is not None:
             raise ValueError(
-                f"{owner}: token_sizes / return_mean_keys (token merging) need "
-                "position_encoding=None (merged tokens have no single position), got "
+                f"{owner}: token_sizes / return_mean_keys (token merging) and "
+                "return_attention_probs (token pruning) need position_encoding=None (merged "
+                "or pruned tokens no longer have their positions), got "
                 f"{type(self.position_encoding).__name__}."
             )
         if token_sizes is not None and tuple(token_sizes.shape) != (batch, length):

@@ -28,6 +28,12 @@ so a model trained without merging is evaluated with it by rebuilding it with
 ``tome_r`` set (``model.clone(tome_r=8)``). With ``tome_r=0`` (the default) the
 model is the same program as without the option.
 
+Token pruning (Zero-TPrune, :mod:`effformer.reducers.zero_tprune`) is opt-in
+the same way: ``zero_tprune_importance`` and ``zero_tprune_similarity`` tokens
+are dropped per block, at the same place, by that block's attention graph
+(weighted page rank) and key similarity; the class token is never pruned and
+the pooling runs over the kept tokens. Not together with ``tome_r``.
+
 A model is built for one input size (``image_size``, ``num_channels``); a
 learned table trained at one size is carried to another by
 :func:`interpolate_position_embedding` (CCT-14/7x2 224 -> 384 fine-tuning).
@@ -55,6 +61,7 @@ from effformer.reducers.tome import (
     merge_schedule,
     size_weighted_mean,
 )
+from effformer.reducers.zero_tprune import gather_tokens, prune_schedule, wpr_iterations
 
 Array = jax.Array
 Dtype = Any
@@ -110,6 +117,16 @@ class VisionTransformer(nn.Module):
       tome_proportional_attention: with merging, add ``log(size)`` of each key
         to the attention logits (the paper's choice for models evaluated off
         the shelf).
+      zero_tprune_importance, zero_tprune_similarity: token pruning: tokens
+        dropped per block by the I-stage (least important) and the S-stage
+        (most similar to a more important token); each an int (clipped per
+        block) or one value per block (exact). 0 and 0: off.
+        ``zero_tprune_schedule`` gives the per-block pairs.
+      zero_tprune_iterations: weighted-page-rank iterations in every pruning
+        block; None: the paper's per-block counts (``wpr_iterations``).
+
+    With pruning, ``apply(..., mutable=["intermediates"])`` also returns
+    ``zero_tprune_kept [B, N]``: the original index of each final token.
 
     With merging, ``apply(..., mutable=["intermediates"])`` also returns
     ``tome_token_sizes [B, N]`` (original tokens per final token) and
@@ -142,11 +159,15 @@ class VisionTransformer(nn.Module):
     dtype: Dtype | None = None
     tome_r: int | tuple[int, ...] = 0
     tome_proportional_attention: bool = True
+    zero_tprune_importance: int | tuple[int, ...] = 0
+    zero_tprune_similarity: int | tuple[int, ...] = 0
+    zero_tprune_iterations: int | None = None
 
     def __post_init__(self) -> None:
         # A list (from a config file or config.json) becomes a tuple: modules must hash.
-        if isinstance(self.tome_r, list):
-            object.__setattr__(self, "tome_r", tuple(self.tome_r))
+        for field in ("tome_r", "zero_tprune_importance", "zero_tprune_similarity"):
+            if isinstance(getattr(self, field), list):
+                object.__setattr__(self, field, tuple(getattr(self, field)))
         super().__post_init__()
 
     # ------------------------------------------------------------------ shape arithmetic
@@ -186,6 +207,27 @@ class VisionTransformer(nn.Module):
             )
         except ValueError as error:
             raise ValueError(f"{name}: tome_r={self.tome_r!r} is invalid: {error}") from None
+        try:
+            pruning = any(i or s for i, s in self.zero_tprune_schedule)
+        except ValueError as error:
+            raise ValueError(
+                f"{name}: zero_tprune_importance={self.zero_tprune_importance!r} / "
+                f"zero_tprune_similarity={self.zero_tprune_similarity!r} is invalid: {error}"
+            ) from None
+        if pruning and any(self.tome_schedule):
+            raise ValueError(
+                f"{name}: token pruning (zero_tprune_*) and token merging (tome_r) cannot be "
+                f"combined, got tome_r={self.tome_r!r}, zero_tprune_importance="
+                f"{self.zero_tprune_importance!r}, zero_tprune_similarity="
+                f"{self.zero_tprune_similarity!r}."
+            )
+        iterations = self.zero_tprune_iterations
+        if iterations is not None and (
+            not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1
+        ):
+            raise ValueError(
+                f"{name}: zero_tprune_iterations must be None or an int >= 1, got {iterations!r}."
+            )
 
     @property
     def token_grid(self) -> tuple[int, int]:
@@ -212,6 +254,17 @@ class VisionTransformer(nn.Module):
         """Tokens merged in each block (all 0 without merging); see ``merge_schedule``."""
         return merge_schedule(
             self.sequence_length, self.num_layers, self.tome_r, self.num_prefix_tokens
+        )
+
+    @property
+    def zero_tprune_schedule(self) -> tuple[tuple[int, int], ...]:
+        """(I-stage, S-stage) tokens pruned in each block; see ``prune_schedule``."""
+        return prune_schedule(
+            self.sequence_length,
+            self.num_layers,
+            self.zero_tprune_importance,
+            self.zero_tprune_similarity,
+            self.num_prefix_tokens,
         )
 
     def dummy_inputs(self, batch_size: int) -> dict[str, Array]:
@@ -290,6 +343,10 @@ class VisionTransformer(nn.Module):
             sizes = jnp.ones(x.shape[:2], jnp.promote_types(x.dtype, jnp.float32))
             token_map = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
             merged_before = False
+        pruning_schedule = self.zero_tprune_schedule
+        pruning = any(i or s for i, s in pruning_schedule)
+        if pruning:
+            kept = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
 
         max_rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
         for i in range(self.num_layers):
@@ -316,6 +373,19 @@ class VisionTransformer(nn.Module):
                 name=f"block_{i}",
             )
             # A Python 0.0 rate skips DropPath entirely (block 0, or no stochastic depth).
+            if pruning and any(pruning_schedule[i]):
+                iterations = self.zero_tprune_iterations or wpr_iterations(i, self.num_layers)
+                x, keep = block(
+                    x,
+                    deterministic=deterministic,
+                    drop_path_rate=block_rate,
+                    prune_importance=pruning_schedule[i][0],
+                    prune_similarity=pruning_schedule[i][1],
+                    wpr_iterations=iterations,
+                    num_protected=self.num_prefix_tokens,
+                )
+                kept = gather_tokens(kept, keep)
+                continue
             if not merging:
                 x = block(x, deterministic=deterministic, drop_path_rate=block_rate)
                 continue
@@ -332,6 +402,8 @@ class VisionTransformer(nn.Module):
             token_map = compose_token_map(token_map, destination)
             merged_before = merged_before or schedule[i] > 0
         x = LayerNorm(self.norm_epsilon, dtype=self.dtype, name="final_norm")(x)
+        if pruning:
+            self.sow("intermediates", "zero_tprune_kept", kept)
         if merging:
             self.sow("intermediates", "tome_token_sizes", sizes)
             self.sow("intermediates", "tome_token_map", token_map)

@@ -25,6 +25,7 @@ from effformer.nn.ffn import make_ffn
 from effformer.nn.norms import make_norm
 from effformer.ops.masks import AttentionMask
 from effformer.reducers.tome import bipartite_soft_matching, merge_tokens
+from effformer.reducers.zero_tprune import DEFAULT_ITERATIONS, gather_tokens, zero_tprune
 
 Array = jax.Array
 Dtype = Any
@@ -89,7 +90,10 @@ class ResidualBlock(nn.Module):
         merge_r: int = 0,
         num_protected: int = 0,
         proportional_attention: bool = True,
-    ) -> Array | tuple[Array, Array, Array]:
+        prune_importance: int = 0,
+        prune_similarity: int = 0,
+        wpr_iterations: int = DEFAULT_ITERATIONS,
+    ) -> Array | tuple[Array, Array] | tuple[Array, Array, Array]:
         """x: [B, L, D] -> [B, L, D]; mask / positions / decode go to the mixer.
 
         Token merging (ToMe, :mod:`effformer.reducers.tome`) is on when
@@ -107,6 +111,18 @@ class ResidualBlock(nn.Module):
         Returns ``(x [B, L - merge_r, D], sizes [B, L - merge_r],
         destination [B, L])``, where ``destination`` maps each input token to
         the output token it became.
+
+        Token pruning (Zero-TPrune, :mod:`effformer.reducers.zero_tprune`) is on
+        when ``prune_importance`` or ``prune_similarity`` is > 0 (same mixer
+        requirements as merging; not together with ``token_sizes``). The mixer
+        returns its attention probabilities and mean keys; at the same place as
+        the merge above, the I-stage drops the ``prune_importance`` tokens least
+        important by weighted page rank (``wpr_iterations`` steps) over that
+        attention graph, then the S-stage drops the ``prune_similarity`` less
+        important tokens most similar (mean keys) to a more important one; the
+        first ``num_protected`` tokens are kept. Returns ``(x [B, L', D],
+        keep [B, L'])`` with ``L' = L - prune_importance - prune_similarity`` and
+        ``keep`` the input indices of the kept tokens, ascending.
         """
         if self.ordering not in ORDERINGS:
             raise ValueError(
@@ -114,8 +130,20 @@ class ResidualBlock(nn.Module):
             )
         mixer, ffn = self._build_mixer(), self._build_ffn()
         merging = token_sizes is not None
+        pruning = prune_importance != 0 or prune_similarity != 0
+        if pruning:
+            if merging:
+                raise ValueError(
+                    "ResidualBlock: token pruning (prune_importance / prune_similarity > 0) "
+                    "and token merging (token_sizes given) cannot be combined in one block, got "
+                    f"prune_importance={prune_importance}, prune_similarity={prune_similarity} "
+                    "and token_sizes."
+                )
+            what = "token pruning (prune_importance / prune_similarity > 0)"
+            self._check_reducing(mixer, x, mask, positions, decode, None, what)
         if merging:
-            self._check_merging(mixer, x, mask, positions, decode, token_sizes)
+            what = "token merging (token_sizes given)"
+            self._check_reducing(mixer, x, mask, positions, decode, token_sizes, what)
         elif merge_r != 0:
             raise ValueError(
                 f"ResidualBlock: merge_r={merge_r} needs token_sizes [B, L] (token merging), "
@@ -125,22 +153,37 @@ class ResidualBlock(nn.Module):
         norm2 = make_norm(self.norm, epsilon=self.norm_epsilon, dtype=self.dtype, name="norm2")
         drop_path = DropPath(self.drop_path_rate, name="drop_path")
         drop = lambda y: drop_path(y, deterministic=deterministic, rate=drop_path_rate)
-        mean_keys = None  # the merging metric, set by mix() when merging
+        mean_keys = None  # the merging / pruning metric, set by mix()
+        probs = None  # the attention graph of pruning, set by mix()
 
         def mix(y: Array) -> Array:
-            nonlocal mean_keys
+            nonlocal mean_keys, probs
             args = dict(mask=mask, positions=positions, deterministic=deterministic, decode=decode)
-            if merging:
+            if pruning:
+                y, mean_keys, probs = mixer(
+                    y, **args, return_mean_keys=True, return_attention_probs=True
+                )
+            elif merging:
                 sizes = token_sizes if proportional_attention else None
                 y, mean_keys = mixer(y, **args, token_sizes=sizes, return_mean_keys=True)
             else:
                 y = mixer(y, **args)
             return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
 
-        sizes, destination = token_sizes, None
+        sizes, destination, keep = token_sizes, None, None
 
         def merge(y: Array) -> Array:
-            nonlocal sizes, destination
+            nonlocal sizes, destination, keep
+            if pruning:
+                keep = zero_tprune(
+                    probs,
+                    mean_keys,
+                    prune_importance,
+                    prune_similarity,
+                    num_iterations=wpr_iterations,
+                    num_protected=num_protected,
+                )
+                return gather_tokens(y, keep)
             if not merging:
                 return y
             destination = bipartite_soft_matching(mean_keys, merge_r, num_protected=num_protected)
@@ -159,25 +202,28 @@ class ResidualBlock(nn.Module):
         else:
             x = norm2(merge(x + drop(mix(norm1(x)))))
             out = x + drop(channel(x))
+        if pruning:
+            return out, keep
         return (out, sizes, destination) if merging else out
 
-    def _check_merging(self, mixer, x, mask, positions, decode, token_sizes) -> None:
+    def _check_reducing(self, mixer, x, mask, positions, decode, token_sizes, what: str) -> None:
+        """Checks shared by token merging and token pruning; ``what`` names the one in use."""
         from effformer.mixers import MultiHeadAttention  # mixers import nn; import lazily.
 
         if not isinstance(mixer, MultiHeadAttention):
             raise ValueError(
-                "ResidualBlock: token merging (token_sizes given) needs a MultiHeadAttention "
-                f"mixer (its keys are the similarity metric), got {type(mixer).__name__}."
+                f"ResidualBlock: {what} needs a MultiHeadAttention mixer (its keys are the "
+                f"similarity metric), got {type(mixer).__name__}."
             )
         if mask is not None or positions is not None or decode:
             raise ValueError(
-                "ResidualBlock: token merging (token_sizes given) needs mask=None, "
-                "positions=None and decode=False (a merged token has no single position, so "
-                f"causal, windowed or segment masks are undefined), got mask={mask}, "
+                f"ResidualBlock: {what} needs mask=None, positions=None and decode=False (a "
+                "merged or pruned sequence has no contiguous positions, so causal, windowed or "
+                f"segment masks are undefined), got mask={mask}, "
                 f"positions={'None' if positions is None else tuple(positions.shape)}, "
                 f"decode={decode}."
             )
-        if tuple(token_sizes.shape) != tuple(x.shape[:2]):
+        if token_sizes is not None and tuple(token_sizes.shape) != tuple(x.shape[:2]):
             raise ValueError(
                 f"ResidualBlock: token_sizes must have shape {tuple(x.shape[:2])} (x's [B, L]), "
                 f"got {tuple(token_sizes.shape)}."

@@ -3,6 +3,10 @@
 :mod:`effformer.reducers.tome` is token merging (ToMe): bipartite soft
 matching, size-weighted merging and proportional attention, used by the
 vision Transformers of :mod:`effformer.models.vit` through ``tome_r``.
+:mod:`effformer.reducers.zero_tprune` is zero-shot token pruning
+(Zero-TPrune): weighted page rank over the attention graph, importance- and
+similarity-based pruning, used through ``zero_tprune_importance`` /
+``zero_tprune_similarity``.
 """
 
 from effformer.reducers.tome import (
@@ -16,9 +20,31 @@ from effformer.reducers.tome import (
     size_weighted_mean,
     unmerge_tokens,
 )
+from effformer.reducers.zero_tprune import (
+    aggregate_heads,
+    gather_tokens,
+    importance_stage,
+    max_similarity_pruned,
+    prune_schedule,
+    similarity_stage,
+    token_importance,
+    weighted_page_rank,
+    wpr_iterations,
+    zero_tprune,
+)
 
 __all__ = [
     "SizeWeightedSeqPool",
+    "aggregate_heads",
+    "gather_tokens",
+    "importance_stage",
+    "max_similarity_pruned",
+    "prune_schedule",
+    "similarity_stage",
+    "token_importance",
+    "weighted_page_rank",
+    "wpr_iterations",
+    "zero_tprune",
     "bipartite_soft_matching",
     "compose_token_map",
     "max_merges",
