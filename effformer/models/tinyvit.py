@@ -487,14 +487,16 @@ class TinyViT(nn.Module):
 
 # ---------------------------------------------------------------------------- variants
 
+# Test-sized: two stages at 8x8 (the digits' size): stem -> 2x2 -> merge -> 1x1, padded to
+# the 2x2 window. Few distinct parameter shapes, so that an unjitted init compiles little.
 _TINY = dict(
-    image_size=32,
-    embed_dims=(8, 16, 16, 16),
-    depths=(1, 1, 1, 1),
-    num_heads=(1, 2, 2, 2),
-    window_sizes=(1, 3, 2, 2),  # stage grids 8, 4, 2, 1: stages 2 and 4 pad
+    image_size=8,
+    embed_dims=(8, 8),
+    depths=(1, 1),
+    num_heads=(1, 2),
+    window_sizes=(1, 2),
     mlp_ratio=1.0,
-    mbconv_expand_ratio=2.0,
+    mbconv_expand_ratio=1.0,
 )
 
 

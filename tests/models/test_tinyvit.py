@@ -4,8 +4,8 @@ import itertools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from effformer import models
@@ -142,23 +142,16 @@ def _window_attention_reference(params, x, num_heads, window):
 
 
 def _random_params(module, x, seed=0):
-    params = module.init(jax.random.PRNGKey(seed), x)["params"]
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-    # Every parameter random (biases and norm affine included), so none can be ignored.
-    noisy = [
-        leaf + jax.random.normal(k, leaf.shape, x.dtype)
-        for k, leaf in zip(keys, leaves, strict=True)
-    ]
-    return jax.tree.unflatten(tree, noisy)
+    # Every parameter random (biases, norm affine and attention biases included), so none
+    # can be ignored; drawn with numpy from the parameter shapes (no init to compile).
+    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), x)["params"]
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape), x.dtype), shapes)
 
 
-@pytest.mark.parametrize(
-    "height, width, window",
-    [(2, 4, 2), (3, 5, 3)],  # multiples of the window; padding on both sides
-)
-def test_window_attention_matches_loop_reference(x64, height, width, window):
-    num_heads, channels = 2, 8
+def test_window_attention_matches_loop_reference(x64):
+    # A 3x3 grid in 2x2 windows: padded at the bottom and the right to 4x4 (four windows).
+    height, width, window, num_heads, channels = 3, 3, 2, 2, 8
     x = jax.random.normal(jax.random.PRNGKey(2), (1, height, width, channels), jnp.float64)
     module = WindowAttention(num_heads, window)
     params = _random_params(module, x)
@@ -166,7 +159,9 @@ def test_window_attention_matches_loop_reference(x64, height, width, window):
 
     fast = lambda p, x: module.apply({"params": p}, x)
     slow = lambda p, x: _window_attention_reference(p, x, num_heads, window)
-    np.testing.assert_allclose(fast(params, x), slow(params, x), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(
+        jax.jit(fast)(params, x), jax.jit(slow)(params, x), rtol=1e-10, atol=1e-10
+    )
 
     def grads(fn):
         return jax.jit(jax.grad(lambda p, x: jnp.sum(fn(p, x) * weights), argnums=(0, 1)))(
@@ -193,10 +188,10 @@ def test_relative_bias_is_shared_across_windows_and_depends_only_on_offsets():
     x = jax.random.normal(jax.random.PRNGKey(0), (1, 2, 4, 4))  # two windows side by side
     module = WindowAttention(num_heads, window)
     params = _random_params(module, x)
-    out = module.apply({"params": params}, x)
     # Same weights and bias in every window: swapping the windows' contents swaps the outputs.
     swapped = jnp.concatenate([x[:, :, 2:], x[:, :, :2]], axis=2)
-    out_swapped = module.apply({"params": params}, swapped)
+    both = jax.jit(module.apply)({"params": params}, jnp.concatenate([x, swapped]))
+    out, out_swapped = both[:1], both[1:]
     np.testing.assert_allclose(out_swapped[:, :, :2], out[:, :, 2:], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out_swapped[:, :, 2:], out[:, :, :2], rtol=1e-5, atol=1e-6)
     # The dense table holds window**2 distinct values per head, one per (|dy|, |dx|).
@@ -212,18 +207,27 @@ def test_relative_bias_is_shared_across_windows_and_depends_only_on_offsets():
 
 
 def _tiny_model(**overrides) -> TinyViT:
-    return models.create("tinyvit_5m", tiny=True, num_classes=10, **overrides)
+    """Four narrow stages at 32x32: grids 8, 4, 2, 1; stage 2 pads 4 -> 6, stage 4 1 -> 2."""
+    four_stages = dict(
+        image_size=32,
+        embed_dims=(8, 16, 16, 16),
+        depths=(1, 1, 1, 1),
+        num_heads=(1, 2, 2, 2),
+        window_sizes=(1, 3, 2, 2),
+    )
+    return models.create("tinyvit_5m", num_classes=10, **{**four_stages, **overrides})
 
 
 def test_output_and_stage_shapes():
     model = _tiny_model()
-    inputs = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
-    variables = model.init(jax.random.PRNGKey(1), inputs)
-    logits, state = model.apply(
-        variables,
-        inputs,
-        capture_intermediates=lambda module, _: isinstance(module, MBConv | TinyViTBlock),
-    )
+    inputs = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+
+    def forward(inputs):
+        variables = model.init(jax.random.PRNGKey(1), inputs)
+        is_block = lambda module, _: isinstance(module, MBConv | TinyViTBlock)
+        return model.apply(variables, inputs, capture_intermediates=is_block)
+
+    logits, state = jax.eval_shape(forward, inputs)
     assert logits.shape == (2, 10) and logits.dtype == jnp.float32
     blocks = state["intermediates"]
     shapes = [blocks[f"stage_{s}_block_0"]["__call__"][0].shape for s in range(4)]
@@ -231,51 +235,58 @@ def test_output_and_stage_shapes():
     assert shapes == [(2, 8, 8, 8), (2, 4, 4, 16), (2, 2, 2, 16), (2, 1, 1, 16)]
 
 
-def test_mbconv_starts_as_gelu_of_its_input():
-    # The projection's norm scale starts at zero (the original's bn_weight_init=0).
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 8))
-    block = MBConv(expand_ratio=2.0)
-    variables = block.init(jax.random.PRNGKey(1), x)
-    expected = jax.nn.gelu(x, approximate=False)
-    np.testing.assert_allclose(block.apply(variables, x), expected, rtol=1e-6, atol=1e-6)
-
-
-def test_drop_path_is_random_in_training_and_off_in_evaluation():
-    model = _tiny_model(drop_path_rate=0.5)
-    inputs = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3))
-    variables = model.init(jax.random.PRNGKey(1), inputs)
-    train = lambda seed: model.apply(
-        variables, inputs, train=True, rngs={"dropout": jax.random.PRNGKey(seed)}
-    )
-    assert not np.allclose(train(0), train(1))
-    np.testing.assert_array_equal(model.apply(variables, inputs), model.apply(variables, inputs))
-    no_drop = model.apply(variables, inputs, train=True, drop_path_rate=0.0)
-    np.testing.assert_allclose(no_drop, model.apply(variables, inputs), rtol=1e-6, atol=1e-6)
-
-
-def test_tiny_model_trains_on_digits(tmp_path):
-    from effformer.train import default_config, train_and_evaluate
+def test_tiny_model_trains_one_step_on_digits():
+    # The trainer's experiment (registry, image_classification task, optimizer) and input
+    # pipeline, one step of the task's loss; the trainer's loop is tested in tests/train.
+    from effformer.data import create_input_pipeline
+    from effformer.train import default_config
+    from effformer.train.experiment import build_experiment
 
     config = default_config()
     config.model.name = "tinyvit_5m"
-    config.model.tiny = True
-    # Digits are 8x8: two stages (stem -> 2x2 -> 1x1, the last padded to a 2x2 window).
-    config.model.kwargs = ml_collections.ConfigDict(
-        dict(embed_dims=(8, 16), depths=(1, 1), num_heads=(1, 2), window_sizes=(1, 2))
-    )
+    config.model.tiny = True  # 8x8, two stages: stem -> 2x2 -> 1x1 padded to a 2x2 window
     config.data.name = "digits"
     config.task.name = "image_classification"
-    config.num_train_steps = 3
-    config.global_batch_size = 32
-    config.eval_batch_size = 360
+    config.num_train_steps = 1
+    config.global_batch_size = 16
     config.mesh.num_devices = 1
-    config.progress_bar = False
-    losses = {}
-    result = train_and_evaluate(
-        config, tmp_path, on_step=lambda step, m: losses.update({step: float(m["loss"])})
+    exp = build_experiment(config)
+    model, task = exp.model, exp.task
+    assert (model.image_size, model.num_channels, model.num_classes) == (8, 1, 10)
+    pipeline = create_input_pipeline(
+        config.data, split=exp.info.train_split, global_batch_size=16, train=True, seed=0
     )
-    assert losses and all(np.isfinite(list(losses.values())))
-    assert np.isfinite(result["eval"]["loss"])
+    batch = next(iter(pipeline))
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), **model.dummy_inputs(1))["params"]
+    # MBConv's projection norm starts at zero (the original's bn_weight_init=0).
+    np.testing.assert_array_equal(params["stage_0_block_0"]["project"]["scale"], 0.0)
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        def loss_fn(params):
+            prepared = task.prepare_batch(batch, jax.random.PRNGKey(1), train=True)
+            logits = model.apply({"params": params}, **task.model_inputs(prepared), train=True)
+            loss_sum, count, _ = task.loss_and_metrics(logits, prepared)
+            return loss_sum / count
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = exp.tx.update(grads, opt_state, params)
+        return loss, optax.apply_updates(params, updates)
+
+    loss, new_params = step(params, exp.tx.init(params), batch)
+    assert np.isfinite(float(loss))
+    changed = jax.tree_util.tree_flatten_with_path(
+        jax.tree.map(lambda a, b: bool(np.any(a != b)), params, new_params)
+    )[0]
+    unchanged = {jax.tree_util.keystr(path) for path, moved in changed if not moved}
+    # Only what lies behind the zero scale gets no gradient at the first step: MBConv's
+    # expansion and depthwise conv, and the projection's conv kernel.
+    behind_zero = {
+        f"['stage_0_block_0']['{layer}']{leaf}"
+        for layer in ("expand", "depthwise")
+        for leaf in ("['bias']", "['scale']", "['conv']['kernel']")
+    } | {"['stage_0_block_0']['project']['conv']['kernel']"}
+    assert unchanged == behind_zero
 
 
 # ---------------------------------------------------------------- errors
