@@ -2,7 +2,8 @@
 
 The device count must be set before JAX initialises its backend, hence at
 import time here. float64 is switched on only inside tests that ask for the
-``x64`` fixture, so every other test runs with the dtypes users get. A
+``x64`` fixture (``global_x64`` where other threads must see it: TPU interpret
+mode), so every other test runs with the dtypes users get. A
 per-session persistent compilation cache lets tests that build the same
 program (the same tiny model in several tests) share one compilation.
 
