@@ -40,13 +40,14 @@ layer at a hidden width ``m`` no larger than ``ffn_hidden_dim``. ``ffn_widths``
 (:func:`resolve_ffn_widths`) is None (full width), one width for every layer,
 or one per layer (Mix'n'Match); a width is an int number of hidden units or a
 float fraction of ``ffn_hidden_dim``. :func:`mix_n_match_widths` picks
-per-layer widths for a budget with the paper's heuristic.
+per-layer widths for a budget with the paper's heuristic. Both live in
+:mod:`effformer.nn.ffn_widths`, shared with the vision models, and are
+re-exported here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -58,15 +59,16 @@ from effformer.mixers import MIXERS, CrossAttention, MultiHeadAttention
 from effformer.mixers.mamba import MambaMixer
 from effformer.nn.droppath import DropPath
 from effformer.nn.ffn import make_ffn
+from effformer.nn.ffn_widths import FfnWidth as FfnWidth
+from effformer.nn.ffn_widths import FfnWidths as FfnWidths
+from effformer.nn.ffn_widths import mix_n_match_widths as mix_n_match_widths
+from effformer.nn.ffn_widths import resolve_ffn_widths as resolve_ffn_widths
 from effformer.nn.norms import make_norm
 from effformer.nn.position import PositionEncoding, make_position_encoding
 from effformer.ops.masks import AttentionMask
 
 Array = jax.Array
 Dtype = Any
-# A call's FFN widths: None, one width for every layer, or one per layer (see resolve_ffn_widths).
-FfnWidth = int | float
-FfnWidths = FfnWidth | Sequence[FfnWidth] | None
 
 ATTENTION_SPECS = ("global", "local", "block")
 # Spec kinds with a size after a colon: the size's meaning, for error messages.
@@ -155,106 +157,6 @@ def expand_layer_pattern(
             )
         specs[layer] = parse_layer_spec(spec)
     return tuple(specs)
-
-
-def _resolve_ffn_width(where: str, width: Any, ffn_hidden_dim: int) -> int:
-    """One width -> hidden units: an int in [1, ffn_hidden_dim], or a float fraction in (0, 1]."""
-    expected = (
-        f"an int in [1, ffn_hidden_dim={ffn_hidden_dim}] (hidden units) or a float in (0, 1] "
-        f"(a fraction of ffn_hidden_dim) whose product with {ffn_hidden_dim} is a whole number"
-    )
-    # bool is an int subclass, but True is surely not meant as "1 hidden unit".
-    if isinstance(width, bool) or not isinstance(width, numbers.Real):
-        raise ValueError(
-            f"{where} must be {expected}; got {width!r} of type {type(width).__name__} (widths "
-            "set shapes, so they are Python numbers, not arrays)."
-        )
-    if isinstance(width, numbers.Integral):
-        units = int(width)
-    else:
-        scaled = float(width) * ffn_hidden_dim
-        units = round(scaled)
-        if not 0.0 < float(width) <= 1.0 or abs(scaled - units) > 1e-6:
-            raise ValueError(f"{where} must be {expected}; got {width!r}.")
-    if not 1 <= units <= ffn_hidden_dim:
-        raise ValueError(f"{where} must be {expected}; got {width!r}.")
-    return units
-
-
-def resolve_ffn_widths(
-    ffn_widths: FfnWidths, num_layers: int, ffn_hidden_dim: int
-) -> tuple[int | None, ...]:
-    """One FFN hidden width per layer from a call's ``ffn_widths`` (None: the full width).
-
-    ffn_widths: None (every layer at full width: the FFNs run exactly as without
-    this argument); one width for every layer; or a sequence of ``num_layers``
-    widths, layer 0 first (Mix'n'Match). A width is an int number of hidden
-    units in ``[1, ffn_hidden_dim]`` or a float fraction in ``(0, 1]`` of
-    ``ffn_hidden_dim`` that gives a whole number of units (``0.25`` of 256 is 64).
-    Raises ValueError naming the bad entry otherwise.
-    """
-    if ffn_widths is None:
-        return (None,) * num_layers
-    if isinstance(ffn_widths, Sequence) and not isinstance(ffn_widths, str):
-        if len(ffn_widths) != num_layers:
-            raise ValueError(
-                f"ffn_widths: a sequence gives one width per layer, so it needs num_layers="
-                f"{num_layers} entries, got {len(ffn_widths)} ({tuple(ffn_widths)!r}); give one "
-                "number for the same width in every layer."
-            )
-        return tuple(
-            _resolve_ffn_width(f"ffn_widths[{index}]", width, ffn_hidden_dim)
-            for index, width in enumerate(ffn_widths)
-        )
-    return (_resolve_ffn_width("ffn_widths", ffn_widths, ffn_hidden_dim),) * num_layers
-
-
-def mix_n_match_widths(
-    granularities: Sequence[int], num_layers: int, budget: int
-) -> tuple[int, ...]:
-    """Per-layer FFN widths within ``budget`` by MatFormer's Mix'n'Match heuristic.
-
-    The paper extracts sub-models between its trained granularities by giving
-    layers different widths, and finds best those whose granularity changes
-    least across layers and does not decrease with depth. With trained widths
-    ``g_1 < ... < g_k`` this returns widths that use two neighbouring
-    granularities ``g_i < g_(i+1)``: the first layers at ``g_i`` and the last
-    ``n`` at ``g_(i+1)``, ``n`` as large as the budget allows.
-
-    budget: the sum of the layers' FFN hidden widths (an FFN's parameters and
-    its FLOPs per token are proportional to its hidden width), at least
-    ``num_layers * g_1``; a budget of ``num_layers * g_k`` or more gives the
-    full model. Returns ``num_layers`` non-decreasing widths whose sum is at
-    most ``budget`` and above ``budget - (g_(i+1) - g_i)``.
-    """
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(
-            f"mix_n_match_widths: num_layers must be a positive int, got {num_layers!r}."
-        )
-    sizes = sorted(set(granularities))
-    if not sizes or any(
-        isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1
-        for size in sizes
-    ):
-        raise ValueError(
-            "mix_n_match_widths: granularities must be one or more positive int widths, got "
-            f"{tuple(granularities)!r}."
-        )
-    smallest = num_layers * sizes[0]
-    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < smallest:
-        raise ValueError(
-            f"mix_n_match_widths: budget must be an int >= num_layers * smallest granularity = "
-            f"{num_layers} * {sizes[0]} = {smallest} (the sum of the layers' widths), got "
-            f"{budget!r}."
-        )
-    if budget >= num_layers * sizes[-1]:
-        return (int(sizes[-1]),) * num_layers
-    # The largest granularity that fits in every layer, then its next size up in as many
-    # of the last layers as the rest of the budget pays for.
-    lower = max(index for index, size in enumerate(sizes) if num_layers * size <= budget)
-    small, large = int(sizes[lower]), int(sizes[lower + 1])
-    num_large = (budget - num_layers * small) // (large - small)
-    return (small,) * (num_layers - num_large) + (large,) * num_large
 
 
 def block_segment_ids(positions: Array, block_size: int, segment_ids: Array | None = None) -> Array:

@@ -34,6 +34,15 @@ are dropped per block, at the same place, by that block's attention graph
 (weighted page rank) and key similarity; the class token is never pruned and
 the pooling runs over the kept tokens. Not together with ``tome_r``.
 
+MatFormer's nested FFNs (Devvrit et al., 2023; scenic's MatViT) are call
+arguments, as in the language models and with the same resolver
+(:mod:`effformer.nn.ffn_widths`): ``ffn_widths`` runs block i's MLP at the
+first ``widths[i]`` of its ``ffn_hidden_dim`` hidden units (one number for
+every block, or one per block; an int of units or a float fraction), and
+``ffn_granularities`` runs the encoder once per ``ffn_widths`` value and
+stacks the logits, which the image classification tasks sum losses over
+(``config.task.matformer_widths``). Without them the model is the same program.
+
 A model is built for one input size (``image_size``, ``num_channels``); a
 learned table trained at one size is carried to another by
 :func:`interpolate_position_embedding` (CCT-14/7x2 224 -> 384 fine-tuning).
@@ -44,6 +53,7 @@ The named variants (and their parameter counts) are in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -51,6 +61,7 @@ import jax
 import jax.numpy as jnp
 
 from effformer.nn.block import ResidualBlock
+from effformer.nn.ffn_widths import FfnWidths, granularity_runs, resolve_ffn_widths
 from effformer.nn.norms import LayerNorm
 from effformer.nn.pooling import ClassToken, SeqPool, mean_pool
 from effformer.nn.position import LearnedPositionEmbedding, SinusoidalPositionEncoding
@@ -318,17 +329,63 @@ class VisionTransformer(nn.Module):
             return SinusoidalPositionEncoding(interleaved=True).embed(x, positions)
         return x
 
+    @property
+    def ffn_hidden_dim(self) -> int:
+        """Every block's FFN width, ``int(embed_dim * mlp_ratio)``."""
+        return int(self.embed_dim * self.mlp_ratio)
+
+    def _block(self, index: int) -> ResidualBlock:
+        return ResidualBlock(
+            mixer="attention",
+            mixer_kwargs=dict(
+                num_heads=self.num_heads,
+                qkv_bias=self.qkv_bias,
+                out_bias=True,
+                attention_dropout_rate=self.attention_dropout_rate,
+                implementation=self.attention_implementation,
+                dtype=self.dtype,
+            ),
+            ffn="gelu",
+            ffn_hidden_dim=self.ffn_hidden_dim,
+            ffn_kwargs=dict(dropout_rate=self.dropout_rate, dtype=self.dtype),
+            norm_epsilon=self.norm_epsilon,
+            ordering=self.block_ordering,
+            dropout_rate=self.dropout_rate,
+            dtype=self.dtype,
+            name=f"block_{index}",
+        )
+
     @nn.compact
     def __call__(
-        self, inputs: Array, *, train: bool = False, drop_path_rate: float | Array | None = None
+        self,
+        inputs: Array,
+        *,
+        train: bool = False,
+        drop_path_rate: float | Array | None = None,
+        ffn_widths: FfnWidths = None,
+        ffn_granularities: Sequence[FfnWidths] | None = None,
     ) -> Array:
         """inputs [B, H, W, C] -> logits [B, num_classes] (float32 unless ``dtype`` says otherwise).
 
         ``drop_path_rate`` (a trainer schedule) replaces the attribute as the
         last block's stochastic-depth rate.
+
+        MatFormer (see the module docstring): ``ffn_widths`` is every block's
+        FFN hidden width, one number or one per block (None: full width, the
+        same program as without the argument). ``ffn_granularities``: G
+        ``ffn_widths`` values; the encoder, norm, pooling and head run once at
+        each on the same tokens (the tokenizer, position embedding and its
+        dropout run once) and the logits come stacked, [G, B, num_classes].
         """
         self.check_config()
         self._check_inputs(inputs)
+        runs = granularity_runs(
+            type(self).__name__,
+            ffn_widths,
+            ffn_granularities,
+            self.num_layers,
+            self.ffn_hidden_dim,
+        )
         deterministic = not train
         x = self._tokenize(inputs)
         if self.pooling == "class_token":
@@ -336,6 +393,46 @@ class VisionTransformer(nn.Module):
         x = self._embed_positions(x)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
 
+        blocks = [self._block(i) for i in range(self.num_layers)]
+        final_norm = LayerNorm(self.norm_epsilon, dtype=self.dtype, name="final_norm")
+        head = nn.Dense(
+            self.num_classes, kernel_init=truncated_normal_002, dtype=self.dtype, name="head"
+        )
+        if self.pooling == "seq_pool":
+            merging = any(self.tome_schedule)
+            seq_pool = (SizeWeightedSeqPool if merging else SeqPool)(
+                dtype=self.dtype, name="seq_pool"
+            )
+        else:
+            seq_pool = None
+        max_rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
+        outputs = [
+            head(
+                self._encode(
+                    x,
+                    blocks,
+                    final_norm,
+                    seq_pool,
+                    resolve_ffn_widths(widths, self.num_layers, self.ffn_hidden_dim),
+                    deterministic,
+                    max_rate,
+                )
+            )
+            for widths in runs
+        ]
+        return outputs[0] if ffn_granularities is None else jnp.stack(outputs)
+
+    def _encode(
+        self,
+        x: Array,
+        blocks: list[ResidualBlock],
+        final_norm: LayerNorm,
+        seq_pool: nn.Module | None,
+        widths: tuple[int | None, ...],
+        deterministic: bool,
+        max_rate: float | Array,
+    ) -> Array:
+        """Embedded tokens [B, N, D] -> pooled features [B, D] with block i's FFN at widths[i]."""
         schedule = self.tome_schedule
         merging = any(schedule)
         if merging:
@@ -348,30 +445,10 @@ class VisionTransformer(nn.Module):
         if pruning:
             kept = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
 
-        max_rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
-        for i in range(self.num_layers):
+        for i, block in enumerate(blocks):
             # torch.linspace(0, rate, L): block i drops with rate * i / (L - 1).
             fraction = i / (self.num_layers - 1) if self.num_layers > 1 else 0.0
             block_rate = max_rate * fraction
-            block = ResidualBlock(
-                mixer="attention",
-                mixer_kwargs=dict(
-                    num_heads=self.num_heads,
-                    qkv_bias=self.qkv_bias,
-                    out_bias=True,
-                    attention_dropout_rate=self.attention_dropout_rate,
-                    implementation=self.attention_implementation,
-                    dtype=self.dtype,
-                ),
-                ffn="gelu",
-                ffn_hidden_dim=int(self.embed_dim * self.mlp_ratio),
-                ffn_kwargs=dict(dropout_rate=self.dropout_rate, dtype=self.dtype),
-                norm_epsilon=self.norm_epsilon,
-                ordering=self.block_ordering,
-                dropout_rate=self.dropout_rate,
-                dtype=self.dtype,
-                name=f"block_{i}",
-            )
             # A Python 0.0 rate skips DropPath entirely (block 0, or no stochastic depth).
             if pruning and any(pruning_schedule[i]):
                 iterations = self.zero_tprune_iterations or wpr_iterations(i, self.num_layers)
@@ -383,11 +460,14 @@ class VisionTransformer(nn.Module):
                     prune_similarity=pruning_schedule[i][1],
                     wpr_iterations=iterations,
                     num_protected=self.num_prefix_tokens,
+                    ffn_width=widths[i],
                 )
                 kept = gather_tokens(kept, keep)
                 continue
             if not merging:
-                x = block(x, deterministic=deterministic, drop_path_rate=block_rate)
+                x = block(
+                    x, deterministic=deterministic, drop_path_rate=block_rate, ffn_width=widths[i]
+                )
                 continue
             x, sizes, destination = block(
                 x,
@@ -398,10 +478,12 @@ class VisionTransformer(nn.Module):
                 num_protected=self.num_prefix_tokens,
                 # Before the first merge every size is 1 and log(1) = 0: no bias needed.
                 proportional_attention=self.tome_proportional_attention and merged_before,
+                ffn_width=widths[i],
             )
             token_map = compose_token_map(token_map, destination)
             merged_before = merged_before or schedule[i] > 0
-        x = LayerNorm(self.norm_epsilon, dtype=self.dtype, name="final_norm")(x)
+        x = final_norm(x)
+        # With several granularities each run sows its own entry, in order.
         if pruning:
             self.sow("intermediates", "zero_tprune_kept", kept)
         if merging:
@@ -410,21 +492,10 @@ class VisionTransformer(nn.Module):
 
         # Pooling over merged tokens weighs each by its size; the class token is never merged.
         if self.pooling == "class_token":
-            pooled = x[:, 0]
-        elif self.pooling == "seq_pool" and merging:
-            pooled = SizeWeightedSeqPool(dtype=self.dtype, name="seq_pool")(x, sizes)
-        elif self.pooling == "seq_pool":
-            pooled = SeqPool(dtype=self.dtype, name="seq_pool")(x)
-        elif merging:
-            pooled = size_weighted_mean(x, sizes)
-        else:
-            pooled = mean_pool(x)
-        return nn.Dense(
-            self.num_classes,
-            kernel_init=truncated_normal_002,
-            dtype=self.dtype,
-            name="head",
-        )(pooled)
+            return x[:, 0]
+        if self.pooling == "seq_pool":
+            return seq_pool(x, sizes) if merging else seq_pool(x)
+        return size_weighted_mean(x, sizes) if merging else mean_pool(x)
 
 
 def interpolate_position_embedding(

@@ -93,8 +93,13 @@ class ResidualBlock(nn.Module):
         prune_importance: int = 0,
         prune_similarity: int = 0,
         wpr_iterations: int = DEFAULT_ITERATIONS,
+        ffn_width: int | None = None,
     ) -> Array | tuple[Array, Array] | tuple[Array, Array, Array]:
         """x: [B, L, D] -> [B, L, D]; mask / positions / decode go to the mixer.
+
+        ``ffn_width`` (MatFormer): the FFN's hidden width for this call, its
+        ``hidden_width`` (the first ``ffn_width`` hidden units); None: the FFN
+        is called exactly as without the argument (full width).
 
         Token merging (ToMe, :mod:`effformer.reducers.tome`) is on when
         ``token_sizes [B, L]`` (how many original tokens each token stands
@@ -192,7 +197,10 @@ class ResidualBlock(nn.Module):
             y, sizes = merge_tokens(y, token_sizes, destination, y.shape[1] - merge_r)
             return y
 
-        channel = lambda y: ffn(y, deterministic=deterministic)
+        if ffn_width is None:  # exactly the call of an FFN without nested widths
+            channel = lambda y: ffn(y, deterministic=deterministic)
+        else:
+            channel = lambda y: ffn(y, deterministic=deterministic, hidden_width=ffn_width)
         if self.ordering == "pre_norm":
             x = merge(x + drop(mix(norm1(x))))
             out = x + drop(channel(norm2(x)))
