@@ -11,8 +11,11 @@ Metrics are ``name -> (sum, weight)``; the reported value is sum / weight.
 To add a task: subclass :class:`Task`, decorate it with :func:`register_task`.
 
 MatFormer (Devvrit et al., 2023): the language-model tasks (``causal_lm``,
-``masked_lm``, ``seq2seq``) train over FFN granularities when
-``config.matformer_widths`` names them (:func:`matformer_granularities`). The
+``masked_lm``, ``seq2seq``) and the classification tasks
+(``image_classification``, ``sequence_classification``, ``distillation``;
+MatViT for the vision models) train over FFN granularities when
+``config.matformer_widths`` names them (:func:`matformer_granularities`,
+:class:`MatFormerTask`). The
 model then runs once per granularity on the same batch (its
 ``ffn_granularities`` argument) and the loss is the SUM of the granularities'
 losses: the paper's joint objective with equal weights, and what scenic's
@@ -22,8 +25,8 @@ meaning of gradient clipping and of the reported ``loss`` would differ from
 the paper's. Metrics are reported per granularity (``ffn_<width>/loss``,
 ``ffn_<width>/accuracy``) beside the summed ``loss``. :func:`evaluate_ffn_widths`
 evaluates a trained model at any widths (Mix'n'Match sub-models). The model
-must take ``ffn_granularities`` (``TransformerLM``, ``EncoderDecoderLM``; not
-``mamba_lm``), and code that reads one output from ``model_inputs`` (such as
+must take ``ffn_granularities`` (``TransformerLM``, ``EncoderDecoderLM``,
+``VisionTransformer``; not ``mamba_lm`` nor the other image models), and code that reads one output from ``model_inputs`` (such as
 ``effformer.train.sequence_eval``) needs the option off.
 """
 
@@ -102,12 +105,66 @@ def smoothed_one_hot(labels: Array, num_classes: int, label_smoothing: float) ->
     return one_hot * (1.0 - label_smoothing) + label_smoothing / num_classes
 
 
+class MatFormerTask(Task):
+    """Base of the tasks that train over MatFormer granularities (module docstring).
+
+    Subclasses define :meth:`base_inputs` and :meth:`output_loss` for one model
+    output; this class runs them once per granularity when
+    ``config.matformer_widths`` is set: the model gets ``ffn_granularities``,
+    returns its outputs stacked [G, ...], and the loss is the sum of the
+    granularities' losses on the same batch, with metrics per granularity.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, dataset_info: Any):
+        super().__init__(config, dataset_info)
+        self.granularities = matformer_granularities(config)
+
+    def base_inputs(self, batch: Batch) -> dict[str, Array]:
+        """The model's arguments for one output."""
+        raise NotImplementedError
+
+    def output_loss(self, outputs: Array, batch: Batch) -> tuple[Array, Array, Metrics]:
+        """(loss sum, loss weight, metrics) of one model output."""
+        raise NotImplementedError
+
+    def model_inputs(self, batch: Batch) -> dict[str, Any]:
+        inputs: dict[str, Any] = self.base_inputs(batch)
+        if self.granularities:
+            inputs["ffn_granularities"] = self.granularities
+        return inputs
+
+    def loss_and_metrics(self, outputs: Array, batch: Batch) -> tuple[Array, Array, Metrics]:
+        """With granularities, outputs are [G, ...] and the loss is the sum of their losses."""
+        if not self.granularities:
+            return self.output_loss(outputs, batch)
+        if outputs.shape[0] != len(self.granularities):
+            raise ValueError(
+                f"Task {self.name!r}: with {len(self.granularities)} matformer_widths the model "
+                f"output must be stacked over them, [G={len(self.granularities)}, ...], got "
+                f"shape {tuple(outputs.shape)}."
+            )
+        total = jnp.zeros((), jnp.float32)
+        metrics: Metrics = {}
+        for granularity, output in zip(self.granularities, outputs, strict=True):
+            # The weight is the same at every granularity: the same batch is scored.
+            loss_sum, weight, granularity_metrics = self.output_loss(output, batch)
+            total = total + loss_sum
+            label = granularity_label(granularity)
+            metrics.update(
+                {f"{label}/{name}": value for name, value in granularity_metrics.items()}
+            )
+        metrics["loss"] = (total, weight)
+        return total, weight, metrics
+
+
 @register_task
-class ClassificationTask(Task):
+class ClassificationTask(MatFormerTask):
     """Image or sequence classification: logits [b, classes] against integer labels [b].
 
     Training targets use label smoothing and, when configured, Mixup/CutMix
-    (image inputs only); evaluation uses the plain labels.
+    (image inputs only); evaluation uses the plain labels. Over MatFormer
+    granularities (:class:`MatFormerTask`) every granularity sees the same
+    mixed batch and targets.
     """
 
     name = "image_classification"
@@ -149,7 +206,10 @@ class ClassificationTask(Task):
             batch.update(inputs=inputs, targets=targets)
         return batch
 
-    def loss_and_metrics(self, outputs: Array, batch: Batch) -> tuple[Array, Array, Metrics]:
+    def base_inputs(self, batch: Batch) -> dict[str, Array]:
+        return {"inputs": batch["inputs"]}
+
+    def output_loss(self, outputs: Array, batch: Batch) -> tuple[Array, Array, Metrics]:
         logits = outputs.astype(jnp.float32)
         weights = _example_weights(batch, logits.shape[0])
         losses = optax.softmax_cross_entropy(logits, batch["targets"])
@@ -188,7 +248,7 @@ class DistillationTask(ClassificationTask):
     def _mixing(self) -> bool:
         return False  # Mixed inputs would no longer match the stored teacher logits.
 
-    def loss_and_metrics(self, outputs: Array, batch: Batch) -> tuple[Array, Array, Metrics]:
+    def output_loss(self, outputs: Array, batch: Batch) -> tuple[Array, Array, Metrics]:
         logits = outputs.astype(jnp.float32)
         temperature = float(self.config.distill_temperature)
         weight = float(self.config.distill_weight)
@@ -287,64 +347,22 @@ def matformer_granularities(config: ml_collections.ConfigDict) -> tuple[Any, ...
     return granularities
 
 
-class LanguageModelTask(Task):
+class LanguageModelTask(MatFormerTask):
     """Base of the token-level tasks: the vocabulary from the data, MatFormer granularities.
 
-    Subclasses define :meth:`lm_inputs` and :meth:`lm_loss` for one model
-    output; this class runs them once per granularity when
-    ``config.matformer_widths`` is set (module docstring).
+    Subclasses define :meth:`base_inputs` and :meth:`output_loss` for one
+    model output (:class:`MatFormerTask`).
     """
-
-    def __init__(self, config: ml_collections.ConfigDict, dataset_info: Any):
-        super().__init__(config, dataset_info)
-        self.granularities = matformer_granularities(config)
 
     def model_overrides(self) -> dict[str, Any]:
         vocab = getattr(self.info, "vocab_size", None)
         return {"vocab_size": vocab} if vocab else {}
 
-    def lm_inputs(self, batch: Batch) -> dict[str, Array]:
-        """The model's arguments for one output."""
-        raise NotImplementedError
-
-    def lm_loss(self, outputs: Array, batch: Batch) -> tuple[Array, Array, Metrics]:
-        """(loss sum, loss weight, metrics) of one model output."""
-        raise NotImplementedError
-
-    def model_inputs(self, batch: Batch) -> dict[str, Any]:
-        inputs: dict[str, Any] = self.lm_inputs(batch)
-        if self.granularities:
-            inputs["ffn_granularities"] = self.granularities
-        return inputs
-
-    def loss_and_metrics(self, outputs: Array, batch: Batch) -> tuple[Array, Array, Metrics]:
-        """With granularities, outputs are [G, ...] and the loss is the sum of their losses."""
-        if not self.granularities:
-            return self.lm_loss(outputs, batch)
-        if outputs.shape[0] != len(self.granularities):
-            raise ValueError(
-                f"Task {self.name!r}: with {len(self.granularities)} matformer_widths the model "
-                f"output must be stacked over them, [G={len(self.granularities)}, ...], got "
-                f"shape {tuple(outputs.shape)}."
-            )
-        total = jnp.zeros((), jnp.float32)
-        metrics: Metrics = {}
-        for granularity, output in zip(self.granularities, outputs, strict=True):
-            # The weight is the same at every granularity: the same batch is scored.
-            loss_sum, weight, granularity_metrics = self.lm_loss(output, batch)
-            total = total + loss_sum
-            label = granularity_label(granularity)
-            metrics.update(
-                {f"{label}/{name}": value for name, value in granularity_metrics.items()}
-            )
-        metrics["loss"] = (total, weight)
-        return total, weight, metrics
-
 
 def evaluate_ffn_widths(
     exp: Any, params: Any, ffn_widths: Sequence[Any], split: str | None = None
 ) -> dict[str, dict[str, float]]:
-    """Evaluate a trained language model at each of ``ffn_widths`` (MatFormer, Mix'n'Match).
+    """Evaluate a trained model at each of ``ffn_widths`` (MatFormer, Mix'n'Match).
 
     exp: the run's ``Experiment`` (``effformer.train.restore(workdir).experiment``);
     params: its parameters; ffn_widths: the configurations to score, each a
@@ -356,10 +374,10 @@ def evaluate_ffn_widths(
     """
     from effformer.train.evaluate import run_evaluation  # evaluate imports this module
 
-    if not isinstance(exp.task, LanguageModelTask):
-        names = sorted(name for name, cls in TASKS.items() if issubclass(cls, LanguageModelTask))
+    if not isinstance(exp.task, MatFormerTask):
+        names = sorted(name for name, cls in TASKS.items() if issubclass(cls, MatFormerTask))
         raise ValueError(
-            f"evaluate_ffn_widths: the run's task must be a language-model task {names}, got "
+            f"evaluate_ffn_widths: the run's task must be a MatFormer task {names}, got "
             f"{exp.task.name!r}."
         )
     config = ml_collections.ConfigDict(exp.config.task.to_dict())
@@ -392,11 +410,11 @@ class CausalLMTask(LanguageModelTask):
     name = "causal_lm"
     required_keys = ("inputs",)
 
-    def lm_inputs(self, batch: Batch) -> dict[str, Array]:
+    def base_inputs(self, batch: Batch) -> dict[str, Array]:
         # prefix_lengths [b]: a prefix LM attends bidirectionally inside each row's prefix.
         return _sequence_inputs(batch, ("inputs", "segment_ids", "positions", "prefix_lengths"))
 
-    def lm_loss(self, outputs: Array, batch: Batch) -> tuple[Array, Array, Metrics]:
+    def output_loss(self, outputs: Array, batch: Batch) -> tuple[Array, Array, Metrics]:
         if "targets" in batch:
             targets = batch["targets"]
             weights = batch.get("weights", jnp.ones(targets.shape, jnp.float32))
@@ -445,10 +463,10 @@ class MaskedLMTask(LanguageModelTask):
         corrupted = jnp.where(chosen & (kind >= 0.8) & (kind < 0.9), random_tokens, corrupted)
         return dict(batch, inputs=corrupted, targets=tokens, weights=chosen.astype(jnp.float32))
 
-    def lm_inputs(self, batch: Batch) -> dict[str, Array]:
+    def base_inputs(self, batch: Batch) -> dict[str, Array]:
         return _sequence_inputs(batch, ("inputs", "segment_ids", "positions"))
 
-    def lm_loss(self, outputs: Array, batch: Batch) -> tuple[Array, Array, Metrics]:
+    def output_loss(self, outputs: Array, batch: Batch) -> tuple[Array, Array, Metrics]:
         weights = batch["weights"]
         if "mask" in batch:
             weights = weights * batch["mask"][:, None]
@@ -467,13 +485,13 @@ class Seq2SeqTask(LanguageModelTask):
     name = "seq2seq"
     required_keys = ("inputs", "targets")
 
-    def lm_inputs(self, batch: Batch) -> dict[str, Array]:
+    def base_inputs(self, batch: Batch) -> dict[str, Array]:
         targets = batch["targets"]
         bos = jnp.full((targets.shape[0], 1), self.config.get("bos_id", 0), targets.dtype)
         decoder_inputs = jnp.concatenate([bos, targets[:, :-1]], axis=1)
         return {"inputs": batch["inputs"], "decoder_inputs": decoder_inputs}
 
-    def lm_loss(self, outputs: Array, batch: Batch) -> tuple[Array, Array, Metrics]:
+    def output_loss(self, outputs: Array, batch: Batch) -> tuple[Array, Array, Metrics]:
         targets = batch["targets"]
         weights = batch.get("weights", (targets != self.config.get("pad_id", 0))).astype(
             jnp.float32
