@@ -8,6 +8,7 @@ so config errors surface before any compilation.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -70,6 +71,19 @@ def eval_batch_size(config: ml_collections.ConfigDict) -> int:
     return int(config.eval_batch_size or config.global_batch_size)
 
 
+def _check_model_takes_granularities(model: nn.Module, config: ml_collections.ConfigDict) -> None:
+    """MatFormer training (config.task.matformer_widths) needs a model with nested FFN widths."""
+    if not config.task.get("matformer_widths", ()):
+        return
+    if "ffn_granularities" not in inspect.signature(type(model).__call__).parameters:
+        raise ValueError(
+            f"config.task.matformer_widths={tuple(config.task.matformer_widths)!r} needs a model "
+            "with nested FFN widths (an `ffn_granularities` call argument: the language models "
+            f"and the ViT family), got config.model.name={config.model.name!r} "
+            f"({type(model).__name__}); set matformer_widths to () or change the model."
+        )
+
+
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     validate_config(config)
     info = get_dataset_info(config.data)
@@ -86,6 +100,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
 
     overrides = {**config.model.kwargs.to_dict(), **task.model_overrides()}
     model = models.create(config.model.name, tiny=config.model.tiny, **overrides)
+    _check_model_takes_granularities(model, config)
     tx, lr_schedule = create_optimizer(config.optimizer, num_train_steps)
     use_ema = config.ema_decay > 0
 

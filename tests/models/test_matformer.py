@@ -19,6 +19,7 @@ from effformer import models
 from effformer.models.generate import generate
 from effformer.models.lm_layers import mix_n_match_widths, resolve_ffn_widths
 from effformer.train import default_config, validate_config
+from effformer.train.experiment import build_experiment
 from effformer.train.tasks import create_task
 
 HIDDEN = 16
@@ -285,16 +286,18 @@ def test_granularities_are_refused_when_decoding_and_in_the_config():
         _causal_lm_task((2.0,))
     with pytest.raises(ValueError, match="names a granularity twice"):
         _causal_lm_task((0.5, 0.5))
+    # A model without nested FFN widths is refused when the experiment is built.
     config = default_config()
-    config.model.name, config.data.name = "lm_decoder", "digits"
+    config.model.name, config.model.tiny, config.data.name = "mamba_classifier", True, "digits"
     config.task.name, config.global_batch_size, config.num_train_steps = (
         "image_classification",
         8,
         1,
     )
     config.task.matformer_widths = (0.5, 1.0)
-    with pytest.raises(ValueError, match="matformer_widths is for the language-model tasks"):
-        validate_config(config)
+    validate_config(config)  # the widths' form is fine
+    with pytest.raises(ValueError, match="needs a model with nested FFN widths"):
+        build_experiment(config)
 
 
 # ------------------------------------------------------------------------------ Mix'n'Match
