@@ -82,6 +82,7 @@ from effformer.models.lm_layers import (
     segment_positions,
 )
 from effformer.models.registry import register
+from effformer.nn.ffn_widths import granularity_runs
 from effformer.nn.norms import make_norm
 
 Array = jax.Array
@@ -189,41 +190,17 @@ class _LMBase(nn.Module):
         anything runs, with the argument it came from in the message.
         """
         owner = type(self).__name__
-        if ffn_granularities is None:
+        if ffn_granularities is None:  # one run, at the call's widths or the model's
             widths = self.ffn_widths if ffn_widths is None else ffn_widths
-            resolve_ffn_widths(widths, num_layers, self.ffn_hidden_dim)
-            return [widths]
-        if ffn_widths is not None:
-            raise ValueError(
-                f"{owner}: give ffn_widths (one run) or ffn_granularities (one run per "
-                f"granularity), not both; got ffn_widths={ffn_widths!r} and "
-                f"ffn_granularities={ffn_granularities!r}."
-            )
-        if decode:
+            return granularity_runs(owner, widths, None, num_layers, self.ffn_hidden_dim)
+        if decode and ffn_widths is None:
             raise ValueError(
                 f"{owner}: ffn_granularities is for training and evaluation; decode=True keeps "
                 "one KV cache, which belongs to one width (use ffn_widths)."
             )
-        if (
-            not isinstance(ffn_granularities, Sequence)
-            or isinstance(ffn_granularities, str)
-            or not ffn_granularities
-        ):
-            raise ValueError(
-                f"{owner}: ffn_granularities must be a non-empty sequence of ffn_widths values "
-                f"(a width, or one per layer), got {ffn_granularities!r}."
-            )
-        for index, widths in enumerate(ffn_granularities):
-            if widths is None:
-                raise ValueError(
-                    f"{owner}: ffn_granularities[{index}] is None; name the full width "
-                    f"({self.ffn_hidden_dim} or 1.0) so that every granularity is explicit."
-                )
-            try:
-                resolve_ffn_widths(widths, num_layers, self.ffn_hidden_dim)
-            except ValueError as error:
-                raise ValueError(f"{owner}: ffn_granularities[{index}]: {error}") from None
-        return list(ffn_granularities)
+        return granularity_runs(
+            owner, ffn_widths, ffn_granularities, num_layers, self.ffn_hidden_dim
+        )
 
     def _lm_head(self, embedding: nn.Embed) -> Callable[[Array], Array]:
         """hidden states [..., D] -> logits [..., vocab]: the tied embedding or a Dense.
