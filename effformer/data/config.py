@@ -19,11 +19,15 @@ _DEFAULTS: dict[str, Any] = {
     "num_workers": 0,
     "packing": False,
     "packing_row_length": None,
+    # "" rather than None, so that --config.data.teacher_store=DIR can set it.
+    "teacher_store": "",
 }
 FIELDS = tuple(_DEFAULTS)
 IMAGE_AUGMENTATION_FIELDS = ("crop_padding", "flip", "randaugment_num_layers", "random_erasing")
 # Dataset formats whose records are token rows of one width, which packing can cut and join.
 PACKABLE_TASKS = ("causal_lm",)
+# Dataset formats whose examples a teacher store can label.
+CLASSIFICATION_TASKS = ("image_classification", "sequence_classification")
 
 
 def default_data_config(name: str) -> ml_collections.ConfigDict:
@@ -39,7 +43,10 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
     several examples per row with segment ids and positions, see
     ``effformer.data.pipeline``; causal_lm datasets only) and
     ``packing_row_length`` (the packed rows' length, e.g. the model's sequence
-    length; None: the dataset's own row length).
+    length; None: the dataset's own row length); ``teacher_store`` (a directory
+    written by ``effformer save-teacher-logits`` for this training stream: the
+    training examples carry the teacher's top-K probabilities, see
+    ``effformer.data.teacher_store``; classification datasets; "" = off).
     """
     from effformer.data.registry import get_dataset_spec
 
@@ -110,6 +117,12 @@ def validate_data_config(data_config: ml_collections.ConfigDict | dict) -> dict[
             f"False for {spec.name!r} ({spec.task}: packing needs one of {PACKABLE_TASKS})",
             True,
         )
+
+    store = config["teacher_store"]
+    if not isinstance(store, str):
+        _fail("teacher_store", 'a directory path string ("" = off)', store)
+    if store and spec.task not in CLASSIFICATION_TASKS:
+        _fail("teacher_store", f'"" for {spec.name!r} ({spec.task}: not classification)', store)
 
     if spec.task != "image_classification":
         for field in IMAGE_AUGMENTATION_FIELDS:

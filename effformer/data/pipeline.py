@@ -30,6 +30,14 @@ the stream position where the next batch starts: restoring rebuilds the grain
 iterator from there, so a resumed run sees exactly the batches of an
 uninterrupted one. Eval pipelines are never packed (one example per row, as
 per-example metrics need).
+
+Teacher store (``data_config.teacher_store``, training pipelines only): each
+example of the stream also gets the teacher's stored top-K probabilities,
+``teacher_topk_values`` float32 [K] and ``teacher_topk_indices`` int32 [K], read
+by stream position from a store that ``effformer save-teacher-logits`` wrote for
+this very stream (TinyViT's sparse distillation, ``effformer.data.teacher_store``).
+The store is checked against the stream when the pipeline is built, and its
+digest joins the state's identity.
 """
 
 from __future__ import annotations
@@ -234,6 +242,22 @@ class PackedInputPipeline(InputPipeline):
         self._next_batch, self._next_example, self._held = next_batch, next_example, None
 
 
+def _open_teacher_store(config: dict[str, Any], info: DatasetInfo, split: str, seed: int) -> Any:
+    """The store of ``config["teacher_store"]``, checked against this training stream."""
+    from effformer.data.teacher_store import open_teacher_store, stream_description
+
+    store = open_teacher_store(config["teacher_store"])
+    expected = stream_description(
+        config,
+        split=split,
+        num_examples=info.splits[split],
+        num_classes=info.num_classes,
+        seed=seed,
+    )
+    store.check_stream(expected)
+    return store
+
+
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}.")
@@ -303,6 +327,9 @@ def create_input_pipeline(
         # map_with_index after repeat: the index is the position in the global stream.
         examples = grain.MapDataset.source(source).shuffle(seed=int(seed)).repeat()
         examples = examples.map_with_index(transform)
+        if config["teacher_store"]:
+            store = _open_teacher_store(config, info, split, seed)
+            examples = examples.map_with_index(store.attach)
         num_batches = None
     else:
         num_batches = math.ceil(num_examples / global_batch_size)
@@ -318,6 +345,8 @@ def create_input_pipeline(
         "seed": int(seed),
         "global_batch_size": int(global_batch_size),
     }
+    if config["teacher_store"] and train:
+        identity["teacher_store"] = store.digest
     if config["packing"] and train:
         row_length = config["packing_row_length"] or info.input_shape[0]
         identity.update(packing=True, packing_row_length=int(row_length))
