@@ -234,41 +234,85 @@ class SequenceClassificationTask(ClassificationTask):
 
 @register_task
 class DistillationTask(ClassificationTask):
-    """Classification trained against a teacher's logits stored in the batch.
+    """Classification trained against a teacher carried by the batch.
 
-    loss = w * T^2 * KL(softmax(teacher / T) || softmax(student / T))
-         + (1 - w) * cross-entropy(student, label)
+    loss = w * T^2 * KL(p_T || softmax(student / T)) + (1 - w) * cross-entropy(student, label)
     with ``w = config.distill_weight`` and ``T = config.distill_temperature``
     (Hinton et al.); the T^2 keeps the soft term's gradient scale independent of T.
+
+    The teacher comes as dense ``teacher_logits`` [b, classes] (p_T =
+    softmax(logits / T)), or as TinyViT's sparse top-K probabilities
+    ``teacher_topk_values`` and ``teacher_topk_indices`` [b, K] (what the pipeline
+    attaches from ``config.data.teacher_store``), which :meth:`prepare_batch` turns
+    into dense ``teacher_probs`` p on device
+    (:func:`effformer.data.teacher_store.rebuild_teacher_probs`); then p_T is p
+    raised to 1/T and renormalised, which equals softmax(logits / T) when p is the
+    teacher's whole softmax (and is p itself at T = 1, TinyViT's setting: its loss is
+    the soft cross-entropy, KL plus a constant, with w = 1).
+
+    Training batches without a teacher are refused. Evaluation batches carry none
+    (the eval pipeline reads no store): the reported ``loss`` is then the student's
+    cross-entropy with the labels.
     """
 
     name = "distillation"
-    required_keys = ("inputs", "label", "teacher_logits")
+    required_keys = ("inputs", "label")
 
     def _mixing(self) -> bool:
         return False  # Mixed inputs would no longer match the stored teacher logits.
+
+    def check_batch(self, batch: Batch) -> None:
+        super().check_batch(batch)
+        sparse = {"teacher_topk_values", "teacher_topk_indices"}
+        if "teacher_logits" not in batch and not sparse <= set(batch):
+            raise ValueError(
+                f"Task {self.name!r} needs the teacher in the batch: 'teacher_logits' [b, classes], "
+                f"or 'teacher_topk_values' and 'teacher_topk_indices' [b, K] (set "
+                f"config.data.teacher_store); batch has {sorted(batch)}."
+            )
+
+    def prepare_batch(self, batch: Batch, rng: Array, train: bool) -> Batch:
+        batch = super().prepare_batch(batch, rng, train)
+        if "teacher_topk_values" in batch:
+            from effformer.data.teacher_store import rebuild_teacher_probs
+
+            batch["teacher_probs"] = rebuild_teacher_probs(
+                batch["teacher_topk_values"], batch["teacher_topk_indices"], self.info.num_classes
+            )
+        elif train:
+            self.check_batch(batch)
+        return batch
+
+    def _teacher(self, batch: Batch, temperature: float) -> Array | None:
+        """p_T [b, classes], or None for a batch without a teacher (evaluation)."""
+        if "teacher_logits" in batch:
+            return jax.nn.softmax(batch["teacher_logits"].astype(jnp.float32) / temperature)
+        if "teacher_probs" not in batch:
+            return None
+        probs = batch["teacher_probs"].astype(jnp.float32)
+        if temperature == 1.0:
+            return probs
+        return jax.nn.softmax(jnp.log(jnp.clip(probs, 1e-30)) / temperature)
 
     def output_loss(self, outputs: Array, batch: Batch) -> tuple[Array, Array, Metrics]:
         logits = outputs.astype(jnp.float32)
         temperature = float(self.config.distill_temperature)
         weight = float(self.config.distill_weight)
         weights = _example_weights(batch, logits.shape[0])
-        teacher = jax.nn.softmax(batch["teacher_logits"].astype(jnp.float32) / temperature)
-        student_log = jax.nn.log_softmax(logits / temperature)
-        kl = jnp.sum(teacher * (jnp.log(jnp.clip(teacher, 1e-30)) - student_log), axis=-1)
+        teacher = self._teacher(batch, temperature)
         hard = optax.softmax_cross_entropy(logits, batch["targets"])
-        losses = weight * temperature**2 * kl + (1.0 - weight) * hard
         correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
         count = jnp.sum(weights)
-        return (
-            jnp.sum(losses * weights),
-            count,
-            {
-                "loss": (jnp.sum(losses * weights), count),
-                "distill_kl": (jnp.sum(kl * weights), count),
-                "accuracy": (jnp.sum(correct * weights), count),
-            },
-        )
+        metrics: Metrics = {"accuracy": (jnp.sum(correct * weights), count)}
+        if teacher is None:
+            metrics["loss"] = (jnp.sum(hard * weights), count)
+            return metrics["loss"][0], count, metrics
+        student_log = jax.nn.log_softmax(logits / temperature)
+        kl = jnp.sum(teacher * (jnp.log(jnp.clip(teacher, 1e-30)) - student_log), axis=-1)
+        losses = weight * temperature**2 * kl + (1.0 - weight) * hard
+        metrics["loss"] = (jnp.sum(losses * weights), count)
+        metrics["distill_kl"] = (jnp.sum(kl * weights), count)
+        return metrics["loss"][0], count, metrics
 
 
 def _token_loss(logits: Array, targets: Array, weights: Array) -> tuple[Array, Array, Metrics]:
