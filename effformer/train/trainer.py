@@ -26,6 +26,7 @@ from effformer.train.experiment import build_experiment
 from effformer.train.init_from import init_from_workdir, load_source_params
 from effformer.train.metric_writers import MetricWriter, ProgressBar
 from effformer.train.steps import make_train_step
+from effformer.train.teacher_logits import check_teacher_store
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -80,6 +81,7 @@ def train_and_evaluate(
     workdir = Path(workdir)
     check_workdir_matches(config, workdir)
     exp = build_experiment(config)
+    check_teacher_store(config, exp.num_train_steps)
     save_config(config, workdir)
 
     checkpointer = Checkpointer(workdir, config.checkpoint)
