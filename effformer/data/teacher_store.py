@@ -107,9 +107,7 @@ def stream_description(
         "num_classes": int(num_classes),
         "seed": int(seed),
     }
-    for field in STREAM_DATA_FIELDS:
-        value = data_config[field]
-        description[field] = value if value is None or isinstance(value, bool) else float(value)
+    description.update({field: data_config[field] for field in STREAM_DATA_FIELDS})
     return description
 
 

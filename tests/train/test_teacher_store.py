@@ -245,7 +245,7 @@ def test_positions_across_epochs_read_their_epochs_rows(make_config, tmp_path):
     positions = np.arange(22 * 64, 23 * 64)
     stream = dict(
         dataset="digits", split="train", num_examples=NUM_TRAIN, num_classes=10, seed=0,
-        image_size=None, crop_padding=1.0, flip=False, randaugment_num_layers=0.0,
+        image_size=None, crop_padding=1, flip=False, randaugment_num_layers=0,
         randaugment_magnitude=0.0, random_erasing=0.0,
     )  # fmt: skip
     writer = TeacherStoreWriter(
