@@ -43,6 +43,16 @@ float fraction of ``ffn_hidden_dim``. :func:`mix_n_match_widths` picks
 per-layer widths for a budget with the paper's heuristic. Both live in
 :mod:`effformer.nn.ffn_widths`, shared with the vision models, and are
 re-exported here.
+
+**Layer gates** (TinyFusion's depth pruning, Fang et al., 2024): a call's
+``layer_gates`` [num_layers] (one gate per layer) or [B, num_layers] (one per
+example) multiplies every residual branch of layer i by its gate,
+``x + g_i * branch(x)``, so a gate of 1 runs the layer and a gate of 0 removes it
+exactly (the output is then the layer's input). Gates between 0 and 1 are what
+a differentiable mask passes gradients through
+(``effformer.models.tinyfusion``). Pre-norm stacks only: a post-norm layer
+normalises its input even with its branches off. None (the default) runs the
+code without gates.
 """
 
 from __future__ import annotations
@@ -80,6 +90,28 @@ SIZED_SPECS = {
 # silently giving an encoder causal layers.
 CAUSAL_ONLY_MIXERS = frozenset({"mamba", "lmu"})
 ORDERINGS = ("pre_norm", "post_norm")
+
+
+def check_layer_gates(
+    owner: str, layer_gates: Array | None, num_layers: int, batch: int, ordering: str
+) -> None:
+    """Refuse ``layer_gates`` that are not [num_layers] or [batch, num_layers] floats."""
+    if layer_gates is None:
+        return
+    shape = tuple(getattr(layer_gates, "shape", ()))
+    dtype = getattr(layer_gates, "dtype", None)
+    floating = dtype is not None and jnp.issubdtype(dtype, jnp.floating)
+    if shape not in ((num_layers,), (batch, num_layers)) or not floating:
+        raise ValueError(
+            f"{owner}: layer_gates must be floats of shape (num_layers,) = ({num_layers},) or "
+            f"(batch, num_layers) = ({batch}, {num_layers}), got shape {shape} and dtype {dtype}."
+        )
+    if ordering != "pre_norm":
+        raise ValueError(
+            f"{owner}: layer_gates needs ordering='pre_norm' (a post-norm layer normalises its "
+            f"input even with its branches gated off, so a gate of 0 would not remove it), got "
+            f"ordering={ordering!r}."
+        )
 
 
 def available_mixers() -> dict[str, type[nn.Module]]:
@@ -271,10 +303,13 @@ class LMLayer(nn.Module):
         context: Array | None = None,
         context_mask: Array | None = None,
         ffn_width: int | None = None,
+        gate: Array | None = None,
     ) -> Array:
         """x: [B, L, D]; context: [B, Lc, D] (with cross-attention) -> [B, L, D].
 
         ffn_width: the FFN's hidden width for this call (MatFormer); None: full width.
+        gate: [] or [B, 1, 1] multiplying every residual branch (pre-norm only; see the
+        module docstring); None: no gate.
         """
         if self.ordering not in ORDERINGS:
             raise ValueError(
@@ -288,6 +323,8 @@ class LMLayer(nn.Module):
             y = branch(norm(x) if self.ordering == "pre_norm" else x)
             y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
             y = drop_path(y, deterministic=deterministic)
+            if gate is not None:
+                y = gate.astype(y.dtype) * y
             return x + y if self.ordering == "pre_norm" else norm(x + y)
 
         x = residual(
@@ -312,6 +349,15 @@ class LMLayer(nn.Module):
         return residual(
             x, lambda y: self.ffn(y, deterministic=deterministic, hidden_width=ffn_width), "ffn"
         )
+
+
+def _layer_gate(layer_gates: Array | None, index: int) -> Array | None:
+    """Layer ``index``'s gate from [num_layers] (a scalar) or [B, num_layers] (-> [B, 1, 1])."""
+    if layer_gates is None:
+        return None
+    if layer_gates.ndim == 1:
+        return layer_gates[index]
+    return layer_gates[:, index, None, None]
 
 
 def segment_positions(segment_ids: Array) -> Array:
@@ -470,6 +516,7 @@ class LayerStack(nn.Module):
         context: Array | None = None,
         context_mask: Array | None = None,
         ffn_widths: FfnWidths = None,
+        layer_gates: Array | None = None,
     ) -> Array:
         """x: [B, L, D] token embeddings -> [B, L, D] normalised hidden states.
 
@@ -477,10 +524,13 @@ class LayerStack(nn.Module):
         padding); mask_positions [B, L]: positions that order the causal mask
         when they differ from ``positions`` (the prefix LM's); context [B, Lc, D]
         and context_mask [B, Lc] bool for cross-attention; ffn_widths: the FFNs'
-        hidden widths (:func:`resolve_ffn_widths`; None: full width).
+        hidden widths (:func:`resolve_ffn_widths`; None: full width); layer_gates
+        [num_layers] or [B, num_layers]: multiply each layer's residual branches (see
+        the module docstring; None: no gates).
         """
         specs = self.layer_specs
         widths = resolve_ffn_widths(ffn_widths, len(specs), self.ffn_hidden_dim)
+        check_layer_gates("LayerStack", layer_gates, len(specs), x.shape[0], self.ordering)
         if decode and segment_ids is not None:
             raise ValueError(
                 "LayerStack: decode=True does not take segment_ids (the KV cache holds one "
@@ -542,6 +592,7 @@ class LayerStack(nn.Module):
                 context=context,
                 context_mask=context_mask,
                 ffn_width=widths[index],
+                gate=_layer_gate(layer_gates, index),
             )
         if self.ordering == "pre_norm":
             x = make_norm(self.norm, dtype=self.dtype, name="final_norm", **norm_kwargs)(x)

@@ -77,6 +77,7 @@ import jax.numpy as jnp
 from effformer.models.lm_layers import (
     FfnWidths,
     LayerStack,
+    check_layer_gates,
     expand_layer_pattern,
     resolve_ffn_widths,
     segment_positions,
@@ -340,6 +341,7 @@ class TransformerLM(_LMBase):
         decode: bool = False,
         ffn_widths: FfnWidths = None,
         ffn_granularities: Sequence[FfnWidths] | None = None,
+        layer_gates: Array | None = None,
     ) -> Array:
         """inputs [B, L] int -> logits [B, L, vocab] ([B, num_classes] for a classifier).
 
@@ -353,8 +355,15 @@ class TransformerLM(_LMBase):
         ``ffn_widths`` values; the model runs once at each on the same inputs
         (sharing the embedding lookup) and returns the outputs stacked,
         [G, B, L, vocab] ([G, B, num_classes]); not with ``decode``.
+
+        layer_gates [num_layers] or [B, num_layers] (TinyFusion's depth pruning):
+        every residual branch of layer i is multiplied by its gate, so 0 removes the
+        layer and 1 runs it (``effformer.models.lm_layers``; pre-norm only); None: no
+        gates, the code without them.
         """
         self._validate(inputs, segment_ids, positions, prefix_lengths, decode)
+        owner = f"TransformerLM(kind={self.kind!r})"
+        check_layer_gates(owner, layer_gates, self.num_layers, inputs.shape[0], self.ordering)
         runs = self._granularities(ffn_widths, ffn_granularities, decode, self.num_layers)
         batch, length = inputs.shape
         if positions is None:
@@ -385,6 +394,7 @@ class TransformerLM(_LMBase):
                     deterministic=not train,
                     decode=decode,
                     ffn_widths=widths,
+                    layer_gates=layer_gates,
                 )
             )
             for widths in runs
