@@ -9,8 +9,12 @@ program (the same tiny model in several tests) share one compilation.
 
 Tests run tiny shapes, so XLA's compile time dominates their run time: they
 compile with LLVM optimisations off (``--xla_backend_optimization_level=0``),
-which halved the time of tests/models/test_registry.py. XLA's own HLO passes
-still run, and the float semantics are unchanged (no fast-math either way).
+which halved the time of tests/models/test_registry.py, and with XLA:CPU's
+older elemental emitters instead of its fusion emitters
+(``--xla_cpu_use_fusion_emitters=false``), which halved the CPU time of
+tests/reducers/test_zero_tprune.py and tests/mixers/test_combiner.py again.
+XLA's own HLO passes still run, and the float semantics are unchanged (no
+fast-math either way).
 """
 
 import os
@@ -22,6 +26,8 @@ if "xla_force_host_platform_device_count" not in _flags:
     _flags += " --xla_force_host_platform_device_count=8"
 if "xla_backend_optimization_level" not in _flags:
     _flags += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if "xla_cpu_use_fusion_emitters" not in _flags:
+    _flags += " --xla_cpu_use_fusion_emitters=false"
 os.environ["XLA_FLAGS"] = _flags.strip()
 
 import jax  # noqa: E402

@@ -76,9 +76,9 @@ def _kernel_env(shared_dirs: tuple[Path, Path], tmp_path: Path) -> dict[str, str
     env = dict(os.environ)
     # One CPU device, as a Colab CPU runtime has (conftest asks for 8 simulated ones).
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device" not in f]
-    # Compilation dominates a fast-mode run; these halve it. The test checks that the
-    # notebooks run, not their speed (the timing notebook's fast-mode numbers mean nothing).
-    flags += ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
+    # The other flags are tests/conftest.py's fast-compilation ones: compilation dominates a
+    # fast-mode run, and the test checks that the notebooks run, not their speed (the
+    # timing notebook's fast-mode numbers mean nothing).
     env["XLA_FLAGS"] = " ".join(flags)
     env.update(
         EFFFORMER_FAST="1",

@@ -43,10 +43,12 @@ def test_duplicate_registration_is_refused():
 def test_every_model_has_a_working_tiny_preset(name):
     model = models.create(name, tiny=True)
     inputs = model.dummy_inputs(2)
-    variables = model.init(
+    # One compiled program each: op-by-op (eager) initialisation compiles every
+    # initialiser and op separately, several times slower for these tiny models.
+    variables = jax.jit(model.init)(
         {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}, **inputs
     )
-    outputs = model.apply(variables, **inputs)
+    outputs = jax.jit(model.apply)(variables, **inputs)
     leaves = jax.tree.leaves(outputs)
     assert leaves and all(np.isfinite(np.asarray(leaf, np.float32)).all() for leaf in leaves)
     num_params = sum(x.size for x in jax.tree.leaves(variables["params"]))
