@@ -34,6 +34,24 @@ are dropped per block, at the same place, by that block's attention graph
 (weighted page rank) and key similarity; the class token is never pruned and
 the pooling runs over the kept tokens. Not together with ``tome_r``.
 
+IA-RED² (:mod:`effformer.reducers.ia_red`) is opt-in too: ``ia_red_stages``
+names the blocks that a multi-head interpreter precedes; each interpreter
+scores the live patch tokens and drops some, the class token is always kept.
+With ``train=True`` the decisions are Bernoulli samples (the ``dropout`` RNG
+stream), with ``train=False`` the tokens scored above 0.5 are kept; both run
+by masking (a dropped token is out of every attention and of the pooling, with
+no influence on the kept ones; nothing is saved). ``ia_red_top_k`` instead
+keeps a fixed number of patch tokens per interpreter, the highest scores, and
+gathers them, so later blocks run on fewer tokens. ``return_ia_red_policy=True``
+returns ``(logits, policy)`` for the REINFORCE task
+(``effformer.train.ia_red_task``). The interpreters are the only parameters
+the option adds (``ia_red_interpreter_<stage>``).
+
+The token mixer is softmax attention by default; ``mixer`` names another from
+``effformer.mixers.MIXERS`` (e.g. ``"ecoformer"``), built with ``mixer_kwargs``
+over the fields it shares with the model (heads, q/k/v bias, width, dtype).
+Token merging and pruning need the attention mixer.
+
 MatFormer's nested FFNs (Devvrit et al., 2023; scenic's MatViT) are call
 arguments, as in the language models and with the same resolver
 (:mod:`effformer.nn.ffn_widths`): ``ffn_widths`` runs block i's MLP at the
@@ -53,19 +71,32 @@ The named variants (and their parameter counts) are in
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.core import FrozenDict
 
+from effformer.mixers import MIXERS
 from effformer.nn.block import ResidualBlock
 from effformer.nn.ffn_widths import FfnWidths, granularity_runs, resolve_ffn_widths
 from effformer.nn.norms import LayerNorm
 from effformer.nn.pooling import ClassToken, SeqPool, mean_pool
 from effformer.nn.position import LearnedPositionEmbedding, SinusoidalPositionEncoding
 from effformer.nn.tokenizers import ConvTokenizer, PatchEmbed
+from effformer.ops.masks import AttentionMask
+from effformer.reducers.ia_red import (
+    MultiHeadInterpreter,
+    check_stages,
+    check_top_k,
+    decision_log_prob,
+    sample_decisions,
+    threshold_decisions,
+    top_k_keep,
+)
 from effformer.reducers.tome import (
     SizeWeightedSeqPool,
     compose_token_map,
@@ -121,6 +152,11 @@ class VisionTransformer(nn.Module):
       attention_dropout_rate: on the attention probabilities.
       drop_path_rate: stochastic depth of the last block (linear from 0).
       attention_implementation: passed to ``dot_product_attention``.
+      mixer: the blocks' token mixer, a name in ``effformer.mixers.MIXERS``; a mixer
+        other than ``"attention"`` gets ``num_heads``, ``qkv_bias``, ``out_bias=True``,
+        ``d_model`` and ``dtype`` where it has such fields (not the attention dropout
+        or implementation), then ``mixer_kwargs`` over them.
+      mixer_kwargs: keyword arguments of the mixer, over the defaults above.
       tome_r: token merging: tokens merged per block (an int, clipped in each
         block to what its tokens allow, as the official code does) or one value
         per block (a sequence, taken exactly: too large is an error). 0: off.
@@ -135,6 +171,19 @@ class VisionTransformer(nn.Module):
         ``zero_tprune_schedule`` gives the per-block pairs.
       zero_tprune_iterations: weighted-page-rank iterations in every pruning
         block; None: the paper's per-block counts (``wpr_iterations``).
+
+      ia_red_stages: IA-RED²: the blocks a multi-head interpreter precedes (strictly
+        ascending block indices, e.g. ``(0, 4, 8)`` for three groups of four
+        blocks). () (the default): off.
+      ia_red_heads: heads of each interpreter; None: ``num_heads``.
+      ia_red_top_k: patch tokens each interpreter keeps, one count per stage
+        (non-increasing), the highest-scoring ones, gathered; () (the default):
+        the paper's decisions (samples when training, ``p > 0.5`` otherwise) by masking.
+
+    With IA-RED², ``apply(..., mutable=["intermediates"])`` also returns, per stage,
+    ``ia_red_keep_probs [B, P]`` (each original patch token's keep probability: the
+    interpretability heat map; 0 for a token already dropped) and ``ia_red_kept
+    [B, P]`` (bool, the patch tokens kept after that stage), P the image's patch tokens.
 
     With pruning, ``apply(..., mutable=["intermediates"])`` also returns
     ``zero_tprune_kept [B, N]``: the original index of each final token.
@@ -168,17 +217,25 @@ class VisionTransformer(nn.Module):
     drop_path_rate: float = 0.0
     attention_implementation: str | None = None
     dtype: Dtype | None = None
+    mixer: str = "attention"
+    mixer_kwargs: Mapping[str, Any] | None = None
     tome_r: int | tuple[int, ...] = 0
     tome_proportional_attention: bool = True
     zero_tprune_importance: int | tuple[int, ...] = 0
     zero_tprune_similarity: int | tuple[int, ...] = 0
     zero_tprune_iterations: int | None = None
+    ia_red_stages: tuple[int, ...] = ()
+    ia_red_heads: int | None = None
+    ia_red_top_k: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         # A list (from a config file or config.json) becomes a tuple: modules must hash.
-        for field in ("tome_r", "zero_tprune_importance", "zero_tprune_similarity"):
+        lists = ("tome_r", "zero_tprune_importance", "zero_tprune_similarity", "ia_red_stages")
+        for field in (*lists, "ia_red_top_k"):
             if isinstance(getattr(self, field), list):
                 object.__setattr__(self, field, tuple(getattr(self, field)))
+        if self.mixer_kwargs is not None and not isinstance(self.mixer_kwargs, FrozenDict):
+            object.__setattr__(self, "mixer_kwargs", FrozenDict(self.mixer_kwargs))
         super().__post_init__()
 
     # ------------------------------------------------------------------ shape arithmetic
@@ -194,6 +251,8 @@ class VisionTransformer(nn.Module):
         for field, value, allowed in choices:
             if value not in allowed:
                 raise ValueError(f"{name}: {field} must be one of {allowed}, got {value!r}.")
+        if self.mixer not in MIXERS:
+            raise ValueError(f"{name}: mixer must be one of {sorted(MIXERS)}, got {self.mixer!r}.")
         for field in ("num_classes", "image_size", "num_channels", "embed_dim", "num_layers"):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
@@ -238,6 +297,43 @@ class VisionTransformer(nn.Module):
         ):
             raise ValueError(
                 f"{name}: zero_tprune_iterations must be None or an int >= 1, got {iterations!r}."
+            )
+        self._check_ia_red(name, pruning)
+
+    def _check_ia_red(self, name: str, pruning: bool) -> None:
+        if self.ia_red_top_k and not self.ia_red_stages:
+            raise ValueError(
+                f"{name}: ia_red_top_k={self.ia_red_top_k!r} needs ia_red_stages, got ()."
+            )
+        try:
+            stages = check_stages(self.ia_red_stages, self.num_layers)
+            rows, cols = self.token_grid
+            check_top_k(self.ia_red_top_k, len(stages), rows * cols)
+        except ValueError as error:
+            raise ValueError(
+                f"{name}: ia_red_stages={self.ia_red_stages!r} / ia_red_top_k="
+                f"{self.ia_red_top_k!r} is invalid: {error}"
+            ) from None
+        if not stages:
+            return
+        if pruning or any(self.tome_schedule):
+            raise ValueError(
+                f"{name}: IA-RED² (ia_red_stages) cannot be combined with token merging "
+                f"(tome_r) or pruning (zero_tprune_*), got ia_red_stages={stages}, "
+                f"tome_r={self.tome_r!r}, zero_tprune_importance={self.zero_tprune_importance!r}, "
+                f"zero_tprune_similarity={self.zero_tprune_similarity!r}."
+            )
+        if self.mixer != "attention":
+            raise ValueError(
+                f"{name}: IA-RED² (ia_red_stages) masks dropped tokens out of softmax attention, "
+                f"so it needs mixer='attention', got {self.mixer!r}."
+            )
+        heads = self.num_heads if self.ia_red_heads is None else self.ia_red_heads
+        if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
+            raise ValueError(f"{name}: ia_red_heads must be None or an int >= 1, got {heads!r}.")
+        if self.embed_dim % heads:
+            raise ValueError(
+                f"{name}: ia_red_heads must divide embed_dim={self.embed_dim}, got {heads}."
             )
 
     @property
@@ -334,17 +430,24 @@ class VisionTransformer(nn.Module):
         """Every block's FFN width, ``int(embed_dim * mlp_ratio)``."""
         return int(self.embed_dim * self.mlp_ratio)
 
-    def _block(self, index: int) -> ResidualBlock:
-        return ResidualBlock(
-            mixer="attention",
-            mixer_kwargs=dict(
-                num_heads=self.num_heads,
-                qkv_bias=self.qkv_bias,
-                out_bias=True,
+    def _mixer_kwargs(self) -> dict[str, Any]:
+        shared = dict(num_heads=self.num_heads, qkv_bias=self.qkv_bias, out_bias=True)
+        if self.mixer == "attention":
+            shared.update(
                 attention_dropout_rate=self.attention_dropout_rate,
                 implementation=self.attention_implementation,
                 dtype=self.dtype,
-            ),
+            )
+        else:
+            fields = {field.name for field in dataclasses.fields(MIXERS[self.mixer])}
+            shared.update(d_model=self.embed_dim, dtype=self.dtype)
+            shared = {key: value for key, value in shared.items() if key in fields}
+        return {**shared, **dict(self.mixer_kwargs or {})}
+
+    def _block(self, index: int) -> ResidualBlock:
+        return ResidualBlock(
+            mixer=self.mixer,
+            mixer_kwargs=self._mixer_kwargs(),
             ffn="gelu",
             ffn_hidden_dim=self.ffn_hidden_dim,
             ffn_kwargs=dict(dropout_rate=self.dropout_rate, dtype=self.dtype),
@@ -364,7 +467,8 @@ class VisionTransformer(nn.Module):
         drop_path_rate: float | Array | None = None,
         ffn_widths: FfnWidths = None,
         ffn_granularities: Sequence[FfnWidths] | None = None,
-    ) -> Array:
+        return_ia_red_policy: bool = False,
+    ) -> Array | tuple[Array, dict[str, Array]]:
         """inputs [B, H, W, C] -> logits [B, num_classes] (float32 unless ``dtype`` says otherwise).
 
         ``drop_path_rate`` (a trainer schedule) replaces the attribute as the
@@ -376,6 +480,12 @@ class VisionTransformer(nn.Module):
         ``ffn_widths`` values; the encoder, norm, pooling and head run once at
         each on the same tokens (the tokenizer, position embedding and its
         dropout run once) and the logits come stacked, [G, B, num_classes].
+
+        ``return_ia_red_policy`` (IA-RED² with its decisions, not ``ia_red_top_k``):
+        returns ``(logits, policy)``, ``policy`` holding ``[B]`` arrays: ``log_prob``
+        (log-likelihood of all the decisions), ``kept_fraction`` (mean over the
+        blocks of the fraction of patch tokens each processes) and
+        ``final_kept_fraction`` (patch tokens kept after the last stage).
         """
         self.check_config()
         self._check_inputs(inputs)
@@ -406,6 +516,20 @@ class VisionTransformer(nn.Module):
         else:
             seq_pool = None
         max_rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
+        if self.ia_red_stages or return_ia_red_policy:
+            features, policy = self._encode_ia_red(
+                x,
+                blocks,
+                final_norm,
+                seq_pool,
+                resolve_ffn_widths(runs[0], self.num_layers, self.ffn_hidden_dim),
+                deterministic,
+                max_rate,
+                ffn_granularities is not None,
+                return_ia_red_policy,
+            )
+            logits = head(features)
+            return (logits, policy) if return_ia_red_policy else logits
         outputs = [
             head(
                 self._encode(
@@ -496,6 +620,90 @@ class VisionTransformer(nn.Module):
         if self.pooling == "seq_pool":
             return seq_pool(x, sizes) if merging else seq_pool(x)
         return size_weighted_mean(x, sizes) if merging else mean_pool(x)
+
+    def _encode_ia_red(
+        self,
+        x: Array,
+        blocks: list[ResidualBlock],
+        final_norm: LayerNorm,
+        seq_pool: nn.Module | None,
+        widths: tuple[int | None, ...],
+        deterministic: bool,
+        max_rate: float | Array,
+        granularities: bool,
+        return_policy: bool,
+    ) -> tuple[Array, dict[str, Array]]:
+        """IA-RED²'s encoder (module docstring): [B, N, D] -> (pooled [B, D], policy)."""
+        name = type(self).__name__
+        if not self.ia_red_stages:
+            raise ValueError(f"{name}: return_ia_red_policy=True needs ia_red_stages, got ().")
+        if granularities:
+            raise ValueError(f"{name}: IA-RED² (ia_red_stages) does not take ffn_granularities.")
+        top_k = self.ia_red_top_k
+        if return_policy and top_k:
+            raise ValueError(
+                f"{name}: return_ia_red_policy needs the paper's decisions, which top-k mode "
+                f"replaces; got ia_red_top_k={top_k!r}."
+            )
+        protected = self.num_prefix_tokens
+        batch, num_tokens = x.shape[:2]
+        num_patches = num_tokens - protected
+        heads = self.ia_red_heads or self.num_heads
+        stage_of = {block: s for s, block in enumerate(self.ia_red_stages)}
+        alive = jnp.ones((batch, num_tokens), bool)  # masking: the live tokens
+        origin = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch, num_tokens))
+        dtype = jnp.promote_types(x.dtype, jnp.float32)
+        log_prob = jnp.zeros((batch,), dtype)
+        work = jnp.zeros((batch,), dtype)  # sum over blocks of the live patch fraction
+        rows = jnp.arange(batch)[:, None]
+        for i, block in enumerate(blocks):
+            if i in stage_of:
+                interpreter = MultiHeadInterpreter(heads, name=f"ia_red_interpreter_{stage_of[i]}")
+                probs = interpreter(x, alive, num_protected=protected)
+                patch_alive, patch_origin = alive[:, protected:], origin[:, protected:] - protected
+                if top_k:
+                    keep = top_k_keep(probs, top_k[stage_of[i]], num_protected=protected)
+                    x, origin = gather_tokens(x, keep), gather_tokens(origin, keep)
+                    alive = jnp.ones(origin.shape, bool)
+                    kept = jnp.zeros((batch, num_patches), bool)
+                    kept = kept.at[rows, origin[:, protected:] - protected].set(True)
+                else:
+                    if deterministic:
+                        decisions = threshold_decisions(probs, patch_alive)
+                    else:
+                        key = self.make_rng("dropout")
+                        decisions = sample_decisions(key, probs, patch_alive)
+                    log_prob = log_prob + decision_log_prob(probs, decisions, patch_alive)
+                    alive = jnp.concatenate([alive[:, :protected], decisions], axis=1)
+                    kept = decisions
+                heat = jnp.zeros((batch, num_patches), probs.dtype)
+                self.sow(
+                    "intermediates", "ia_red_keep_probs", heat.at[rows, patch_origin].set(probs)
+                )
+                self.sow("intermediates", "ia_red_kept", kept)
+            work = work + jnp.sum(alive[:, protected:], axis=-1) / num_patches
+            # Masking: a dropped token (segment id 0) sees nothing and is seen by nothing.
+            ids = alive.astype(jnp.int32)
+            mask = None if top_k else AttentionMask(q_segment_ids=ids, kv_segment_ids=ids)
+            fraction = i / (self.num_layers - 1) if self.num_layers > 1 else 0.0
+            x = block(
+                x,
+                mask=mask,
+                deterministic=deterministic,
+                drop_path_rate=max_rate * fraction,
+                ffn_width=widths[i],
+            )
+        x = final_norm(x)
+        policy = {
+            "log_prob": log_prob,
+            "kept_fraction": work / self.num_layers,
+            "final_kept_fraction": jnp.sum(alive[:, protected:], axis=-1) / num_patches,
+        }
+        if self.pooling == "class_token":
+            return x[:, 0], policy
+        if self.pooling == "seq_pool":
+            return seq_pool(x, alive), policy
+        return mean_pool(x, alive), policy
 
 
 def interpolate_position_embedding(

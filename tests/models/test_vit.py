@@ -404,6 +404,19 @@ def test_unknown_choices_are_named():
             _init(model)
     with pytest.raises(ValueError, match="num_heads must divide embed_dim=16, got num_heads=3"):
         _init(models.create("vit_tiny", tiny=True, num_heads=3))
+    with pytest.raises(ValueError, match="mixer must be one of .* got 'softmax'"):
+        _init(models.create("vit_tiny", tiny=True, mixer="softmax"))
+
+
+def test_blocks_take_another_mixer_by_name():
+    """EcoFormer in every block: the model's heads and q/k/v bias reach it, mixer_kwargs
+    override, and its hash functions form their own collection beside the parameters."""
+    model = models.create("vit_digits", tiny=True, mixer="ecoformer", mixer_kwargs={"num_bits": 4})
+    variables = jax.eval_shape(lambda: _init(model))
+    mixer = variables["params"]["block_0"]["mixer"]
+    assert set(mixer) == {"qk", "value", "out"} and mixer["qk"]["kernel"].shape == (16, 2, 8)
+    assert variables["hashing"]["block_0"]["mixer"]["projection"].shape == (2, 4, 25)
+    hash(model)  # mixer_kwargs are frozen: the module stays hashable
 
 
 # ---------------------------------------------------------------- training
