@@ -404,3 +404,50 @@ def test_missing_or_mismatched_hash_functions_fail_clearly():
         fit_hash_functions(jax.random.key(0), queries, functions, top_k=10)
     with pytest.raises(ValueError, match=r"kernel_mean must have shape \[2, 5\], got \(2, 4\)"):
         hash_codes(queries, functions._replace(kernel_mean=jnp.zeros((2, 4))))
+
+
+# ----------------------------------------------------------------------------- experiment
+
+
+def _experiment_module(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "experiments" / "ecoformer" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"ecoformer_experiment_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_experiment_arms_build_and_the_softmax_model_carries_over():
+    """Every arm validates; the EcoFormer arms have the hashing collection the trainer
+    refuses (hence run.py); run.py's conversion of a trained softmax CCT gives exactly
+    the EcoFormer model's parameter tree."""
+    from effformer import models
+    from effformer.train import validate_config
+
+    digits, run = _experiment_module("digits"), _experiment_module("run")
+    configs = {arm: digits.get_config(arm) for arm in digits.ARMS}
+    for config in configs.values():
+        validate_config(config)
+    kwargs = [configs[arm].model.kwargs.to_dict() for arm in digits.ARMS[1:]]
+    assert all(k == kwargs[0] for k in kwargs)  # one EcoFormer model for every EcoFormer arm
+    shapes = {}
+    for arm in ("softmax", "ecoformer"):
+        model = models.create(
+            configs[arm].model.name,
+            **configs[arm].model.kwargs.to_dict(),
+            num_classes=10,
+            image_size=16,
+            num_channels=1,
+        )
+        shapes[arm] = jax.eval_shape(lambda m=model: m.init(jax.random.key(0), **m.dummy_inputs(1)))
+    assert set(shapes["softmax"]) == {"params"}
+    assert set(shapes["ecoformer"]) == {"params", HASHING}
+    converted = run.to_ecoformer(shapes["softmax"]["params"])
+    assert jax.tree.map(lambda s: s.shape, converted) == jax.tree.map(
+        lambda s: s.shape, shapes["ecoformer"]["params"]
+    )
+    with pytest.raises(ValueError, match="ARG must be one of"):
+        digits.get_config("performer")
