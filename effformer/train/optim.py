@@ -3,10 +3,17 @@
 ``create_optimizer(config.optimizer, num_train_steps)`` returns an optax
 transformation (clipping, the optimiser with decoupled weight decay under a
 mask, and the schedule) and the schedule itself, for logging.
+
+``config.trainable_modules`` (optional; "" or absent: everything trains) freezes
+the rest of a model: a comma-separated list of top-level module names or
+``fnmatch`` patterns (``"ia_red_*"``); only parameters under a matching
+top-level module are updated, the others get a zero update (no step, no weight
+decay) and gradient clipping sees only the trainable ones.
 """
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -65,6 +72,25 @@ def weight_decay_mask(params: Any, no_decay_names: Sequence[str]) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def trainable_labels(params: Any, patterns: Sequence[str]) -> Any:
+    """``"trainable"`` or ``"frozen"`` for every parameter: trainable when its top-level
+    module's name matches one of ``patterns`` (``fnmatch``). Raises ValueError naming
+    the model's top-level modules when a pattern matches none of them."""
+    modules = sorted(params)
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(module, pattern) for module in modules):
+            raise ValueError(
+                f"config.optimizer.trainable_modules: {pattern!r} matches no top-level module "
+                f"of the model; its modules are {modules}."
+            )
+
+    def label(path: tuple[Any, ...], _: Any) -> str:
+        top = getattr(path[0], "key", str(path[0]))
+        return "trainable" if any(fnmatch.fnmatchcase(top, p) for p in patterns) else "frozen"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
 def create_optimizer(
     config: ml_collections.ConfigDict, num_train_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -92,4 +118,10 @@ def create_optimizer(
         )
     if config.grad_clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(float(config.grad_clip_norm)), tx)
+    patterns = [p.strip() for p in config.get("trainable_modules", "").split(",") if p.strip()]
+    if patterns:
+        tx = optax.multi_transform(
+            {"trainable": tx, "frozen": optax.set_to_zero()},
+            lambda params: trainable_labels(params, patterns),
+        )
     return tx, schedule
