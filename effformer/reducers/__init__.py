@@ -7,8 +7,19 @@ vision Transformers of :mod:`effformer.models.vit` through ``tome_r``.
 (Zero-TPrune): weighted page rank over the attention graph, importance- and
 similarity-based pruning, used through ``zero_tprune_importance`` /
 ``zero_tprune_similarity``.
+:mod:`effformer.reducers.ia_red` is IA-RED²: multi-head interpreters that drop
+patch tokens before groups of blocks, trained by REINFORCE, used through
+``ia_red_stages`` / ``ia_red_top_k``.
 """
 
+from effformer.reducers.ia_red import (
+    MultiHeadInterpreter,
+    decision_log_prob,
+    reinforce_loss,
+    sample_decisions,
+    threshold_decisions,
+    top_k_keep,
+)
 from effformer.reducers.tome import (
     SizeWeightedSeqPool,
     bipartite_soft_matching,
@@ -34,6 +45,12 @@ from effformer.reducers.zero_tprune import (
 )
 
 __all__ = [
+    "MultiHeadInterpreter",
+    "decision_log_prob",
+    "reinforce_loss",
+    "sample_decisions",
+    "threshold_decisions",
+    "top_k_keep",
     "SizeWeightedSeqPool",
     "aggregate_heads",
     "gather_tokens",
