@@ -10,6 +10,7 @@ import flax.linen as nn
 
 from effformer.mixers.attention import CrossAttention, MultiHeadAttention
 from effformer.mixers.combiner import CombinerAttention
+from effformer.mixers.ecoformer import EcoFormerAttention
 from effformer.mixers.lmu import LMUMixer
 from effformer.mixers.mamba import MambaMixer
 
@@ -18,6 +19,7 @@ MIXERS: dict[str, type[nn.Module]] = {
     "mamba": MambaMixer,
     "combiner": CombinerAttention,
     "lmu": LMUMixer,
+    "ecoformer": EcoFormerAttention,
 }
 
 
