@@ -34,6 +34,7 @@ __all__ = [
     "MIXERS",
     "CombinerAttention",
     "CrossAttention",
+    "EcoFormerAttention",
     "LMUMixer",
     "MambaMixer",
     "MultiHeadAttention",
