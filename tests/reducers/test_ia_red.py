@@ -70,29 +70,33 @@ def _vit(**kwargs) -> VisionTransformer:
     return VisionTransformer(**(BASE | kwargs))
 
 
+def _normal(seed: int, shape: tuple[int, ...]) -> jax.Array:
+    """float64 N(0, 1) from numpy (no compilation, unlike jax.random outside jit)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape))
+
+
 def _random_params(module, *args, key=0, interpreter_scale=1.0, **kwargs):
-    """float64 N(0, 0.5^2) parameters of ``module`` (shapes from an abstract init: no
-    compilation), the interpreters' scaled so their probabilities spread well away from
-    0.5 and decisions do not hinge on rounding."""
+    """float64 N(0, 0.5^2) parameters of ``module`` (shapes from an abstract init), the
+    interpreters' scaled so their probabilities spread well away from 0.5 and decisions
+    do not hinge on rounding."""
     shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *args, **kwargs))
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes["params"])
     values = []
     for i, (path, leaf) in enumerate(leaves):
         scale = interpreter_scale if "ia_red" in jax.tree_util.keystr(path) else 1.0
-        noise = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(key), i), leaf.shape)
-        values.append(0.5 * scale * noise.astype(jnp.float64))
+        values.append(0.5 * scale * _normal(1000 * key + i, leaf.shape))
     return jax.tree_util.tree_unflatten(treedef, values)
 
 
 def _images(key=0):
-    return jax.random.normal(jax.random.PRNGKey(key), (4, 8, 8, 3), jnp.float64)
+    return _normal(key, (4, 8, 8, 3))
 
 
 # ------------------------------------------------------------------ the interpreter
 
 
 def test_interpreter_matches_equation_and_ignores_dead_tokens(x64):
-    x = jax.random.normal(jax.random.PRNGKey(0), (3, 7, 8), jnp.float64)
+    x = _normal(0, (3, 7, 8))
     alive = jnp.array(np.random.default_rng(0).random((3, 7)) > 0.3).at[:, 0].set(True)
     interpreter = ia_red.MultiHeadInterpreter(num_heads=2, param_dtype=jnp.float64)
     for protected in (0, 1):
@@ -108,7 +112,7 @@ def test_interpreter_matches_equation_and_ignores_dead_tokens(x64):
         np.testing.assert_allclose(np.asarray(probs), want, rtol=1e-12, atol=1e-14)
         assert bool(jnp.all(jnp.where(alive[:, protected:], probs > 0, probs == 0)))
         # A dead token's value changes no live token's score, bit for bit.
-        noise = 1e3 * jax.random.normal(jax.random.PRNGKey(2), x.shape, jnp.float64)
+        noise = 1e3 * _normal(2, x.shape)
         noisy = jnp.where(alive[..., None], x, noise)
         np.testing.assert_array_equal(np.asarray(apply(noisy, alive)), np.asarray(probs))
 
@@ -137,7 +141,7 @@ def test_decisions_log_prob_and_top_k(x64):
 
 
 def test_masked_tokens_do_not_reach_kept_tokens_in_a_block(x64):
-    x = jax.random.normal(jax.random.PRNGKey(3), (2, 6, 8), jnp.float64)
+    x = _normal(3, (2, 6, 8))
     alive = jnp.array([[1, 0, 1, 1, 0, 1], [1, 1, 0, 0, 0, 1]], jnp.int32)
     block = ResidualBlock(
         mixer="attention", mixer_kwargs=dict(num_heads=2), ffn="gelu", ffn_hidden_dim=8
@@ -165,9 +169,9 @@ def _set_interpreters(params, query_bias: float, key_bias: float) -> dict:
     """Interpreters whose every probability is sigmoid(8 * q_bias * k_bias / 2): constant."""
     params = dict(params)
     for name in ("ia_red_interpreter_0", "ia_red_interpreter_1"):
-        params[name] = jax.tree.map(jnp.zeros_like, params[name])
-        params[name]["query"]["bias"] = jnp.full((8,), query_bias)
-        params[name]["key"]["bias"] = jnp.full((8,), key_bias)
+        params[name] = jax.tree.map(np.zeros_like, params[name])
+        params[name]["query"]["bias"] = np.full((8,), query_bias)
+        params[name]["key"]["bias"] = np.full((8,), key_bias)
     return params
 
 
@@ -283,10 +287,11 @@ def test_reinforce_gradient_matches_hand_reference_and_freezes_backbone(x64):
 
     interpreters = [params["ia_red_interpreter_0"], params["ia_red_interpreter_1"]]
     per_image = jax.jit(jax.grad(log_pi))
-    want = jax.tree.map(jnp.zeros_like, interpreters)
+    want = jax.tree.map(np.zeros_like, interpreters)
     for b in range(4):
         scale = -(rewards[b] - baseline[b])
-        want = jax.tree.map(lambda acc, g, s=scale: acc + s * g, want, per_image(interpreters, b))
+        grad_b = jax.tree.map(np.asarray, per_image(interpreters, b))
+        want = jax.tree.map(lambda acc, g, s=scale: acc + s * g, want, grad_b)
     for stage in (0, 1):
         got = grads[f"ia_red_interpreter_{stage}"]
         for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want[stage]), strict=True):
@@ -300,7 +305,7 @@ def test_reinforce_gradient_matches_hand_reference_and_freezes_backbone(x64):
     # backbone's update is exactly zero (it stays put bit for bit), the interpreters move.
     config = default_config().optimizer
     config.update(learning_rate=0.1, weight_decay=0.5, schedule="constant")
-    noisy = jax.tree.map(lambda g: g + 1.0, grads)
+    noisy = jax.tree.map(lambda g: np.asarray(g) + 1.0, grads)
     config.trainable_modules = "ia_red_*"
     tx, _ = create_optimizer(config, num_train_steps=10)
     updates, _ = jax.jit(tx.update)(noisy, tx.init(params), params)
