@@ -22,8 +22,12 @@ ARG: tau, the error penalty (default 1.0), e.g. ``digits.py:0.5``.
 Without ``--config.init_from.workdir`` the interpreters are trained on an
 untrained backbone (what tests/test_experiment_configs.py builds).
 
-Results (machine, load, time, accuracy and images/s beside ToMe and
-Zero-TPrune): experiments/ia_red/README.md.
+Measured on the shared development machine (Intel Xeon, 2 CPUs, JAX 0.10.2 on
+CPU, load average about 10): each policy run 3-4 min wall; with the paper's
+p > 0.5 rule, tau = 1 keeps 60% of the patch-token work at 91.67% test accuracy
+and tau = 4 keeps 70% at 92.50% (the backbone alone: 97.22%). The full table
+(top-k at ToMe's token counts, images/s, FLOPs) and heat maps:
+experiments/ia_red/README.md.
 """
 
 import effformer.train.ia_red_task  # noqa: F401  (registers the task "ia_red_policy")
