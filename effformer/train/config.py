@@ -62,6 +62,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.optimizer.grad_clip_norm = 0.0  # 0 disables clipping.
     # Parameters with these names get no weight decay (besides every 0-D/1-D parameter).
     config.optimizer.no_decay_names = ("A_log", "D")
+    # Comma-separated fnmatch patterns of the top-level modules that train; "" trains all.
+    config.optimizer.trainable_modules = ""
 
     config.global_batch_size = 0
     config.grad_accum_steps = 1  # Micro-batches per step, accumulated inside the jitted step.

@@ -25,8 +25,8 @@ Metrics: ``loss`` (the surrogate), ``reward``, ``accuracy``, ``kept_fraction``
 (the ``c`` of the reward), ``final_kept_fraction`` (patch tokens kept after the
 last interpreter) and ``cross_entropy`` (of the logits with the labels).
 
-Importing this module registers the task; an experiment config that uses it
-imports it (``experiments/ia_red/digits.py``).
+Importing this module registers the task; ``effformer.train.tasks`` imports it,
+so every run finds it by name.
 """
 
 from __future__ import annotations

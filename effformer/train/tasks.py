@@ -543,3 +543,8 @@ class Seq2SeqTask(LanguageModelTask):
         if "mask" in batch:
             weights = weights * batch["mask"][:, None]
         return _token_loss(outputs, targets, weights)
+
+
+# Tasks that live in their own modules register themselves on import; importing them
+# here lets every run (and `effformer eval` on a saved config) find them by name.
+from effformer.train import ia_red_task  # noqa: E402, F401
