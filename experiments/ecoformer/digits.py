@@ -34,7 +34,10 @@ refuses the EcoFormer arms (their hash functions are the ``hashing`` variable
 collection); experiments/ecoformer/run.py trains every arm with its own loop on the
 same data pipeline, task, optimiser and schedule, refitting the hash functions.
 
-Hardware and measured results (2-core shared CPU): README.md here.
+Measured on the 2-core development CPU under load average 9-11 (JAX 0.10.2), seeds 0
+and 1, ``run.py --seeds 0 1`` (about an hour for the eight runs): test accuracy softmax
+96.2 ± 1.0, ecoformer 89.9 ± 3.3, ecoformer_unfitted 91.9 ± 0.8, finetune 80.0 ± 2.7
+(%, mean ± std). Tables and reading: README.md here.
 """
 
 from effformer.train import default_config
