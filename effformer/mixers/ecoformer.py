@@ -69,8 +69,8 @@ Where this differs from the official code, and why:
   are always in {-1, +1} and the Hamming identity above holds exactly.
 
 Mask contract (shared mixer signature): ``mask.causal`` or the mixer's own
-``causal`` attribute (language-model stacks pass non-attention mixers no
-causal mask) makes it causal; segment ids mark padding (0) and packed
+``causal`` attribute (True by default: language-model stacks pass
+non-attention mixers no causal mask; encoders set it False) makes it causal; segment ids mark padding (0) and packed
 sequences, which must be contiguous runs (as packing and padding make them):
 each run attends only within itself, and padded tokens are seen by nothing and
 output zero before the output projection. Sliding windows, soft-causal ratios
@@ -515,8 +515,10 @@ class EcoFormerAttention(nn.Module):
       num_heads: heads; head_dim: per-head width (default D // num_heads).
       num_bits: code length b (the paper's 16).
       num_anchors: kernel anchors m (official configs: 25 for PVTv2, 25-30 for Twins).
-      causal: causal attention also without a causal mask (for layer stacks, which
-        pass non-attention mixers none); a causal mask makes it causal too.
+      causal: causal attention also without a causal mask. True by default, as
+        Combiner's: a layer stack passes non-attention mixers no causal mask, so a
+        decoder must not depend on one; encoders set False (the ViT family does). A
+        causal mask makes it causal either way.
       qkv_bias: biases on the shared q/k and the value projections; out_bias: on the
         output projection.
     """
@@ -525,7 +527,7 @@ class EcoFormerAttention(nn.Module):
     head_dim: int | None = None
     num_bits: int = 16
     num_anchors: int = 25
-    causal: bool = False
+    causal: bool = True
     qkv_bias: bool = True
     out_bias: bool = True
     kernel_init: Initializer = nn.initializers.truncated_normal(stddev=0.02)

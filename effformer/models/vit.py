@@ -154,8 +154,9 @@ class VisionTransformer(nn.Module):
       attention_implementation: passed to ``dot_product_attention``.
       mixer: the blocks' token mixer, a name in ``effformer.mixers.MIXERS``; a mixer
         other than ``"attention"`` gets ``num_heads``, ``qkv_bias``, ``out_bias=True``,
-        ``d_model`` and ``dtype`` where it has such fields (not the attention dropout
-        or implementation), then ``mixer_kwargs`` over them.
+        ``d_model``, ``dtype`` and ``causal=False`` (the encoder is bidirectional)
+        where it has such fields (not the attention dropout or implementation), then
+        ``mixer_kwargs`` over them.
       mixer_kwargs: keyword arguments of the mixer, over the defaults above.
       tome_r: token merging: tokens merged per block (an int, clipped in each
         block to what its tokens allow, as the official code does) or one value
@@ -440,7 +441,7 @@ class VisionTransformer(nn.Module):
             )
         else:
             fields = {field.name for field in dataclasses.fields(MIXERS[self.mixer])}
-            shared.update(d_model=self.embed_dim, dtype=self.dtype)
+            shared.update(d_model=self.embed_dim, dtype=self.dtype, causal=False)
             shared = {key: value for key, value in shared.items() if key in fields}
         return {**shared, **dict(self.mixer_kwargs or {})}
 

@@ -53,7 +53,7 @@ def main() -> None:
     mixers = {
         "softmax": MultiHeadAttention(num_heads=HEADS, qkv_bias=False),
         "ecoformer": EcoFormerAttention(
-            num_heads=HEADS, num_bits=BITS, num_anchors=ANCHORS, qkv_bias=False
+            num_heads=HEADS, num_bits=BITS, num_anchors=ANCHORS, qkv_bias=False, causal=False
         ),
     }
     compiled = {}

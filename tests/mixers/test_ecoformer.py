@@ -93,7 +93,7 @@ def test_linear_path_equals_dense_references_forward_and_gradients(x64):
 
 
 def _mixer(**kwargs) -> EcoFormerAttention:
-    defaults = dict(num_heads=HEADS, num_bits=BITS, num_anchors=ANCHORS)
+    defaults = dict(num_heads=HEADS, num_bits=BITS, num_anchors=ANCHORS, causal=False)
     return EcoFormerAttention(**{**defaults, **kwargs})
 
 

@@ -409,13 +409,15 @@ def test_unknown_choices_are_named():
 
 
 def test_blocks_take_another_mixer_by_name():
-    """EcoFormer in every block: the model's heads and q/k/v bias reach it, mixer_kwargs
-    override, and its hash functions form their own collection beside the parameters."""
+    """EcoFormer in every block: the model's heads and q/k/v bias reach it, bidirectional
+    (its own default is causal), mixer_kwargs override, and its hash functions form
+    their own collection beside the parameters."""
     model = models.create("vit_digits", tiny=True, mixer="ecoformer", mixer_kwargs={"num_bits": 4})
     variables = jax.eval_shape(lambda: _init(model))
     mixer = variables["params"]["block_0"]["mixer"]
     assert set(mixer) == {"qk", "value", "out"} and mixer["qk"]["kernel"].shape == (16, 2, 8)
     assert variables["hashing"]["block_0"]["mixer"]["projection"].shape == (2, 4, 25)
+    assert model._mixer_kwargs()["causal"] is False
     hash(model)  # mixer_kwargs are frozen: the module stays hashable
 
 
