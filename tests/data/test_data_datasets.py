@@ -191,6 +191,7 @@ def test_default_config_fields():
             "num_workers",
             "packing",
             "packing_row_length",
+            "teacher_store",
         ]
     )
     assert default_data_config("digits").image_size is None
