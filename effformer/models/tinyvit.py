@@ -46,9 +46,11 @@ per stage) matches what its convolutions compute only when ``image_size`` is
 a multiple of ``4 * 2**(S - 1)`` (32 for four stages: 224 -> 56, 28, 14, 7),
 so that is required here.
 
-Not here: TinyViT's pretraining distillation (teacher top-K sparse logits
-and augmentation seeds stored on disk and replayed) is a training method, not
-part of the model, and is not built.
+TinyViT's pretraining distillation (the teacher's top-K probabilities stored
+on disk and replayed with the augmentation) is a training method, not part of
+the model: ``effformer save-teacher-logits``, ``effformer/data/teacher_store.py``,
+``config.data.teacher_store`` and the ``distillation`` task; experiment in
+``experiments/tinyvit``.
 
 Named variants at 224x224x3, 1000 classes (the original's ``tiny_vit_*_224``
 configurations; parameter counts equal the original's
