@@ -469,6 +469,43 @@ def fit_hash_functions(
     return HashFunctions(anchors, projection, mean, width)
 
 
+def _sown_hash_inputs(
+    flat_inputs: Mapping[tuple[str, ...], Any], layer: tuple[str, ...]
+) -> tuple[Array, Array]:
+    """One layer's sown (queries, valid), concatenated over the calls that sowed them."""
+    entries = flat_inputs.get(layer + (HASH_INPUTS,))
+    if entries is None:
+        raise ValueError(
+            f"no {HASH_INPUTS!r} in intermediates for EcoFormer layer {'/'.join(layer)}; apply "
+            "the model on the fitting batch with mutable=['intermediates'] and pass what it "
+            "returns."
+        )
+    queries = jnp.concatenate([queries for queries, _ in entries], axis=0)
+    valid = jnp.concatenate([valid for _, valid in entries], axis=0)
+    return queries, valid
+
+
+def _layers(hashing: Mapping[str, Any]) -> tuple[dict, list[tuple[str, ...]]]:
+    flat_hashing = traverse_util.flatten_dict(dict(hashing))
+    return flat_hashing, sorted({path[:-1] for path in flat_hashing})
+
+
+def hashing_agreement(
+    hashing: Mapping[str, Any], intermediates: Mapping[str, Any], *, top_k: int = 10
+) -> Array:
+    """:func:`hash_agreement` of every EcoFormer layer of a model, averaged over layers and
+    heads: a scalar in [-1, 1] (``hashing`` and ``intermediates`` as for
+    :func:`refit_hashing`)."""
+    flat_hashing, layers = _layers(hashing)
+    flat_inputs = traverse_util.flatten_dict(dict(intermediates))
+    values = []
+    for layer in layers:
+        queries, valid = _sown_hash_inputs(flat_inputs, layer)
+        functions = HashFunctions(*(flat_hashing[layer + (n,)] for n in HashFunctions._fields))
+        values.append(hash_agreement(queries, functions, valid=valid, top_k=top_k))
+    return jnp.mean(jnp.stack(values))
+
+
 def refit_hashing(
     key: Array, hashing: Mapping[str, Any], intermediates: Mapping[str, Any], **fit_kwargs: Any
 ) -> dict[str, Any]:
@@ -482,20 +519,11 @@ def refit_hashing(
         :class:`EcoFormerAttention` sowed its unit queries and valid mask.
       fit_kwargs: passed to :func:`fit_hash_functions` (top_k, learning_rate, ...).
     """
-    flat_hashing = traverse_util.flatten_dict(dict(hashing))
+    flat_hashing, layers = _layers(hashing)
     flat_inputs = traverse_util.flatten_dict(dict(intermediates))
-    layers = sorted({path[:-1] for path in flat_hashing})
     new = {}
     for index, layer in enumerate(layers):
-        entries = flat_inputs.get(layer + (HASH_INPUTS,))
-        if entries is None:
-            raise ValueError(
-                f"refit_hashing: no {HASH_INPUTS!r} in intermediates for layer "
-                f"{'/'.join(layer)}; apply the model on the fitting batch with "
-                "mutable=['intermediates'] and pass what it returns."
-            )
-        queries = jnp.concatenate([queries for queries, _ in entries], axis=0)
-        valid = jnp.concatenate([valid for _, valid in entries], axis=0)
+        queries, valid = _sown_hash_inputs(flat_inputs, layer)
         current = HashFunctions(*(flat_hashing[layer + (name,)] for name in HashFunctions._fields))
         fitted = fit_hash_functions(
             jax.random.fold_in(key, index), queries, current, valid=valid, **fit_kwargs

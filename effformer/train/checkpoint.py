@@ -10,10 +10,16 @@ Saves are asynchronous and atomic (orbax writes to a temporary directory and
 renames it when complete), so an interrupted save never replaces the last
 good checkpoint. A checkpoint that fails to restore is reported by name,
 moved aside to ``checkpoints/<step>.corrupt``, and the previous one is used.
+
+The train state is stored as a dict of its fields; ``model_state`` (the
+model's variables besides its parameters) only when the model has some, so
+checkpoints of parameter-only models keep the layout they had before that
+field existed and still restore.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -23,6 +29,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
+
+from effformer.train.state import TrainState
 
 CONFIG_FILE = "config.json"
 # Config fields that define what the checkpointed parameters are; a workdir
@@ -71,6 +79,22 @@ def check_workdir_matches(config: ml_collections.ConfigDict, workdir: str | Path
             )
 
 
+def _to_item(state: Any) -> Any:
+    """What is written for ``state``: a TrainState as a dict of its fields (module docstring)."""
+    if not isinstance(state, TrainState):
+        return state
+    item = {field.name: getattr(state, field.name) for field in dataclasses.fields(state)}
+    if not item["model_state"]:
+        del item["model_state"]
+    return item
+
+
+def _from_item(item: Any, like: Any) -> Any:
+    if not isinstance(like, TrainState):
+        return item
+    return TrainState(**{"model_state": {}, **item})
+
+
 class Checkpointer:
     """Thin wrapper around ``ocp.CheckpointManager`` for (train state, data state)."""
 
@@ -106,7 +130,7 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_state: dict, metrics: dict | None = None) -> None:
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+            state=ocp.args.StandardSave(_to_item(state)), data=ocp.args.JsonSave(data_state)
         )
         self.manager.save(step, args=args, metrics=metrics, force=True)
 
@@ -150,9 +174,10 @@ class Checkpointer:
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+                state=ocp.args.StandardRestore(_to_item(abstract_state)),
+                data=ocp.args.JsonRestore(),
             ),
         )
-        state = restored["state"]
+        state = _from_item(restored["state"], abstract_state)
         jax.block_until_ready(state)
         return state, restored["data"]

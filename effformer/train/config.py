@@ -20,6 +20,7 @@ REQUIRED_FIELDS = ("model.name", "data.name", "task.name", "global_batch_size")
 def default_config() -> ml_collections.ConfigDict:
     """Every field the trainer reads, with its default."""
     from effformer.data import default_data_config
+    from effformer.train.model_state import default_model_state_config
 
     config = ml_collections.ConfigDict()
     config.seed = 0
@@ -94,6 +95,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.checkpoint.best_mode = "max"
     config.checkpoint.async_save = True
 
+    # The updaters of the model's variables besides "params" (EcoFormer's hash functions),
+    # see effformer.train.model_state.
+    config.model_state = default_model_state_config()
+
     # Start from another run's parameters (fine-tuning), see effformer.train.init_from.
     config.init_from = ml_collections.ConfigDict()
     config.init_from.workdir = ""  # The source run's workdir; "" starts from scratch.
@@ -116,6 +121,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     from effformer.data import list_datasets
     from effformer.models import list_models
     from effformer.train.init_from import validate_init_from
+    from effformer.train.model_state import validate_model_state_config
     from effformer.train.optim import LR_SCHEDULES, OPTIMIZERS
     from effformer.train.schedules import validate_model_schedules
     from effformer.train.tasks import TASKS, matformer_granularities
@@ -173,6 +179,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.checkpoint.keep < 1:
         raise ValueError(f"config.checkpoint.keep must be >= 1, got {config.checkpoint.keep}.")
     validate_model_schedules(config.model_schedules)
+    if "model_state" in config:  # Configs saved before it existed have none.
+        validate_model_state_config(config)
     validate_init_from(config)
 
 

@@ -23,11 +23,26 @@ def eval_params(exp: Experiment, state: Any) -> Any:
     return state.ema_params if exp.config.ema_decay > 0 else state.params
 
 
-def run_evaluation(exp: Experiment, params: Any, split: str | None = None) -> dict[str, float]:
-    """Metrics averaged over every example of ``split`` (default: the dataset's eval split)."""
+def run_evaluation(
+    exp: Experiment, params: Any, split: str | None = None, model_state: Any = None
+) -> dict[str, float]:
+    """Metrics averaged over every example of ``split`` (default: the dataset's eval split).
+
+    ``model_state``: the model's variables besides ``params`` (``TrainState.model_state``,
+    ``RestoredRun.model_state``); required when the model has some (EcoFormer's hash
+    functions), None otherwise.
+    """
     split = split or exp.info.eval_split
     if split not in exp.info.splits:
         raise ValueError(f"split must be one of {sorted(exp.info.splits)}, got {split!r}.")
+    model_state = {} if model_state is None else dict(model_state)
+    expected = sorted(exp.abstract_state.model_state)
+    if sorted(model_state) != expected:
+        raise ValueError(
+            f"run_evaluation: model {exp.config.model.name!r} needs model_state with the "
+            f"collections {expected}, got {sorted(model_state)}; pass state.model_state (or "
+            "RestoredRun.model_state)."
+        )
     model_kwargs = eval_kwargs(exp.config.model_schedules, exp.steps_per_epoch, exp.num_train_steps)
     eval_step = make_eval_step(exp, model_kwargs)
     pipeline = create_input_pipeline(
@@ -40,7 +55,7 @@ def run_evaluation(exp: Experiment, params: Any, split: str | None = None) -> di
     totals: dict[str, np.ndarray] = {}
     batch_sharding = sharding.batch_sharding(exp.mesh)
     for local_batch in pipeline:
-        metrics = eval_step(params, sharding.global_batch(local_batch, batch_sharding))
+        metrics = eval_step(params, model_state, sharding.global_batch(local_batch, batch_sharding))
         for name, (total, weight) in jax.device_get(metrics).items():
             # Sums in float64 on the host: exact for counts, order-independent enough for losses.
             previous = totals.get(name, np.zeros(2, np.float64))
@@ -52,14 +67,24 @@ def run_evaluation(exp: Experiment, params: Any, split: str | None = None) -> di
 class RestoredRun:
     """A trained run read back from its workdir.
 
-    ``model.apply({"params": params}, **inputs)`` runs it; ``experiment`` holds
-    the config, dataset info and task it was trained with.
+    ``model.apply(run.variables, **inputs)`` runs it; ``experiment`` holds the
+    config, dataset info and task it was trained with.
     """
 
     experiment: Experiment
     step: int
     params: Any  # The parameters evaluation uses (the EMA when the run kept one).
     state: Any  # The whole train state (optimizer state included).
+
+    @property
+    def model_state(self) -> dict[str, Any]:
+        """The model's variables besides ``params`` ({} for most models)."""
+        return dict(self.state.model_state)
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        """``model.apply``'s first argument: ``{"params": ..., **model_state}``."""
+        return {"params": self.params, **self.state.model_state}
 
     @property
     def model(self):
@@ -95,7 +120,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Restore the checkpoint of ``workdir`` (latest, or ``step``) and evaluate it on ``split``."""
     run = restore(workdir, step=step)
-    metrics = run_evaluation(run.experiment, run.params, split)
+    metrics = run_evaluation(run.experiment, run.params, split, run.model_state)
     logging.info(
         "Evaluated step %d on %s: %s", run.step, split or run.experiment.info.eval_split, metrics
     )

@@ -24,6 +24,7 @@ from effformer import models
 from effformer.data import DatasetInfo, get_dataset_info
 from effformer.train import sharding
 from effformer.train.config import validate_config
+from effformer.train.model_state import check_model_collections
 from effformer.train.optim import create_optimizer
 from effformer.train.state import TrainState
 from effformer.train.tasks import Task, create_task
@@ -107,19 +108,16 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     def init_fn(rng: jax.Array) -> TrainState:
         init_rng, state_rng = jax.random.split(rng)
         variables = model.init({"params": init_rng, "dropout": init_rng}, **model.dummy_inputs(1))
-        extra = set(variables) - {"params"}
-        if extra:
-            raise ValueError(
-                f"Model {config.model.name!r} creates variable collections {sorted(extra)} besides "
-                "'params'; the trainer keeps only parameters."
-            )
         params = variables["params"]
+        model_state = {name: value for name, value in variables.items() if name != "params"}
+        check_model_collections(config, set(model_state))
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
             opt_state=tx.init(params),
             ema_params=params if use_ema else None,
             rng=state_rng,
+            model_state=model_state,
         )
 
     rng = jax.random.PRNGKey(config.seed)

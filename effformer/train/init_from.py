@@ -14,7 +14,10 @@ that run's, leaf by leaf:
 * anything else (a missing parameter, another shape) is an error that names the
   parameter and the fix.
 
-The optimizer state starts fresh, and so does the step: this is a new run. The
+The model's variables besides its parameters (``TrainState.model_state``, e.g.
+EcoFormer's hash functions) are copied when the source has them with the same
+shapes, and start fresh otherwise. The optimizer state starts fresh, and so
+does the step: this is a new run. The
 source's EMA parameters are used when the source kept an EMA (they are what its
 evaluation used). Once the new run has saved a checkpoint, resuming it restores
 that checkpoint and never reads the source again.
@@ -60,19 +63,50 @@ def validate_init_from(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def load_source_params(
-    config: ml_collections.ConfigDict, target_model: Any, target_params: Any
+def load_source_state(
+    config: ml_collections.ConfigDict, target_model: Any, target_state: Any
 ) -> Any:
-    """The parameters of ``config.init_from.workdir``'s checkpoint, adapted to the target.
+    """The new run's first state: ``target_state`` with the source checkpoint's parameters.
 
     Args:
-      config: the new run's config (reads ``init_from`` and ``mesh``).
+      config: the new run's config (reads ``init_from``, ``mesh`` and ``ema_decay``).
       target_model: the new run's model.
-      target_params: the new run's freshly initialised parameters (values are used for
+      target_state: the new run's freshly initialised ``TrainState`` (values are used for
         the reinitialised modules, shapes and shardings for everything).
     Returns:
-      A parameter tree with the structure, shapes and shardings of ``target_params``.
+      ``target_state`` with the parameters (and the EMA, if kept) adapted from the source,
+      and each collection of its ``model_state`` (e.g. EcoFormer's ``"hashing"``) copied
+      from the source where the source has it with the same shapes, fresh otherwise.
     """
+    params, source_model_state = _load_source(config, target_model, target_state.params)
+    model_state = dict(target_state.model_state)
+    for name, fresh in model_state.items():
+        source = source_model_state.get(name)
+        same = source is not None and jax.tree.structure(source) == jax.tree.structure(fresh)
+        same = same and all(
+            a.shape == b.shape
+            for a, b in zip(jax.tree.leaves(source), jax.tree.leaves(fresh), strict=True)
+        )
+        if same:
+            model_state[name] = jax.device_put(
+                jax.tree.map(lambda a, b: a.astype(b.dtype), source, fresh),
+                jax.tree.map(lambda x: x.sharding, fresh),
+            )
+        else:
+            logging.warning(
+                "config.init_from: the source has no model-state collection %r of the target's "
+                "shapes; it starts fresh.",
+                name,
+            )
+    return target_state.replace(
+        params=params,
+        ema_params=params if config.ema_decay > 0 else None,
+        model_state=model_state,
+    )
+
+
+def _load_source(config: ml_collections.ConfigDict, target_model: Any, target_params: Any):
+    """(the source's parameters adapted to ``target_params``, the source's model state)."""
     # Imported here: experiment.py imports this module's caller.
     from effformer.train.experiment import build_experiment
 
@@ -97,7 +131,7 @@ def load_source_params(
         params, source.model, target_model, target_params, reinit_modules(config)
     )
     shardings = jax.tree.map(lambda x: x.sharding, target_params)
-    return jax.device_put(adapted, shardings)
+    return jax.device_put(adapted, shardings), dict(state.model_state)
 
 
 def adapt_params(

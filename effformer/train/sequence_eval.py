@@ -98,11 +98,12 @@ def accuracies(buckets: dict[int, tuple[int, int]]) -> dict[int, float]:
 
 
 def evaluate_sequence_task(
-    exp: Any, params: Any, split: str, *, batch_size: int = 64
+    exp: Any, params: Any, split: str, *, batch_size: int = 64, model_state: Any = None
 ) -> dict[int, tuple[int, int]]:
     """Exact match by length of a trained experiment (``effformer.train.experiment``) on ``split``.
 
-    The model gets the inputs its task gives it in training (``exp.task.model_inputs``).
+    The model gets the inputs its task gives it in training (``exp.task.model_inputs``);
+    ``model_state``: its variables besides ``params``, if it has some.
     """
     from effformer.data import create_input_pipeline
 
@@ -111,7 +112,9 @@ def evaluate_sequence_task(
 
     @jax.jit
     def logits_fn(batch: Batch) -> jax.Array:
-        return exp.model.apply({"params": params}, **exp.task.model_inputs(batch), train=False)
+        return exp.model.apply(
+            {"params": params, **(model_state or {})}, **exp.task.model_inputs(batch), train=False
+        )
 
     pipeline = create_input_pipeline(
         exp.config.data,
@@ -143,4 +146,6 @@ def evaluate_workdir(
     if restored is None:
         raise FileNotFoundError(f"No checkpoint in {Path(workdir) / 'checkpoints'} to evaluate.")
     _, state, _ = restored
-    return evaluate_sequence_task(exp, eval_params(exp, state), split, batch_size=batch_size)
+    return evaluate_sequence_task(
+        exp, eval_params(exp, state), split, batch_size=batch_size, model_state=state.model_state
+    )

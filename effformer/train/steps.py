@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from effformer.train.experiment import Experiment, compute_dtype
+from effformer.train.model_state import variables
 from effformer.train.schedules import train_kwargs_fn
 from effformer.train.state import TrainState
 
@@ -43,11 +44,11 @@ def make_train_step(exp: Experiment) -> Callable[[TrainState, Batch], tuple[Trai
     schedule_kwargs = train_kwargs_fn(config.model_schedules, exp.steps_per_epoch)
     ema_decay = float(config.ema_decay)
 
-    def micro_loss(params, batch, rng, model_kwargs):
+    def micro_loss(params, model_state, batch, rng, model_kwargs):
         if dtype != jnp.float32:
             params, batch = _cast_floats(params, dtype), _cast_floats(batch, dtype)
         outputs = model.apply(
-            {"params": params},
+            variables(params, model_state),
             **task.model_inputs(batch),
             train=True,
             rngs={"dropout": rng},
@@ -69,7 +70,11 @@ def make_train_step(exp: Experiment) -> Callable[[TrainState, Batch], tuple[Trai
             grads_sum, weight_sum, metric_sums = carry
             index, micro = inputs
             grads, (weight, metrics) = grad_fn(
-                state.params, micro, jax.random.fold_in(dropout_rng, index), model_kwargs
+                state.params,
+                state.model_state,
+                micro,
+                jax.random.fold_in(dropout_rng, index),
+                model_kwargs,
             )
             grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
             metric_sums = jax.tree.map(jnp.add, metric_sums, metrics)
@@ -78,7 +83,11 @@ def make_train_step(exp: Experiment) -> Callable[[TrainState, Batch], tuple[Trai
         zero_grads = jax.tree.map(jnp.zeros_like, state.params)
         metric_shapes = jax.eval_shape(
             lambda: micro_loss(
-                state.params, jax.tree.map(lambda x: x[0], micro_batches), dropout_rng, model_kwargs
+                state.params,
+                state.model_state,
+                jax.tree.map(lambda x: x[0], micro_batches),
+                dropout_rng,
+                model_kwargs,
             )
         )[1][1]
         zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
@@ -112,20 +121,27 @@ def make_train_step(exp: Experiment) -> Callable[[TrainState, Batch], tuple[Trai
     )
 
 
-def make_eval_step(exp: Experiment, model_kwargs: dict[str, float]) -> Callable[[Any, Batch], dict]:
-    """(params, batch) -> metric sums and weights, for exact accumulation over batches."""
+def make_eval_step(
+    exp: Experiment, model_kwargs: dict[str, float]
+) -> Callable[[Any, Any, Batch], dict]:
+    """(params, model_state, batch) -> metric sums and weights, for exact accumulation."""
     config, task, model = exp.config, exp.task, exp.model
     dtype = compute_dtype(config)
-    params_sharding = exp.state_shardings.params
+    shardings = exp.state_shardings
 
-    def eval_step(params: Any, batch: Batch) -> dict:
+    def eval_step(params: Any, model_state: Any, batch: Batch) -> dict:
         if dtype != jnp.float32:
             params, batch = _cast_floats(params, dtype), _cast_floats(batch, dtype)
         batch = task.prepare_batch(batch, jax.random.PRNGKey(0), train=False)
         outputs = model.apply(
-            {"params": params}, **task.model_inputs(batch), train=False, **model_kwargs
+            variables(params, model_state),
+            **task.model_inputs(batch),
+            train=False,
+            **model_kwargs,
         )
         _, _, metrics = task.loss_and_metrics(outputs, batch)
         return metrics
 
-    return jax.jit(eval_step, in_shardings=(params_sharding, exp.batch_sharding))
+    return jax.jit(
+        eval_step, in_shardings=(shardings.params, shardings.model_state, exp.batch_sharding)
+    )

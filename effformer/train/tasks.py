@@ -404,7 +404,11 @@ class LanguageModelTask(MatFormerTask):
 
 
 def evaluate_ffn_widths(
-    exp: Any, params: Any, ffn_widths: Sequence[Any], split: str | None = None
+    exp: Any,
+    params: Any,
+    ffn_widths: Sequence[Any],
+    split: str | None = None,
+    model_state: Any = None,
 ) -> dict[str, dict[str, float]]:
     """Evaluate a trained model at each of ``ffn_widths`` (MatFormer, Mix'n'Match).
 
@@ -414,7 +418,8 @@ def evaluate_ffn_widths(
     ``config.task.matformer_widths``); split: default the eval split. The model
     runs once per configuration on every eval batch.
     Returns ``{label: {metric: value}}`` over the whole split, labels as in the
-    metric names (``ffn_32-64``).
+    metric names (``ffn_32-64``). model_state: the run's variables besides
+    ``params``, if its model has some.
     """
     from effformer.train.evaluate import run_evaluation  # evaluate imports this module
 
@@ -429,7 +434,7 @@ def evaluate_ffn_widths(
     task = type(exp.task)(config, exp.info)
     if not task.granularities:
         raise ValueError("evaluate_ffn_widths: ffn_widths must name at least one configuration.")
-    metrics = run_evaluation(dataclasses.replace(exp, task=task), params, split)
+    metrics = run_evaluation(dataclasses.replace(exp, task=task), params, split, model_state)
     results: dict[str, dict[str, float]] = {}
     for granularity in task.granularities:
         prefix = granularity_label(granularity) + "/"

@@ -146,9 +146,14 @@ def save_teacher_logits(
     )
     model_kwargs = eval_kwargs(exp.config.model_schedules, exp.steps_per_epoch, exp.num_train_steps)
 
-    def top_probs(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    def top_probs(
+        params: Any, model_state: Any, batch: dict[str, jax.Array]
+    ) -> tuple[jax.Array, jax.Array]:
         logits = exp.model.apply(
-            {"params": params}, **exp.task.model_inputs(batch), train=False, **model_kwargs
+            {"params": params, **model_state},
+            **exp.task.model_inputs(batch),
+            train=False,
+            **model_kwargs,
         )
         if logits.ndim != 2:
             raise ValueError(
@@ -157,7 +162,14 @@ def save_teacher_logits(
             )
         return jax.lax.top_k(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), top_k)
 
-    forward = jax.jit(top_probs, in_shardings=(exp.state_shardings.params, exp.batch_sharding))
+    forward = jax.jit(
+        top_probs,
+        in_shardings=(
+            exp.state_shardings.params,
+            exp.state_shardings.model_state,
+            exp.batch_sharding,
+        ),
+    )
     pipeline = create_input_pipeline(
         data_config,
         split=split,
@@ -182,7 +194,11 @@ def save_teacher_logits(
             batch = next(pipeline)
             inputs = {"inputs": batch["inputs"]}
             values, indices = jax.device_get(
-                forward(teacher.params, sharding.global_batch(inputs, exp.batch_sharding))
+                forward(
+                    teacher.params,
+                    teacher.model_state,
+                    sharding.global_batch(inputs, exp.batch_sharding),
+                )
             )
             prints = np.asarray(
                 [fingerprint(x, y) for x, y in zip(batch["inputs"], batch["label"], strict=True)],

@@ -23,8 +23,9 @@ from effformer.train.checkpoint import Checkpointer, check_workdir_matches, save
 from effformer.train.config import validate_config
 from effformer.train.evaluate import eval_params, run_evaluation
 from effformer.train.experiment import build_experiment
-from effformer.train.init_from import init_from_workdir, load_source_params
+from effformer.train.init_from import init_from_workdir, load_source_state
 from effformer.train.metric_writers import MetricWriter, ProgressBar
+from effformer.train.model_state import make_model_state_update
 from effformer.train.steps import make_train_step
 from effformer.train.teacher_logits import check_teacher_store
 
@@ -98,10 +99,7 @@ def train_and_evaluate(
         if restored is None:
             state, step = exp.init_state(), 0
             if init_from_workdir(config):
-                params = load_source_params(config, exp.model, state.params)
-                state = state.replace(
-                    params=params, ema_params=params if config.ema_decay > 0 else None
-                )
+                state = load_source_state(config, exp.model, state)
         else:
             step, state, data_state = restored
             pipeline.set_state(data_state)
@@ -119,6 +117,7 @@ def _train_loop(exp, state, step, pipeline, checkpointer, writer, stop_after_ste
     config = exp.config
     total = exp.num_train_steps
     train_step = make_train_step(exp)
+    update_model_state = make_model_state_update(exp)
     batch_sharding = sharding.batch_sharding(exp.mesh)
     progress = ProgressBar(total, step, config.global_batch_size, enabled=config.progress_bar)
     first_step = step
@@ -127,11 +126,15 @@ def _train_loop(exp, state, step, pipeline, checkpointer, writer, stop_after_ste
     last_saved = step if step > 0 else None
 
     if step >= total:  # Already finished: report the final evaluation again.
-        eval_metrics = run_evaluation(exp, eval_params(exp, state))
+        eval_metrics = run_evaluation(exp, eval_params(exp, state), model_state=state.model_state)
         return {"step": step, "train": train_metrics, "eval": eval_metrics}
     with _StopSignal() as stop:
         while step < total:
             batch = sharding.global_batch(next(pipeline), batch_sharding)
+            if update_model_state is not None:
+                state, update_metrics = update_model_state(state, batch, step)
+                if update_metrics:
+                    writer.write(step, "model_state", jax.device_get(update_metrics))
             state, metrics = train_step(state, batch)
             step += 1
             train_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -149,7 +152,9 @@ def _train_loop(exp, state, step, pipeline, checkpointer, writer, stop_after_ste
                 progress.update(step, train_metrics["loss"], force_newline=is_last)
             eval_now = is_last or (config.eval_every_steps and step % config.eval_every_steps == 0)
             if eval_now:
-                eval_metrics = run_evaluation(exp, eval_params(exp, state))
+                eval_metrics = run_evaluation(
+                    exp, eval_params(exp, state), model_state=state.model_state
+                )
                 writer.write(step, "eval", eval_metrics)
                 if jax.process_index() == 0:
                     print(f"eval at step {step}: " + _format(eval_metrics), flush=True)

@@ -3,15 +3,16 @@
     .venv/bin/python experiments/ecoformer/run.py --seeds 0 1 \
         [--arms softmax ecoformer ecoformer_unfitted finetune] [--steps N]
 
-effformer's trainer keeps only parameters, so this script has its own loop,
-built from the library's parts (the data pipeline, the task's loss, the
-optimiser and schedule of the config), the same for every arm:
+This script predates the trainer's support for model state (the trainer now
+trains every arm but ``finetune``, see digits.py); it has its own loop, built
+from the library's parts (the data pipeline, the task's loss, the optimiser and
+schedule of the config), the same for every arm:
 
 * a jitted train step (forward with ``{"params", "hashing"}``, backward,
   AdamW update; the hash functions are inputs, not trained);
 * for the EcoFormer arms, a jitted refit at the steps the config asks
-  (``ecoformer.fit_at_start``, ``ecoformer.refit_every_steps``): the model runs on
-  the first ``ecoformer.fit_examples`` images of the batch with ``train=False``,
+  (``model_state.hashing.at_start``, ``.every_steps``): the model runs on the
+  first ``model_state.hashing.examples`` images of the batch with ``train=False``,
   every layer sows its unit queries, and
   :func:`effformer.mixers.ecoformer.refit_hashing` fits every layer's hash
   functions by KSH. Logged: each fit's agreement of the codes with the KSH labels
@@ -43,17 +44,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import traverse_util
 
 from effformer import models
 from effformer.data import create_input_pipeline, get_dataset_info
-from effformer.mixers.ecoformer import (
-    HASH_INPUTS,
-    HASHING,
-    HashFunctions,
-    hash_agreement,
-    refit_hashing,
-)
+from effformer.mixers.ecoformer import HASHING, hashing_agreement, refit_hashing
 from effformer.train.optim import create_optimizer
 from effformer.train.tasks import create_task
 
@@ -85,7 +79,7 @@ class Arm:
             config.num_epochs * steps_per_epoch
         )
         self.tx, _ = create_optimizer(config.optimizer, self.num_steps)
-        self.fit = dict(config.ecoformer)
+        self.fit = config.model_state.hashing.to_dict()
         self.train_step = jax.jit(self._train_step)
         self.refit = jax.jit(self._refit)
         self.eval_step = jax.jit(self._eval_step)
@@ -118,19 +112,10 @@ class Arm:
         )
         fit = {k: self.fit[k] for k in ("top_k", "learning_rate", "momentum", "iterations")}
         fitted = refit_hashing(key, hashing, state["intermediates"], **fit)
-        sown = traverse_util.flatten_dict(state["intermediates"])
-        layers = sorted({path[:-1] for path in traverse_util.flatten_dict(hashing)})
-        agreement = []
-        for functions in (hashing, fitted):
-            flat = traverse_util.flatten_dict(functions)
-            values = []
-            for layer in layers:
-                ((queries, valid),) = sown[layer + (HASH_INPUTS,)]
-                current = HashFunctions(*(flat[layer + (n,)] for n in HashFunctions._fields))
-                values.append(
-                    hash_agreement(queries, current, valid=valid, top_k=self.fit["top_k"])
-                )
-            agreement.append(jnp.mean(jnp.stack(values)))
+        agreement = [
+            hashing_agreement(functions, state["intermediates"], top_k=self.fit["top_k"])
+            for functions in (hashing, fitted)
+        ]
         return fitted, jnp.stack(agreement)
 
     def _eval_step(self, params, hashing, batch):
@@ -196,8 +181,8 @@ def train(arm: Arm, seed: int, params=None, steps: int | None = None) -> dict:
     for step in range(num_steps):
         batch = next(pipeline)
         refit_now = hashing is not None and (
-            (step == 0 and fit["fit_at_start"])
-            or (fit["refit_every_steps"] and step > 0 and step % fit["refit_every_steps"] == 0)
+            (step == 0 and fit["at_start"])
+            or (fit["every_steps"] and step > 0 and step % fit["every_steps"] == 0)
         )
         if refit_now:
             if step == 0 and fine_tuning:
@@ -206,7 +191,7 @@ def train(arm: Arm, seed: int, params=None, steps: int | None = None) -> dict:
             hashing, agreement = arm.refit(
                 params,
                 hashing,
-                jnp.asarray(batch["inputs"][: fit["fit_examples"]]),
+                jnp.asarray(batch["inputs"][: fit["examples"]]),
                 jax.random.fold_in(jax.random.fold_in(rng, 1 << 30), step),
             )
             agreement = np.asarray(agreement)

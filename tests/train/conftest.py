@@ -72,6 +72,12 @@ def make_config(data_dir):
 
 
 @pytest.fixture(scope="session")
+def session_make_config(data_dir):
+    """make_config for session- and module-scoped fixtures."""
+    return functools.partial(build_config, data_dir)
+
+
+@pytest.fixture(scope="session")
 def baseline_run(data_dir, tmp_path_factory):
     """One uninterrupted run on all 8 devices that several tests compare against."""
     from effformer.train import train_and_evaluate
