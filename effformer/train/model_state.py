@@ -1,14 +1,25 @@
 """A model's variables besides "params": which ones the trainer carries, and how it updates them.
 
-Some methods keep variables that the optimizer does not train. EcoFormer's hash
-functions (the ``"hashing"`` collection, :mod:`effformer.mixers.ecoformer`) are
-fitted by kernelised supervised hashing (KSH) to the attention the model itself
-computes, on one batch, now and then. The trainer carries such collections in
-``TrainState.model_state``, passes them to every ``model.apply`` (train, eval,
-restore), saves them in the checkpoints, and updates each one between
-optimizer steps with the updater registered for it in :data:`UPDATERS`. A model
-with a collection that has no updater (e.g. BatchNorm's ``"batch_stats"``) is
-refused when the experiment is built, before anything compiles.
+Some methods keep variables that the optimizer does not train. The trainer
+carries such collections in ``TrainState.model_state``, passes them to every
+``model.apply`` (train, eval, restore), saves them in the checkpoints, and
+updates each one in one of two ways:
+
+* **by the forward pass in training** (:data:`FORWARD_UPDATED`): BatchNorm's
+  running statistics (``"batch_stats"``). The train step applies the model with
+  the collection mutable and keeps what it returns; with gradient accumulation
+  the micro-batches update it one after the other. Under ``jit`` the batch axis
+  is one global axis however the mesh splits it, so BatchNorm's batch
+  statistics are over the whole (micro-)batch, on any number of devices.
+  Evaluation runs with ``train=False``: the model uses the running averages.
+* **between optimizer steps** by an updater (:data:`UPDATERS`): EcoFormer's hash
+  functions (the ``"hashing"`` collection, :mod:`effformer.mixers.ecoformer`),
+  fitted by kernelised supervised hashing (KSH) to the attention the model
+  itself computes, on one batch, now and then.
+
+A model with a collection that is in neither (for example ``"cache"``, which
+only decoding creates) is refused when the experiment is built, before
+anything compiles.
 
 ``"hashing"`` (config ``config.model_state.hashing``):
 
@@ -77,12 +88,13 @@ def validate_model_state_config(config: ml_collections.ConfigDict) -> None:
 
 def check_model_collections(config: ml_collections.ConfigDict, collections: set[str]) -> None:
     """Refuse a model whose non-parameter collections the trainer cannot update."""
-    unknown = sorted(collections - set(UPDATERS))
+    known = set(UPDATERS) | set(FORWARD_UPDATED)
+    unknown = sorted(collections - known)
     if unknown:
         raise ValueError(
             f"Model {config.model.name!r} creates variable collections {unknown} besides "
-            f"'params'; the trainer can only update {sorted(UPDATERS)} "
-            "(effformer.train.model_state.UPDATERS)."
+            f"'params'; the trainer can only carry {sorted(known)} "
+            "(effformer.train.model_state.UPDATERS and FORWARD_UPDATED)."
         )
     if HASHING in collections and config.model_state.hashing.examples > config.global_batch_size:
         raise ValueError(
@@ -167,16 +179,24 @@ class HashRefit:
 
 
 UPDATERS: dict[str, type] = {HASHING: HashRefit}
+# Collections the model's forward pass updates when applied with train=True.
+FORWARD_UPDATED = ("batch_stats",)
+
+
+def forward_updated(model_state: Mapping[str, Any]) -> list[str]:
+    """The collections of ``model_state`` that the train step's forward pass updates."""
+    return [name for name in FORWARD_UPDATED if name in model_state]
 
 
 def make_model_state_update(
     exp: Any,
 ) -> Callable[[Any, Batch, int], tuple[Any, dict[str, jax.Array]]] | None:
     """(state, batch, step) -> (state, metrics): every collection whose updater is due at ``step``
-    updated from ``batch`` (the batch of that step); None when the model has no model state."""
+    updated from ``batch`` (the batch of that step); None when the model has no collection
+    with an updater."""
     from effformer.train.schedules import train_kwargs_fn
 
-    collections = sorted(exp.abstract_state.model_state)
+    collections = sorted(set(exp.abstract_state.model_state) & set(UPDATERS))
     if not collections:
         return None
     model_kwargs = train_kwargs_fn(exp.config.model_schedules, exp.steps_per_epoch)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from effformer.train.experiment import Experiment, compute_dtype
-from effformer.train.model_state import variables
+from effformer.train.model_state import forward_updated, variables
 from effformer.train.schedules import train_kwargs_fn
 from effformer.train.state import TrainState
 
@@ -44,6 +44,9 @@ def make_train_step(exp: Experiment) -> Callable[[TrainState, Batch], tuple[Trai
     schedule_kwargs = train_kwargs_fn(config.model_schedules, exp.steps_per_epoch)
     ema_decay = float(config.ema_decay)
 
+    # Collections the forward pass updates in training (BatchNorm's running statistics).
+    mutable = forward_updated(exp.abstract_state.model_state)
+
     def micro_loss(params, model_state, batch, rng, model_kwargs):
         if dtype != jnp.float32:
             params, batch = _cast_floats(params, dtype), _cast_floats(batch, dtype)
@@ -52,10 +55,20 @@ def make_train_step(exp: Experiment) -> Callable[[TrainState, Batch], tuple[Trai
             **task.model_inputs(batch),
             train=True,
             rngs={"dropout": rng},
+            mutable=mutable or False,  # flax returns (outputs, {}) for an empty list
             **model_kwargs,
         )
+        if mutable:
+            outputs, updated = outputs
+            # Keep the stored dtypes (a bfloat16 forward must not change the carried state's).
+            updated = jax.tree.map(
+                lambda new, old: new.astype(old.dtype),
+                dict(updated),
+                {name: model_state[name] for name in updated},
+            )
+            model_state = {**model_state, **updated}
         loss_sum, weight, metrics = task.loss_and_metrics(outputs, batch)
-        return loss_sum, (weight, metrics)
+        return loss_sum, (weight, metrics, model_state)
 
     grad_fn = jax.grad(micro_loss, has_aux=True)
 
@@ -67,18 +80,19 @@ def make_train_step(exp: Experiment) -> Callable[[TrainState, Batch], tuple[Trai
         micro_batches = _split_micro(batch, accum)
 
         def accumulate(carry, inputs):
-            grads_sum, weight_sum, metric_sums = carry
+            grads_sum, weight_sum, metric_sums, model_state = carry
             index, micro = inputs
-            grads, (weight, metrics) = grad_fn(
+            # Micro-batches update forward-updated collections one after the other.
+            grads, (weight, metrics, model_state) = grad_fn(
                 state.params,
-                state.model_state,
+                model_state,
                 micro,
                 jax.random.fold_in(dropout_rng, index),
                 model_kwargs,
             )
             grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
             metric_sums = jax.tree.map(jnp.add, metric_sums, metrics)
-            return (grads_sum, weight_sum + weight, metric_sums), None
+            return (grads_sum, weight_sum + weight, metric_sums, model_state), None
 
         zero_grads = jax.tree.map(jnp.zeros_like, state.params)
         metric_shapes = jax.eval_shape(
@@ -91,9 +105,9 @@ def make_train_step(exp: Experiment) -> Callable[[TrainState, Batch], tuple[Trai
             )
         )[1][1]
         zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
-        (grads, weight, metric_sums), _ = jax.lax.scan(
+        (grads, weight, metric_sums, model_state), _ = jax.lax.scan(
             accumulate,
-            (zero_grads, jnp.zeros((), jnp.float32), zero_metrics),
+            (zero_grads, jnp.zeros((), jnp.float32), zero_metrics, state.model_state),
             (jnp.arange(accum), micro_batches),
         )
         grads = jax.tree.map(lambda g: g / jnp.maximum(weight, 1.0), grads)
@@ -109,7 +123,11 @@ def make_train_step(exp: Experiment) -> Callable[[TrainState, Batch], tuple[Trai
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics.update({f"schedule/{name}": value for name, value in model_kwargs.items()})
         new_state = state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            ema_params=ema,
+            model_state=model_state,
         )
         return new_state, metrics
 

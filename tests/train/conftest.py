@@ -39,6 +39,31 @@ def test_tiny_classifier(**overrides) -> nn.Module:
     return TinyClassifier(**overrides)
 
 
+class TinyBatchNormClassifier(nn.Module):
+    """Flatten -> BatchNorm -> Dense: the running statistics are those of the raw pixels."""
+
+    num_classes: int = 10
+    image_size: int = 8
+    num_channels: int = 1
+
+    def dummy_inputs(self, batch_size: int) -> dict:
+        return {
+            "inputs": jnp.zeros((batch_size, self.image_size, self.image_size, self.num_channels))
+        }
+
+    @nn.compact
+    def __call__(self, inputs, *, train: bool = False):
+        x = inputs.reshape(inputs.shape[0], -1)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        return nn.Dense(self.num_classes)(x)
+
+
+@register("test_tiny_batch_norm_classifier", tiny={})
+def test_tiny_batch_norm_classifier(**overrides) -> nn.Module:
+    """Test-only classifier with a BatchNorm."""
+    return TinyBatchNormClassifier(**overrides)
+
+
 def build_config(data_dir: str, **changes) -> ml_collections.ConfigDict:
     """A 6-step run of the tiny classifier on digits; ``a__b=v`` sets ``config.a.b = v``."""
     config = default_config()

@@ -7,6 +7,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from effformer.data import create_input_pipeline
 from effformer.mixers.ecoformer import HASHING
 from effformer.train import restore, train_and_evaluate
 from effformer.train.checkpoint import Checkpointer
@@ -126,14 +127,16 @@ def test_parameter_only_checkpoints_keep_their_layout(baseline_run, tmp_path):
 
 
 def test_unknown_collections_are_refused(make_config):
-    class WithBatchNorm(nn.Module):
+    class Counting(nn.Module):
         @nn.compact
-        def __call__(self, inputs, train: bool = False):
-            return nn.BatchNorm(use_running_average=not train)(inputs)
+        def __call__(self, inputs):
+            count = self.variable("counters", "calls", lambda: jnp.zeros((), jnp.int32))
+            count.value += 1
+            return inputs
 
-    variables = WithBatchNorm().init(jax.random.PRNGKey(0), jnp.zeros((2, 3)))
+    variables = Counting().init(jax.random.PRNGKey(0), jnp.zeros((2, 3)))
     config = make_config()
-    with pytest.raises(ValueError, match=r"collections \['batch_stats'\].*can only update"):
+    with pytest.raises(ValueError, match=r"collections \['counters'\].*can only carry"):
         check_model_collections(config, set(variables) - {"params"})
     config.model_state.hashing.examples = 64
     with pytest.raises(ValueError, match="examples=64 must be at most"):
@@ -159,3 +162,41 @@ def test_init_from_copies_the_source_hash_functions(eco_run, session_make_config
     source = restore(source_dir)
     _leaves_equal(started.model_state, source.model_state)
     _leaves_equal(started.params, source.params)
+
+
+def _batch_norm_config(make_config, **changes):
+    return make_config(model__name="test_tiny_batch_norm_classifier", num_train_steps=1, **changes)
+
+
+def _first_train_batch(config) -> np.ndarray:
+    pipeline = create_input_pipeline(
+        config.data,
+        split="train",
+        global_batch_size=config.global_batch_size,
+        train=True,
+        seed=config.seed,
+    )
+    return np.asarray(next(pipeline)["inputs"], np.float64).reshape(config.global_batch_size, -1)
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_batch_norm_statistics_are_over_the_global_batch(make_config, tmp_path, devices):
+    """One step from zero-mean/unit-variance running stats with momentum 0.9: the stored
+    mean is 0.1 x the mean of the whole batch's pixels, on 1 device or split over 8."""
+    config = _batch_norm_config(make_config, mesh__num_devices=devices)
+    train_and_evaluate(config, tmp_path)
+    stats = restore(tmp_path).model_state["batch_stats"]["BatchNorm_0"]
+    inputs = _first_train_batch(config)
+    np.testing.assert_allclose(stats["mean"], 0.1 * inputs.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * inputs.var(0), rtol=1e-5, atol=1e-6)
+
+
+def test_batch_norm_micro_batches_update_in_sequence(make_config, tmp_path):
+    """With 2 micro-batches the running mean takes the first's mean, then the second's."""
+    config = _batch_norm_config(make_config, grad_accum_steps=2)
+    train_and_evaluate(config, tmp_path)
+    stats = restore(tmp_path).model_state["batch_stats"]["BatchNorm_0"]
+    inputs = _first_train_batch(config)
+    first, second = inputs[0::2], inputs[1::2]  # example i goes to micro-batch i mod 2
+    expected = 0.9 * (0.1 * first.mean(0)) + 0.1 * second.mean(0)
+    np.testing.assert_allclose(stats["mean"], expected, rtol=1e-5, atol=1e-6)
