@@ -26,18 +26,18 @@ in the original the padded positions are ordinary keys (not masked); their
 outputs are cropped. The attention itself is
 :func:`effformer.ops.attention.dot_product_attention` with that ``bias``.
 
-Where this differs from the original, and why: every convolution there is
-followed by BatchNorm (``Conv2d_BN``). The trainer applies models with
-``{"params": ...}`` alone and keeps no ``batch_stats`` collection, so BatchNorm
-could not train here. Each of those norms is instead a LayerNorm over the
-channels at each position (epsilon 1e-5 as BatchNorm's), with a learned
-per-channel scale and offset: the same 2 parameters per channel as
-BatchNorm's affine, so parameter counts are the original's, but the
-statistics are per example and position, not per batch, and there are no
-running averages (nothing to fold into the convolution at inference). The
-original's zero initialisation of the scale after MBConv's projection
-(``bn_weight_init=0``) is kept, so each MBConv block starts as
-``GELU(x)``. Other initialisations follow the original: linear layers
+Every convolution in the original is followed by BatchNorm (``Conv2d_BN``).
+``conv_norm="batch_norm"`` is that: running statistics in the ``batch_stats``
+collection (PyTorch's momentum 0.1, epsilon 1e-5), which the trainer updates in
+the train step over the whole batch and evaluation uses. The default,
+``conv_norm="layer_norm"``, is what this library had before its trainer could
+carry ``batch_stats``, kept so earlier runs restore: a LayerNorm over the
+channels at each position (epsilon 1e-5) with a learned per-channel scale and
+offset, the same 2 parameters per channel as BatchNorm's affine (parameter
+counts are the original's either way) but statistics per example and position
+and no running averages. The original's zero initialisation of the scale after
+MBConv's projection (``bn_weight_init=0``) is kept with both, so each MBConv
+block starts as ``GELU(x)``. Other initialisations follow the original: linear layers
 truncated normal (std 0.02) with zero biases, convolutions PyTorch's default
 (uniform, bound ``1 / sqrt(fan_in)``), attention biases zero.
 
@@ -62,6 +62,7 @@ tests/models/test_tinyvit.py):
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -130,15 +131,19 @@ def window_merge(windows: Array, window_size: int, height: int, width: int) -> A
     return x.reshape(-1, height, width, channels)
 
 
-class ConvNorm(nn.Module):
-    """Convolution without bias, then a per-position channel LayerNorm with its own affine.
+CONV_NORMS = ("layer_norm", "batch_norm")
 
-    Stands in for the original's ``Conv2d_BN`` (see the module docstring).
+
+class ConvNorm(nn.Module):
+    """Convolution without bias, then a norm with a per-channel affine: the original's
+    ``Conv2d_BN`` (``norm="batch_norm"``) or a per-position channel LayerNorm (module
+    docstring).
 
     Attributes:
       features, kernel_size, stride, groups: the convolution; padding is
         ``kernel_size // 2`` on every side (PyTorch-style explicit padding).
       scale_init: initial value of the norm's scale (the original's ``bn_weight_init``).
+      norm: one of :data:`CONV_NORMS`.
     """
 
     features: int
@@ -147,11 +152,16 @@ class ConvNorm(nn.Module):
     groups: int = 1
     scale_init: float = 1.0
     epsilon: float = 1e-5
+    norm: str = "layer_norm"
     dtype: Dtype | None = None
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
-        """x: [B, H, W, C] -> [B, ceil(H / stride), ceil(W / stride), features] (odd kernels)."""
+    def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
+        """x: [B, H, W, C] -> [B, ceil(H / stride), ceil(W / stride), features] (odd kernels).
+
+        ``deterministic``: with BatchNorm, use the running statistics (evaluation) instead
+        of the batch's (training, which updates them).
+        """
         pad = self.kernel_size // 2
         x = nn.Conv(
             self.features,
@@ -164,9 +174,20 @@ class ConvNorm(nn.Module):
             dtype=self.dtype,
             name="conv",
         )(x)
-        # The library's LayerNorm normalises (in float32); the affine is this module's
-        # own so that its scale can start at zero.
-        y = LayerNorm(self.epsilon, use_scale=False, use_bias=False, dtype=jnp.float32)(x)
+        if self.norm == "batch_norm":
+            y = nn.BatchNorm(
+                use_running_average=deterministic,
+                momentum=0.9,  # PyTorch's momentum 0.1
+                epsilon=self.epsilon,
+                use_scale=False,
+                use_bias=False,
+                dtype=jnp.float32,
+                name="batch_norm",
+            )(x)
+        else:
+            # The library's LayerNorm normalises (in float32); the affine is this module's
+            # own so that its scale can start at zero.
+            y = LayerNorm(self.epsilon, use_scale=False, use_bias=False, dtype=jnp.float32)(x)
         scale = self.param(
             "scale", nn.initializers.constant(self.scale_init), (self.features,), jnp.float32
         )
@@ -178,6 +199,7 @@ class MBConv(nn.Module):
     """``GELU(x + drop_path(ConvNorm1x1(GELU(ConvNorm_dw3x3(GELU(ConvNorm1x1(x)))))))``."""
 
     expand_ratio: float = 4.0
+    conv_norm: str = "layer_norm"
     dtype: Dtype | None = None
 
     @nn.compact
@@ -187,9 +209,10 @@ class MBConv(nn.Module):
         """x: [B, H, W, C] -> [B, H, W, C]."""
         channels = x.shape[-1]
         hidden = int(channels * self.expand_ratio)
-        y = _gelu(ConvNorm(hidden, dtype=self.dtype, name="expand")(x))
-        y = _gelu(ConvNorm(hidden, 3, groups=hidden, dtype=self.dtype, name="depthwise")(y))
-        y = ConvNorm(channels, scale_init=0.0, dtype=self.dtype, name="project")(y)
+        conv = functools.partial(ConvNorm, norm=self.conv_norm, dtype=self.dtype)
+        y = _gelu(conv(hidden, name="expand")(x, deterministic=deterministic))
+        y = conv(hidden, 3, groups=hidden, name="depthwise")(y, deterministic=deterministic)
+        y = conv(channels, scale_init=0.0, name="project")(_gelu(y), deterministic=deterministic)
         y = DropPath()(y, deterministic=deterministic, rate=drop_path_rate)
         return _gelu(x + y)
 
@@ -198,16 +221,16 @@ class PatchMerging(nn.Module):
     """1x1 ConvNorm, GELU, 3x3 stride-2 depthwise ConvNorm, GELU, 1x1 ConvNorm."""
 
     features: int
+    conv_norm: str = "layer_norm"
     dtype: Dtype | None = None
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
         """x: [B, H, W, C] -> [B, ceil(H / 2), ceil(W / 2), features]."""
-        x = _gelu(ConvNorm(self.features, dtype=self.dtype, name="conv1")(x))
-        x = ConvNorm(
-            self.features, 3, stride=2, groups=self.features, dtype=self.dtype, name="conv2"
-        )(x)
-        return ConvNorm(self.features, dtype=self.dtype, name="conv3")(_gelu(x))
+        conv = functools.partial(ConvNorm, self.features, norm=self.conv_norm, dtype=self.dtype)
+        x = _gelu(conv(name="conv1")(x, deterministic=deterministic))
+        x = conv(3, stride=2, groups=self.features, name="conv2")(x, deterministic=deterministic)
+        return conv(name="conv3")(_gelu(x), deterministic=deterministic)
 
 
 class WindowAttention(nn.Module):
@@ -286,6 +309,7 @@ class TinyViTBlock(nn.Module):
     local_conv_size: int = 3
     dropout_rate: float = 0.0
     norm_epsilon: float = 1e-5
+    conv_norm: str = "layer_norm"
     attention_implementation: str | None = None
     dtype: Dtype | None = None
 
@@ -307,8 +331,13 @@ class TinyViTBlock(nn.Module):
             y, deterministic=deterministic, rate=drop_path_rate
         )
         x = ConvNorm(
-            channels, self.local_conv_size, groups=channels, dtype=self.dtype, name="local_conv"
-        )(x)
+            channels,
+            self.local_conv_size,
+            groups=channels,
+            norm=self.conv_norm,
+            dtype=self.dtype,
+            name="local_conv",
+        )(x, deterministic=deterministic)
         y = LayerNorm(self.norm_epsilon, dtype=self.dtype, name="mlp_norm")(x)
         y = MLP(
             int(channels * self.mlp_ratio),
@@ -338,6 +367,9 @@ class TinyViT(nn.Module):
       drop_path_rate: stochastic depth of the last block; block k of all
         ``sum(depths)`` (MBConv blocks included) drops with ``rate * k / (n - 1)``.
       norm_epsilon: every LayerNorm's epsilon (PyTorch's 1e-5).
+      conv_norm: the norm after every convolution, one of :data:`CONV_NORMS`:
+        ``"batch_norm"`` as the original (a ``batch_stats`` collection), or
+        ``"layer_norm"`` per position (the default; module docstring).
       attention_implementation: passed to ``dot_product_attention``.
     """
 
@@ -354,6 +386,7 @@ class TinyViT(nn.Module):
     dropout_rate: float = 0.0
     drop_path_rate: float = 0.1
     norm_epsilon: float = 1e-5
+    conv_norm: str = "layer_norm"
     attention_implementation: str | None = None
     dtype: Dtype | None = None
 
@@ -381,6 +414,10 @@ class TinyViT(nn.Module):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: {field} must be a positive int, got {value!r}.")
+        if self.conv_norm not in CONV_NORMS:
+            raise ValueError(
+                f"{name}: conv_norm must be one of {CONV_NORMS}, got {self.conv_norm!r}."
+            )
         stages = self.num_stages
         if stages < 1:
             raise ValueError(f"{name}: depths must have at least one stage, got {self.depths!r}.")
@@ -447,8 +484,9 @@ class TinyViT(nn.Module):
         self._check_inputs(inputs)
         deterministic = not train
         width = self.embed_dims[0]
-        x = _gelu(ConvNorm(width // 2, 3, stride=2, dtype=self.dtype, name="stem_conv1")(inputs))
-        x = ConvNorm(width, 3, stride=2, dtype=self.dtype, name="stem_conv2")(x)
+        conv = functools.partial(ConvNorm, norm=self.conv_norm, dtype=self.dtype)
+        x = conv(width // 2, 3, stride=2, name="stem_conv1")(inputs, deterministic=deterministic)
+        x = conv(width, 3, stride=2, name="stem_conv2")(_gelu(x), deterministic=deterministic)
 
         max_rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
         total = sum(self.depths)
@@ -460,7 +498,12 @@ class TinyViT(nn.Module):
                 rate = max_rate * fraction
                 name = f"stage_{stage}_block_{j}"
                 if stage == 0:
-                    block = MBConv(self.mbconv_expand_ratio, dtype=self.dtype, name=name)
+                    block = MBConv(
+                        self.mbconv_expand_ratio,
+                        conv_norm=self.conv_norm,
+                        dtype=self.dtype,
+                        name=name,
+                    )
                 else:
                     block = TinyViTBlock(
                         self.num_heads[stage],
@@ -469,6 +512,7 @@ class TinyViT(nn.Module):
                         local_conv_size=self.local_conv_size,
                         dropout_rate=self.dropout_rate,
                         norm_epsilon=self.norm_epsilon,
+                        conv_norm=self.conv_norm,
                         attention_implementation=self.attention_implementation,
                         dtype=self.dtype,
                         name=name,
@@ -477,8 +521,11 @@ class TinyViT(nn.Module):
                 block_index += 1
             if stage + 1 < self.num_stages:
                 x = PatchMerging(
-                    self.embed_dims[stage + 1], dtype=self.dtype, name=f"stage_{stage}_merge"
-                )(x)
+                    self.embed_dims[stage + 1],
+                    conv_norm=self.conv_norm,
+                    dtype=self.dtype,
+                    name=f"stage_{stage}_merge",
+                )(x, deterministic=deterministic)
 
         pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
         pooled = LayerNorm(self.norm_epsilon, dtype=self.dtype, name="head_norm")(pooled)

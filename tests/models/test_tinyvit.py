@@ -10,6 +10,7 @@ import pytest
 
 from effformer import models
 from effformer.models.tinyvit import (
+    ConvNorm,
     MBConv,
     TinyViT,
     TinyViTBlock,
@@ -73,6 +74,36 @@ def test_parameter_counts_equal_the_original(name, by_hand, exact, published):
     assert by_hand == exact
     assert round(exact / 1e6, 1 if exact < 1e7 else 0) * 1e6 == published
     assert _param_count(models.create(name)) == exact
+
+
+def test_batch_norm_variant_has_the_original_parameters_and_running_statistics():
+    model = models.create("tinyvit_5m", conv_norm="batch_norm")
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **model.dummy_inputs(1)))
+    assert sum(x.size for x in jax.tree.leaves(variables["params"])) == COUNTS[0][2]
+    # Every Conv2d_BN keeps a running mean and variance per output channel of its conv.
+    flat = jax.tree_util.tree_flatten_with_path(variables["params"])[0]
+    conv_channels = sum(
+        leaf.shape[-1]
+        for path, leaf in flat
+        if jax.tree_util.keystr(path).endswith("['conv']['kernel']")
+    )
+    assert sum(x.size for x in jax.tree.leaves(variables["batch_stats"])) == 2 * conv_channels
+
+
+def test_conv_norm_batch_norm_uses_batch_statistics_in_training_and_running_ones_after():
+    layer = ConvNorm(3, kernel_size=1, norm="batch_norm")
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 2, 2, 5)) * 3.0 + 1.0
+    variables = layer.init(jax.random.PRNGKey(1), x)
+    kernel = np.asarray(variables["params"]["conv"]["kernel"], np.float64)[0, 0]
+    conv = np.einsum("bhwc,cd->bhwd", np.asarray(x, np.float64), kernel)
+    mean, var = conv.mean((0, 1, 2)), conv.var((0, 1, 2))
+    y, updated = layer.apply(variables, x, deterministic=False, mutable=["batch_stats"])
+    np.testing.assert_allclose(y, (conv - mean) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-5)
+    stats = updated["batch_stats"]["batch_norm"]
+    np.testing.assert_allclose(stats["mean"], 0.1 * mean, rtol=1e-5, atol=1e-6)
+    # Evaluation: the running statistics (fresh: mean 0, variance 1), not the batch's.
+    y_eval = layer.apply(variables, x, deterministic=True)
+    np.testing.assert_allclose(y_eval, conv / np.sqrt(1 + 1e-5), rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------- window attention
@@ -301,6 +332,7 @@ def test_tiny_model_trains_one_step_on_digits():
         (dict(window_sizes=(1, 2, 2)), r"window_sizes must have one entry per stage \(4"),
         (dict(window_sizes=(1, 0, 2, 2)), r"window_sizes\[1\] must be a positive int, got 0"),
         (dict(embed_dims=(7, 16, 16, 16)), r"embed_dims\[0\] must be even"),
+        (dict(conv_norm="group_norm"), r"conv_norm must be one of \('layer_norm', 'batch_norm'\)"),
     ],
 )
 def test_bad_configurations_name_the_field(overrides, message):
