@@ -342,6 +342,7 @@ class TransformerLM(_LMBase):
         ffn_widths: FfnWidths = None,
         ffn_granularities: Sequence[FfnWidths] | None = None,
         layer_gates: Array | None = None,
+        input_embeddings: Array | None = None,
     ) -> Array:
         """inputs [B, L] int -> logits [B, L, vocab] ([B, num_classes] for a classifier).
 
@@ -360,9 +361,14 @@ class TransformerLM(_LMBase):
         every residual branch of layer i is multiplied by its gate, so 0 removes the
         layer and 1 runs it (``effformer.models.lm_layers``; pre-norm only); None: no
         gates, the code without them.
+
+        input_embeddings [B, L, embed_dim]: added to the token embeddings before the
+        layer stack (SOLO adds its image patches' embeddings this way,
+        ``effformer.models.solo``); None: the code without them.
         """
         self._validate(inputs, segment_ids, positions, prefix_lengths, decode)
         owner = f"TransformerLM(kind={self.kind!r})"
+        _check_like(owner, "input_embeddings", input_embeddings, (*inputs.shape, self.embed_dim))
         check_layer_gates(owner, layer_gates, self.num_layers, inputs.shape[0], self.ordering)
         runs = self._granularities(ffn_widths, ffn_granularities, decode, self.num_layers)
         batch, length = inputs.shape
@@ -384,6 +390,8 @@ class TransformerLM(_LMBase):
                             prefix_lm=self.kind == "prefix_lm")  # fmt: skip
         head = self._output_head(embedding, segment_ids, batch, length)
         embedded = embedding(inputs)
+        if input_embeddings is not None:
+            embedded = embedded + input_embeddings.astype(embedded.dtype)
         outputs = [
             head(
                 stack(
