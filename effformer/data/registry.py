@@ -210,6 +210,7 @@ def _import_generated_datasets() -> None:
     # module, so they are imported here, on the first lookup, rather than at the top.
     importlib.import_module("effformer.data.tasks")
     importlib.import_module("effformer.data.digits_pixels")
+    importlib.import_module("effformer.data.digits_vqa")
     importlib.import_module("effformer.data.text_bytes")
 
 
