@@ -552,4 +552,4 @@ class Seq2SeqTask(LanguageModelTask):
 
 # Tasks that live in their own modules register themselves on import; importing them
 # here lets every run (and `effformer eval` on a saved config) find them by name.
-from effformer.train import ia_red_task  # noqa: E402, F401
+from effformer.train import ia_red_task, solo_task  # noqa: E402, F401
