@@ -104,6 +104,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.init_from.workdir = ""  # The source run's workdir; "" starts from scratch.
     config.init_from.step = 0  # Its checkpoint step; 0: the latest.
     config.init_from.reinit = ""  # Comma-separated top-level modules to keep fresh, e.g. "head".
+    config.init_from.rename = ""  # Source:target top-level module names, e.g. "decoder:encoder".
     return config
 
 

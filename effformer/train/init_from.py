@@ -4,6 +4,11 @@
 run's own workdir holds no checkpoint yet, its fresh parameters are replaced by
 that run's, leaf by leaf:
 
+* the source's top-level modules named in ``config.init_from.rename``
+  (comma-separated ``source:target`` pairs) take the target's names first: a
+  language model's layer stack is ``decoder`` in a causal model and ``encoder``
+  in a bidirectional one, so ``"decoder:encoder"`` starts an encoder from a
+  decoder's layers (Ettin's cross-objective training, ``experiments/ettin``);
 * a parameter whose top-level module is listed in ``config.init_from.reinit``
   (comma-separated, e.g. ``"head"`` for a new class count) keeps its fresh
   initialisation;
@@ -26,6 +31,7 @@ that checkpoint and never reads the source again.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +52,28 @@ def reinit_modules(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     return tuple(name.strip() for name in config.init_from.reinit.split(",") if name.strip())
 
 
+def rename_modules(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """``config.init_from.rename`` as {source top-level module: target top-level module}."""
+    text = config.init_from.get("rename", "") or ""
+    pairs = [item.strip() for item in text.split(",") if item.strip()]
+    renames: dict[str, str] = {}
+    for pair in pairs:
+        source, sep, target = (part.strip() for part in pair.partition(":"))
+        if not sep or not source or not target or source in renames:
+            raise ValueError(
+                "config.init_from.rename must be comma-separated source:target pairs of "
+                f"top-level module names, each source once (e.g. 'decoder:encoder'), got {text!r}."
+            )
+        renames[source] = target
+    return renames
+
+
 def validate_init_from(config: ml_collections.ConfigDict) -> None:
     """Fail before any compilation when ``config.init_from`` cannot work."""
     source = init_from_workdir(config)
     if not source:
         return
+    rename_modules(config)
     if not (Path(source) / CONFIG_FILE).is_file():
         raise ValueError(
             f"config.init_from.workdir={source!r} holds no {CONFIG_FILE}: it must be the workdir "
@@ -128,7 +151,12 @@ def _load_source(config: ml_collections.ConfigDict, target_model: Any, target_pa
     params = state.ema_params if source_config.ema_decay > 0 else state.params
     logging.info("Initialising from %s, step %d.", source_dir, step)
     adapted = adapt_params(
-        params, source.model, target_model, target_params, reinit_modules(config)
+        params,
+        source.model,
+        target_model,
+        target_params,
+        reinit_modules(config),
+        rename_modules(config),
     )
     shardings = jax.tree.map(lambda x: x.sharding, target_params)
     return jax.device_put(adapted, shardings), dict(state.model_state)
@@ -140,10 +168,12 @@ def adapt_params(
     target_model: Any,
     target_params: Any,
     reinit: tuple[str, ...] = (),
+    rename: Mapping[str, str] | None = None,
 ) -> Any:
     """Map ``source_params`` onto the structure and shapes of ``target_params``.
 
-    See the module docstring for the rules. Pure: no checkpoint I/O.
+    ``rename``: {source top-level module: target name}, applied first. See the
+    module docstring for the rules. Pure: no checkpoint I/O.
     """
     from effformer.models.vit import VisionTransformer, interpolate_position_embedding
 
@@ -153,7 +183,20 @@ def adapt_params(
             f"config.init_from.reinit names {unknown}, which are not top-level modules of the "
             f"target model; its modules are {sorted(target_params)}."
         )
-    source_params = dict(source_params)
+    rename = dict(rename or {})
+    missing = [name for name in rename if name not in source_params]
+    if missing:
+        raise ValueError(
+            f"config.init_from.rename names {missing}, which are not top-level modules of the "
+            f"source checkpoint; its modules are {sorted(source_params)}."
+        )
+    renamed = [rename.get(name, name) for name in source_params]
+    if len(set(renamed)) != len(renamed):
+        raise ValueError(
+            f"config.init_from.rename={rename} gives two source modules the same name: "
+            f"{sorted(renamed)}."
+        )
+    source_params = {rename.get(name, name): value for name, value in source_params.items()}
     if (
         isinstance(source_model, VisionTransformer)
         and isinstance(target_model, VisionTransformer)

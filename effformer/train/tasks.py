@@ -170,6 +170,11 @@ class ClassificationTask(MatFormerTask):
     name = "image_classification"
     required_keys = ("inputs", "label")
 
+    @property
+    def num_classes(self) -> int:
+        """The number of classes the labels range over (the data's)."""
+        return self.info.num_classes
+
     def model_overrides(self) -> dict[str, Any]:
         overrides: dict[str, Any] = {"num_classes": self.info.num_classes}
         if len(self.info.input_shape) == 3:  # images [H, W, C]
@@ -188,7 +193,7 @@ class ClassificationTask(MatFormerTask):
         return self.config.mixup_alpha > 0 or self.config.cutmix_alpha > 0
 
     def prepare_batch(self, batch: Batch, rng: Array, train: bool) -> Batch:
-        num_classes = self.info.num_classes
+        num_classes = self.num_classes
         smoothing = self.config.label_smoothing if train else 0.0
         targets = smoothed_one_hot(batch["label"], num_classes, smoothing)
         batch = dict(batch, targets=targets)
@@ -315,6 +320,51 @@ class DistillationTask(ClassificationTask):
         return metrics["loss"][0], count, metrics
 
 
+@register_task
+class LMClassificationTask(ClassificationTask):
+    """Classification of token sequences by a language model's classifier head.
+
+    Batch: ``inputs`` [b, L] int token ids, ``label`` [b] int; optional
+    ``segment_ids`` / ``positions`` (packing). The model is a language model
+    with a classifier (``TransformerLM`` with ``num_classes``: logits [b, C]
+    from its pooled hidden states), an encoder or a decoder. Token datasets
+    describe their vocabulary, not the labels (``digits_pixels``' ``num_classes``
+    is its vocabulary), so the class count is ``config.task.num_classes`` and
+    the vocabulary is the data's or ``config.task.vocab_size``, as in the
+    language-model tasks (:func:`model_vocab_size`). Label smoothing as in
+    :class:`ClassificationTask`; no Mixup.
+    """
+
+    name = "lm_classification"
+
+    def __init__(self, config: ml_collections.ConfigDict, dataset_info: Any):
+        super().__init__(config, dataset_info)
+        classes = config.get("num_classes", 0) if config is not None else 0
+        if isinstance(classes, bool) or not isinstance(classes, numbers.Integral) or classes < 2:
+            raise ValueError(
+                f"config.task.num_classes must be an int >= 2 (the labels' classes) for task "
+                f"{self.name!r}, got {classes!r}."
+            )
+        self._num_classes = int(classes)
+        self.vocab_size = model_vocab_size(config, dataset_info)
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
+
+    def model_overrides(self) -> dict[str, Any]:
+        overrides: dict[str, Any] = {"num_classes": self._num_classes}
+        if self.vocab_size:
+            overrides["vocab_size"] = self.vocab_size
+        return overrides
+
+    def _mixing(self) -> bool:
+        return False
+
+    def base_inputs(self, batch: Batch) -> dict[str, Array]:
+        return _sequence_inputs(batch, ("inputs", "segment_ids", "positions"))
+
+
 def _token_loss(logits: Array, targets: Array, weights: Array) -> tuple[Array, Array, Metrics]:
     logits = logits.astype(jnp.float32)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
@@ -391,16 +441,45 @@ def matformer_granularities(config: ml_collections.ConfigDict) -> tuple[Any, ...
     return granularities
 
 
-class LanguageModelTask(MatFormerTask):
-    """Base of the token-level tasks: the vocabulary from the data, MatFormer granularities.
+def model_vocab_size(config: ml_collections.ConfigDict | None, info: Any) -> int | None:
+    """The language model's vocabulary: ``config.vocab_size`` when set (> 0), else the data's.
 
-    Subclasses define :meth:`base_inputs` and :meth:`output_loss` for one
-    model output (:class:`MatFormerTask`).
+    ``config`` is ``config.task`` (None: the data's). A vocabulary larger than the data's
+    leaves room for tokens the data never holds, such as the masked LM's
+    ``mask_token_id``; paired runs on the same data (Ettin's MLM encoder and CLM decoder,
+    ``experiments/ettin``) set the same value, so that their embeddings have one shape and
+    one run can start from the other (``config.init_from``). None: neither gives one.
+    """
+    data_vocab = getattr(info, "vocab_size", None) or None
+    requested = 0 if config is None else config.get("vocab_size", 0) or 0
+    if not requested:
+        return data_vocab
+    if (
+        isinstance(requested, bool)
+        or not isinstance(requested, numbers.Integral)
+        or requested < (data_vocab or 1)
+    ):
+        raise ValueError(
+            f"config.task.vocab_size must be 0 (the data's vocabulary) or an int >= the data's "
+            f"vocabulary {data_vocab}, got {requested!r}."
+        )
+    return int(requested)
+
+
+class LanguageModelTask(MatFormerTask):
+    """Base of the token-level tasks: the vocabulary, MatFormer granularities.
+
+    The model's vocabulary is the data's, or ``config.task.vocab_size`` when set
+    (:func:`model_vocab_size`). Subclasses define :meth:`base_inputs` and
+    :meth:`output_loss` for one model output (:class:`MatFormerTask`).
     """
 
+    def __init__(self, config: ml_collections.ConfigDict, dataset_info: Any):
+        super().__init__(config, dataset_info)
+        self.vocab_size = model_vocab_size(config, dataset_info)
+
     def model_overrides(self) -> dict[str, Any]:
-        vocab = getattr(self.info, "vocab_size", None)
-        return {"vocab_size": vocab} if vocab else {}
+        return {"vocab_size": self.vocab_size} if self.vocab_size else {}
 
 
 def evaluate_ffn_widths(
@@ -489,14 +568,27 @@ class CausalLMTask(LanguageModelTask):
 class MaskedLMTask(LanguageModelTask):
     """Masked-token prediction (BERT): the corruption is made on device from the step's key.
 
-    Of the non-padding tokens (``inputs != pad_id``), ``mask_rate`` are chosen;
-    of those 80% become ``mask_token_id``, 10% a random token, 10% stay. Only
-    chosen positions are scored. Evaluation corrupts with a fixed key, so its
-    score is deterministic.
+    Of the non-padding tokens (``inputs != pad_id``; default 0, and a value no
+    token has, e.g. -1, when every token is real, as in ``digits_pixels`` where 0
+    is a pixel value), ``mask_rate`` are chosen; of those 80% become
+    ``mask_token_id``, 10% a random token of the data's vocabulary, 10% stay.
+    Only chosen positions are scored. Evaluation corrupts with a fixed key, so
+    its score is deterministic. ``mask_token_id`` must lie in the model's
+    vocabulary; when the data's has no room for it, ``config.task.vocab_size``
+    enlarges the model's (:func:`model_vocab_size`).
     """
 
     name = "masked_lm"
     required_keys = ("inputs",)
+
+    def __init__(self, config: ml_collections.ConfigDict, dataset_info: Any):
+        super().__init__(config, dataset_info)
+        mask_token = config.get("mask_token_id") if config is not None else None
+        if mask_token is None or (self.vocab_size and not 0 <= mask_token < self.vocab_size):
+            raise ValueError(
+                f"config.task.mask_token_id must be a token id in [0, {self.vocab_size}) (the "
+                f"model's vocabulary; config.task.vocab_size enlarges it), got {mask_token!r}."
+            )
 
     def prepare_batch(self, batch: Batch, rng: Array, train: bool) -> Batch:
         cfg = self.config
@@ -552,4 +644,5 @@ class Seq2SeqTask(LanguageModelTask):
 
 # Tasks that live in their own modules register themselves on import; importing them
 # here lets every run (and `effformer eval` on a saved config) find them by name.
-from effformer.train import ia_red_task, solo_task  # noqa: E402, F401
+from effformer.train import ia_red_task, local_learning, solo_task  # noqa: E402, F401
+from effformer.train import paraformer_task  # noqa: E402, F401

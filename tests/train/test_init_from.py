@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -106,3 +107,36 @@ def test_restore_gives_the_model_and_the_checkpoint_parameters(baseline_run, tmp
     with pytest.raises(FileNotFoundError, match="No checkpoint.*train first"):
         (tmp_path / "config.json").write_text((workdir / "config.json").read_text())
         restore(tmp_path)
+
+
+def test_adapt_params_renames_the_layer_stack_between_decoder_and_encoder():
+    from effformer.train.init_from import rename_modules
+
+    decoder = models.create("ettin_decoder_17m", tiny=True)
+    encoder = models.create("ettin_encoder_17m", tiny=True)
+    source, fresh = _random_params(decoder, 0), _random_params(encoder, 1)
+    assert "decoder" in source and "encoder" in fresh  # the stack is named by its attention
+    with pytest.raises(ValueError, match=r"no parameter \['encoder'\]"):
+        adapt_params(source, decoder, encoder, fresh, reinit=("head_dense", "head_norm"))
+    adapted = adapt_params(
+        source, decoder, encoder, fresh, ("head_dense", "head_norm"), {"decoder": "encoder"}
+    )
+    for mine, theirs in (("encoder", "decoder"), ("token_embedding", "token_embedding")):
+        for a, b in zip(
+            jax.tree.leaves(adapted[mine]), jax.tree.leaves(source[theirs]), strict=True
+        ):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(adapted["head_dense"]["kernel"], fresh["head_dense"]["kernel"])
+    # Back again: the encoder's MLM head transform is not used by the decoder.
+    back = adapt_params(adapted, encoder, decoder, source, rename={"encoder": "decoder"})
+    np.testing.assert_array_equal(
+        jax.tree.leaves(back["decoder"])[0], jax.tree.leaves(source["decoder"])[0]
+    )
+    with pytest.raises(ValueError, match=r"rename names \['stack'\].*not top-level modules"):
+        adapt_params(source, decoder, encoder, fresh, rename={"stack": "encoder"})
+
+    config = ml_collections.ConfigDict({"init_from": {"rename": " decoder:encoder, a:b "}})
+    assert rename_modules(config) == {"decoder": "encoder", "a": "b"}
+    config.init_from.rename = "decoder-encoder"
+    with pytest.raises(ValueError, match="source:target pairs.*'decoder-encoder'"):
+        rename_modules(config)

@@ -156,3 +156,42 @@ def test_unknown_task_and_missing_batch_key():
         "seq2seq",
         "distillation",
     } <= set(TASKS)
+
+
+def test_lm_classification_takes_classes_and_vocabulary_from_the_task_config():
+    # A token dataset's info gives its vocabulary as num_classes (digits_pixels: 18).
+    info = types.SimpleNamespace(num_classes=18, input_shape=(6,), vocab_size=18)
+    task = _task("lm_classification", info, num_classes=3, vocab_size=19, label_smoothing=0.2)
+    assert task.model_overrides() == {"num_classes": 3, "vocab_size": 19}
+    tokens = jnp.array([[1, 2, 3, 0, 0, 17], [4, 4, 4, 4, 4, 17]])
+    batch = {"inputs": tokens, "label": jnp.array([2, 0]), "mask": jnp.array([True, True])}
+    assert set(task.model_inputs(batch)) == {"inputs"}
+    prepared = task.prepare_batch(batch, jax.random.PRNGKey(0), train=True)
+    logits = np.array([[0.3, -1.0, 2.0], [1.5, 0.5, 0.0]], np.float32)
+    loss_sum, weight, metrics = task.loss_and_metrics(jnp.asarray(logits), prepared)
+    targets = np.full((2, 3), 0.2 / 3)
+    targets[[0, 1], [2, 0]] += 0.8
+    np.testing.assert_allclose(loss_sum, -(targets * _log_softmax(logits)).sum(), rtol=1e-6)
+    assert weight == 2.0 and metrics["accuracy"][0] == 2.0
+    with pytest.raises(ValueError, match=r"config.task.num_classes must be an int >= 2.*got 0"):
+        _task("lm_classification", info)
+
+
+def test_task_vocab_size_enlarges_the_model_vocabulary_for_the_mask_token():
+    info = types.SimpleNamespace(num_classes=18, input_shape=(6,), vocab_size=18)
+    assert _task("causal_lm", info).model_overrides() == {"vocab_size": 18}
+    assert _task("causal_lm", info, vocab_size=19).model_overrides() == {"vocab_size": 19}
+    with pytest.raises(ValueError, match=r"vocab_size must be 0.*>= the data's vocabulary 18"):
+        _task("causal_lm", info, vocab_size=17)
+    with pytest.raises(ValueError, match=r"mask_token_id must be a token id in \[0, 18\).*got 18"):
+        _task("masked_lm", info, mask_token_id=18)
+    task = _task("masked_lm", info, mask_token_id=18, vocab_size=19, mask_rate=0.5, pad_id=-1)
+    assert task.model_overrides() == {"vocab_size": 19}
+    # pad_id=-1: every token is real, so token 0 (a pixel value here) is masked too.
+    batch = task.prepare_batch(
+        {"inputs": jnp.zeros((4, 16), jnp.int32)}, jax.random.PRNGKey(1), True
+    )
+    chosen = np.asarray(batch["weights"]) > 0
+    assert 0.3 < chosen.mean() < 0.7
+    # Replacements are the mask token or data tokens, never beyond the data's vocabulary.
+    assert np.asarray(batch["inputs"]).max() <= 18
