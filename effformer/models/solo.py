@@ -455,10 +455,10 @@ MISTRAL_7B = dict(
     tie_embeddings=False,
 )
 
-# The same recipe at CPU scale (experiments/solo): 4 x 128, 4 query / 2 KV heads, SwiGLU
+# The same recipe at CPU scale (experiments/solo): 4 x 64, 4 query / 2 KV heads, SwiGLU
 # 3.5 x wide as Mistral's; 4x4 grey patches (digits_vqa's); the data sets the vocabulary.
-SMALL = dict(MISTRAL_7B, num_layers=4, embed_dim=128, num_heads=4, num_kv_heads=2,
-             ffn_hidden_dim=448, vocab_size=64)  # fmt: skip
+SMALL = dict(MISTRAL_7B, num_layers=4, embed_dim=64, num_heads=4, num_kv_heads=2,
+             ffn_hidden_dim=224, vocab_size=64)  # fmt: skip
 
 _TINY = dict(num_layers=2, embed_dim=16, num_heads=2, num_kv_heads=1, ffn_hidden_dim=32,
              vocab_size=32, patch_size=2, num_channels=1)  # fmt: skip
@@ -477,5 +477,5 @@ def solo_7b(patch_size: int = PATCH_SIZE, num_channels: int = 3, **overrides: An
 
 @register("solo_small", tiny=_TINY)
 def solo_small(patch_size: int = 4, num_channels: int = 1, **overrides: Any) -> SOLO:
-    """SOLO at CPU scale (4 x 128, Mistral's recipe, 4x4 grey patches) for experiments/solo."""
+    """SOLO at CPU scale (4 x 64, Mistral's recipe, 4x4 grey patches) for experiments/solo."""
     return _solo(SMALL, patch_size, num_channels, overrides)
