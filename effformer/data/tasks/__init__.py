@@ -23,6 +23,7 @@ from effformer.data.tasks import (  # noqa: F401
     lego,
     permutation,
     scan,
+    speech_like,
     strings,
 )
 from effformer.data.tasks.base import (
