@@ -170,8 +170,7 @@ def resize_shape(
     The longer side becomes itself rounded up to a multiple of ``patch_size``, at
     most ``max_resolution``; the shorter side keeps the aspect ratio (truncated),
     then is rounded up to a multiple of ``patch_size`` (official ``image_utils.py``,
-    ``get_resize_output_image_size``). A side equal to the other counts as the
-    shorter one for the rounding, as there.
+    ``get_resize_output_image_size``).
     """
     owner = "resize_shape"
     for name, value in (("height", height), ("width", width), ("patch_size", patch_size),
