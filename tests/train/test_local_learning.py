@@ -21,7 +21,12 @@ import numpy as np
 import pytest
 
 from effformer import models
-from effformer.models.local_learning import ImageDecoder, LocalLearningViT, module_boundaries
+from effformer.models.local_learning import (
+    FeatureDecoder,
+    ImageDecoder,
+    LocalLearningViT,
+    module_boundaries,
+)
 from effformer.train.local_learning import sequential_value_and_grad
 from effformer.train.tasks import create_task
 
@@ -279,3 +284,26 @@ def test_the_trainer_trains_the_task(make_config, tmp_path):
     result = train_and_evaluate(config, tmp_path)
     assert np.isfinite(result["train"]["loss"])
     assert 0.0 <= result["eval"]["module_0/accuracy"] <= 1.0
+
+
+def _conv3x3_same(x, kernel, bias):
+    """[B, H, W, Cin] (*) [3, 3, Cin, Cout] with zero padding 1: a float64 loop."""
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = np.zeros((*x.shape[:3], kernel.shape[-1]))
+    for i in range(x.shape[1]):
+        for j in range(x.shape[2]):
+            window = padded[:, i : i + 3, j : j + 3, :]
+            out[:, i, j] = np.einsum("bhwc,hwco->bo", window, kernel) + bias
+    return out
+
+
+def test_conv_decoder_maps_the_image_tokens_on_their_grid():
+    decoder = FeatureDecoder("conv", hidden=5, grid=(2, 3), num_prefix_tokens=1)
+    tokens = np.random.default_rng(2).normal(size=(2, 7, 4)).astype(np.float32)
+    variables = decoder.init(jax.random.PRNGKey(0), tokens)
+    out = jax.jit(decoder.apply)(variables, tokens)
+    params = jax.tree.map(lambda x: np.asarray(x, np.float64), variables["params"])
+    grid = tokens[:, 1:].astype(np.float64).reshape(2, 2, 3, 4)  # the class token is left out
+    hidden = np.maximum(_conv3x3_same(grid, **params["hidden"]), 0.0)
+    want = _conv3x3_same(hidden, **params["out"]).reshape(2, 6, 4)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
