@@ -8,7 +8,7 @@ Arms (``get_config(arm)``): ``paraformer`` (glancing ratio 0.75, FunASR's),
 embeddings) and ``encoder_decoder`` (``frame_encoder_decoder``: the library's
 encoder-decoder LM with a frame projection, teacher-forced ``seq2seq`` task).
 All: width 64, 4 heads, FFN 128, 2 encoder + 2 decoder layers, RoPE, AdamW
-3e-3 with warm-up and cosine decay, batch 32, 1,500 steps, on
+3e-3 with 75 warm-up steps and cosine decay, batch 32, 300 steps, on
 ``speech_like`` (3-12 tokens of 12 symbols, 2-6 frames each, 16 channels,
 blurred and noisy). ``experiments/paraformer/run.py`` trains the three arms,
 measures the greedy decodes' token error rate on the held-out ``test`` split
@@ -47,9 +47,9 @@ def get_config(arm: str = "paraformer") -> ml_collections.ConfigDict:
         config.task.glancing_ratio = 0.75 if arm == "paraformer" else 0.0
         config.task.quantity_weight = 1.0
     config.global_batch_size = 32
-    config.num_train_steps = 1500
+    config.num_train_steps = 300
     config.optimizer.learning_rate = 3e-3
-    config.optimizer.warmup_steps = 100
+    config.optimizer.warmup_steps = 75
     config.optimizer.weight_decay = 0.01
     config.optimizer.grad_clip_norm = 1.0
     config.log_every_steps = 250

@@ -1,9 +1,11 @@
 """Train the arms of ``config.py`` and score their greedy decodes; prints a Markdown table.
 
-    nice -n 10 .venv/bin/python experiments/paraformer/run.py --seeds 0 1 --steps 400 \
+    nice -n 10 .venv/bin/python experiments/paraformer/run.py --seeds 0 1 --steps 300 \
         [--arms paraformer paraformer_no_glancing encoder_decoder] [--workdir /tmp/paraformer_runs]
 
-Every run goes through ``train_and_evaluate`` (the config's model, task and
+``--score-only`` restores the runs of ``--workdir`` and scores them again, all
+arms in one process (so their decode times are measured under the same
+load). Every run goes through ``train_and_evaluate`` (the config's model, task and
 optimiser; ``--steps`` replaces ``num_train_steps``). Then, on the held-out
 ``test`` split (512 utterances, batches of 64):
 
@@ -114,10 +116,17 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+",
                         default=["paraformer", "paraformer_no_glancing", "encoder_decoder"])  # fmt: skip
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--out", default=None, help="a JSON file for every run's scores")
+    parser.add_argument(
+        "--score-only", action="store_true",
+        help="restore the runs already in --workdir and score them again (decode times of "
+        "every arm measured in one process, under the same load)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.score_only and not args.workdir:
+        parser.error("--score-only needs the --workdir of earlier runs")
     root = Path(args.workdir or tempfile.mkdtemp(prefix="paraformer_runs_"))
     print(f"load average at start: {os.getloadavg()}; workdirs under {root}", flush=True)
     batches = test_batches()
@@ -130,11 +139,14 @@ def main() -> None:
             config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, args.steps // 4)
             workdir = root / f"{arm}_seed{seed}"
             start, cpu = time.perf_counter(), time.process_time()
-            train_and_evaluate(config, workdir)
+            if not args.score_only:
+                train_and_evaluate(config, workdir)
             wall, cpu = time.perf_counter() - start, time.process_time() - cpu
             run = restore(workdir)
             params = sum(x.size for x in jax.tree.leaves(run.params))
-            result = dict(arm=arm, seed=seed, params=params, train_wall_s=wall, train_cpu_s=cpu)
+            result = dict(arm=arm, seed=seed, params=params, step=run.step)
+            if not args.score_only:
+                result.update(train_wall_s=wall, train_cpu_s=cpu)
             result.update(score(run, batches))
             results.append(result)
             print(json.dumps(result), flush=True)
