@@ -23,6 +23,12 @@ heads, SwiGLU 224, plus the bias-free linear patch embedding (16 -> 64):
 Budget (both arms): AdamW, lr 2e-3, weight decay 0.01, 100 warm-up steps then
 cosine to 0, gradient clipping 1.0, batch 64, 1,000 steps (about 11 epochs of
 the 5,748 records). Results: experiments/solo/README.md.
+
+Measured (shared 2-core CPU, load average 25-34, about 33 minutes per run),
+test exact match, seeds 0 and 1: ``solo`` what digit 96.4 / 95.6, even 97.8 /
+97.8, greater than 4 96.1 / 95.0, plus k mod 10 11.4 / 10.8 (not learned at
+this budget), all 75.4 / 74.8; ``text_only`` at chance (10.0, 50.0, 50.0, 6.9;
+all 29.2) for both seeds.
 """
 
 from effformer.train import default_config
