@@ -8,7 +8,8 @@ Arms (similar size; two Mamba blocks per Transformer layer, as in the Mamba pape
   mamba:       mamba_classifier, 4 blocks x 64, d_state 16, mean pooling;
   transformer: signal_transformer, 2 layers x 64, 4 heads, MLP 256, RoPE, mean pooling;
   lmu:         the same skeleton with LMU mixers (order 64, theta = the sequence length)
-               in place of attention: causal, no position encoding.
+               in place of attention: causal, no position encoding;
+  lmuformer:   LMUFormer's own model (conv patch embedding, BatchNorm), 2 x 64, order 64.
 Same data, optimiser, schedule and budget. Measured results (2-core CPU): README.md here.
 """
 
@@ -34,6 +35,9 @@ ARMS = {
             mixer_kwargs={"lmu": {"order": 64, "theta": 40.0}},
         ),
     ),
+    # LMUFormer as its code builds it: convolutional patch embedding, BatchNorm, no
+    # LayerNorm (effformer/models/lmuformer.py), at this width.
+    "lmuformer": ("lmuformer", dict(embed_dim=64, num_layers=2, order=64, theta=40.0)),
 }
 
 
