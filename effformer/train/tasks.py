@@ -644,5 +644,9 @@ class Seq2SeqTask(LanguageModelTask):
 
 # Tasks that live in their own modules register themselves on import; importing them
 # here lets every run (and `effformer eval` on a saved config) find them by name.
-from effformer.train import ia_red_task, local_learning, solo_task  # noqa: E402, F401
-from effformer.train import paraformer_task  # noqa: E402, F401
+from effformer.train import (  # noqa: E402, F401
+    ia_red_task,
+    local_learning,
+    paraformer_task,
+    solo_task,
+)
