@@ -346,7 +346,9 @@ def test_refit_hashing_updates_every_layer_of_a_model():
             assert not np.allclose(value, hashing[layer][name]), (layer, name)
     for value in jax.tree.leaves(fitted):
         assert np.all(np.isfinite(value))
-    with pytest.raises(ValueError, match="no 'hash_inputs' in intermediates for EcoFormer layer first"):
+    with pytest.raises(
+        ValueError, match="no 'hash_inputs' in intermediates for EcoFormer layer first"
+    ):
         refit_hashing(jax.random.key(2), hashing, {})
 
 
