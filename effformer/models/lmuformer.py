@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from effformer.mixers.lmu import LMUMixer
+from effformer.models.mamba_classifier import as_step_sequence, step_sequence_dummy
 from effformer.models.registry import register
 
 Array = jax.Array
@@ -142,11 +143,7 @@ class LMUFormer(nn.Module):
         return self.input_dim
 
     def dummy_inputs(self, batch_size: int) -> dict[str, Array]:
-        if self.image_size is not None:
-            shape = (batch_size, self.image_size, self.image_size, self.channels)
-        else:
-            shape = (batch_size, self.seq_len, self.channels)
-        return {"inputs": jnp.zeros(shape, jnp.float32)}
+        return step_sequence_dummy(batch_size, self.seq_len, self.image_size, self.channels)
 
     def _check(self, inputs: Array) -> Array:
         """Check the configuration and ``inputs``; return them as [B, L, channels]."""
@@ -154,20 +151,7 @@ class LMUFormer(nn.Module):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"LMUFormer: {field} must be a positive int, got {value!r}.")
-        if self.image_size is not None:
-            expected = (self.image_size, self.image_size, self.channels)
-            if inputs.ndim != 4 or tuple(inputs.shape[1:]) != expected:
-                raise ValueError(
-                    f"LMUFormer: inputs must be images [B, {', '.join(map(str, expected))}] "
-                    f"(image_size={self.image_size}), got {tuple(inputs.shape)}."
-                )
-            return inputs.reshape(inputs.shape[0], -1, self.channels)
-        if inputs.ndim != 3 or inputs.shape[-1] != self.channels:
-            raise ValueError(
-                f"LMUFormer: inputs must be signals [B, L, input_dim={self.channels}], got "
-                f"{tuple(inputs.shape)}."
-            )
-        return inputs
+        return as_step_sequence("LMUFormer", inputs, self.image_size, self.channels)
 
     @nn.compact
     def __call__(self, inputs: Array, *, train: bool = False) -> Array:

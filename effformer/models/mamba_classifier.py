@@ -55,6 +55,38 @@ def last_real_token(x: Array, token_mask: Array | None) -> Array:
     return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
 
 
+def step_sequence_dummy(
+    batch_size: int, seq_len: int, image_size: int | None, channels: int
+) -> dict[str, Array]:
+    """Zero inputs of a sequence classifier: images [B, S, S, C] if ``image_size``, else
+    signals [B, seq_len, C]."""
+    if image_size is not None:
+        shape = (batch_size, image_size, image_size, channels)
+    else:
+        shape = (batch_size, seq_len, channels)
+    return {"inputs": jnp.zeros(shape, jnp.float32)}
+
+
+def as_step_sequence(owner: str, inputs: Array, image_size: int | None, channels: int) -> Array:
+    """Check a sequence classifier's ``inputs`` and return them as steps [B, L, channels]:
+    signals [B, L, channels] as they are, images [B, S, S, channels] (``image_size`` S)
+    read pixel by pixel in raster order."""
+    if image_size is not None:
+        expected = (image_size, image_size, channels)
+        if inputs.ndim != 4 or tuple(inputs.shape[1:]) != expected:
+            raise ValueError(
+                f"{owner}: inputs must be images [B, {', '.join(map(str, expected))}] "
+                f"(image_size={image_size}), got {tuple(inputs.shape)}."
+            )
+        return inputs.reshape(inputs.shape[0], -1, channels)
+    if inputs.ndim != 3 or inputs.shape[-1] != channels:
+        raise ValueError(
+            f"{owner}: inputs must be signals [B, L, input_dim={channels}], got "
+            f"{tuple(inputs.shape)}."
+        )
+    return inputs
+
+
 class MambaClassifier(nn.Module):
     """Mamba sequence classifier: signals [B, L, C] or images [B, H, W, C] -> logits [B, classes].
 
@@ -96,11 +128,7 @@ class MambaClassifier(nn.Module):
         return self.input_dim
 
     def dummy_inputs(self, batch_size: int) -> dict[str, Array]:
-        if self.image_size is not None:
-            shape = (batch_size, self.image_size, self.image_size, self.channels)
-        else:
-            shape = (batch_size, self.seq_len, self.channels)
-        return {"inputs": jnp.zeros(shape, jnp.float32)}
+        return step_sequence_dummy(batch_size, self.seq_len, self.image_size, self.channels)
 
     def _as_sequence(self, inputs: Array) -> Array:
         """Check ``inputs`` and return them as [B, L, channels]."""
@@ -108,20 +136,7 @@ class MambaClassifier(nn.Module):
             raise ValueError(
                 f"MambaClassifier: pooling must be one of {POOLINGS}, got {self.pooling!r}."
             )
-        if self.image_size is not None:
-            expected = (self.image_size, self.image_size, self.channels)
-            if inputs.ndim != 4 or tuple(inputs.shape[1:]) != expected:
-                raise ValueError(
-                    f"MambaClassifier: inputs must be images [B, {', '.join(map(str, expected))}] "
-                    f"(image_size={self.image_size}), got {tuple(inputs.shape)}."
-                )
-            return inputs.reshape(inputs.shape[0], -1, self.channels)
-        if inputs.ndim != 3 or inputs.shape[-1] != self.channels:
-            raise ValueError(
-                f"MambaClassifier: inputs must be signals [B, L, input_dim={self.channels}], got "
-                f"{tuple(inputs.shape)}."
-            )
-        return inputs
+        return as_step_sequence("MambaClassifier", inputs, self.image_size, self.channels)
 
     @nn.compact
     def __call__(
