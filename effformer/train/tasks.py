@@ -648,5 +648,6 @@ from effformer.train import (  # noqa: E402, F401
     ia_red_task,
     local_learning,
     paraformer_task,
+    seq2seq_distillation,
     solo_task,
 )
