@@ -24,23 +24,20 @@ network's output (the last module), and per auxiliary module k
 ``module_k/accuracy``, ``module_k/cross_entropy`` and ``module_k/reconstruction``.
 
 Memory. The point of local learning is that module k's backward pass needs
-only module k's activations. In the single jitted step above, ``jax.grad``
-runs all forward passes and then all backward passes, and XLA:CPU keeps every
-module's activations alive as end-to-end training does: its compiled step needs
-as much memory as end-to-end training's (``experiments/local_learning``: 1.01x
-at K = 2, 1.04x at K = 4). :func:`sequential_value_and_grad` computes the
-same loss and gradients module by module instead: module k's forward and
-backward, then an ``optimization_barrier`` that releases module k's output
-only together with its finished gradients, so module k + 1 cannot start while
-module k's activations are still needed (measured: 0.66x end-to-end training's
-memory at K = 2, 0.46x at K = 4). :func:`make_sequential_train_step`
-is a train step built on it (plain float32 step, no gradient accumulation, for
-models without forward-updated collections). The normal trainer computes its
-gradients as ``jax.grad(micro_loss)`` in ``effformer/train/steps.py``; to train
-with the sequential schedule there, that call would have to become a task hook
-(e.g. ``task.value_and_grad(model, params, model_state, batch, rng,
-model_kwargs)``, defaulting to ``jax.grad``), which this file provides as
-:func:`sequential_value_and_grad`.
+only module k's activations. With ``config.task.local_schedule = "joint"``
+(the default) the train step takes one ``jax.grad`` of the sum: it runs all
+forward passes and then all backward passes, and XLA:CPU keeps every module's
+activations alive as end-to-end training does: its compiled step needs as
+much memory as end-to-end training's (``experiments/local_learning``: 1.01x at
+K = 2, 1.04x at K = 4). ``local_schedule = "sequential"`` makes the train
+step compute the same loss and gradients module by module
+(:func:`sequential_value_and_grad`, through the task's ``gradient_fn`` hook):
+module k's forward and backward, then an ``optimization_barrier`` that
+releases module k's output only together with its finished gradients, so
+module k + 1 cannot start while module k's activations are still needed
+(measured: 0.66x end-to-end training's memory at K = 2, 0.46x at K = 4). It
+works with gradient accumulation, bfloat16 compute and model schedules; not
+with collections the forward pass updates (BatchNorm), which it refuses.
 
 Importing this module registers the task; ``effformer.train.tasks`` imports it,
 so every run finds it by name.
@@ -61,6 +58,10 @@ from effformer.models.local_learning import LocalLearningViT
 from effformer.train.tasks import Batch, ClassificationTask, Metrics, register_task
 
 Array = jax.Array
+
+# How the train step computes the gradients: one jax.grad of the summed local
+# losses, or module by module (module docstring).
+SCHEDULES = ("joint", "sequential")
 
 
 def _weight(config: ml_collections.ConfigDict | None, field: str) -> float:
@@ -85,9 +86,33 @@ class LocalLearningTask(ClassificationTask):
             )
         self.reconstruction_weight = _weight(config, "local_reconstruction_weight")
         self.classification_weight = _weight(config, "local_classification_weight")
+        self.schedule = config.get("local_schedule", "joint")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(
+                f"config.task.local_schedule must be one of {SCHEDULES}, got {self.schedule!r}."
+            )
 
     def base_inputs(self, batch: Batch) -> dict[str, Array]:
         return {"inputs": batch["inputs"]}
+
+    def gradient_fn(self, model: Any, micro_loss: Callable, dtype: Any) -> Callable:
+        """``jax.grad`` of the summed loss ("joint") or module by module ("sequential")."""
+        if self.schedule == "joint":
+            return super().gradient_fn(model, micro_loss, dtype)
+
+        def grad_fn(params, model_state, batch, rng, model_kwargs):
+            if model_state:
+                raise ValueError(
+                    'config.task.local_schedule="sequential" cannot update the model\'s '
+                    f"collections besides params (got {sorted(model_state)}); use "
+                    '"joint", or a model without BatchNorm.'
+                )
+            (_, (weight, metrics)), grads = sequential_value_and_grad(
+                model, self, params, batch, rng, model_kwargs, dtype=dtype
+            )
+            return grads, (weight, metrics, model_state)
+
+        return grad_fn
 
     def module_losses(
         self, k: int, num_modules: int, logits: Array, reconstruction: Array, batch: Batch
@@ -129,6 +154,12 @@ class LocalLearningTask(ClassificationTask):
         return total, count, metrics
 
 
+def _cast_floats(tree: Any, dtype: Any) -> Any:
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+    )
+
+
 def _check_outputs(task_name: str, outputs: Any) -> tuple[Array, Array]:
     if not (isinstance(outputs, dict) and {"logits", "reconstruction"} <= set(outputs)):
         raise ValueError(
@@ -152,11 +183,14 @@ def sequential_value_and_grad(
     batch: Batch,
     rng: Array,
     model_kwargs: dict[str, Any] | None = None,
+    dtype: Any = jnp.float32,
 ) -> tuple[tuple[Array, tuple[Array, Metrics]], dict]:
     """The single step's loss sum and gradients, computed one module at a time.
 
     params: the model's ``params``; batch: a batch after ``task.prepare_batch``;
-    rng: the ``dropout`` key (the same masks as the whole model's call with this key).
+    rng: the ``dropout`` key (the same masks as the whole model's call with this key);
+    dtype: the compute dtype: parameters and the batch's floats are cast to it as the
+    train step casts them (the gradients stay in the parameters' dtype).
     Returns ``((loss_sum, (weight, metrics)), grads)``: equal to ``jax.grad`` of the
     task's loss sum over the whole model (tests/train/test_local_learning.py), with
     module k's backward pass finished before module k + 1's forward pass starts.
@@ -172,6 +206,7 @@ def sequential_value_and_grad(
         )
     model_kwargs = model_kwargs or {}
     num_modules = model.num_modules
+    batch = _cast_floats(batch, dtype)
     weights = batch["mask"].astype(jnp.float32) if "mask" in batch else None
     inputs = task.model_inputs(batch)
     grads: dict = {}
@@ -183,7 +218,7 @@ def sequential_value_and_grad(
 
         def module_loss(own: dict, features: Array | None, k: int = k, rest: dict = rest):
             outputs = model.apply(
-                {"params": {**rest, **own}},
+                {"params": _cast_floats({**rest, **own}, dtype)},
                 **inputs,
                 train=True,
                 rngs={"dropout": rng},
@@ -213,60 +248,3 @@ def sequential_value_and_grad(
             "(module_param_names)."
         )
     return (loss_sum, (weight, metrics)), {name: grads[name] for name in params}
-
-
-def make_sequential_train_step(exp: Any) -> Callable[[Any, Batch], tuple[Any, dict]]:
-    """A jitted train step for ``exp`` (an ``Experiment``) with :func:`sequential_value_and_grad`.
-
-    The same update as ``effformer.train.steps.make_train_step`` (optimizer, EMA,
-    metrics) for a float32 run without gradient accumulation, schedules or
-    forward-updated collections; other configurations are refused.
-    """
-    config, task, model = exp.config, exp.task, exp.model
-    unsupported = {
-        "grad_accum_steps": (int(config.grad_accum_steps), 1),
-        "compute_dtype": (config.compute_dtype, "float32"),
-        "model_schedules": (len(config.model_schedules.to_dict()), 0),
-    }
-    for field, (value, wanted) in unsupported.items():
-        if value != wanted:
-            raise ValueError(
-                f"make_sequential_train_step: config.{field} must be {wanted!r} for the "
-                f"sequential step, got {value!r}."
-            )
-    ema_decay = float(config.ema_decay)
-
-    def train_step(state: Any, batch: Batch) -> tuple[Any, dict]:
-        if state.model_state:
-            raise ValueError(
-                "make_sequential_train_step: models with variables besides params are not "
-                f"supported, got {sorted(state.model_state)}."
-            )
-        step_rng = jax.random.fold_in(state.rng, state.step)
-        prepare_rng, dropout_rng = jax.random.split(step_rng)
-        batch = task.prepare_batch(batch, prepare_rng, train=True)
-        (_, (weight, metric_sums)), grads = sequential_value_and_grad(
-            model, task, state.params, batch, jax.random.fold_in(dropout_rng, 0)
-        )
-        grads = jax.tree.map(lambda g: g / jnp.maximum(weight, 1.0), grads)
-        updates, opt_state = exp.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = state.ema_params
-        if ema_decay > 0:
-            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
-        metrics = {
-            name: total / jnp.maximum(count, 1.0) for name, (total, count) in metric_sums.items()
-        }
-        metrics["learning_rate"] = exp.lr_schedule(state.step)
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        new_state = state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema
-        )
-        return new_state, metrics
-
-    return jax.jit(
-        train_step,
-        in_shardings=(exp.state_shardings, exp.batch_sharding),
-        out_shardings=(exp.state_shardings, None),
-        donate_argnums=0,
-    )

@@ -70,7 +70,7 @@ def make_train_step(exp: Experiment) -> Callable[[TrainState, Batch], tuple[Trai
         loss_sum, weight, metrics = task.loss_and_metrics(outputs, batch)
         return loss_sum, (weight, metrics, model_state)
 
-    grad_fn = jax.grad(micro_loss, has_aux=True)
+    grad_fn = task.gradient_fn(model, micro_loss, dtype)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         step_rng = jax.random.fold_in(state.rng, state.step)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -93,6 +93,21 @@ class Task:
     def loss_and_metrics(self, outputs: Array, batch: Batch) -> tuple[Array, Array, Metrics]:
         """(loss sum, loss weight, metrics) for one batch."""
         raise NotImplementedError
+
+    def gradient_fn(self, model: Any, micro_loss: Callable, dtype: Any) -> Callable:
+        """How the train step differentiates one micro-batch's loss.
+
+        ``micro_loss(params, model_state, batch, rng, model_kwargs)`` is the
+        trainer's loss of one micro-batch, computed in ``dtype``, returning
+        ``(loss_sum, (loss_weight, metric_sums, model_state))``. The returned
+        function takes the same arguments and returns ``(grads, (loss_weight,
+        metric_sums, model_state))``, ``grads`` the gradient of the loss SUM with
+        respect to ``params``. The default differentiates ``micro_loss`` whole; a
+        task may compute the same gradients another way (local learning's
+        module-by-module schedule, which needs less memory).
+        """
+        del model, dtype
+        return jax.grad(micro_loss, has_aux=True)
 
 
 def _example_weights(batch: Batch, size: int) -> Array:
@@ -645,6 +660,7 @@ class Seq2SeqTask(LanguageModelTask):
 # Tasks that live in their own modules register themselves on import; importing them
 # here lets every run (and `effformer eval` on a saved config) find them by name.
 from effformer.train import (  # noqa: E402, F401
+    careless_whisper_task,
     ia_red_task,
     local_learning,
     paraformer_task,

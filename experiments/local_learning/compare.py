@@ -1,10 +1,13 @@
 """Every arm of experiments/local_learning/digits.py for several seeds, one Markdown table.
 
     nice -n 10 .venv/bin/python experiments/local_learning/compare.py --seeds 0 1 \
-        [--arms e2e k2_features ...] [--workdir DIR] [--epochs 20]
+        [--arms e2e k2_features ...] [--workdir DIR] [--epochs 20] [--schedule sequential]
 
 Prints, per arm: parameters trained, test accuracy of the network's output (mean
-and each seed) and of each auxiliary classifier, and the wall time per run. Each
+and each seed) and of each auxiliary classifier, and the wall time per run. ``--schedule`` sets the local arms'
+``config.task.local_schedule`` (``joint``: one ``jax.grad`` of the summed local
+losses, the default; ``sequential``: module by module, less memory, the same
+updates). Each
 run's result is also appended to ``<workdir>/results.jsonl`` as it finishes.
 """
 
@@ -29,9 +32,13 @@ def _config_module():
     return module
 
 
-def run_one(arm: str, seed: int, workdir: Path, epochs: float | None) -> dict:
+def run_one(
+    arm: str, seed: int, workdir: Path, epochs: float | None, schedule: str = "joint"
+) -> dict:
     config = _config_module().get_config(arm)
     config.seed = seed
+    if config.task.name == "local_learning":
+        config.task.local_schedule = schedule
     if epochs is not None:
         config.num_epochs = epochs
     start = time.perf_counter()
@@ -56,13 +63,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--epochs", type=float, default=None)
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--schedule", choices=("joint", "sequential"), default="joint")
     args = parser.parse_args()
     root = Path(args.workdir or tempfile.mkdtemp(prefix="local_learning_"))
     root.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict]] = {}
     for seed in args.seeds:
         for arm in args.arms:
-            run = run_one(arm, seed, root / f"{arm}_s{seed}", args.epochs)
+            run = run_one(arm, seed, root / f"{arm}_s{seed}", args.epochs, args.schedule)
             runs.setdefault(arm, []).append(run)
             with open(root / "results.jsonl", "a") as f:
                 f.write(json.dumps(run) + "\n")

@@ -13,7 +13,8 @@ buffer assignments, not measured peaks.
 Arms: ``e2e`` (the plain model, the trainer's step); ``kK`` (local learning with K
 modules and MLP feature decoders, the trainer's step: one ``jax.grad`` of the sum
 of the local losses); ``kK_sequential`` (the same model and loss,
-``make_sequential_train_step``: module by module with an optimization barrier).
+``config.task.local_schedule = "sequential"``: module by module with an
+optimization barrier).
 """
 
 from __future__ import annotations
@@ -25,13 +26,12 @@ import jax.numpy as jnp
 
 from effformer.train import default_config
 from effformer.train.experiment import build_experiment
-from effformer.train.local_learning import make_sequential_train_step
 from effformer.train.steps import make_train_step
 
 MiB = 2**20
 
 
-def _config(num_modules: int, layers: int, batch: int):
+def _config(num_modules: int, layers: int, batch: int, sequential: bool):
     config = default_config()
     backbone = dict(patch_size=1, num_layers=layers, embed_dim=128, num_heads=2, mlp_ratio=2.0)
     if num_modules == 0:
@@ -42,6 +42,7 @@ def _config(num_modules: int, layers: int, batch: int):
         config.model.name = "local_learning_vit"
         config.model.kwargs = dict(backbone="vit_lite_7_4", num_modules=num_modules, **backbone)
         config.task.name = "local_learning"
+        config.task.local_schedule = "sequential" if sequential else "joint"
     config.data.name = "digits"
     config.global_batch_size = batch
     config.num_train_steps = 1
@@ -50,8 +51,8 @@ def _config(num_modules: int, layers: int, batch: int):
 
 
 def analyse(arm: str, num_modules: int, sequential: bool, layers: int, batch: int) -> dict:
-    exp = build_experiment(_config(num_modules, layers, batch))
-    step = (make_sequential_train_step if sequential else make_train_step)(exp)
+    exp = build_experiment(_config(num_modules, layers, batch, sequential))
+    step = make_train_step(exp)
     image = exp.info.input_shape
     sharding = exp.batch_sharding
     batch_spec = {
