@@ -1,7 +1,7 @@
 """Train the arms of ``config.py`` and score their greedy decodes; prints a Markdown table.
 
     nice -n 10 .venv/bin/python experiments/paraformer/run.py --seeds 0 1 --steps 300 \
-        [--arms paraformer paraformer_no_glancing encoder_decoder] [--workdir /tmp/paraformer_runs]
+        [--arms paraformer paraformer_mwer ...] [--workdir /tmp/paraformer_runs]
 
 ``--score-only`` restores the runs of ``--workdir`` and scores them again, all
 arms in one process (so their decode times are measured under the same
@@ -113,8 +113,8 @@ def score(run, batches) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arms", nargs="+",
-                        default=["paraformer", "paraformer_no_glancing", "encoder_decoder"])  # fmt: skip
+    arms = ["paraformer", "paraformer_no_glancing", "paraformer_mwer", "encoder_decoder"]
+    parser.add_argument("--arms", nargs="+", default=arms)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--workdir", default=None)
