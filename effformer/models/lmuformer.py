@@ -1,4 +1,4 @@
-"""LMUFormer (Liu et al. 2024): the non-spiking model of its code, with BatchNorm, as a classifier.
+"""LMUFormer (Liu et al. 2024): the non-spiking and spiking models of its code, as classifiers.
 
 The official ``lmu_rnn_conv1d`` (``ConvLMU`` with the ``Tokenizer`` patch embedding,
 ``LMU`` blocks and ``ConvFFN``), on a sequence ``x [B, L, C]``:
@@ -28,10 +28,36 @@ What this model is not:
   are centred (padding 1), so the token at position t sees inputs up to t + 5;
   the paper's sequential mode pays this as a delay of a few steps. The LMU blocks
   and the 1x1 convolutions are causal.
-* **Not the spiking model.** The spiking variants (LIF neurons after every BN,
-  a spiking LMU cell) are not built.
 * Inputs are fixed-length: BatchNorm's statistics would count padding, so there
   is no token mask.
+* No step-by-step (recurrent) inference path; the parallel forward only.
+
+**The spiking model** (``spiking=True``; registered as ``spiking_lmuformer``) is the
+official ``slmu_rnn_ms_conv1d``, the default of its ``gsc.yml`` and the paper's
+spiking LMUFormer (1.69M parameters on Speech Commands). Its LIF neurons
+(:func:`effformer.ops.lif.multi_step_lif`: spikingjelly's ``MultiStepLIFNode``,
+tau 2, hard reset to 0, threshold 1, detach_reset, sigmoid surrogate with alpha 4)
+run along the sequence axis, each after a BatchNorm, and every convolution or
+linear layer reads spikes; the residual stream stays real-valued (the "membrane
+shortcut", ``Ms``, of the official names):
+
+    patch embedding (``Conv1d4EBMs``):
+        x = Conv_0(x); x = Conv_1(LIF(BN(x))); x = Conv_2(LIF(BN(x))); x = Conv_3(LIF(BN(x)))
+        x = x + Conv_pos(LIF(BN(x)))                   kernel-3 convs, no bias
+    each block:
+        x = x + SLMU(x)                                ``SLMUMs`` with ``SpikingLMUFFTCell``:
+            s = LIF_{V_th = 0.5}(BN(x))
+            u = LIF(BN(W_u s))                         one memory channel, spikes
+            m = LIF(BN(legendre_memory(u)))            order 2D in the original
+            h = LIF(BN(W_h [m; s]))
+            out = BN(W_o h)                            1x1 conv
+        x = x + W_2 LIF(BN(W_1 LIF(BN(x))))            ``ConvFFNMs``, 1x1 convs with bias
+    logits = mean_L W_head LIF(BN(x))                  per-position logits of spikes, averaged
+
+Each LIF sows its spike count and its number of neuron-steps into ``intermediates``
+(``spikes``) when that collection is mutable; :func:`spike_rates` turns them into the
+fraction of neuron-steps that fire, per LIF layer and over all of them (what the
+paper's energy estimate counts).
 
 Inputs come as in :class:`~effformer.models.mamba_classifier.MambaClassifier`:
 signals ``[B, L, input_dim]`` (``sequence_classification``) or images
@@ -40,15 +66,19 @@ signals ``[B, L, input_dim]`` (``sequence_classification``) or images
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from effformer.mixers.lmu import LMUMixer
 from effformer.models.mamba_classifier import as_step_sequence, step_sequence_dummy
 from effformer.models.registry import register
+from effformer.ops.legendre_memory import legendre_memory
+from effformer.ops.lif import multi_step_lif
 
 Array = jax.Array
 Dtype = Any
@@ -59,6 +89,75 @@ def _batch_norm(deterministic: bool, name: str) -> nn.BatchNorm:
     # dtype None: the input's promoted with the float32 parameters (bfloat16 inputs are
     # normalised in float32), and flax reduces the statistics in float32 at least.
     return nn.BatchNorm(use_running_average=deterministic, momentum=0.9, epsilon=1e-5, name=name)
+
+
+class LIF(nn.Module):
+    """LMUFormer's ``MultiStepLIFNode(tau=2.0, detach_reset=True)`` along the sequence axis.
+
+    [B, L, C] -> spikes [B, L, C] in x's dtype (:func:`effformer.ops.lif.multi_step_lif`,
+    membrane from 0 for every sequence, hard reset to 0). Sows ``spikes``: [spike count,
+    neuron-steps] (float32) into ``intermediates`` when that collection is mutable.
+    """
+
+    v_threshold: float = 1.0
+    tau: float = 2.0
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        if x.ndim != 3:
+            raise ValueError(f"LIF: x must have shape [B, L, C], got {tuple(x.shape)}.")
+        spikes = multi_step_lif(
+            x, time_axis=1, tau=self.tau, v_threshold=self.v_threshold, v_reset=0.0
+        )
+        count = jnp.sum(spikes, dtype=jnp.float32)
+        self.sow("intermediates", "spikes", jnp.stack([count, jnp.float32(spikes.size)]))
+        return spikes
+
+
+def _norm_and_fire(
+    x: Array, deterministic: bool, norm: str, lif: str, v_threshold: float = 1.0
+) -> Array:
+    """LIF(BN(x)), every LIF of the spiking model: spikes in x's dtype."""
+    return LIF(v_threshold=v_threshold, name=lif)(
+        _batch_norm(deterministic, norm)(x).astype(x.dtype)
+    )
+
+
+def spike_counts(intermediates: Mapping[str, Any]) -> dict[str, Array]:
+    """Per LIF layer, [spike count, neuron-steps] from a spiking LMUFormer's ``intermediates``.
+
+    ``intermediates``: the collection of ``model.apply(..., mutable=["intermediates"])``.
+    Keys are the layers' paths ("tokenizer/lif_0", "block_0_lmu/memory_lif", ...). Works on
+    traced arrays (inside jit); sum the counts of several batches before :func:`spike_rates`.
+    """
+    counts: dict[str, Array] = {}
+
+    def walk(tree: Mapping[str, Any], path: tuple[str, ...]) -> None:
+        for key, value in tree.items():
+            if key == "spikes":
+                counts["/".join(path)] = sum(value[1:], value[0])  # sown once per call
+            elif isinstance(value, Mapping):
+                walk(value, (*path, key))
+
+    walk(intermediates, ())
+    if not counts:
+        raise ValueError(
+            "spike_counts: intermediates hold no LIF spike counts; apply a spiking LMUFormer "
+            "with mutable=['intermediates']."
+        )
+    return counts
+
+
+def spike_rates(counts: Mapping[str, Any]) -> dict[str, float]:
+    """Fraction of neuron-steps that fired, per LIF layer and over all of them (``"all"``).
+
+    ``counts``: :func:`spike_counts` (or their sums over batches).
+    """
+    totals = {name: np.asarray(value, np.float64) for name, value in counts.items()}
+    rates = {name: float(total[0] / total[1]) for name, total in totals.items()}
+    spikes = sum(total[0] for total in totals.values())
+    rates["all"] = float(spikes / sum(total[1] for total in totals.values()))
+    return rates
 
 
 class ConvTokenizer(nn.Module):
@@ -107,6 +206,80 @@ class ConvFFN(nn.Module):
         return nn.relu(_batch_norm(deterministic, "norm2")(y)).astype(x.dtype)
 
 
+class SpikingConvTokenizer(nn.Module):
+    """The spiking patch embedding ``Conv1d4EBMs``: [B, L, C] -> [B, L, D] (real-valued).
+
+    ``conv_0``, then ``conv_i(LIF(BN(x)))`` for the others, then ``x + position_conv(LIF(BN(x)))``;
+    centred kernel-3 convolutions without biases, as the non-spiking one.
+    """
+
+    embed_dim: int
+    num_conv_layers: int = 4
+    dtype: Dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
+        def conv(name: str) -> nn.Conv:
+            return nn.Conv(
+                self.embed_dim, (3,), padding=((1, 1),), use_bias=False, dtype=self.dtype, name=name
+            )
+
+        x = conv("conv_0")(x)
+        for i in range(1, self.num_conv_layers):
+            x = conv(f"conv_{i}")(_norm_and_fire(x, deterministic, f"norm_{i - 1}", f"lif_{i - 1}"))
+        last = self.num_conv_layers - 1
+        spikes = _norm_and_fire(x, deterministic, f"norm_{last}", f"lif_{last}")
+        return x + conv("position_conv")(spikes)
+
+
+class SpikingLMU(nn.Module):
+    """The spiking LMU block ``SLMUMs`` (with ``SpikingLMUFFTCell``): [B, L, D] -> [B, L, D].
+
+    ``s = LIF_0.5(BN(x))``, ``u = LIF(BN(W_u s))`` (one memory channel), ``m =
+    LIF(BN(legendre_memory(u)))`` (``order`` coefficients, FFT), ``h = LIF(BN(W_h [m; s]))``,
+    out ``BN(W_o h)``. Causal along L (BatchNorm acts per position).
+    """
+
+    d_model: int
+    order: int
+    theta: float
+    dtype: Dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
+        def dense(features: int, name: str) -> nn.Dense:
+            return nn.Dense(features, dtype=self.dtype, name=name)
+
+        s = _norm_and_fire(x, deterministic, "input_norm", "input_lif", v_threshold=0.5)
+        u = _norm_and_fire(
+            dense(1, "memory_input")(s), deterministic, "memory_input_norm", "memory_input_lif"
+        )
+        memory = legendre_memory(u, order=self.order, theta=self.theta)  # [B, L, 1, order]
+        memory = memory.reshape(*memory.shape[:2], self.order)
+        m = _norm_and_fire(memory, deterministic, "memory_norm", "memory_lif").astype(s.dtype)
+        hidden = dense(self.d_model, "hidden")(jnp.concatenate([m, s], axis=-1))
+        h = _norm_and_fire(hidden, deterministic, "hidden_norm", "hidden_lif")
+        out = dense(self.d_model, "out_proj")(h)
+        return _batch_norm(deterministic, "out_norm")(out).astype(x.dtype)
+
+
+class SpikingConvFFN(nn.Module):
+    """The spiking ``ConvFFNMs``: ``W_2 LIF(BN(W_1 LIF(BN(x))))``, 1x1 convs with biases."""
+
+    hidden_dim: int
+    dtype: Dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
+        width = x.shape[-1]
+        y = nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1")(
+            _norm_and_fire(x, deterministic, "norm1", "lif1")
+        )
+        return nn.Dense(width, dtype=self.dtype, name="fc2")(
+            _norm_and_fire(y, deterministic, "norm2", "lif2")
+        )
+
+
 class LMUFormer(nn.Module):
     """LMUFormer classifier: signals [B, L, C] or images [B, H, W, C] -> logits [B, classes].
 
@@ -116,9 +289,11 @@ class LMUFormer(nn.Module):
       image_size, num_channels: set for images, read as image_size**2 pixel steps.
       embed_dim, num_layers: width D and number of LMU blocks.
       mlp_ratio: ConvFFN hidden width over D.
-      order: Legendre coefficients of the memory (None: D, as the original).
+      order: Legendre coefficients of the memory (None: D, or 2D when spiking, as the
+        original).
       theta: the memory's window in steps (the original: 128).
       num_conv_layers: convolutions of the patch embedding (the original: 4).
+      spiking: the spiking model (module docstring) instead of the non-spiking one.
       dtype: compute dtype of the convolutions and dense layers.
     """
 
@@ -133,6 +308,7 @@ class LMUFormer(nn.Module):
     order: int | None = None
     theta: float = 128.0
     num_conv_layers: int = 4
+    spiking: bool = False
     dtype: Dtype | None = None
 
     @property
@@ -162,22 +338,42 @@ class LMUFormer(nn.Module):
         """
         x = self._check(inputs)
         deterministic = not train
-        x = ConvTokenizer(self.embed_dim, self.num_conv_layers, dtype=self.dtype, name="tokenizer")(
-            x, deterministic=deterministic
-        )
-        for i in range(self.num_layers):
-            memory = LMUMixer(
-                d_model=self.embed_dim,
-                order=self.order or self.embed_dim,
-                theta=self.theta,
-                dtype=self.dtype,
-                name=f"block_{i}_lmu",
-            )(x)
-            x = x + _batch_norm(deterministic, f"block_{i}_lmu_norm")(memory).astype(x.dtype)
-            x = x + ConvFFN(
-                int(self.embed_dim * self.mlp_ratio), dtype=self.dtype, name=f"block_{i}_ffn"
+        hidden = int(self.embed_dim * self.mlp_ratio)
+        if self.spiking:
+            x = SpikingConvTokenizer(
+                self.embed_dim, self.num_conv_layers, dtype=self.dtype, name="tokenizer"
             )(x, deterministic=deterministic)
-        pooled = jnp.mean(x.astype(jnp.float32), axis=1).astype(x.dtype)
+            for i in range(self.num_layers):
+                x = x + SpikingLMU(
+                    self.embed_dim,
+                    self.order or 2 * self.embed_dim,
+                    self.theta,
+                    dtype=self.dtype,
+                    name=f"block_{i}_lmu",
+                )(x, deterministic=deterministic)
+                x = x + SpikingConvFFN(hidden, dtype=self.dtype, name=f"block_{i}_ffn")(
+                    x, deterministic=deterministic
+                )
+            x = _norm_and_fire(x, deterministic, "head_norm", "head_lif")
+        else:
+            x = ConvTokenizer(
+                self.embed_dim, self.num_conv_layers, dtype=self.dtype, name="tokenizer"
+            )(x, deterministic=deterministic)
+            for i in range(self.num_layers):
+                memory = LMUMixer(
+                    d_model=self.embed_dim,
+                    order=self.order or self.embed_dim,
+                    theta=self.theta,
+                    dtype=self.dtype,
+                    name=f"block_{i}_lmu",
+                )(x)
+                x = x + _batch_norm(deterministic, f"block_{i}_lmu_norm")(memory).astype(x.dtype)
+                x = x + ConvFFN(hidden, dtype=self.dtype, name=f"block_{i}_ffn")(
+                    x, deterministic=deterministic
+                )
+        # Per-position logits averaged over L (the original) = the head of the average.
+        pooled = jnp.mean(x, axis=1, dtype=jnp.promote_types(x.dtype, jnp.float32))
+        pooled = pooled.astype(x.dtype)
         return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(pooled)
 
 
@@ -189,3 +385,13 @@ def lmuformer(**overrides: Any) -> LMUFormer:
     """LMUFormer (non-spiking, BatchNorm) with the Speech Commands config of its code:
     128 mel channels x 128 frames, D = 256, one block, MLP ratio 4, 35 classes."""
     return LMUFormer(**overrides)
+
+
+@register(
+    "spiking_lmuformer",
+    tiny=dict(embed_dim=16, num_layers=1, order=8, theta=16.0, input_dim=4, seq_len=16),
+)
+def spiking_lmuformer(**overrides: Any) -> LMUFormer:
+    """Spiking LMUFormer (the official ``slmu_rnn_ms_conv1d``) with its Speech Commands config:
+    128 mel channels x 128 frames, D = 256, memory order 2D = 512, one block, 35 classes."""
+    return LMUFormer(**{"spiking": True, **overrides})

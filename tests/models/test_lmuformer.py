@@ -1,6 +1,7 @@
 """LMUFormer: parameter count from the official layers, the convolutional parts against loop
 references in float64, BatchNorm in training and evaluation, the patch embedding's reach,
-errors."""
+errors; the spiking model against a float64 loop reference (forward and surrogate gradients),
+its parameter count and its spike rates."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,9 @@ import numpy as np
 import pytest
 
 from effformer import models
-from effformer.models.lmuformer import ConvFFN, ConvTokenizer
+from effformer.models.lmuformer import ConvFFN, ConvTokenizer, spike_counts, spike_rates
+from effformer.ops.legendre_memory import discretised_state_space
+from effformer.ops.lif import spike_function
 
 
 def _gsc_count(dim=256, in_channels=128, layers=1, mlp_ratio=4, classes=35) -> int:
@@ -25,6 +28,28 @@ def test_parameter_count_follows_the_official_layers():
     model = models.create("lmuformer")
     variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **model.dummy_inputs(2)))
     assert sum(x.size for x in jax.tree.leaves(variables["params"])) == _gsc_count() == 1_621_796
+    assert set(variables) == {"params", "batch_stats"}
+
+
+def _gsc_spiking_count(dim=256, in_channels=128, layers=1, mlp_ratio=4, classes=35) -> int:
+    """By hand from the official slmu_rnn_ms_conv1d: Conv1d4EBMs, SLMUMs (with
+    SpikingLMUFFTCell, memory 2 * dim), ConvFFNMs, head BatchNorm and head."""
+    bn = lambda width: 2 * width  # noqa: E731
+    memory = 2 * dim
+    tokenizer = 3 * in_channels * dim + 3 * (3 * dim * dim) + 4 * bn(dim) + 3 * dim * dim
+    cell = (dim + 1) + bn(1) + bn(memory) + ((memory + dim) * dim + dim) + bn(dim)
+    lmu = bn(dim) + cell + (dim * dim + dim) + bn(dim)  # prev_bn, cell, proj_conv, proj_bn
+    hidden = mlp_ratio * dim
+    ffn = bn(dim) + (dim * hidden + hidden) + bn(hidden) + (hidden * dim + dim)
+    return tokenizer + layers * (lmu + ffn) + bn(dim) + dim * classes + classes
+
+
+def test_spiking_parameter_count_follows_the_official_layers():
+    """1.69M: the paper's Spiking LMUFormer on Speech Commands."""
+    model = models.create("spiking_lmuformer")
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **model.dummy_inputs(2)))
+    assert sum(x.size for x in jax.tree.leaves(variables["params"])) == _gsc_spiking_count()
+    assert _gsc_spiking_count() == 1_689_894
     assert set(variables) == {"params", "batch_stats"}
 
 
@@ -132,3 +157,118 @@ def test_bad_inputs_and_configs_are_named(overrides, shape, message):
     model = models.create("lmuformer", tiny=True, **overrides)
     with pytest.raises(ValueError, match=message):
         model.init(jax.random.PRNGKey(0), jnp.zeros(shape))
+
+
+def _spiking_reference(p, x, order, theta):
+    """The spiking LMUFormer (lmuformer.py's docstring) written out in jax.numpy, one block,
+    a two-conv patch embedding, training-mode BatchNorm: LIF neurons and the memory by Python
+    loops over time (spikingjelly's charge / fire / hard reset, the sigmoid surrogate, reset
+    detached), convolutions by shifted slices, BatchNorm by its formula."""
+    length = x.shape[1]
+
+    def bn(z, q):
+        mean, var = z.mean((0, 1)), z.var((0, 1))
+        return (z - mean) / jnp.sqrt(var + 1e-5) * q["scale"] + q["bias"]
+
+    def lif(z, threshold=1.0):
+        v, spikes = jnp.zeros_like(z[:, 0]), []
+        for t in range(length):
+            h = v + (z[:, t] - v) / 2.0
+            spike = spike_function(h - threshold, 4.0)
+            v = h * (1 - jax.lax.stop_gradient(spike))
+            spikes.append(spike)
+        return jnp.stack(spikes, axis=1)
+
+    def conv(z, kernel):
+        padded = jnp.pad(z, ((0, 0), (1, 1), (0, 0)))
+        return sum(padded[:, k : k + length] @ kernel[k] for k in range(3))
+
+    def dense(z, q):
+        return z @ q["kernel"] + q["bias"]
+
+    def memory(u):  # u [B, L, 1] -> [B, L, order]
+        Abar, Bbar = discretised_state_space(order, theta)
+        state, states = jnp.zeros((u.shape[0], order)), []
+        for t in range(length):
+            state = state @ Abar.T + u[:, t] * Bbar
+            states.append(state)
+        return jnp.stack(states, axis=1)
+
+    tok, lmu, ffn = p["tokenizer"], p["block_0_lmu"], p["block_0_ffn"]
+    h = conv(x, tok["conv_0"]["kernel"])
+    h = conv(lif(bn(h, tok["norm_0"])), tok["conv_1"]["kernel"])
+    h = h + conv(lif(bn(h, tok["norm_1"])), tok["position_conv"]["kernel"])
+    s = lif(bn(h, lmu["input_norm"]), threshold=0.5)
+    u = lif(bn(dense(s, lmu["memory_input"]), lmu["memory_input_norm"]))
+    m = lif(bn(memory(u), lmu["memory_norm"]))
+    hidden = lif(bn(dense(jnp.concatenate([m, s], -1), lmu["hidden"]), lmu["hidden_norm"]))
+    h = h + bn(dense(hidden, lmu["out_proj"]), lmu["out_norm"])
+    y = dense(lif(bn(h, ffn["norm1"])), ffn["fc1"])
+    h = h + dense(lif(bn(y, ffn["norm2"])), ffn["fc2"])
+    return dense(lif(bn(h, p["head_norm"])).mean(1), p["head"])
+
+
+def test_spiking_model_matches_loop_reference_forward_and_gradients(x64):
+    """Training mode, float64, random parameters (BatchNorm scales around 1.5, so that every
+    layer fires); also the spike counts the LIF layers sow and the rates made of them."""
+    order, theta, batch, length, width = 4, 5.0, 3, 5, 6
+    model = models.create(
+        "spiking_lmuformer",
+        tiny=True,
+        embed_dim=width,
+        order=order,
+        theta=theta,
+        num_conv_layers=2,
+        input_dim=2,
+        num_classes=3,
+    )
+    rng = np.random.default_rng(0)  # NumPy: no compilation per parameter shape
+    x = rng.standard_normal((batch, length, 2))
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(1), x)["params"]
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: (
+            1.5 + 0.3 * rng.standard_normal(leaf.shape)
+            if "norm" in path[-2].key and path[-1].key == "scale"
+            else 0.5 * rng.standard_normal(leaf.shape)
+        ),
+        shapes,
+    )
+    weights = rng.standard_normal((batch, 3))
+
+    def model_loss(params):
+        # No batch_stats given: training mode creates the running statistics.
+        logits, state = model.apply(
+            {"params": params}, x, train=True, mutable=["batch_stats", "intermediates"]
+        )
+        return jnp.sum(weights * logits), (logits, spike_counts(state["intermediates"]))
+
+    def reference_loss(params):
+        logits = _spiking_reference(params, x, order, theta)
+        return jnp.sum(weights * logits), logits
+
+    (_, (logits, counts)), grads = jax.jit(jax.value_and_grad(model_loss, has_aux=True))(params)
+    (_, want_logits), want_grads = jax.jit(jax.value_and_grad(reference_loss, has_aux=True))(params)
+    rates = spike_rates(counts)
+    assert min(rates.values()) > 0.02, rates  # every layer fires: the test sees spikes
+    np.testing.assert_allclose(logits, want_logits, rtol=1e-9, atol=1e-10)
+    for (path, grad), want in zip(
+        jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(want_grads), strict=True
+    ):
+        np.testing.assert_allclose(grad, want, rtol=1e-8, atol=1e-10, err_msg=str(path))
+    assert np.any(grads["tokenizer"]["conv_0"]["kernel"] != 0)  # through every surrogate
+
+    # Every LIF layer's [spikes, neuron-steps]; neuron-steps = batch x length x its width.
+    widths = {"lif_0": width, "lif_1": width, "head_lif": width, "lif1": width, "lif2": 4 * width}
+    widths.update(input_lif=width, memory_input_lif=1, memory_lif=order, hidden_lif=width)
+    names = [f"tokenizer/lif_{i}" for i in range(2)] + ["block_0_ffn/lif1", "block_0_ffn/lif2"]
+    names += [f"block_0_lmu/{n}" for n in ("input_lif", "memory_input_lif", "memory_lif")]
+    names += ["block_0_lmu/hidden_lif", "head_lif"]
+    assert sorted(counts) == sorted(names)
+    for name, (spikes, neuron_steps) in counts.items():
+        assert neuron_steps == batch * length * widths[name.split("/")[-1]], name
+        assert 0 < spikes < neuron_steps and spikes == int(spikes)
+    total = sum(np.asarray(c, np.float64) for c in counts.values())
+    assert rates["all"] == pytest.approx(total[0] / total[1])
+    assert rates["head_lif"] == pytest.approx(counts["head_lif"][0] / counts["head_lif"][1])
+    with pytest.raises(ValueError, match="hold no LIF spike counts"):
+        spike_counts({"tokenizer": {}})
