@@ -22,16 +22,6 @@ The memory is :class:`effformer.mixers.lmu.LMUMixer` (LMUFormer's ``LMUFFTCell``
 one memory channel, ``order`` Legendre coefficients, window ``theta``; the original
 sets ``order = D`` and ``theta = 128``, its Speech Commands sequence length).
 
-What this model is not:
-
-* **Not streaming as written.** The patch embedding's five kernel-3 convolutions
-  are centred (padding 1), so the token at position t sees inputs up to t + 5;
-  the paper's sequential mode pays this as a delay of a few steps. The LMU blocks
-  and the 1x1 convolutions are causal.
-* Inputs are fixed-length: BatchNorm's statistics would count padding, so there
-  is no token mask.
-* No step-by-step (recurrent) inference path; the parallel forward only.
-
 **The spiking model** (``spiking=True``; registered as ``spiking_lmuformer``) is the
 official ``slmu_rnn_ms_conv1d``, the default of its ``gsc.yml`` and the paper's
 spiking LMUFormer (1.69M parameters on Speech Commands). Its LIF neurons
@@ -56,8 +46,23 @@ shortcut", ``Ms``, of the official names):
 
 Each LIF sows its spike count and its number of neuron-steps into ``intermediates``
 (``spikes``) when that collection is mutable; :func:`spike_rates` turns them into the
-fraction of neuron-steps that fire, per LIF layer and over all of them (what the
-paper's energy estimate counts).
+fraction of neuron-steps that fire, per LIF layer and over all of them (the rate
+that spiking models' energy estimates scale with).
+
+What these models are not:
+
+* **Not streaming as written.** The patch embedding's five kernel-3 convolutions
+  are centred (padding 1), so the token at position t sees inputs up to t + 5;
+  the paper's sequential mode pays this as a delay of a few steps. The LMU blocks,
+  the 1x1 convolutions and the LIF neurons are causal.
+* Inputs are fixed-length: BatchNorm's statistics would count padding, so there
+  is no token mask.
+* No step-by-step (recurrent) inference path; the parallel forward only
+  (:func:`effformer.ops.lif.lif_step` and the memory's ``legendre_step`` are the pieces
+  one would need).
+* Not the original's numerics: it trains under fp16 autocast with spikingjelly's CuPy
+  kernel; here membranes are float32 at least. As there, they start at 0 for every
+  sequence (the original calls ``reset_net`` after each batch).
 
 Inputs come as in :class:`~effformer.models.mamba_classifier.MambaClassifier`:
 signals ``[B, L, input_dim]`` (``sequence_classification``) or images
