@@ -75,8 +75,18 @@ sequences, which must be contiguous runs (as packing and padding make them):
 each run attends only within itself, and padded tokens are seen by nothing and
 output zero before the output projection. Sliding windows, soft-causal ratios
 and explicit mask positions are refused; ``positions`` is unused (tokens are
-ordered by index). No decoding (``decode=True`` is refused) and no attention
-dropout (there is no probability matrix to drop from).
+ordered by index). No attention dropout (there is no probability matrix to
+drop from).
+
+Decoding (``decode=True``, causal only): the causal path is a running sum, so
+the ``cache`` collection holds the four sums a query reads, per example and
+head: ``count`` [B], ``values`` [B, H, Dh], ``codes`` [B, H, b] and ``outer``
+[B, H, b, Dh] (the sums of ``v_j``, ``h_j`` and ``h_j v_j^T`` over the tokens
+seen; float32 or wider). Each call takes one token ``x [B, 1, D]``, adds it to
+the sums and reads them with its own code: the same arithmetic as the causal
+parallel pass (whose rounding differs only in the order of the sums). A padded
+token (segment id 0) leaves the sums unchanged and outputs zero before the
+output projection. State is O(H b Dh) per example, independent of the length.
 """
 
 from __future__ import annotations
@@ -267,13 +277,13 @@ def hamming_attention(
     b, Dh] (linear in L, like the values times b).
     """
     _check_attention_inputs("hamming_attention", codes, values, segment_ids)
-    num_bits = codes.shape[-1]
     dtype = jnp.promote_types(values.dtype, jnp.float32)
     codes, v = codes.astype(dtype), values.astype(dtype)
     weight = jnp.ones(codes.shape[:2], dtype)
     if segment_ids is not None:
         weight = (segment_ids != 0).astype(dtype)
     codes_w, v_w = codes * weight[..., None, None], v * weight[..., None, None]
+    num_bits = codes.shape[-1]
     if segment_ids is None and not causal:
         # One total per row, [B, H, b, Dh]: no per-position array of that size.
         numerator = num_bits * jnp.sum(v_w, axis=1, keepdims=True) + jnp.einsum(
@@ -293,14 +303,29 @@ def hamming_attention(
             sums = _segmented_sums(terms, segment_ids, causal)
         else:
             sums = jax.tree.map(lambda t: jnp.cumsum(t, axis=1), terms)
-        numerator = num_bits * sums["values"] + jnp.einsum("blhk,blhkd->blhd", codes, sums["outer"])
-        denominator = num_bits * sums["count"][..., None] + jnp.einsum(
-            "blhk,blhk->blh", codes, sums["codes"]
-        )
+        return _read_sums(codes, sums, weight).astype(values.dtype)
+    return _normalise(numerator, denominator, weight).astype(values.dtype)
+
+
+def _read_sums(codes: Array, sums: dict[str, Array], weight: Array) -> Array:
+    """Each query's output from the sums of the keys it sees.
+
+    codes [B, L, H, b]; sums ``count`` [B, L], ``values`` [B, L, H, Dh], ``codes``
+    [B, L, H, b], ``outer`` [B, L, H, b, Dh]; weight [B, L] (0: a padded query).
+    """
+    num_bits = codes.shape[-1]
+    numerator = num_bits * sums["values"] + jnp.einsum("blhk,blhkd->blhd", codes, sums["outer"])
+    denominator = num_bits * sums["count"][..., None] + jnp.einsum(
+        "blhk,blhk->blh", codes, sums["codes"]
+    )
+    return _normalise(numerator, denominator, weight)
+
+
+def _normalise(numerator: Array, denominator: Array, weight: Array) -> Array:
     # A real query sees itself (affinity b > 0); a padded one sees nothing and outputs 0.
     real = weight[..., None] > 0
     out = (numerator / 2) / jnp.where(real, denominator / 2, 1.0)[..., None]
-    return jnp.where(real[..., None], out, 0.0).astype(values.dtype)
+    return jnp.where(real[..., None], out, 0.0)
 
 
 def hamming_attention_reference(
@@ -589,8 +614,16 @@ class EcoFormerAttention(nn.Module):
                 f"{owner}: num_heads must divide the model width {x.shape[-1]} (or give "
                 f"head_dim), got num_heads={self.num_heads}."
             )
-        if decode:
-            raise ValueError(f"{owner}: decode=True (incremental decoding) is not supported.")
+        if decode and x.shape[1] != 1:
+            raise ValueError(
+                f"{owner}: decode=True advances one token per call; x must have shape "
+                f"[batch, 1, {x.shape[-1]}], got {tuple(x.shape)}."
+            )
+        if decode and not (self.causal or (mask is not None and mask.causal)):
+            raise ValueError(
+                f"{owner}: decode=True needs causal attention (causal=True or a causal "
+                "mask); a bidirectional layer has no recurrent form."
+            )
         head_dim = self.head_dim or x.shape[-1] // self.num_heads
         if mask is None:
             return head_dim, self.causal, None
@@ -680,9 +713,46 @@ class EcoFormerAttention(nn.Module):
         values = self._dense(shape, "value", self.qkv_bias)(x)
         queries = unit_queries(qk)
         valid = jnp.ones(x.shape[:2], bool) if segment_ids is None else segment_ids != 0
-        self.sow("intermediates", HASH_INPUTS, (queries, valid))
         codes = hash_codes(queries, self._hash_functions(head_dim))
-        out = hamming_attention(
-            codes.astype(values.dtype), values, causal=causal, segment_ids=segment_ids
-        )
+        if decode:
+            out = self._decode_step(codes.astype(values.dtype), values, valid)
+        else:
+            self.sow("intermediates", HASH_INPUTS, (queries, valid))
+            out = hamming_attention(
+                codes.astype(values.dtype), values, causal=causal, segment_ids=segment_ids
+            )
         return self._dense(x.shape[-1], "out", self.out_bias, axis=(-2, -1))(out)
+
+    def _decode_step(self, codes: Array, values: Array, valid: Array) -> Array:
+        """One token's output [B, 1, H, Dh] from the cached sums, which it then joins.
+
+        codes [B, 1, H, b]; values [B, 1, H, Dh]; valid [B, 1] (False: padding).
+        """
+        batch, _, heads, num_bits = codes.shape
+        head_dim = values.shape[-1]
+        dtype = jnp.promote_types(values.dtype, jnp.float32)
+        shapes = {
+            "count": (batch,),
+            "values": (batch, heads, head_dim),
+            "codes": (batch, heads, num_bits),
+            "outer": (batch, heads, num_bits, head_dim),
+        }
+        cache = {
+            name: self.variable("cache", name, jnp.zeros, shape, dtype)
+            for name, shape in shapes.items()
+        }
+        weight = valid.astype(dtype)  # [B, 1]
+        h, v = codes[:, 0].astype(dtype), values[:, 0].astype(dtype)
+        w = weight[:, 0]
+        token = {
+            "count": w,
+            "values": v * w[:, None, None],
+            "codes": h * w[:, None, None],
+            "outer": jnp.einsum("bhk,bhd->bhkd", h * w[:, None, None], v),
+        }
+        sums = {name: cache[name].value + token[name] for name in shapes}
+        if not self.is_initializing():
+            for name in shapes:
+                cache[name].value = sums[name]
+        out = _read_sums(codes.astype(dtype), {k: s[:, None] for k, s in sums.items()}, weight)
+        return out.astype(values.dtype)

@@ -157,6 +157,17 @@ def _check_prefix_lengths(
     return prefixes.astype(np.int32)
 
 
+def _check_model_state(owner: str, model_state: Mapping[str, Any] | None) -> dict[str, Any]:
+    state = dict(model_state or {})
+    reserved = sorted({"params", "cache"} & set(state))
+    if reserved:
+        raise ValueError(
+            f"{owner}: model_state holds the collections besides params and cache (e.g. "
+            f"'hashing'); got {reserved} in it. Pass params on their own."
+        )
+    return state
+
+
 def _check_cache_length(cache_length: int | None, needed: int, max_positions: int | None) -> int:
     if cache_length is None:
         cache_length = needed
@@ -263,10 +274,10 @@ def _decoder_init_cache(model: TransformerLM, params: Any, batch: int) -> Any:
     return _zero_cache(lambda: model.init(jax.random.PRNGKey(0), one, positions=one, decode=True))
 
 
-def _decoder_step(model: TransformerLM, params, cache, tokens, positions, prefix_lengths):
+def _decoder_step(model: TransformerLM, variables, cache, tokens, positions, prefix_lengths):
     kwargs = {} if prefix_lengths is None else {"prefix_lengths": prefix_lengths}
     logits, mutated = model.apply(
-        {"params": params, "cache": cache},
+        {**variables, "cache": cache},
         tokens,
         positions=positions,
         decode=True,
@@ -316,7 +327,11 @@ def _seq2seq_step(model: EncoderDecoderLM, context, cache, tokens, positions, pr
     return logits, mutated["cache"]
 
 
-_DECODER = _Family("decoder", lambda model, params: params, _decoder_init_cache, _decoder_step)
+# The decoder family's inputs are the model's variables without the cache: params
+# and any other collection it reads (EcoFormer's hash functions).
+_DECODER = _Family(
+    "decoder", lambda model, variables: variables, _decoder_init_cache, _decoder_step
+)
 _SEQ2SEQ = _Family("seq2seq", _seq2seq_prepare, _seq2seq_init_cache, _seq2seq_step)
 
 
@@ -495,6 +510,7 @@ def generate(
     pad_id: int = 0,
     cache_length: int | None = None,
     return_logits: bool = False,
+    model_state: Mapping[str, Any] | None = None,
 ) -> GenerateOutput:
     """Continue right-padded ``prompts [B, P]`` of ``prompt_lengths [B]`` by a decoder or prefix LM.
 
@@ -512,6 +528,9 @@ def generate(
       eos_id: after a row generates it, its later generated tokens are ``pad_id``.
       cache_length: KV-cache positions; default exactly the P + N - 1 needed.
       return_logits: also return the logits of every position.
+      model_state: the model's variable collections besides ``params`` and ``cache``
+        (a trained run's ``model_state``, e.g. EcoFormer's ``hashing``), read, never
+        changed.
     """
     if not isinstance(model, TransformerLM) or model.kind not in ("decoder", "prefix_lm"):
         raise ValueError(
@@ -533,9 +552,10 @@ def generate(
     needed = prompts.shape[1] + max_new_tokens - 1
     cache_length = _check_cache_length(cache_length, needed, _learned_table_length(model))
     loop = _LoopSettings(max_new_tokens, float(temperature), top_k, eos_id, pad_id, return_logits)
+    variables = {"params": params, **_check_model_state("generate", model_state)}
     decoder = model.clone(max_decode_length=cache_length)
     return _run_loop(
-        _DECODER, decoder, params, prompts, lengths, prefixes, rng, loop, None if chunked else 1
+        _DECODER, decoder, variables, prompts, lengths, prefixes, rng, loop, None if chunked else 1
     )
 
 

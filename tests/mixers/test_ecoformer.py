@@ -251,6 +251,35 @@ def test_no_output_depends_on_a_later_token_when_causal():
                 assert not np.any(changed[:token]) and changed[token], (name, token)
 
 
+def test_decode_token_by_token_equals_the_causal_parallel_pass(x64):
+    """Recurrent = parallel: the cached sums give the causal outputs, right padding included."""
+    variables, x = _variables(), _inputs()
+    segments = (np.arange(LENGTH)[None, :] < np.array([[LENGTH], [6]])).astype(np.int32)
+    padding = AttentionMask(q_segment_ids=segments, kv_segment_ids=segments)
+    mixer = _mixer(causal=True)
+    parallel = mixer.apply(variables, x, mask=padding)
+    cache = jax.tree.map(
+        jnp.zeros_like,
+        jax.eval_shape(lambda: mixer.init(jax.random.key(0), x[:, :1], decode=True))["cache"],
+    )
+
+    @jax.jit
+    def step(cache, token, segment):
+        one = AttentionMask(q_segment_ids=segment, kv_segment_ids=segment)
+        out, mutated = mixer.apply(
+            {**variables, "cache": cache}, token, mask=one, decode=True, mutable=["cache"]
+        )
+        return out, mutated["cache"]
+
+    outputs = []
+    for t in range(LENGTH):
+        out, cache = step(cache, x[:, t : t + 1], segments[:, t : t + 1])
+        outputs.append(out)
+    np.testing.assert_allclose(np.concatenate(outputs, 1), parallel, rtol=1e-10, atol=1e-12)
+    # The padded tokens of row 1 left its sums as they were after its 6 real tokens.
+    assert float(cache["count"][1]) == 6.0 and float(cache["count"][0]) == LENGTH
+
+
 # ----------------------------------------------------------------------------- the KSH fit
 
 FIT = dict(top_k=4, learning_rate=0.05, iterations=30)
@@ -364,7 +393,8 @@ def test_make_mixer_builds_it():
     ("module_kwargs", "call_kwargs", "message"),
     [
         ({}, dict(x=jnp.zeros((2, 8))), r"x must be \[B, L, D\], got shape \(2, 8\)"),
-        ({}, dict(decode=True), "decode=True .* is not supported"),
+        ({"causal": True}, dict(decode=True), r"decode=True advances one token per call"),
+        ({}, dict(x=jnp.zeros((2, 1, 8)), decode=True), "decode=True needs causal attention"),
         ({"num_bits": 0}, {}, "num_bits must be a positive int, got 0"),
         ({"num_heads": 3}, {}, "num_heads must divide the model width 8"),
         ({}, dict(mask=AttentionMask(window_left=2)), "may only carry causal and segment ids"),

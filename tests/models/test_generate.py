@@ -56,6 +56,14 @@ DECODERS = {
         "lm_decoder",
         dict(layer_pattern="lmu,global", mixer_kwargs={"lmu": {"order": 4, "theta": 6.0}}),
     ),
+    # EcoFormer's running sums, and its hash functions read from model_state.
+    "hybrid_ecoformer": (
+        "lm_decoder",
+        dict(
+            layer_pattern="ecoformer,global",
+            mixer_kwargs={"ecoformer": {"num_heads": 2, "num_bits": 4, "num_anchors": 3}},
+        ),
+    ),
 }
 
 
@@ -70,8 +78,9 @@ def decoder():
             model = models.create(name, tiny=True, **overrides)
             variables = _init(model)
             apply = jax.jit(lambda tokens: model.apply(variables, tokens))
+            model_state = {k: v for k, v in variables.items() if k != "params"}
             greedy = generate(model, variables["params"], PROMPTS, LENGTHS, max_new_tokens=NEW,
-                              return_logits=True)  # fmt: skip
+                              return_logits=True, model_state=model_state)  # fmt: skip
             built[case] = model, variables, apply, greedy
         return built[case]
 
@@ -179,6 +188,8 @@ def test_bad_generation_requests_raise(decoder):
         generate(encoder, params, PROMPTS, LENGTHS, max_new_tokens=NEW)
     with pytest.raises(ValueError, match="prefix_lengths is only for kind='prefix_lm'"):
         generate(model, params, PROMPTS, LENGTHS, max_new_tokens=NEW, prefix_lengths=[1, 1, 1])
+    with pytest.raises(ValueError, match=r"model_state holds the collections besides params"):
+        generate(model, params, PROMPTS, LENGTHS, max_new_tokens=NEW, model_state=variables)
 
 
 # Prefix LM: the same layers as the "rope_local_block" decoder. The local window is measured
