@@ -28,6 +28,6 @@ def get_config(arm="mamba"):
     config.num_train_steps = 300  # ~13 epochs of the 1,437 training images at batch 64
     if arm == "lmu":
         config.model.kwargs.mixer_kwargs.lmu.theta = 64.0  # 64 pixel steps
-    if arm == "lmuformer":
+    if arm in ("lmuformer", "spiking_lmuformer"):
         config.model.kwargs.theta = 64.0
     return config

@@ -9,7 +9,9 @@ Arms (similar size; two Mamba blocks per Transformer layer, as in the Mamba pape
   transformer: signal_transformer, 2 layers x 64, 4 heads, MLP 256, RoPE, mean pooling;
   lmu:         the same skeleton with LMU mixers (order 64, theta = the sequence length)
                in place of attention: causal, no position encoding;
-  lmuformer:   LMUFormer's own model (conv patch embedding, BatchNorm), 2 x 64, order 64.
+  lmuformer:   LMUFormer's own model (conv patch embedding, BatchNorm), 2 x 64, order 64;
+  spiking_lmuformer: its spiking model (LIF neurons after every BatchNorm), 2 x 64,
+               order 128 (2D, as the original).
 Same data, optimiser, schedule and budget. Measured results (2-core CPU): README.md here.
 """
 
@@ -38,6 +40,8 @@ ARMS = {
     # LMUFormer as its code builds it: convolutional patch embedding, BatchNorm, no
     # LayerNorm (effformer/models/lmuformer.py), at this width.
     "lmuformer": ("lmuformer", dict(embed_dim=64, num_layers=2, order=64, theta=40.0)),
+    # The spiking LMUFormer (official slmu_rnn_ms_conv1d); its memory order is 2D.
+    "spiking_lmuformer": ("spiking_lmuformer", dict(embed_dim=64, num_layers=2, theta=40.0)),
 }
 
 
