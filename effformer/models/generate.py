@@ -36,6 +36,13 @@ the sampling settings, ``max_new_tokens``) and by the argument shapes, so a
 second call with the same settings and shapes (other prompts, prompt lengths,
 parameters, key) does not recompile.
 
+Another model family (a vision-language decoder, a Mamba LM) reuses the loop:
+a :class:`DecodeFamily` says how to prepare its inputs, build its zero cache and
+run one step, and :func:`run_decode_loop` runs it with :class:`DecodeSettings`,
+after the same argument checks (``check_prompts``, ``check_sampling``,
+``check_max_new_tokens``, ``check_cache_length``); ``effformer.models.solo`` and
+``effformer.models.mamba_lm`` do so.
+
 The cache holds ``cache_length`` positions (default: prompt width +
 ``max_new_tokens`` - 1, the positions that are fed); asking for more tokens
 than it holds raises before anything runs, as does exceeding a learned
@@ -98,19 +105,22 @@ def sample_logits(
 # ------------------------------------------------------------------------- argument checks
 
 
-def _check_sampling(temperature: float, top_k: int | None, vocab_size: int) -> None:
+def check_sampling(temperature: float, top_k: int | None, vocab_size: int) -> None:
+    """Refuse a negative temperature or a ``top_k`` outside [1, vocab_size]."""
     if not isinstance(temperature, int | float) or temperature < 0:
         raise ValueError(f"generate: temperature must be a float >= 0, got {temperature!r}.")
     if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= vocab_size):
         raise ValueError(f"generate: top_k must be None or in [1, {vocab_size}], got {top_k!r}.")
 
 
-def _check_max_new_tokens(owner: str, max_new_tokens: Any) -> None:
+def check_max_new_tokens(owner: str, max_new_tokens: Any) -> None:
+    """Refuse anything but an int >= 1 (``owner`` names the caller in the message)."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"{owner}: max_new_tokens must be a positive int, got {max_new_tokens!r}.")
 
 
-def _check_prompts(prompts: Array, prompt_lengths: Any) -> np.ndarray:
+def check_prompts(prompts: Array, prompt_lengths: Any) -> np.ndarray:
+    """prompts [B, P] int and prompt_lengths [B] (None: all P) -> the lengths as host ints."""
     if prompts.ndim != 2 or not jnp.issubdtype(prompts.dtype, jnp.integer):
         raise ValueError(
             f"generate: prompts must be integer token ids [B, P] (right-padded), got shape "
@@ -168,7 +178,9 @@ def _check_model_state(owner: str, model_state: Mapping[str, Any] | None) -> dic
     return state
 
 
-def _check_cache_length(cache_length: int | None, needed: int, max_positions: int | None) -> int:
+def check_cache_length(cache_length: int | None, needed: int, max_positions: int | None) -> int:
+    """The cache length to use (default ``needed``); refuses one too short for ``needed``
+    positions, or ``needed`` past a learned position table of ``max_positions``."""
     if cache_length is None:
         cache_length = needed
     if cache_length < needed:
@@ -240,7 +252,7 @@ class _StaticModule:
 
 
 @dataclasses.dataclass(frozen=True)
-class _LoopSettings:
+class DecodeSettings:
     """The static settings of one decoding loop."""
 
     max_new_tokens: int
@@ -251,7 +263,7 @@ class _LoopSettings:
     return_logits: bool
 
 
-class _Family(NamedTuple):
+class DecodeFamily(NamedTuple):
     """How the loop prepares, caches and steps one model family.
 
     prepare(model, inputs) -> context; init_cache(model, context, batch) -> zero cache;
@@ -265,13 +277,15 @@ class _Family(NamedTuple):
     step: Callable[..., tuple[Array, Any]]
 
 
-def _zero_cache(init: Callable[..., Any], *args: Any) -> Any:
-    return _zeros_like_shapes(jax.eval_shape(lambda *a: init(*a)["cache"], *args))
+def zero_cache(init: Callable[..., Any], *args: Any) -> Any:
+    """The zero ``cache`` collection of ``init(*args)`` (a ``model.init`` with decode=True),
+    from its shapes only: nothing is initialised or compiled."""
+    return zeros_like_shapes(jax.eval_shape(lambda *a: init(*a)["cache"], *args))
 
 
 def _decoder_init_cache(model: TransformerLM, params: Any, batch: int) -> Any:
     one = jnp.zeros((batch, 1), jnp.int32)
-    return _zero_cache(lambda: model.init(jax.random.PRNGKey(0), one, positions=one, decode=True))
+    return zero_cache(lambda: model.init(jax.random.PRNGKey(0), one, positions=one, decode=True))
 
 
 def _decoder_step(model: TransformerLM, variables, cache, tokens, positions, prefix_lengths):
@@ -296,7 +310,7 @@ def _seq2seq_prepare(model: EncoderDecoderLM, inputs: tuple[Any, Array]) -> tupl
 def _seq2seq_init_cache(model: EncoderDecoderLM, context: tuple[Any, ...], batch: int) -> Any:
     _, encoded, source_mask = context
     one = jnp.zeros((batch, 1), jnp.int32)
-    return _zero_cache(
+    return zero_cache(
         lambda encoded, source_mask: model.init(
             jax.random.PRNGKey(0),
             one,
@@ -329,10 +343,10 @@ def _seq2seq_step(model: EncoderDecoderLM, context, cache, tokens, positions, pr
 
 # The decoder family's inputs are the model's variables without the cache: params
 # and any other collection it reads (EcoFormer's hash functions).
-_DECODER = _Family(
+_DECODER = DecodeFamily(
     "decoder", lambda model, variables: variables, _decoder_init_cache, _decoder_step
 )
-_SEQ2SEQ = _Family("seq2seq", _seq2seq_prepare, _seq2seq_init_cache, _seq2seq_step)
+_SEQ2SEQ = DecodeFamily("seq2seq", _seq2seq_prepare, _seq2seq_init_cache, _seq2seq_step)
 
 
 def _rewind(cache: Any, index: Array) -> Any:
@@ -357,7 +371,7 @@ def _forced_prompt_loop(
     prompt_lengths: Array,
     prefix_lengths: Array | None,
     rng: Array,
-    loop: _LoopSettings,
+    loop: DecodeSettings,
     prefill_length: int | None,
 ) -> tuple[Array, Array, Array]:
     """The forced-prompt loop (module docstring), to be traced inside ``jax.jit``.
@@ -432,9 +446,9 @@ def _generate_loop(
     prefix_lengths: Array | None,
     rng: Array,
     *,
-    family: _Family,
+    family: DecodeFamily,
     model: _StaticModule,
-    loop: _LoopSettings,
+    loop: DecodeSettings,
     prefill_length: int | None,
 ) -> tuple[Array, Array, Array]:
     """Encode (seq2seq), make the zero cache and run the loop: compiled once per static
@@ -458,23 +472,29 @@ def _generate_loop(
     )
 
 
-def _zeros_like_shapes(tree: Any) -> Any:
+def zeros_like_shapes(tree: Any) -> Any:
+    """Zeros of every ``ShapeDtypeStruct`` of ``tree``."""
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
 
 
-def _run_loop(
-    family: _Family,
+def run_decode_loop(
+    family: DecodeFamily,
     model: nn.Module,
     inputs: Any,
     prompts: Array,
     lengths: np.ndarray,
     prefixes: np.ndarray | None,
     rng: Array | None,
-    loop: _LoopSettings,
+    loop: DecodeSettings,
     prefill_length: int | None,
 ) -> GenerateOutput:
     """Run the compiled loop of ``family`` (cached per static settings and shapes).
 
+    model: the module the family's functions receive (its configuration is part of
+    the compiled loop's key); inputs: what ``family.prepare`` turns into the step's
+    context (traced: new values reuse the compiled loop); prompts [B, P] right-padded
+    with ``lengths`` [B] host ints (``check_prompts``); prefixes: a prefix LM's
+    [B] prefix lengths or None; rng: the sampling key (None: greedy's unused key).
     prefill_length: None feeds the whole prompt width in one call (attention-only
     models); an int feeds that many tokens first (at most the shortest prompt).
     """
@@ -538,9 +558,9 @@ def generate(
             f"{type(model).__name__}"
             f"{'' if not isinstance(model, TransformerLM) else f' kind={model.kind!r}'}."
         )
-    _check_max_new_tokens("generate", max_new_tokens)
-    _check_sampling(temperature, top_k, model.vocab_size)
-    lengths = _check_prompts(prompts, prompt_lengths)
+    check_max_new_tokens("generate", max_new_tokens)
+    check_sampling(temperature, top_k, model.vocab_size)
+    lengths = check_prompts(prompts, prompt_lengths)
     prefixes = _check_prefix_lengths(model, prefix_lengths, lengths)
     chunked = model.supports_chunked_decode
     if model.kind == "prefix_lm" and not chunked:
@@ -550,11 +570,11 @@ def generate(
             f"layer_overrides={model.layer_overrides!r}."
         )
     needed = prompts.shape[1] + max_new_tokens - 1
-    cache_length = _check_cache_length(cache_length, needed, _learned_table_length(model))
-    loop = _LoopSettings(max_new_tokens, float(temperature), top_k, eos_id, pad_id, return_logits)
+    cache_length = check_cache_length(cache_length, needed, _learned_table_length(model))
+    loop = DecodeSettings(max_new_tokens, float(temperature), top_k, eos_id, pad_id, return_logits)
     variables = {"params": params, **_check_model_state("generate", model_state)}
     decoder = model.clone(max_decode_length=cache_length)
-    return _run_loop(
+    return run_decode_loop(
         _DECODER, decoder, variables, prompts, lengths, prefixes, rng, loop, None if chunked else 1
     )
 
@@ -587,23 +607,23 @@ def generate_seq2seq(
         raise ValueError(
             f"generate_seq2seq: model must be an EncoderDecoderLM, got {type(model).__name__}."
         )
-    _check_max_new_tokens("generate_seq2seq", max_new_tokens)
-    _check_sampling(temperature, top_k, model.vocab_size)
+    check_max_new_tokens("generate_seq2seq", max_new_tokens)
+    check_sampling(temperature, top_k, model.vocab_size)
     batch = inputs.shape[0]
     if decoder_prompts is None:
         decoder_prompts = jnp.full((batch, 1), decoder_start_id, jnp.int32)
-    lengths = _check_prompts(decoder_prompts, decoder_prompt_lengths)
+    lengths = check_prompts(decoder_prompts, decoder_prompt_lengths)
     if decoder_prompts.shape[0] != batch:
         raise ValueError(
             f"generate_seq2seq: decoder_prompts batch must equal inputs batch {batch}, got "
             f"{decoder_prompts.shape[0]}."
         )
     needed = decoder_prompts.shape[1] + max_new_tokens - 1
-    cache_length = _check_cache_length(cache_length, needed, _learned_table_length(model))
-    loop = _LoopSettings(max_new_tokens, float(temperature), top_k, eos_id, pad_id, return_logits)
+    cache_length = check_cache_length(cache_length, needed, _learned_table_length(model))
+    loop = DecodeSettings(max_new_tokens, float(temperature), top_k, eos_id, pad_id, return_logits)
     seq2seq = model.clone(max_decode_length=cache_length)
     source = (params, jnp.asarray(inputs))
-    return _run_loop(
+    return run_decode_loop(
         _SEQ2SEQ, seq2seq, source, decoder_prompts, lengths, None, rng, loop,
         None if model.supports_chunked_decode else 1,
     )  # fmt: skip

@@ -49,13 +49,13 @@ import numpy as np
 
 from effformer.mixers.mamba import MambaMixer
 from effformer.models.generate import (
+    DecodeFamily,
+    DecodeSettings,
     GenerateOutput,
-    _check_prompts,
-    _check_sampling,
-    _Family,
-    _LoopSettings,
-    _run_loop,
-    _zeros_like_shapes,
+    check_prompts,
+    check_sampling,
+    run_decode_loop,
+    zeros_like_shapes,
 )
 from effformer.models.registry import register
 from effformer.nn.norms import RMSNorm
@@ -350,12 +350,12 @@ def generate_mamba(
         raise ValueError(
             f"generate_mamba: max_new_tokens must be a positive int, got {max_new_tokens!r}."
         )
-    _check_sampling(temperature, top_k, model.vocab_size)
-    lengths = _check_prompts(prompts, prompt_lengths)
-    loop = _LoopSettings(max_new_tokens, float(temperature), top_k, eos_id, pad_id, return_logits)
+    check_sampling(temperature, top_k, model.vocab_size)
+    lengths = check_prompts(prompts, prompt_lengths)
+    loop = DecodeSettings(max_new_tokens, float(temperature), top_k, eos_id, pad_id, return_logits)
     # The parallel scan prefills the first min(prompt_lengths) tokens of every row (from
     # the zero state); one compiled loop per model, settings, shapes and prefill length.
-    return _run_loop(
+    return run_decode_loop(
         _MAMBA, model, params, prompts, np.asarray(lengths), None, rng, loop, int(lengths.min())
     )
 
@@ -378,10 +378,10 @@ def _mamba_step(model: MambaLM, params, cache, tokens, positions, prefix_lengths
     return logits, _cache_from_intermediates(sown["intermediates"], cache_shapes)
 
 
-_MAMBA = _Family(
+_MAMBA = DecodeFamily(
     "mamba",
     lambda model, params: params,
-    lambda model, params, batch: _zeros_like_shapes(_mamba_cache_shapes(model, batch)),
+    lambda model, params, batch: zeros_like_shapes(_mamba_cache_shapes(model, batch)),
     _mamba_step,
 )
 

@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effformer.models import generate as _generate
+from effformer.models import generate as generation
 from effformer.models.registry import register
 from effformer.models.transformer_lm import TransformerLM
 
@@ -346,7 +346,7 @@ def _solo_prepare(model: SOLO, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
 def _solo_init_cache(model: SOLO, context: tuple[Any, ...], batch: int) -> Any:
     _, patches, _, _ = context
     one = jnp.zeros((batch, 1), jnp.int32)
-    return _generate._zero_cache(
+    return generation.zero_cache(
         lambda patches: model.init(
             jax.random.PRNGKey(0), one, patches, one, positions=one, decode=True
         ),
@@ -374,7 +374,7 @@ def _solo_step(model: SOLO, context, cache, tokens, positions, prefix_lengths):
     return logits, mutated["cache"]
 
 
-_SOLO_FAMILY = _generate._Family("solo", _solo_prepare, _solo_init_cache, _solo_step)
+_SOLO_FAMILY = generation.DecodeFamily("solo", _solo_prepare, _solo_init_cache, _solo_step)
 
 
 def generate(
@@ -393,7 +393,7 @@ def generate(
     pad_id: int = 0,
     cache_length: int | None = None,
     return_logits: bool = False,
-) -> _generate.GenerateOutput:
+) -> generation.GenerateOutput:
     """Continue right-padded image+text ``prompts [B, P]`` with SOLO, using a KV cache.
 
     Args:
@@ -412,9 +412,9 @@ def generate(
     owner = "solo.generate"
     if not isinstance(model, SOLO):
         raise ValueError(f"{owner}: model must be a SOLO model, got {type(model).__name__}.")
-    _generate._check_max_new_tokens(owner, max_new_tokens)
-    _generate._check_sampling(temperature, top_k, model.vocab_size)
-    lengths = _generate._check_prompts(prompts, prompt_lengths)
+    generation.check_max_new_tokens(owner, max_new_tokens)
+    generation.check_sampling(temperature, top_k, model.vocab_size)
+    lengths = generation.check_prompts(prompts, prompt_lengths)
     model._validate(jnp.asarray(prompts), patches, patch_indices)
     if not model.lm.supports_chunked_decode:
         raise ValueError(
@@ -423,14 +423,14 @@ def generate(
         )
     needed = prompts.shape[1] + max_new_tokens - 1
     table = model.lm.max_length if model.lm.position_encoding == "learned" else None
-    cache_length = _generate._check_cache_length(cache_length, needed, table)
-    loop = _generate._LoopSettings(
+    cache_length = generation.check_cache_length(cache_length, needed, table)
+    loop = generation.DecodeSettings(
         max_new_tokens, float(temperature), top_k, eos_id, pad_id, return_logits
     )
     decoder = model.clone(lm=model.lm.clone(max_decode_length=cache_length))
     context = (params, jnp.asarray(patches), jnp.asarray(patch_indices, jnp.int32),
                jnp.asarray(lengths))  # fmt: skip
-    return _generate._run_loop(
+    return generation.run_decode_loop(
         _SOLO_FAMILY, decoder, context, prompts, lengths, None, rng, loop, None
     )
 
