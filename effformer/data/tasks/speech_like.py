@@ -25,7 +25,12 @@ vocabulary and record helpers. Records:
   baseline reads it with the ``seq2seq`` task; Paraformer's CIF predicts the
   ``<eos>`` too (FunASR's ``predictor_bias = 1``);
 * ``weights`` float32 [N]: 1 on the targets; ``length`` int32 (tokens without
-  ``<eos>``); ``num_frames`` int32.
+  ``<eos>``); ``num_frames`` int32;
+* only with ``token_end_frames=True``: ``token_ends`` int32 [N], the frame after
+  each target token's last frame (its end, exclusive; ``num_frames`` for
+  ``<eos>``, 0 on padding): the weak alignment CarelessWhisper's training reads.
+  The dataset ``speech_like_aligned`` is ``speech_like`` with this field (the
+  same utterances).
 
 Token ids: 0 ``<pad>``, 1 ``<sep>`` (unused), 2 ``<eos>``, then ``t0``, ``t1``, ...
 Example ``i`` of split ``s`` comes from ``numpy.random.default_rng([seed, s, i])``
@@ -68,6 +73,7 @@ class SpeechLikeFrames:
       smoothing: a kernel convolved over time with the clean frames (odd length, or () for none).
       seed: the seed everything derives from.
       num_examples: examples per split, ``{"train": ..., "test": ...}``.
+      token_end_frames: add the ``token_ends`` field to the records.
     """
 
     def __init__(
@@ -82,6 +88,7 @@ class SpeechLikeFrames:
         smoothing: tuple[float, ...] = (0.25, 0.5, 0.25),
         seed: int = 0,
         num_examples: dict[str, int] | None = None,
+        token_end_frames: bool = False,
     ):
         self.name = name
         self.num_tokens = check_int(f"{name}: num_tokens", num_tokens, 2)
@@ -105,6 +112,7 @@ class SpeechLikeFrames:
         for split, count in num_examples.items():
             check_int(f"{name}: num_examples[{split!r}]", count, 1)
         self.num_examples = num_examples
+        self.token_end_frames = bool(token_end_frames)
         self.vocabulary = Vocabulary([f"t{i}" for i in range(self.num_tokens)])
         self.eos_id = self.vocabulary.encode([EOS])[0]
         self.first_token_id = len(self.vocabulary) - self.num_tokens
@@ -163,17 +171,19 @@ class SpeechLikeFrames:
 
     def example(self, split: str, index: int) -> dict[str, np.ndarray]:
         """The record of example ``index`` of ``split`` (module docstring)."""
-        tokens, _, frames = self.utterance(split, index)
-        return self._record(tokens, frames)
+        tokens, durations, frames = self.utterance(split, index)
+        return self._record(tokens, frames, durations)
 
-    def _record(self, tokens: np.ndarray, frames: np.ndarray) -> dict[str, np.ndarray]:
+    def _record(
+        self, tokens: np.ndarray, frames: np.ndarray, durations: np.ndarray
+    ) -> dict[str, np.ndarray]:
         inputs = np.zeros((self.max_frames, self.feature_dim), np.float32)
         inputs[: len(frames)] = frames
         frame_mask = np.arange(self.max_frames) < len(frames)
         targets = np.zeros(self.max_targets, np.int32)
         ids = list(tokens + self.first_token_id) + [self.eos_id]
         targets[: len(ids)] = ids
-        return {
+        record = {
             "inputs": inputs,
             "frame_mask": frame_mask,
             "targets": targets,
@@ -181,10 +191,18 @@ class SpeechLikeFrames:
             "length": np.int32(len(tokens)),
             "num_frames": np.int32(len(frames)),
         }
+        if self.token_end_frames:
+            ends = np.zeros(self.max_targets, np.int32)
+            ends[: len(tokens)] = np.cumsum(durations)
+            ends[len(tokens)] = len(frames)
+            record["token_ends"] = ends
+        return record
 
     def empty_example(self) -> dict[str, np.ndarray]:
         """An all-padding record (no frames, no targets) for padding eval batches."""
-        template = self._record(np.zeros(0, np.int64), np.zeros((0, self.feature_dim)))
+        template = self._record(
+            np.zeros(0, np.int64), np.zeros((0, self.feature_dim)), np.zeros(0, np.int64)
+        )
         return {key: np.zeros_like(value) for key, value in template.items()}
 
     # ----------------------------------------------------- the registry's interface
@@ -238,3 +256,6 @@ def register_speech_like(dataset: SpeechLikeFrames) -> SpeechLikeFrames:
 
 
 DATASET = register_speech_like(SpeechLikeFrames())
+ALIGNED_DATASET = register_speech_like(
+    SpeechLikeFrames(name="speech_like_aligned", token_end_frames=True)
+)
