@@ -1,0 +1,844 @@
+"""CarelessWhisper (Rafaely et al., 2025): a Whisper-style encoder-decoder made causal for streaming.
+
+"CarelessWhisper: Turning Whisper into a Causal Streaming Model". The official
+code (``tomer9080/CarelessWhisper-Streaming``: ``streaming_model.py``,
+``streaming_decoding.py``, ``training_code/whisper_module.py``) turns a trained,
+non-causal Whisper into a streaming model in three steps, all built here at
+this library's scale, on frames instead of log-mel spectrograms:
+
+* **the model** (Whisper's layout): a convolutional stem over the input frames
+  (``Conv1d(k=3) GELU Conv1d(k=3, stride=stem_stride) GELU``, Whisper's
+  stride 2 halving the frame rate), sinusoidal positions, an encoder
+  :class:`~effformer.models.lm_layers.LayerStack`, and a decoder stack with
+  learned positions and cross-attention to the encoder output in every layer;
+  the output layer is the transposed token embedding;
+* **the block-causal encoder** (``StreamingAudioEncoder.mask``): with
+  ``chunk_size = C`` (the official ``gran``, in encoder frames) encoder frame
+  ``j`` sees exactly the frames of chunks ``0 .. j // C``: its own chunk and
+  every earlier one. ``chunk_size=None`` is the offline, bidirectional
+  encoder; both are one ``LayerStack(causal=True, prefix_lm=True)`` whose
+  causal order is the "mask position" of each frame (its chunk index, or 0
+  for every frame when bidirectional), the prefix LM's mechanism, so the same
+  parameters serve both and a chunk encoded against the KV cache
+  (:meth:`CarelessWhisper.encode_chunk`) computes only its own rows. Padding
+  frames get a mask position after every chunk: no real frame sees them. The
+  official ``extra_gran_blocks`` (a larger first chunk) is not built;
+* **LoRA** (``LoraLayer`` / ``LoRAMultiHeadAttention``): adapters on the query,
+  key, value and output projections of the encoder's self-attention, the
+  decoder's self-attention and the decoder's cross-attention, every layer (the
+  projections the official code wraps). ``y = x W + (alpha / rank) (x A) B``
+  with ``A [in, rank]`` uniform in ``+-1/sqrt(rank)`` (PyTorch's
+  ``kaiming_uniform_(a=sqrt(5))`` on the official ``[in, rank]`` tensor) and
+  ``B`` zero, so training starts at the base model. The official layer never
+  passes an alpha, so ``alpha = rank`` (scale 1) is the default here. The
+  factors are the top-level module ``lora`` (``lora_rank=0``: none), so
+  ``config.optimizer.trainable_modules = "lora"`` freezes the base weights and
+  ``config.init_from`` with ``reinit = "lora"`` starts them from an offline run.
+  The adapter is added to the library's ``DenseGeneral`` projections by a Flax
+  method interceptor (the attention mixers stay unchanged);
+  :func:`merge_lora` folds ``W + (alpha / rank) A B`` into the kernels, which
+  a ``lora_rank=0`` model then runs (the same function, tested).
+
+The stem looks ahead: a centred convolution of kernel 3 at each of its two
+layers means encoder frame ``j`` reads input frames up to ``s * j + 2``
+(``s = stem_stride``). A chunk's rows are therefore final once the input
+frames up to ``s * (k + 1) * C - s + 2`` have arrived, ``3 - s`` frames past
+the chunk (one for Whisper's stride 2, its 10 ms); beyond the stem everything
+is block-causal. :meth:`CarelessWhisper.stem_rows` computes the rows of one
+chunk from that window only.
+
+The official training (``LoRAStreamedWhisper._forward_step_stream``) encodes
+prefixes of the audio, chunk by chunk, and trains the decoder, teacher-forced,
+on the tokens whose audio has ended by the chunk's end (``_calc_labels``:
+the weakly aligned targets). Because the encoder is block-causal, the prefix's
+encoder states are the first rows of the full pass, so ``__call__`` with
+``cut_fractions`` runs the encoder once and the decoder once per cut, its
+cross-attention limited to the frames before the cut; the ``careless_whisper``
+task (``effformer/train/careless_whisper_task.py``) builds the targets.
+Streaming inference (:func:`stream_transcribe`) follows the official greedy
+``StreamingDecoder``; see its docstring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from effformer.models.lm_layers import LayerStack
+from effformer.models.registry import register
+
+Array = jax.Array
+Dtype = Any
+
+PROJECTIONS = ("query", "key", "value", "out")
+# Mask position of padding frames: after every chunk, so no real frame attends to them.
+PADDING_MASK_POSITION = 1 << 20
+
+
+def _check_frames(inputs: Array, input_dim: int) -> None:
+    if inputs.ndim != 3 or inputs.shape[-1] != input_dim:
+        raise ValueError(
+            f"CarelessWhisper: inputs must be frames [B, T, input_dim={input_dim}], got shape "
+            f"{tuple(inputs.shape)}."
+        )
+    if not jnp.issubdtype(inputs.dtype, jnp.floating):
+        raise ValueError(f"CarelessWhisper: inputs must be float frames, got dtype {inputs.dtype}.")
+
+
+def check_chunk_size(chunk_size: Any) -> int | None:
+    """``chunk_size`` validated: None (bidirectional encoder) or an int >= 1."""
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer):
+        raise ValueError(
+            f"CarelessWhisper: chunk_size must be None or an int >= 1, got {chunk_size!r}."
+        )
+    if chunk_size < 1:
+        raise ValueError(f"CarelessWhisper: chunk_size must be >= 1, got {chunk_size}.")
+    return int(chunk_size)
+
+
+def lora_targets(
+    num_encoder_layers: int, num_decoder_layers: int, embed_dim: int, inner_dim: int
+) -> tuple[tuple[str, int, int], ...]:
+    """(key, in features, out features) of every adapted projection.
+
+    key ``"<stack>.<attention module>.<projection>"`` is the projection's module path
+    in :class:`CarelessWhisper`; q/k/v map ``embed_dim -> inner_dim`` (heads x head
+    width), the output projection ``inner_dim -> embed_dim``.
+    """
+    modules = [("encoder", f"layer_{i}_attention") for i in range(num_encoder_layers)]
+    for i in range(num_decoder_layers):
+        modules += [("decoder", f"layer_{i}_attention"), ("decoder", f"layer_{i}_cross_attention")]
+    targets = []
+    for stack, attention in modules:
+        for projection in PROJECTIONS:
+            sizes = (inner_dim, embed_dim) if projection == "out" else (embed_dim, inner_dim)
+            targets.append((f"{stack}.{attention}.{projection}", *sizes))
+    return tuple(targets)
+
+
+class LoRAFactors(nn.Module):
+    """The LoRA factors ``{key: (A [in, rank], B [rank, out])}`` of every target.
+
+    ``A`` uniform in ``+-1/sqrt(rank)``, ``B`` zero (module docstring). Parameters
+    ``<key>.a`` and ``<key>.b`` (the key's dots are kept in the name).
+    """
+
+    targets: tuple[tuple[str, int, int], ...]
+    rank: int
+
+    @nn.compact
+    def __call__(self) -> dict[str, tuple[Array, Array]]:
+        bound = 1.0 / np.sqrt(self.rank)
+
+        def uniform(key, shape, dtype=jnp.float32):
+            return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+        return {
+            key: (
+                self.param(f"{key}.a", uniform, (fan_in, self.rank)),
+                self.param(f"{key}.b", nn.initializers.zeros, (self.rank, fan_out)),
+            )
+            for key, fan_in, fan_out in self.targets
+        }
+
+
+def _lora_interceptor(root_path: tuple[str, ...], factors: Mapping, scale: float):
+    """A Flax method interceptor adding ``scale * (x A) B`` to each adapted projection."""
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        module = context.module
+        if context.method_name != "__call__" or not isinstance(module, nn.DenseGeneral):
+            return out
+        key = ".".join(module.path[len(root_path) :])
+        if key not in factors:
+            return out
+        a, b = factors[key]
+        x = args[0]
+        flat = x.reshape(*x.shape[:-2], -1) if key.endswith(".out") else x
+        delta = (flat @ a.astype(flat.dtype)) @ b.astype(flat.dtype)
+        return out + (scale * delta).reshape(out.shape).astype(out.dtype)
+
+    return interceptor
+
+
+def merge_lora(params: Mapping, rank: int, alpha: float | None = None) -> dict:
+    """Parameters of a ``lora_rank=0`` model: every adapted kernel ``W + (alpha/rank) A B``.
+
+    params: a LoRA model's parameters (with the top-level ``lora``); alpha None: rank.
+    """
+    if "lora" not in params:
+        raise ValueError(
+            f"merge_lora: params must hold the top-level 'lora' factors, got {sorted(params)}."
+        )
+    scale = (rank if alpha is None else alpha) / rank
+    flat = traverse_util.flatten_dict({k: v for k, v in params.items() if k != "lora"})
+    lora = params["lora"]
+    for name in lora:
+        if not name.endswith(".a"):
+            continue
+        key = name[: -len(".a")]
+        path = (*key.split("."), "kernel")
+        if path not in flat:
+            raise ValueError(f"merge_lora: no kernel {'/'.join(path)} for LoRA factors {key!r}.")
+        kernel = flat[path]
+        delta = (lora[name] @ lora[f"{key}.b"]).reshape(kernel.shape)
+        flat[path] = kernel + scale * delta.astype(kernel.dtype)
+    return traverse_util.unflatten_dict(flat)
+
+
+class CarelessWhisper(nn.Module):
+    """Whisper-style encoder-decoder over frames with a block-causal encoder and LoRA.
+
+    Attributes:
+      vocab_size: output tokens (0 is padding and the decoder's start token, as in
+        the ``seq2seq`` task).
+      input_dim: F, channels per input frame.
+      embed_dim, num_heads, ffn_hidden_dim: width of both stacks.
+      num_encoder_layers, num_decoder_layers: depths.
+      stem_stride: the second stem convolution's stride (Whisper: 2).
+      chunk_size: encoder frames per chunk of the block-causal encoder; None: the
+        bidirectional (offline) encoder. A call's ``chunk_size`` overrides it.
+      lora_rank: LoRA rank; 0: no adapters (no ``lora`` parameters).
+      lora_alpha: LoRA alpha (scale alpha / rank); None: rank (the official default).
+      max_target_length: positions of the decoder's learned table.
+      dropout_rate, attention_dropout_rate: regularisation (``train=True``).
+      max_frames: frames of ``dummy_inputs``.
+    """
+
+    vocab_size: int = 64
+    input_dim: int = 80
+    embed_dim: int = 256
+    num_heads: int = 4
+    ffn_hidden_dim: int = 1024
+    num_encoder_layers: int = 4
+    num_decoder_layers: int = 4
+    stem_stride: int = 2
+    chunk_size: int | None = None
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    max_target_length: int = 64
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    max_frames: int = 32
+    dtype: Dtype | None = None
+
+    def check_config(self) -> None:
+        """Fail at once, naming the field, on a configuration that cannot run."""
+        for field in ("vocab_size", "input_dim", "embed_dim", "num_heads", "ffn_hidden_dim",
+                      "num_encoder_layers", "num_decoder_layers", "stem_stride",
+                      "max_target_length", "max_frames"):  # fmt: skip
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"CarelessWhisper: {field} must be an int >= 1, got {value!r}.")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"CarelessWhisper: num_heads must divide embed_dim={self.embed_dim}, got "
+                f"{self.num_heads}."
+            )
+        check_chunk_size(self.chunk_size)
+        rank = self.lora_rank
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise ValueError(f"CarelessWhisper: lora_rank must be an int >= 0, got {rank!r}.")
+
+    @property
+    def lora_scale(self) -> float:
+        alpha = self.lora_rank if self.lora_alpha is None else float(self.lora_alpha)
+        return alpha / self.lora_rank
+
+    def _stack(self, *, cross_attention: bool, position_encoding: str, **kwargs) -> LayerStack:
+        return LayerStack(
+            num_layers=self.num_decoder_layers if cross_attention else self.num_encoder_layers,
+            causal=True,
+            cross_attention=cross_attention,
+            num_heads=self.num_heads,
+            ffn="gelu",
+            ffn_hidden_dim=self.ffn_hidden_dim,
+            position_encoding=position_encoding,
+            dropout_rate=self.dropout_rate,
+            attention_dropout_rate=self.attention_dropout_rate,
+            dtype=self.dtype,
+            **kwargs,
+        )
+
+    def setup(self) -> None:
+        self.check_config()
+        self.stem_conv1 = nn.Conv(self.embed_dim, (3,), padding="VALID", dtype=self.dtype)
+        self.stem_conv2 = nn.Conv(
+            self.embed_dim,
+            (3,),
+            strides=(self.stem_stride,),
+            padding="VALID",
+            dtype=self.dtype,
+        )
+        self.encoder = self._stack(
+            cross_attention=False, position_encoding="sinusoidal", prefix_lm=True
+        )
+        self.decoder = self._stack(
+            cross_attention=True,
+            position_encoding="learned",
+            position_kwargs={"max_length": self.max_target_length},
+        )
+        self.token_embedding = nn.Embed(
+            self.vocab_size,
+            self.embed_dim,
+            embedding_init=nn.initializers.normal(stddev=0.02),
+            dtype=self.dtype,
+        )
+        if self.lora_rank:
+            targets = lora_targets(
+                self.num_encoder_layers, self.num_decoder_layers, self.embed_dim, self.embed_dim
+            )
+            self.lora = LoRAFactors(targets, self.lora_rank)
+
+    def dummy_inputs(self, batch_size: int) -> dict[str, Array]:
+        return {
+            "inputs": jnp.ones((batch_size, self.max_frames, self.input_dim), jnp.float32),
+            "decoder_inputs": jnp.ones((batch_size, 6), jnp.int32),
+        }
+
+    # ------------------------------------------------------------------ helpers
+    def _adapted(self, use_lora: bool):
+        """A context manager adding the LoRA adapters (a no-op without them or when off)."""
+        if not (self.lora_rank and use_lora):
+            return contextlib.nullcontext()
+        return nn.intercept_methods(_lora_interceptor(self.path, self.lora(), self.lora_scale))
+
+    def num_encoder_frames(self, num_frames: int) -> int:
+        """Encoder frames of ``num_frames`` input frames: ``ceil(num_frames / stem_stride)``."""
+        return -(-num_frames // self.stem_stride)
+
+    def encoder_frame_mask(self, frame_mask: Array) -> Array:
+        """[B, T] input frame mask (real frames first) -> [B, T'] encoder frame mask."""
+        return frame_mask[:, :: self.stem_stride].astype(bool)
+
+    def _frame_mask(self, inputs: Array, frame_mask: Array | None) -> Array:
+        if frame_mask is None:
+            return jnp.any(inputs != 0, axis=-1)
+        if tuple(frame_mask.shape) != tuple(inputs.shape[:2]):
+            raise ValueError(
+                f"CarelessWhisper: frame_mask must have shape [B, T] = {tuple(inputs.shape[:2])}, "
+                f"got {tuple(frame_mask.shape)}."
+            )
+        return frame_mask.astype(bool)
+
+    def stem_rows(self, inputs: Array, start: Array | int, num_rows: int) -> Array:
+        """Stem output rows ``start .. start + num_rows - 1`` [B, num_rows, D] of frames [B, T, F].
+
+        Reads only the input frames ``s * start - 2 .. s * (start + num_rows - 1) + 2``
+        (zero outside ``0 .. T - 1``); ``start`` may be traced. The whole stem is
+        ``stem_rows(inputs, 0, ceil(T / s))``: Whisper's two convolutions with padding 1.
+        """
+        s, length = self.stem_stride, inputs.shape[1]
+        padded = jnp.pad(inputs, ((0, 0), (2, s + 3), (0, 0)))
+        width = s * (num_rows - 1) + 5
+        window = jax.lax.dynamic_slice_in_dim(padded, s * start, width, axis=1)
+        hidden = nn.gelu(self.stem_conv1(window), approximate=False)
+        # Global index of each first-layer row; outside the input it is the second conv's padding.
+        index = s * start - 1 + jnp.arange(width - 2)
+        hidden = jnp.where(((index >= 0) & (index < length))[None, :, None], hidden, 0)
+        return nn.gelu(self.stem_conv2(hidden), approximate=False)
+
+    def _mask_positions(self, encoder_mask: Array, rows: Array, chunk_size: int | None) -> Array:
+        """Mask positions [B, R] of encoder rows ``rows`` [R]: chunk index (0 if offline)."""
+        order = jnp.zeros_like(rows) if chunk_size is None else rows // chunk_size
+        return jnp.where(encoder_mask, order[None, :], PADDING_MASK_POSITION).astype(jnp.int32)
+
+    # ------------------------------------------------------------------ the parts
+    def encode(
+        self,
+        inputs: Array,
+        frame_mask: Array | None = None,
+        *,
+        chunk_size: int | None = -1,
+        use_lora: bool = True,
+        train: bool = False,
+    ) -> tuple[Array, Array]:
+        """frames [B, T, F] -> (encoded [B, T', D], encoder_mask [B, T'] bool), T' = ceil(T/s).
+
+        chunk_size: block-causal chunks of encoder frames; None: bidirectional;
+        -1 (default): the model's ``chunk_size``. use_lora: add the adapters.
+        """
+        _check_frames(inputs, self.input_dim)
+        chunk_size = check_chunk_size(self.chunk_size if chunk_size == -1 else chunk_size)
+        frame_mask = self._frame_mask(inputs, frame_mask)
+        num_rows = self.num_encoder_frames(inputs.shape[1])
+        encoder_mask = self.encoder_frame_mask(frame_mask)
+        rows = jnp.arange(num_rows, dtype=jnp.int32)
+        positions = jnp.broadcast_to(rows, (inputs.shape[0], num_rows))
+        with self._adapted(use_lora):
+            encoded = self.encoder(
+                self.stem_rows(inputs, 0, num_rows),
+                positions=positions,
+                mask_positions=self._mask_positions(encoder_mask, rows, chunk_size),
+                deterministic=not train,
+            )
+        return encoded, encoder_mask
+
+    def encode_chunk(
+        self,
+        inputs: Array,
+        frame_mask: Array,
+        chunk_index: Array | int,
+        *,
+        chunk_size: int,
+        use_lora: bool = True,
+    ) -> Array:
+        """Encoder rows of chunk ``chunk_index`` [B, C, D] against the KV cache (``decode``).
+
+        Call with ``mutable=["cache"]`` and a cache from :func:`init_encoder_cache`,
+        chunks in order 0, 1, ...; inputs [B, T, F] are the whole (padded) frames, of
+        which the chunk's stem reads its window only. The rows equal those of
+        ``encode(inputs, frame_mask, chunk_size=chunk_size)`` (tested).
+        """
+        _check_frames(inputs, self.input_dim)
+        chunk_size = check_chunk_size(chunk_size)
+        if chunk_size is None:
+            raise ValueError("CarelessWhisper.encode_chunk: chunk_size must be an int >= 1.")
+        frame_mask = self._frame_mask(inputs, frame_mask)
+        num_rows = self.num_encoder_frames(inputs.shape[1])
+        if num_rows % chunk_size:
+            raise ValueError(
+                f"CarelessWhisper.encode_chunk: the encoder frames ceil(T / {self.stem_stride}) = "
+                f"{num_rows} must be a multiple of chunk_size={chunk_size} (pad the frames)."
+            )
+        start = chunk_index * chunk_size
+        rows = start + jnp.arange(chunk_size, dtype=jnp.int32)
+        encoder_mask = jax.lax.dynamic_slice_in_dim(
+            self.encoder_frame_mask(frame_mask), start, chunk_size, axis=1
+        )
+        with self._adapted(use_lora):
+            return self.encoder(
+                self.stem_rows(inputs, start, chunk_size),
+                positions=jnp.broadcast_to(rows, (inputs.shape[0], chunk_size)),
+                mask_positions=self._mask_positions(encoder_mask, rows, chunk_size),
+                decode=True,
+            )
+
+    def decode(
+        self,
+        decoder_inputs: Array,
+        encoded: Array,
+        encoder_mask: Array,
+        *,
+        use_lora: bool = True,
+        train: bool = False,
+    ) -> Array:
+        """decoder_inputs [B, L] int, encoded [B, T', D], encoder_mask [B, T'] -> logits [B, L, V].
+
+        Cross-attention reads the encoder rows where ``encoder_mask`` is True.
+        """
+        if decoder_inputs.ndim != 2 or not jnp.issubdtype(decoder_inputs.dtype, jnp.integer):
+            raise ValueError(
+                f"CarelessWhisper: decoder_inputs must be int token ids [B, L], got shape "
+                f"{tuple(decoder_inputs.shape)} and dtype {decoder_inputs.dtype}."
+            )
+        batch, length = decoder_inputs.shape
+        if length > self.max_target_length:
+            raise ValueError(
+                f"CarelessWhisper: decoder_inputs length must be <= max_target_length="
+                f"{self.max_target_length}, got {length}."
+            )
+        if encoded.shape[0] != batch or tuple(encoder_mask.shape) != tuple(encoded.shape[:2]):
+            raise ValueError(
+                f"CarelessWhisper: encoded [B={batch}, T', D] and encoder_mask [B, T'] must "
+                f"match, got {tuple(encoded.shape)} and {tuple(encoder_mask.shape)}."
+            )
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        with self._adapted(use_lora):
+            hidden = self.decoder(
+                self.token_embedding(decoder_inputs),
+                positions=positions,
+                deterministic=not train,
+                context=encoded,
+                context_mask=encoder_mask,
+            )
+        return self.token_embedding.attend(hidden)
+
+    def cut_frames(self, encoder_mask: Array, cut_fractions: Array, chunk_size: int) -> Array:
+        """Input frames [B, K] heard by the end of each cut's chunk (see ``__call__``)."""
+        num_chunks = -(-jnp.sum(encoder_mask, axis=1) // chunk_size)  # [B]
+        chunk = jnp.floor(cut_fractions * num_chunks[:, None]).astype(jnp.int32)
+        chunk = jnp.clip(chunk, 0, jnp.maximum(num_chunks[:, None] - 1, 0))
+        return (chunk + 1) * chunk_size * self.stem_stride
+
+    # ------------------------------------------------------------------ the call
+    def __call__(
+        self,
+        inputs: Array,
+        decoder_inputs: Array,
+        *,
+        frame_mask: Array | None = None,
+        cut_fractions: Array | None = None,
+        chunk_size: int | None = -1,
+        use_lora: bool = True,
+        train: bool = False,
+    ) -> Array | dict[str, Array]:
+        """frames [B, T, F], decoder_inputs [B, L] -> logits [B, L, V] (teacher forcing).
+
+        cut_fractions [B, K] in [0, 1] (block-causal encoder only): the decoder runs
+        once per cut over the encoder rows of chunks ``0 .. c``, ``c = floor(fraction
+        * n)`` of the row's ``n`` chunks with a real frame (1.0: the last); returns
+        ``{"logits": [B, K, L, V], "cut_frames": [B, K]}``, ``cut_frames`` the input
+        frames ``s * (c + 1) * C`` up to the cut's end (what the weak targets compare
+        token end frames with). chunk_size: as in :meth:`encode`.
+        """
+        chunk_size = check_chunk_size(self.chunk_size if chunk_size == -1 else chunk_size)
+        if decoder_inputs.ndim != 2 or decoder_inputs.shape[0] != inputs.shape[0]:
+            raise ValueError(
+                f"CarelessWhisper: decoder_inputs must be [B={inputs.shape[0]}, L], got shape "
+                f"{tuple(decoder_inputs.shape)}."
+            )
+        batch = inputs.shape[0]
+        if cut_fractions is not None:
+            if chunk_size is None:
+                raise ValueError(
+                    "CarelessWhisper: cut_fractions needs the block-causal encoder (chunk_size "
+                    "an int); the bidirectional encoder's states depend on the whole input."
+                )
+            if cut_fractions.ndim != 2 or cut_fractions.shape[0] != batch:
+                raise ValueError(
+                    f"CarelessWhisper: cut_fractions must be [B={batch}, K], got shape "
+                    f"{tuple(cut_fractions.shape)}."
+                )
+        encoded, encoder_mask = self.encode(
+            inputs, frame_mask, chunk_size=chunk_size, use_lora=use_lora, train=train
+        )
+        if cut_fractions is None:
+            return self.decode(
+                decoder_inputs, encoded, encoder_mask, use_lora=use_lora, train=train
+            )
+        cuts = cut_fractions.shape[1]
+        cut_frames = self.cut_frames(encoder_mask, cut_fractions, chunk_size)
+        rows = jnp.arange(encoded.shape[1]) * self.stem_stride
+        visible = encoder_mask[:, None, :] & (rows[None, None, :] < cut_frames[..., None])
+        repeat = lambda x: jnp.repeat(x, cuts, axis=0)  # noqa: E731
+        logits = self.decode(
+            repeat(decoder_inputs),
+            repeat(encoded),
+            visible.reshape(batch * cuts, -1),
+            use_lora=use_lora,
+            train=train,
+        )
+        return {"logits": logits.reshape(batch, cuts, *logits.shape[1:]), "cut_frames": cut_frames}
+
+
+# ---------------------------------------------------------------------------- inference
+
+
+def init_encoder_cache(model: CarelessWhisper, inputs: Array, frame_mask: Array) -> Any:
+    """An empty encoder KV cache for streaming ``inputs`` [B, T, F] chunk by chunk."""
+
+    def init(inputs, frame_mask):
+        rows = model.num_encoder_frames(inputs.shape[1])
+        return model.init(
+            jax.random.PRNGKey(0), inputs, frame_mask, 0, chunk_size=rows, method="encode_chunk"
+        )["cache"]
+
+    shapes = jax.eval_shape(init, inputs, frame_mask)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamState:
+    """The streaming decoder's state after a chunk (every array has the batch first).
+
+    tokens [B, N] (0 after ``length``), length [B], committed [B] (the first
+    ``committed`` tokens are final: no later chunk changes them), last_logits
+    [B, N + 1, V] (the decoder's logits for ``tokens`` at the chunk's end;
+    position p predicts token p).
+    """
+
+    tokens: Array
+    length: Array
+    committed: Array
+    last_logits: Array
+
+
+jax.tree_util.register_dataclass(StreamState)
+
+
+def _decoder_logits(model, params, tokens, encoded, visible, bos_id, use_lora):
+    start = jnp.full((tokens.shape[0], 1), bos_id, tokens.dtype)
+    logits = model.apply(
+        {"params": params},
+        jnp.concatenate([start, tokens], axis=1),
+        encoded,
+        visible,
+        use_lora=use_lora,
+        method="decode",
+    ).astype(jnp.float32)
+    # The start token (also padding) is never emitted (the official SuppressTokens).
+    return logits.at[..., bos_id].set(-1e9)
+
+
+def stream_decode_step(
+    model: CarelessWhisper,
+    params: Any,
+    state: StreamState,
+    encoded: Array,
+    visible: Array,
+    active: Array,
+    *,
+    first: Array,
+    final: Array,
+    look_back: int,
+    eos_id: int,
+    bos_id: int = 0,
+    use_lora: bool = True,
+) -> StreamState:
+    """One chunk of the official greedy ``StreamingDecoder``, for every row at once.
+
+    encoded [B, T', D] with visible [B, T'] (the encoder rows heard so far);
+    active [B]: rows with a new chunk (others are returned unchanged); first [B]:
+    the row's first chunk; final [B]: its last (everything becomes committed).
+
+    1. Re-examine the last ``look_back`` tokens (not before ``committed``): token
+       ``t`` at slot ``j`` is stable when its logit did not drop since the last
+       chunk (``last_logits[j, t] <= logits[j, t]``) or it is still the argmax;
+       the first unstable token and all after it are dropped. (Skipped in the
+       first chunk, as in the official code.) The official code compares raw
+       logits, not probabilities; so does this.
+    2. Greedy decoding from there: append the argmax until it is ``eos_id`` or
+       the token slots are full.
+    3. ``committed = max(committed, length - look_back)``: tokens before the next
+       check's window. The official code re-examines the last ``look_back`` tokens
+       of the current sequence, which after a crop can reach below the previous
+       window; the monotone floor here is what makes committed tokens final.
+    """
+    tokens, length, committed = state.tokens, state.length, state.committed
+    batch, slots = tokens.shape
+    decode = functools.partial(
+        _decoder_logits, model, params, encoded=encoded, visible=visible, bos_id=bos_id,
+        use_lora=use_lora,
+    )  # fmt: skip
+    logits = decode(tokens)
+    positions = jnp.arange(slots)[None, :]
+    current = jnp.take_along_axis(logits[:, :slots], tokens[..., None], axis=-1)[..., 0]
+    previous = jnp.take_along_axis(state.last_logits[:, :slots], tokens[..., None], -1)[..., 0]
+    stable = (previous <= current) | (jnp.argmax(logits[:, :slots], -1) == tokens)
+    window = (positions >= jnp.maximum(committed, length - look_back)[:, None]) & (
+        positions < length[:, None]
+    )
+    unstable = window & ~stable & ~first[:, None]
+    first_unstable = jnp.min(jnp.where(unstable, positions, slots), axis=1)
+    length = jnp.where(active, jnp.minimum(length, first_unstable), length)
+    tokens = jnp.where(positions < length[:, None], tokens, 0)
+
+    def cond(carry):
+        _, _, _, done = carry
+        return ~jnp.all(done)
+
+    def body(carry):
+        tokens, length, logits, done = carry
+        next_token = jnp.argmax(jnp.take_along_axis(logits, length[:, None, None], 1)[:, 0], -1)
+        stop = done | (next_token == eos_id) | (length >= slots)
+        write = (positions == length[:, None]) & ~stop[:, None]
+        tokens = jnp.where(write, next_token[:, None].astype(tokens.dtype), tokens)
+        length = length + (~stop).astype(length.dtype)
+        # After a crop, the logits up to the new length are unchanged (causal decoder),
+        # so the first greedy step reuses them; later steps see the appended tokens.
+        return (
+            tokens,
+            length,
+            jax.lax.cond(jnp.all(stop), lambda: logits, lambda: decode(tokens)),
+            stop,
+        )
+
+    tokens, length, logits, _ = jax.lax.while_loop(cond, body, (tokens, length, logits, ~active))
+    committed = jnp.where(
+        active,
+        jnp.where(final, length, jnp.maximum(committed, length - look_back)),
+        committed,
+    )
+    last_logits = jnp.where(active[:, None, None], logits, state.last_logits)
+    return StreamState(tokens, length, committed, last_logits)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamResult:
+    """What :func:`stream_transcribe` returns (NumPy arrays).
+
+    tokens [B, N] and length [B]: the final transcripts (0 after ``length``);
+    history_tokens [K, B, N], history_length [K, B], history_committed [K, B]:
+    the state after each of the K chunks; num_chunks [B]: chunks holding a real frame.
+    """
+
+    tokens: np.ndarray
+    length: np.ndarray
+    history_tokens: np.ndarray
+    history_length: np.ndarray
+    history_committed: np.ndarray
+    num_chunks: np.ndarray
+
+
+def _pad_to_chunks(model: CarelessWhisper, inputs, frame_mask, chunk_size: int):
+    frames = model.stem_stride * chunk_size
+    extra = -inputs.shape[1] % frames
+    inputs = np.pad(np.asarray(inputs), ((0, 0), (0, extra), (0, 0)))
+    frame_mask = np.pad(np.asarray(frame_mask, bool), ((0, 0), (0, extra)))
+    return inputs, frame_mask
+
+
+@functools.partial(jax.jit, static_argnames=("model", "chunk_size", "look_back", "eos_id",
+                                             "bos_id", "use_lora"))  # fmt: skip
+def _stream_chunk(model, params, cache, encoded, state, inputs, frame_mask, chunk_index,
+                  num_chunks, *, chunk_size, look_back, eos_id, bos_id, use_lora):  # fmt: skip
+    rows, mutated = model.apply(
+        {"params": params, "cache": cache},
+        inputs,
+        frame_mask,
+        chunk_index,
+        chunk_size=chunk_size,
+        use_lora=use_lora,
+        method="encode_chunk",
+        mutable=["cache"],
+    )
+    start = chunk_index * chunk_size
+    encoded = jax.lax.dynamic_update_slice_in_dim(encoded, rows.astype(encoded.dtype), start, 1)
+    row_index = jnp.arange(encoded.shape[1])
+    visible = model.encoder_frame_mask(frame_mask) & (row_index < start + chunk_size)[None, :]
+    state = stream_decode_step(
+        model, params, state, encoded, visible, chunk_index < num_chunks,
+        first=jnp.broadcast_to(chunk_index == 0, num_chunks.shape),
+        final=chunk_index == num_chunks - 1, look_back=look_back, eos_id=eos_id,
+        bos_id=bos_id, use_lora=use_lora,
+    )  # fmt: skip
+    return mutated["cache"], encoded, state
+
+
+def stream_transcribe(
+    model: CarelessWhisper,
+    params: Any,
+    inputs: Array,
+    frame_mask: Array,
+    *,
+    chunk_size: int,
+    max_tokens: int,
+    eos_id: int,
+    look_back: int = 2,
+    bos_id: int = 0,
+    use_lora: bool = True,
+) -> StreamResult:
+    """Streaming greedy transcription: frames arrive chunk by chunk (module docstring).
+
+    inputs [B, T, F] with frame_mask [B, T] (real frames first); each row streams
+    its own chunks (a row whose frames have ended is left unchanged). Per chunk
+    ``k``: the encoder computes chunk ``k``'s rows only, against its KV cache;
+    then :func:`stream_decode_step` updates the transcript over the rows heard so
+    far. ``look_back``: the official ``n_tokens_look_back`` (2). Frames are
+    zero-padded to a whole number of chunks. One compiled step per chunk size.
+    """
+    chunk_size = check_chunk_size(chunk_size)
+    if chunk_size is None:
+        raise ValueError("stream_transcribe: chunk_size must be an int >= 1, got None.")
+    if isinstance(look_back, bool) or not isinstance(look_back, int) or look_back < 0:
+        raise ValueError(f"stream_transcribe: look_back must be an int >= 0, got {look_back!r}.")
+    if not 1 <= max_tokens < model.max_target_length:
+        raise ValueError(
+            f"stream_transcribe: max_tokens must be in [1, max_target_length - 1 = "
+            f"{model.max_target_length - 1}], got {max_tokens}."
+        )
+    inputs, frame_mask = _pad_to_chunks(model, inputs, frame_mask, chunk_size)
+    inputs = jnp.asarray(inputs, jnp.float32)
+    frame_mask = jnp.asarray(frame_mask)
+    batch = inputs.shape[0]
+    rows = model.num_encoder_frames(inputs.shape[1])
+    real_rows = np.asarray(model.encoder_frame_mask(frame_mask)).sum(1)
+    num_chunks = -(-real_rows // chunk_size)
+    cache = init_encoder_cache(model, inputs, frame_mask)
+    encoded = jnp.zeros((batch, rows, model.embed_dim), jnp.float32)
+    state = StreamState(
+        tokens=jnp.zeros((batch, max_tokens), jnp.int32),
+        length=jnp.zeros((batch,), jnp.int32),
+        committed=jnp.zeros((batch,), jnp.int32),
+        last_logits=jnp.zeros((batch, max_tokens + 1, model.vocab_size), jnp.float32),
+    )
+    history = []
+    for chunk_index in range(int(num_chunks.max(initial=0))):
+        cache, encoded, state = _stream_chunk(
+            model, params, cache, encoded, state, inputs, frame_mask, jnp.int32(chunk_index),
+            jnp.asarray(num_chunks, jnp.int32), chunk_size=chunk_size, look_back=look_back,
+            eos_id=eos_id, bos_id=bos_id, use_lora=use_lora,
+        )  # fmt: skip
+        history.append((state.tokens, state.length, state.committed))
+    stack = lambda i: np.stack([np.asarray(h[i]) for h in history])  # noqa: E731
+    return StreamResult(
+        tokens=np.asarray(state.tokens),
+        length=np.asarray(state.length),
+        history_tokens=stack(0),
+        history_length=stack(1),
+        history_committed=stack(2),
+        num_chunks=num_chunks,
+    )
+
+
+def greedy_transcribe(
+    model: CarelessWhisper,
+    params: Any,
+    inputs: Array,
+    frame_mask: Array,
+    *,
+    max_tokens: int,
+    eos_id: int,
+    chunk_size: int | None = -1,
+    bos_id: int = 0,
+    use_lora: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Offline greedy decoding over the whole input: (tokens [B, N], length [B]).
+
+    The encoder sees every frame (bidirectional, or block-causal with
+    ``chunk_size``; -1: the model's); the decoder appends the argmax until
+    ``eos_id`` or ``max_tokens`` tokens.
+    """
+    return _greedy(model, params, jnp.asarray(inputs, jnp.float32), jnp.asarray(frame_mask, bool),
+                   max_tokens=max_tokens, eos_id=eos_id, chunk_size=chunk_size, bos_id=bos_id,
+                   use_lora=use_lora)  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_tokens", "eos_id", "chunk_size",
+                                             "bos_id", "use_lora"))  # fmt: skip
+def _greedy(model, params, inputs, frame_mask, *, max_tokens, eos_id, chunk_size, bos_id,
+            use_lora):  # fmt: skip
+    encoded, encoder_mask = model.apply(
+        {"params": params}, inputs, frame_mask, chunk_size=chunk_size, use_lora=use_lora,
+        method="encode",
+    )  # fmt: skip
+    batch = inputs.shape[0]
+    state = StreamState(
+        tokens=jnp.zeros((batch, max_tokens), jnp.int32),
+        length=jnp.zeros((batch,), jnp.int32),
+        committed=jnp.zeros((batch,), jnp.int32),
+        last_logits=jnp.zeros((batch, max_tokens + 1, model.vocab_size), jnp.float32),
+    )
+    everything = jnp.ones((batch,), bool)
+    state = stream_decode_step(
+        model, params, state, encoded, encoder_mask, everything, first=everything,
+        final=everything, look_back=0, eos_id=eos_id, bos_id=bos_id, use_lora=use_lora,
+    )  # fmt: skip
+    return state.tokens, state.length
+
+
+# ---------------------------------------------------------------------------- registry
+
+_TINY: Mapping[str, Any] = dict(
+    vocab_size=16, input_dim=8, embed_dim=16, num_heads=2, ffn_hidden_dim=32, max_frames=12,
+    num_encoder_layers=1, num_decoder_layers=1, max_target_length=16,
+)  # fmt: skip
+
+
+@register("careless_whisper", tiny=dict(chunk_size=2, lora_rank=2, **_TINY))
+def careless_whisper(**overrides: Any) -> CarelessWhisper:
+    """CarelessWhisper: Whisper-style frames encoder-decoder, block-causal encoder, LoRA."""
+    return CarelessWhisper(**overrides)
