@@ -1,6 +1,6 @@
-"""CarelessWhisper (Rafaely et al., 2025): a Whisper-style encoder-decoder made causal for streaming.
+"""CarelessWhisper (2025): a Whisper-style encoder-decoder made causal for streaming.
 
-"CarelessWhisper: Turning Whisper into a Causal Streaming Model". The official
+"CarelessWhisper: Turning Whisper into a Causal Streaming Model" (arXiv 2508.12301). The official
 code (``tomer9080/CarelessWhisper-Streaming``: ``streaming_model.py``,
 ``streaming_decoding.py``, ``training_code/whisper_module.py``) turns a trained,
 non-causal Whisper into a streaming model in three steps, all built here at
@@ -30,7 +30,8 @@ this library's scale, on frames instead of log-mel spectrograms:
   with ``A [in, rank]`` uniform in ``+-1/sqrt(rank)`` (PyTorch's
   ``kaiming_uniform_(a=sqrt(5))`` on the official ``[in, rank]`` tensor) and
   ``B`` zero, so training starts at the base model. The official layer never
-  passes an alpha, so ``alpha = rank`` (scale 1) is the default here. The
+  passes an alpha, so ``alpha = rank`` (scale 1) is the default here (the
+  README's training example uses rank 32 on Whisper base). The
   factors are the top-level module ``lora`` (``lora_rank=0``: none), so
   ``config.optimizer.trainable_modules = "lora"`` freezes the base weights and
   ``config.init_from`` with ``reinit = "lora"`` starts them from an offline run.
