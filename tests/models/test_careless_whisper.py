@@ -321,7 +321,7 @@ def _reference_stream(params, frames, mask, chunk_size, look_back, max_tokens, o
 def test_streaming_decoder_follows_the_rule_and_commits_a_prefix():
     look_back = 2
     params = _params(7, scale=1.0)  # a random model that revises tokens (checked below)
-    frames, mask = _frames(8, lengths=(16, 13, 7), width=16)
+    frames, mask = _frames(8)  # the shapes of the other tests: their compiled encoders
     frames = 3 * frames
     max_tokens = 6
     result = stream_transcribe(_MODEL, params, frames, mask, chunk_size=2, max_tokens=max_tokens,
@@ -345,7 +345,7 @@ def test_streaming_decoder_follows_the_rule_and_commits_a_prefix():
 
 def test_greedy_decoding_is_the_rule_with_one_chunk():
     params = _params(7, scale=1.0)
-    frames, mask = _frames(8, lengths=(16, 13, 7), width=16)
+    frames, mask = _frames(8)  # the shapes of the other tests: their compiled encoders
     frames = 3 * frames
     tokens, length = greedy_transcribe(_MODEL, params, frames, mask, max_tokens=6, eos_id=_EOS,
                                        chunk_size=2)  # fmt: skip
