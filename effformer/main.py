@@ -1,13 +1,17 @@
-"""Command line: ``effformer train``, ``effformer eval`` and ``effformer save-teacher-logits``.
+"""Command line: ``effformer train``, ``eval``, ``generate`` and ``save-teacher-logits``.
 
     effformer train --config experiments/digits/vit.py[:ARG] --workdir DIR [--config.FIELD=VALUE ...]
     effformer eval  --workdir DIR [--step N] [--split NAME]
+    effformer generate --workdir DIR [--step N] [--split NAME] [--num_examples 8]
+        [--max_new_tokens N] [--temperature 0] [--sample_top_k K] [--seed 0]
     effformer save-teacher-logits --config STUDENT.py[:ARG] --teacher_workdir DIR --out STORE
         [--top_k K] [--epochs E] [--step N] [--values_dtype float16|float32]
 
 This module only parses flags; the work is done by
-``effformer.train.train_and_evaluate``, ``effformer.train.evaluate`` and
-``effformer.train.teacher_logits.save_teacher_logits`` (TinyViT's sparse
+``effformer.train.train_and_evaluate``, ``effformer.train.evaluate``,
+``effformer.train.sample.sample_continuations`` (a language model run on a
+generated sequence task continues the split's prompts; one line per example,
+then a JSON summary) and ``effformer.train.teacher_logits.save_teacher_logits`` (TinyViT's sparse
 teacher store for the student run of ``--config``; train the student with
 ``--config.data.teacher_store=STORE``).
 """
@@ -20,7 +24,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "eval", "save-teacher-logits")
+COMMANDS = ("train", "eval", "generate", "save-teacher-logits")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, FILE.py[:ARG].")
 _WORKDIR = flags.DEFINE_string(
@@ -30,8 +34,17 @@ _STEP = flags.DEFINE_integer(
     "step", None, "eval, save-teacher-logits: the checkpoint step (default: the latest)."
 )
 _SPLIT = flags.DEFINE_string(
-    "split", None, "eval: the dataset split (default: the config's eval split)."
+    "split", None, "eval, generate: the dataset split (default: the config's eval split)."
 )
+_NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 8, "generate: the split's first N examples.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer(
+    "max_new_tokens", None, "generate: tokens per continuation (default: the longest answer)."
+)
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "generate: 0 is greedy.")
+_SAMPLE_TOP_K = flags.DEFINE_integer(
+    "sample_top_k", None, "generate: sample among the K most likely tokens."
+)
+_SEED = flags.DEFINE_integer("seed", 0, "generate: the sampling key.")
 
 _TEACHER_WORKDIR = flags.DEFINE_string(
     "teacher_workdir", None, "save-teacher-logits: the trained teacher run's workdir."
@@ -67,6 +80,31 @@ def _save_teacher_logits() -> None:
     print(json.dumps({key: manifest[key] for key in ("epochs", "top_k", "stream")}, sort_keys=True))
 
 
+def _generate() -> None:
+    from effformer.train import restore
+    from effformer.train.sample import sample_continuations
+
+    run = restore(_WORKDIR.value, step=_STEP.value)
+    samples = sample_continuations(
+        run.experiment,
+        run.variables,
+        split=_SPLIT.value or run.experiment.info.eval_split,
+        num_examples=_NUM_EXAMPLES.value,
+        max_new_tokens=_MAX_NEW_TOKENS.value,
+        temperature=_TEMPERATURE.value,
+        top_k=_SAMPLE_TOP_K.value,
+        seed=_SEED.value,
+    )
+    for sample in samples:
+        print(
+            f"[{sample.index}] size {sample.size} | prompt: {' '.join(sample.prompt)} | "
+            f"answer: {' '.join(sample.answer)} | generated: {' '.join(sample.generated)}"
+            f"{' | exact' if sample.exact else ''}"
+        )
+    exact = sum(sample.exact for sample in samples)
+    print(json.dumps({"step": run.step, "examples": len(samples), "exact": exact}))
+
+
 def main(argv: list[str]) -> None:
     commands = argv[1:]
     if len(commands) != 1 or commands[0] not in COMMANDS:
@@ -79,6 +117,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--workdir is required.")
     from effformer import train
 
+    if commands[0] == "generate":
+        _generate()
+        return
     if commands[0] == "train":
         if _CONFIG.value is None:
             raise app.UsageError("train needs --config FILE.py[:ARG].")
