@@ -302,9 +302,9 @@ def _decoder_step(model: TransformerLM, variables, cache, tokens, positions, pre
 
 
 def _seq2seq_prepare(model: EncoderDecoderLM, inputs: tuple[Any, Array]) -> tuple[Any, ...]:
-    params, source = inputs
-    encoded, source_mask = model.apply({"params": params}, source, method="encode")
-    return params, encoded, source_mask
+    variables, source = inputs  # variables: params and any collection besides the cache
+    encoded, source_mask = model.apply(variables, source, method="encode")
+    return variables, encoded, source_mask
 
 
 def _seq2seq_init_cache(model: EncoderDecoderLM, context: tuple[Any, ...], batch: int) -> Any:
@@ -327,9 +327,9 @@ def _seq2seq_init_cache(model: EncoderDecoderLM, context: tuple[Any, ...], batch
 
 def _seq2seq_step(model: EncoderDecoderLM, context, cache, tokens, positions, prefix_lengths):
     del prefix_lengths  # the decoder of an encoder-decoder has none
-    params, encoded, source_mask = context
+    variables, encoded, source_mask = context
     logits, mutated = model.apply(
-        {"params": params, "cache": cache},
+        {**variables, "cache": cache},
         tokens,
         encoded,
         source_mask,
@@ -595,13 +595,15 @@ def generate_seq2seq(
     pad_id: int = 0,
     cache_length: int | None = None,
     return_logits: bool = False,
+    model_state: Mapping[str, Any] | None = None,
 ) -> GenerateOutput:
     """Decode targets for ``inputs [B, Ls]`` with an encoder-decoder.
 
     The source is encoded once, inside the compiled loop; the decoder starts
     from ``decoder_prompts`` (right-padded, default one ``decoder_start_id``
     token per row, the BOS of the ``seq2seq`` task) and keeps a KV cache of
-    its self-attention. Other arguments as in :func:`generate`.
+    its self-attention. Other arguments (``model_state`` included) as in
+    :func:`generate`.
     """
     if not isinstance(model, EncoderDecoderLM):
         raise ValueError(
@@ -622,7 +624,8 @@ def generate_seq2seq(
     cache_length = check_cache_length(cache_length, needed, _learned_table_length(model))
     loop = DecodeSettings(max_new_tokens, float(temperature), top_k, eos_id, pad_id, return_logits)
     seq2seq = model.clone(max_decode_length=cache_length)
-    source = (params, jnp.asarray(inputs))
+    variables = {"params": params, **_check_model_state("generate_seq2seq", model_state)}
+    source = (variables, jnp.asarray(inputs))
     return run_decode_loop(
         _SEQ2SEQ, seq2seq, source, decoder_prompts, lengths, None, rng, loop,
         None if model.supports_chunked_decode else 1,

@@ -161,7 +161,8 @@ def sample_continuations(
         new = int(batch["targets"].shape[1]) if max_new_tokens is None else max_new_tokens
         start = int(config.task.get("bos_id", 0))
         out = generate_seq2seq(model, params, jnp.asarray(batch["inputs"]), max_new_tokens=new,
-                               decoder_start_id=start, **sampling)  # fmt: skip
+                               decoder_start_id=start, model_state=model_state,
+                               **sampling)  # fmt: skip
         prompt_ids = [
             row[:n] for row, n in zip(batch["inputs"], batch["prompt_length"], strict=True)
         ]
