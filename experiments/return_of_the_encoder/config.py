@@ -21,7 +21,9 @@ Arms (``get_config(arm)``; width 64, 4 heads, RoPE, pre-norm):
 * ``encoder_decoder_kd``: the same, task ``seq2seq_distillation`` from the teacher
   run (``config.task.teacher_workdir``, set by ``run.py``);
 * ``decoder_kd``: the decoder arm, task ``causal_lm_distillation`` from the same
-  teacher (the control: distillation without the architecture change).
+  teacher (the control: distillation without the architecture change);
+* ``encoder_decoder_kd_t4``: ``encoder_decoder_kd`` at T = 4 (a near-certain
+  teacher's distribution at T = 1 is almost its one-hot label).
 
 Distillation: w = 0.9 and T = 1, the official code's ``kd_alpha`` and its
 temperature-free KL. All: AdamW 3e-3, 10% warm-up, cosine decay, batch 64,
@@ -36,7 +38,14 @@ import ml_collections
 from effformer.data import default_data_config
 from effformer.train import default_config
 
-ARMS = ("teacher", "decoder", "encoder_decoder", "encoder_decoder_kd", "decoder_kd")
+ARMS = (
+    "teacher",
+    "decoder",
+    "encoder_decoder",
+    "encoder_decoder_kd",
+    "decoder_kd",
+    "encoder_decoder_kd_t4",
+)
 BASE = dict(embed_dim=64, num_heads=4, max_length=64, position_encoding="rope")
 MODELS = {
     "teacher": ("lm_decoder", dict(BASE, embed_dim=128, num_layers=4, ffn_hidden_dim=256)),
@@ -53,17 +62,17 @@ def get_config(arm: str = "encoder_decoder") -> ml_collections.ConfigDict:
         raise ValueError(
             f"experiments/return_of_the_encoder/config.py: arm must be one of {ARMS}, got {arm!r}."
         )
-    architecture = arm.removesuffix("_kd")
+    architecture, _, distilled = arm.partition("_kd")
     seq2seq = architecture == "encoder_decoder"
     config = default_config()
     config.data = default_data_config("lis_direct_seq2seq" if seq2seq else "lis_direct")
     config.model.name, kwargs = MODELS[architecture]
     config.model.kwargs = ml_collections.ConfigDict(kwargs)
-    if arm.endswith("_kd"):
+    if "_kd" in arm:
         config.task.name = "seq2seq_distillation" if seq2seq else "causal_lm_distillation"
         config.task.teacher_workdir = ""  # run.py sets the teacher run's workdir
         config.task.distill_weight = 0.9
-        config.task.distill_temperature = 1.0
+        config.task.distill_temperature = 4.0 if distilled == "_t4" else 1.0
     else:
         config.task.name = "seq2seq" if seq2seq else "causal_lm"
     config.global_batch_size = 64

@@ -48,7 +48,7 @@ def train_and_score(arm: str, seed: int, steps: int, workdir: Path, teacher: Pat
     config.seed = seed
     config.num_train_steps = steps
     config.optimizer.warmup_steps = steps // 10
-    if arm.endswith("_kd"):
+    if "_kd" in arm:
         config.task.teacher_workdir = str(teacher)
     start = time.perf_counter()
     result = train_and_evaluate(config, workdir)
@@ -108,6 +108,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--teacher_steps", type=int, default=2000)
     parser.add_argument("--workdir", default="/tmp/return_of_the_encoder_runs")
+    parser.add_argument(
+        "--teacher_workdir", default=None, help="a finished teacher run to use (not retrained)"
+    )
     parser.add_argument("--out", default=str(Path(__file__).with_name("results.json")))
     args = parser.parse_args()
     root = Path(args.workdir)
@@ -115,8 +118,8 @@ def main() -> None:
     results = json.loads(out.read_text()) if out.exists() else []
     done = {(r["arm"], r["seed"], r["steps"]) for r in results}
     print(f"load average at start: {os.getloadavg()}; workdirs under {root}", flush=True)
-    teacher = root / f"teacher_{args.teacher_steps}"
-    jobs = [("teacher", 0, args.teacher_steps)]
+    teacher = Path(args.teacher_workdir or root / f"teacher_{args.teacher_steps}")
+    jobs = [] if args.teacher_workdir else [("teacher", 0, args.teacher_steps)]
     jobs += [(arm, seed, args.steps) for arm in args.arms for seed in args.seeds]
     for arm, seed, steps in jobs:
         if (arm, seed, steps) in done:
