@@ -17,6 +17,8 @@ PARAMS = {
     ("digits", "mamba"): 131_658,
     ("digits", "transformer"): 100_874,
     ("digits", "lmu"): 92_556,
+    ("digits", "lmuformer"): 143_180,
+    ("digits", "spiking_lmuformer"): 152_528,
 }
 
 
