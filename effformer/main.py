@@ -31,7 +31,7 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for the config, checkpoints and metrics."
 )
 _STEP = flags.DEFINE_integer(
-    "step", None, "eval, save-teacher-logits: the checkpoint step (default: the latest)."
+    "step", None, "eval, generate, save-teacher-logits: the checkpoint step (default: latest)."
 )
 _SPLIT = flags.DEFINE_string(
     "split", None, "eval, generate: the dataset split (default: the config's eval split)."
