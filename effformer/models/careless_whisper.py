@@ -21,8 +21,11 @@ this library's scale, on frames instead of log-mel spectrograms:
   for every frame when bidirectional), the prefix LM's mechanism, so the same
   parameters serve both and a chunk encoded against the KV cache
   (:meth:`CarelessWhisper.encode_chunk`) computes only its own rows. Padding
-  frames get a mask position after every chunk: no real frame sees them. The
-  official ``extra_gran_blocks`` (a larger first chunk) is not built;
+  frames get a mask position after every chunk: no real frame sees them.
+  ``extra_first_chunks = e`` (the official ``extra_gran_blocks``) merges the
+  first ``1 + e`` chunks into one larger first chunk, bidirectional inside
+  (mask position ``max(j // C - e, 0)``), as the official streaming encoder
+  does; here it is an inference option (the task trains with ``e = 0``);
 * **LoRA** (``LoraLayer`` / ``LoRAMultiHeadAttention``): adapters on the query,
   key, value and output projections of the encoder's self-attention, the
   decoder's self-attention and the decoder's cross-attention, every layer (the
@@ -93,6 +96,19 @@ def _check_frames(inputs: Array, input_dim: int) -> None:
         )
     if not jnp.issubdtype(inputs.dtype, jnp.floating):
         raise ValueError(f"CarelessWhisper: inputs must be float frames, got dtype {inputs.dtype}.")
+
+
+def check_extra_first_chunks(extra_first_chunks: Any, chunk_size: int | None) -> int:
+    """``extra_first_chunks`` validated: an int >= 0, and 0 for the bidirectional encoder."""
+    value = extra_first_chunks
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+        raise ValueError(f"CarelessWhisper: extra_first_chunks must be an int >= 0, got {value!r}.")
+    if value and chunk_size is None:
+        raise ValueError(
+            f"CarelessWhisper: extra_first_chunks={value} needs the block-causal encoder "
+            "(chunk_size an int), got chunk_size=None."
+        )
+    return int(value)
 
 
 def check_chunk_size(chunk_size: Any) -> int | None:
@@ -351,9 +367,15 @@ class CarelessWhisper(nn.Module):
         hidden = jnp.where(((index >= 0) & (index < length))[None, :, None], hidden, 0)
         return nn.gelu(self.stem_conv2(hidden), approximate=False)
 
-    def _mask_positions(self, encoder_mask: Array, rows: Array, chunk_size: int | None) -> Array:
-        """Mask positions [B, R] of encoder rows ``rows`` [R]: chunk index (0 if offline)."""
-        order = jnp.zeros_like(rows) if chunk_size is None else rows // chunk_size
+    def _mask_positions(
+        self, encoder_mask: Array, rows: Array, chunk_size: int | None, extra_first_chunks: int = 0
+    ) -> Array:
+        """Mask positions [B, R] of encoder rows ``rows`` [R]: chunk index (0 if offline), the
+        first ``1 + extra_first_chunks`` chunks merged into chunk 0."""
+        if chunk_size is None:
+            order = jnp.zeros_like(rows)
+        else:
+            order = jnp.maximum(rows // chunk_size - extra_first_chunks, 0)
         return jnp.where(encoder_mask, order[None, :], PADDING_MASK_POSITION).astype(jnp.int32)
 
     # ------------------------------------------------------------------ the parts
@@ -363,16 +385,20 @@ class CarelessWhisper(nn.Module):
         frame_mask: Array | None = None,
         *,
         chunk_size: int | None = -1,
+        extra_first_chunks: int = 0,
         use_lora: bool = True,
         train: bool = False,
     ) -> tuple[Array, Array]:
         """frames [B, T, F] -> (encoded [B, T', D], encoder_mask [B, T'] bool), T' = ceil(T/s).
 
         chunk_size: block-causal chunks of encoder frames; None: bidirectional;
-        -1 (default): the model's ``chunk_size``. use_lora: add the adapters.
+        -1 (default): the model's ``chunk_size``. extra_first_chunks: the first
+        chunk spans ``1 + extra_first_chunks`` chunks (module docstring).
+        use_lora: add the adapters.
         """
         _check_frames(inputs, self.input_dim)
         chunk_size = check_chunk_size(self.chunk_size if chunk_size == -1 else chunk_size)
+        extra_first_chunks = check_extra_first_chunks(extra_first_chunks, chunk_size)
         frame_mask = self._frame_mask(inputs, frame_mask)
         num_rows = self.num_encoder_frames(inputs.shape[1])
         encoder_mask = self.encoder_frame_mask(frame_mask)
@@ -382,7 +408,9 @@ class CarelessWhisper(nn.Module):
             encoded = self.encoder(
                 self.stem_rows(inputs, 0, num_rows),
                 positions=positions,
-                mask_positions=self._mask_positions(encoder_mask, rows, chunk_size),
+                mask_positions=self._mask_positions(
+                    encoder_mask, rows, chunk_size, extra_first_chunks
+                ),
                 deterministic=not train,
             )
         return encoded, encoder_mask
@@ -403,27 +431,67 @@ class CarelessWhisper(nn.Module):
         which the chunk's stem reads its window only. The rows equal those of
         ``encode(inputs, frame_mask, chunk_size=chunk_size)`` (tested).
         """
-        _check_frames(inputs, self.input_dim)
         chunk_size = check_chunk_size(chunk_size)
         if chunk_size is None:
             raise ValueError("CarelessWhisper.encode_chunk: chunk_size must be an int >= 1.")
-        frame_mask = self._frame_mask(inputs, frame_mask)
         num_rows = self.num_encoder_frames(inputs.shape[1])
         if num_rows % chunk_size:
             raise ValueError(
                 f"CarelessWhisper.encode_chunk: the encoder frames ceil(T / {self.stem_stride}) = "
                 f"{num_rows} must be a multiple of chunk_size={chunk_size} (pad the frames)."
             )
-        start = chunk_index * chunk_size
-        rows = start + jnp.arange(chunk_size, dtype=jnp.int32)
+        return self.encode_rows(
+            inputs, frame_mask, chunk_index * chunk_size, chunk_size, chunk_size=chunk_size,
+            use_lora=use_lora,
+        )  # fmt: skip
+
+    def encode_rows(
+        self,
+        inputs: Array,
+        frame_mask: Array,
+        start: Array | int,
+        num_rows: int,
+        *,
+        chunk_size: int,
+        extra_first_chunks: int = 0,
+        use_lora: bool = True,
+    ) -> Array:
+        """Encoder rows ``start .. start + num_rows - 1`` [B, num_rows, D] against the KV cache.
+
+        As :meth:`encode_chunk`, for whole chunks of the block-causal mask in order
+        (with ``extra_first_chunks = e``: rows ``0 .. (1 + e) C - 1`` first, then one
+        chunk of ``C`` rows at a time); ``start`` may be traced, ``num_rows`` is
+        static and ``start + num_rows`` must not pass ``ceil(T / s)``. The rows equal
+        those of ``encode(inputs, frame_mask, chunk_size=C, extra_first_chunks=e)``
+        (tested).
+        """
+        _check_frames(inputs, self.input_dim)
+        chunk_size = check_chunk_size(chunk_size)
+        if chunk_size is None:
+            raise ValueError("CarelessWhisper.encode_rows: chunk_size must be an int >= 1.")
+        extra_first_chunks = check_extra_first_chunks(extra_first_chunks, chunk_size)
+        total = self.num_encoder_frames(inputs.shape[1])
+        if (
+            isinstance(num_rows, bool)
+            or not isinstance(num_rows, int)
+            or not 1 <= num_rows <= total
+        ):
+            raise ValueError(
+                f"CarelessWhisper.encode_rows: num_rows must be an int in [1, ceil(T / "
+                f"{self.stem_stride}) = {total}], got {num_rows!r}."
+            )
+        frame_mask = self._frame_mask(inputs, frame_mask)
+        rows = start + jnp.arange(num_rows, dtype=jnp.int32)
         encoder_mask = jax.lax.dynamic_slice_in_dim(
-            self.encoder_frame_mask(frame_mask), start, chunk_size, axis=1
+            self.encoder_frame_mask(frame_mask), start, num_rows, axis=1
         )
         with self._adapted(use_lora):
             return self.encoder(
-                self.stem_rows(inputs, start, chunk_size),
-                positions=jnp.broadcast_to(rows, (inputs.shape[0], chunk_size)),
-                mask_positions=self._mask_positions(encoder_mask, rows, chunk_size),
+                self.stem_rows(inputs, start, num_rows),
+                positions=jnp.broadcast_to(rows, (inputs.shape[0], num_rows)),
+                mask_positions=self._mask_positions(
+                    encoder_mask, rows, chunk_size, extra_first_chunks
+                ),
                 decode=True,
             )
 
@@ -668,12 +736,177 @@ def stream_decode_step(
 
 
 @dataclasses.dataclass(frozen=True)
+class BeamState:
+    """The streaming beam decoder's state after a chunk (every array has the batch first).
+
+    tokens [B, K, N] (beam k's tokens, 0 after ``length[:, k]``), length [B, K],
+    committed [B, K] (beam k never re-examines its first ``committed`` tokens, and
+    the beams made from it inherit the floor), best [B] (the beam transcribed
+    after the chunk), output_committed [B] (the first ``output_committed`` tokens
+    of the best beam are final: every beam holds them, under its floor).
+    """
+
+    tokens: Array
+    length: Array
+    committed: Array
+    best: Array
+    output_committed: Array
+
+
+jax.tree_util.register_dataclass(BeamState)
+
+
+def stream_beam_step(
+    model: CarelessWhisper,
+    params: Any,
+    state: BeamState,
+    encoded: Array,
+    visible: Array,
+    active: Array,
+    *,
+    first: Array,
+    final: Array,
+    look_back: int,
+    eos_id: int,
+    bos_id: int = 0,
+    use_lora: bool = True,
+) -> BeamState:
+    """One chunk of the official ``BeamStreamingDecoder`` (K = ``state.tokens.shape[1]`` beams).
+
+    Arguments as in :func:`stream_decode_step`. Every beam is scored afresh
+    against the audio heard so far: a hypothesis' score is the sum of its
+    tokens' log-probabilities under the decoder's current pass (the official
+    code rescores the prefix each step from the current logits; its sum omits
+    the prefix's last token, an off-by-one not copied here).
+
+    1. Re-examine (not in the first chunk): in each beam, of its last
+       ``look_back`` tokens (not before its ``committed`` floor) the first that
+       is not among the K most likely tokens at its slot, and all after it,
+       are dropped. The beam's ``<eos>`` of the last chunk is dropped too.
+    2. Beam search from there: each distinct beam proposes its K + 1 most
+       likely next tokens (identical beams propose once, the official
+       dictionary of sequences); the K best-scored candidates become the beams
+       (a candidate ending in ``eos_id`` stays a beam, ended); this repeats
+       until some beam has ended or is full (the official ``wait_for_all =
+       False``: "believe any beam that says enough").
+    3. The transcript is the beam with the best score / length (length its
+       tokens without ``<eos>``, at least 1: the official
+       ``MaximumLikelihoodRanker`` without a length penalty). Each beam's floor
+       becomes ``max(committed, length - look_back)``; ``output_committed`` is
+       the longest prefix that every beam holds under its floor (all of the
+       best beam in the last chunk).
+
+    With K = 1 this is the greedy rule of :func:`stream_decode_step` with the
+    stability check reduced to "still the argmax" (the official beam check
+    has no "logit did not drop" clause; tested).
+    """
+    tokens, length, committed = state.tokens, state.length, state.committed
+    batch, beams, slots = tokens.shape
+    encoded_beams = jnp.repeat(encoded, beams, axis=0)
+    visible_beams = jnp.repeat(visible, beams, axis=0)
+    positions = jnp.arange(slots)
+
+    def log_probs(tokens):
+        logits = _decoder_logits(
+            model, params, tokens.reshape(batch * beams, slots), encoded_beams, visible_beams,
+            bos_id, use_lora,
+        )  # fmt: skip
+        return jax.nn.log_softmax(logits, axis=-1).reshape(batch, beams, slots + 1, -1)
+
+    def prefix_scores(log_prob, tokens, length):
+        token_lp = jnp.take_along_axis(log_prob[:, :, :slots], tokens[..., None], -1)[..., 0]
+        return jnp.sum(jnp.where(positions < length[..., None], token_lp, 0.0), axis=-1)
+
+    log_prob = log_probs(tokens)
+    top = jax.lax.top_k(log_prob[:, :, :slots], beams)[1]  # [B, K, N, K]
+    stable = jnp.any(top == tokens[..., None], axis=-1)
+    window = (positions >= jnp.maximum(committed, length - look_back)[..., None]) & (
+        positions < length[..., None]
+    )
+    unstable = window & ~stable & ~first[:, None, None]
+    first_unstable = jnp.min(jnp.where(unstable, positions, slots), axis=-1)
+    length = jnp.where(active[:, None], jnp.minimum(length, first_unstable), length)
+    tokens = jnp.where(positions < length[..., None], tokens, 0)
+    # After a crop the log-probabilities up to the new length are unchanged (causal decoder).
+    earlier = jnp.tril(jnp.ones((beams, beams), bool), -1)  # [k, k']: k' < k
+
+    def gather(x, source):
+        return jnp.take_along_axis(x, source.reshape(batch, beams, *([1] * (x.ndim - 2))), 1)
+
+    def cond(carry):
+        return ~jnp.all(carry[-1])
+
+    def body(carry):
+        tokens, length, committed, log_prob, score, done = carry
+        same = jnp.all(tokens[:, :, None] == tokens[:, None], -1) & (
+            length[:, :, None] == length[:, None]
+        )
+        duplicate = jnp.any(same & earlier, axis=-1)  # [B, K]
+        next_lp = jnp.take_along_axis(log_prob, length[..., None, None], 2)[:, :, 0]  # [B, K, V]
+        candidate_lp, candidate = jax.lax.top_k(next_lp, beams + 1)  # [B, K, K + 1]
+        total = prefix_scores(log_prob, tokens, length)[..., None] + candidate_lp
+        total = jnp.where(duplicate[..., None], -jnp.inf, total).reshape(batch, -1)
+        new_score, index = jax.lax.top_k(total, beams)  # [B, K]
+        source = index // (beams + 1)
+        new_token = jnp.take_along_axis(candidate.reshape(batch, -1), index, 1)
+        ended = new_token == eos_id
+        new_tokens, new_length = gather(tokens, source), gather(length, source)
+        write = (positions == new_length[..., None]) & ~ended[..., None]
+        new_tokens = jnp.where(write, new_token[..., None].astype(tokens.dtype), new_tokens)
+        new_length = new_length + (~ended).astype(length.dtype)
+        stop = done | jnp.any(ended, 1) | jnp.any(new_length >= slots, 1)
+
+        def keep(new, old):
+            return jnp.where(done.reshape(-1, *([1] * (new.ndim - 1))), old, new)
+
+        tokens = keep(new_tokens, tokens)
+        length = keep(new_length, length)
+        committed = keep(gather(committed, source), committed)
+        score = keep(new_score, score)
+        log_prob = jax.lax.cond(jnp.all(stop), lambda: log_prob, lambda: log_probs(tokens))
+        return tokens, length, committed, log_prob, score, stop
+
+    score = prefix_scores(log_prob, tokens, length)
+    done = ~active | jnp.any(length >= slots, axis=1)
+    tokens, length, committed, _, score, _ = jax.lax.while_loop(
+        cond, body, (tokens, length, committed, log_prob, score, done)
+    )
+    best = jnp.argmax(score / jnp.maximum(length, 1), axis=1).astype(state.best.dtype)
+    best = jnp.where(active, best, state.best)
+    committed = jnp.where(
+        active[:, None],
+        jnp.where(final[:, None], length, jnp.maximum(committed, length - look_back)),
+        committed,
+    )
+    best_tokens = gather(tokens, jnp.broadcast_to(best[:, None], (batch, beams)))[:, 0]
+    best_length = jnp.take_along_axis(length, best[:, None], 1)[:, 0]
+    agree = jnp.all(tokens == best_tokens[:, None], axis=1)  # [B, N]
+    common = jnp.minimum(jnp.sum(jnp.cumprod(agree, axis=-1), -1), jnp.min(committed, 1))
+    output_committed = jnp.where(
+        active, jnp.where(final, best_length, common), state.output_committed
+    ).astype(state.output_committed.dtype)
+    return BeamState(tokens, length, committed, best, output_committed)
+
+
+@dataclasses.dataclass(frozen=True)
 class StreamResult:
     """What :func:`stream_transcribe` returns (NumPy arrays).
 
     tokens [B, N] and length [B]: the final transcripts (0 after ``length``);
     history_tokens [K, B, N], history_length [K, B], history_committed [K, B]:
-    the state after each of the K chunks; num_chunks [B]: chunks holding a real frame.
+    the transcript after each of the K steps (with beams: the best beam's);
+    num_chunks [B]: the steps of each row (its chunks holding a real frame, the
+    first ``1 + extra_first_chunks`` counted once); chunk_frames [K]: the input
+    frames heard after each step (``s * (k + 1 + extra_first_chunks) * C``, the
+    stem's lookahead frame not counted).
+
+    Token timestamps (the token's end, in input frames; -1 after ``length``):
+    emit_chunk [B, N]: the step after which the token now in each slot was
+    emitted (the prefix up to it never changed again); first_emit_chunk [B, N]:
+    the first step after which the slot held a token (the official greedy
+    ``timestamps_map``, which stamps a slot when a token is first appended to
+    it); timestamps [B, N] = ``chunk_frames[emit_chunk]`` and first_timestamps
+    [B, N] = ``chunk_frames[first_emit_chunk]``.
     """
 
     tokens: np.ndarray
@@ -682,41 +915,78 @@ class StreamResult:
     history_length: np.ndarray
     history_committed: np.ndarray
     num_chunks: np.ndarray
+    chunk_frames: np.ndarray
+    emit_chunk: np.ndarray
+    first_emit_chunk: np.ndarray
+    timestamps: np.ndarray
+    first_timestamps: np.ndarray
 
 
-def _pad_to_chunks(model: CarelessWhisper, inputs, frame_mask, chunk_size: int):
-    frames = model.stem_stride * chunk_size
-    extra = -inputs.shape[1] % frames
+def token_emit_chunks(
+    history_tokens: np.ndarray, history_length: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(emit_chunk [B, N], first_emit_chunk [B, N]) of the final transcripts (StreamResult).
+
+    history_tokens [K, B, N], history_length [K, B]: the transcripts after each step.
+    """
+    steps, batch, slots = history_tokens.shape
+    final_tokens, final_length = history_tokens[-1], history_length[-1]
+    emit = np.full((batch, slots), -1, np.int32)
+    first_emit = np.full((batch, slots), -1, np.int32)
+    for b in range(batch):
+        for slot in range(int(final_length[b])):
+            held = history_length[:, b] > slot
+            first_emit[b, slot] = int(np.argmax(held))
+            prefix = final_tokens[b, : slot + 1]
+            same = held & np.all(history_tokens[:, b, : slot + 1] == prefix, axis=1)
+            changed = np.flatnonzero(~same)  # the last step whose prefix differs
+            emit[b, slot] = int(changed[-1]) + 1 if changed.size else 0
+    return emit, first_emit
+
+
+def _pad_frames(inputs, frame_mask, frames: int, minimum: int):
+    extra = max(-inputs.shape[1] % frames, minimum - inputs.shape[1])
     inputs = np.pad(np.asarray(inputs), ((0, 0), (0, extra), (0, 0)))
     frame_mask = np.pad(np.asarray(frame_mask, bool), ((0, 0), (0, extra)))
     return inputs, frame_mask
 
 
-@functools.partial(jax.jit, static_argnames=("model", "chunk_size", "look_back", "eos_id",
-                                             "bos_id", "use_lora"))  # fmt: skip
-def _stream_chunk(model, params, cache, encoded, state, inputs, frame_mask, chunk_index,
-                  num_chunks, *, chunk_size, look_back, eos_id, bos_id, use_lora):  # fmt: skip
+@functools.partial(jax.jit, static_argnames=("model", "num_rows", "chunk_size",
+                                             "extra_first_chunks", "use_lora"))  # fmt: skip
+def _stream_encode(model, params, cache, encoded, inputs, frame_mask, start, *, num_rows,
+                   chunk_size, extra_first_chunks, use_lora):  # fmt: skip
+    """The step's encoder rows against the cache, written into ``encoded``; and what is heard."""
     rows, mutated = model.apply(
         {"params": params, "cache": cache},
         inputs,
         frame_mask,
-        chunk_index,
+        start,
+        num_rows,
         chunk_size=chunk_size,
+        extra_first_chunks=extra_first_chunks,
         use_lora=use_lora,
-        method="encode_chunk",
+        method="encode_rows",
         mutable=["cache"],
     )
-    start = chunk_index * chunk_size
     encoded = jax.lax.dynamic_update_slice_in_dim(encoded, rows.astype(encoded.dtype), start, 1)
     row_index = jnp.arange(encoded.shape[1])
-    visible = model.encoder_frame_mask(frame_mask) & (row_index < start + chunk_size)[None, :]
-    state = stream_decode_step(
-        model, params, state, encoded, visible, chunk_index < num_chunks,
-        first=jnp.broadcast_to(chunk_index == 0, num_chunks.shape),
-        final=chunk_index == num_chunks - 1, look_back=look_back, eos_id=eos_id,
+    visible = model.encoder_frame_mask(frame_mask) & (row_index < start + num_rows)[None, :]
+    return mutated["cache"], encoded, visible
+
+
+@functools.partial(jax.jit, static_argnames=("model", "look_back", "eos_id", "bos_id",
+                                             "use_lora"))  # fmt: skip
+def _stream_decode(model, params, state, encoded, visible, step, num_steps, *, look_back, eos_id,
+                   bos_id, use_lora):  # fmt: skip
+    """The decoder's step (greedy or beams, by the state's type); compiled apart from the
+    encoder's, so a larger first chunk does not compile it twice."""
+    step_fn = stream_beam_step if isinstance(state, BeamState) else stream_decode_step
+    return step_fn(
+        model, params, state, encoded, visible, step < num_steps,
+        first=jnp.broadcast_to(step == 0, num_steps.shape),
+        final=step == num_steps - 1, look_back=look_back, eos_id=eos_id,
         bos_id=bos_id, use_lora=use_lora,
     )  # fmt: skip
-    return mutated["cache"], encoded, state
 
 
 def stream_transcribe(
@@ -729,21 +999,30 @@ def stream_transcribe(
     max_tokens: int,
     eos_id: int,
     look_back: int = 2,
+    beam_size: int | None = None,
+    extra_first_chunks: int = 0,
     bos_id: int = 0,
     use_lora: bool = True,
 ) -> StreamResult:
-    """Streaming greedy transcription: frames arrive chunk by chunk (module docstring).
+    """Streaming transcription: frames arrive chunk by chunk (module docstring).
 
     inputs [B, T, F] with frame_mask [B, T] (real frames first); each row streams
-    its own chunks (a row whose frames have ended is left unchanged). Per chunk
-    ``k``: the encoder computes chunk ``k``'s rows only, against its KV cache;
-    then :func:`stream_decode_step` updates the transcript over the rows heard so
-    far. ``look_back``: the official ``n_tokens_look_back`` (2). Frames are
-    zero-padded to a whole number of chunks. One compiled step per chunk size.
+    its own chunks (a row whose frames have ended is left unchanged). Per step
+    ``k``: the encoder computes the step's rows only, against its KV cache (step
+    0: the first ``(1 + extra_first_chunks) * chunk_size`` encoder frames, the
+    official ``extra_gran_blocks``, with the merged first chunk's mask; then one
+    chunk each); then the decoder updates the transcript over the rows heard so
+    far: :func:`stream_decode_step` (``beam_size`` None, the default: the
+    official greedy ``StreamingDecoder``) or :func:`stream_beam_step` with
+    ``beam_size`` beams (the official ``BeamStreamingDecoder``). ``look_back``:
+    the official ``n_tokens_look_back`` (2). Frames are zero-padded to a whole
+    number of chunks. Returns the transcripts, their history and token
+    timestamps (:class:`StreamResult`). One compiled step per shape.
     """
     chunk_size = check_chunk_size(chunk_size)
     if chunk_size is None:
         raise ValueError("stream_transcribe: chunk_size must be an int >= 1, got None.")
+    extra_first_chunks = check_extra_first_chunks(extra_first_chunks, chunk_size)
     if isinstance(look_back, bool) or not isinstance(look_back, int) or look_back < 0:
         raise ValueError(f"stream_transcribe: look_back must be an int >= 0, got {look_back!r}.")
     if not 1 <= max_tokens < model.max_target_length:
@@ -751,37 +1030,84 @@ def stream_transcribe(
             f"stream_transcribe: max_tokens must be in [1, max_target_length - 1 = "
             f"{model.max_target_length - 1}], got {max_tokens}."
         )
-    inputs, frame_mask = _pad_to_chunks(model, inputs, frame_mask, chunk_size)
+    if beam_size is not None and (
+        isinstance(beam_size, bool)
+        or not isinstance(beam_size, int)
+        or not 1 <= beam_size <= model.vocab_size - 2
+    ):
+        raise ValueError(
+            f"stream_transcribe: beam_size must be None (greedy) or an int in [1, vocab_size - 2 "
+            f"= {model.vocab_size - 2}], got {beam_size!r}."
+        )
+    stride = model.stem_stride
+    first_rows = (1 + extra_first_chunks) * chunk_size
+    inputs, frame_mask = _pad_frames(inputs, frame_mask, stride * chunk_size, stride * first_rows)
     inputs = jnp.asarray(inputs, jnp.float32)
     frame_mask = jnp.asarray(frame_mask)
     batch = inputs.shape[0]
     rows = model.num_encoder_frames(inputs.shape[1])
     real_rows = np.asarray(model.encoder_frame_mask(frame_mask)).sum(1)
-    num_chunks = -(-real_rows // chunk_size)
+    num_steps = np.where(
+        real_rows > 0, np.maximum(-(-real_rows // chunk_size) - extra_first_chunks, 1), 0
+    )
     cache = init_encoder_cache(model, inputs, frame_mask)
     encoded = jnp.zeros((batch, rows, model.embed_dim), jnp.float32)
-    state = StreamState(
-        tokens=jnp.zeros((batch, max_tokens), jnp.int32),
-        length=jnp.zeros((batch,), jnp.int32),
-        committed=jnp.zeros((batch,), jnp.int32),
-        last_logits=jnp.zeros((batch, max_tokens + 1, model.vocab_size), jnp.float32),
-    )
+    if beam_size is None:
+        state = StreamState(
+            tokens=jnp.zeros((batch, max_tokens), jnp.int32),
+            length=jnp.zeros((batch,), jnp.int32),
+            committed=jnp.zeros((batch,), jnp.int32),
+            last_logits=jnp.zeros((batch, max_tokens + 1, model.vocab_size), jnp.float32),
+        )
+    else:
+        state = BeamState(
+            tokens=jnp.zeros((batch, beam_size, max_tokens), jnp.int32),
+            length=jnp.zeros((batch, beam_size), jnp.int32),
+            committed=jnp.zeros((batch, beam_size), jnp.int32),
+            best=jnp.zeros((batch,), jnp.int32),
+            output_committed=jnp.zeros((batch,), jnp.int32),
+        )
     history = []
-    for chunk_index in range(int(num_chunks.max(initial=0))):
-        cache, encoded, state = _stream_chunk(
-            model, params, cache, encoded, state, inputs, frame_mask, jnp.int32(chunk_index),
-            jnp.asarray(num_chunks, jnp.int32), chunk_size=chunk_size, look_back=look_back,
-            eos_id=eos_id, bos_id=bos_id, use_lora=use_lora,
+    for step in range(int(num_steps.max(initial=0))):
+        start = 0 if step == 0 else (step + extra_first_chunks) * chunk_size
+        cache, encoded, visible = _stream_encode(
+            model, params, cache, encoded, inputs, frame_mask, jnp.int32(start),
+            num_rows=first_rows if step == 0 else chunk_size, chunk_size=chunk_size,
+            extra_first_chunks=extra_first_chunks, use_lora=use_lora,
         )  # fmt: skip
-        history.append((state.tokens, state.length, state.committed))
+        state = _stream_decode(
+            model, params, state, encoded, visible, jnp.int32(step),
+            jnp.asarray(num_steps, jnp.int32), look_back=look_back, eos_id=eos_id,
+            bos_id=bos_id, use_lora=use_lora,
+        )  # fmt: skip
+        if beam_size is None:
+            history.append((state.tokens, state.length, state.committed))
+        else:
+            best = state.best[:, None, None]
+            history.append((
+                jnp.take_along_axis(state.tokens, best, 1)[:, 0],
+                jnp.take_along_axis(state.length, best[:, 0], 1)[:, 0],
+                state.output_committed,
+            ))  # fmt: skip
+    if not history:
+        raise ValueError("stream_transcribe: frame_mask must hold a real frame, got none.")
     stack = lambda i: np.stack([np.asarray(h[i]) for h in history])  # noqa: E731
+    history_tokens, history_length = stack(0), stack(1)
+    chunk_frames = stride * chunk_size * (np.arange(len(history)) + 1 + extra_first_chunks)
+    emit, first_emit = token_emit_chunks(history_tokens, history_length)
+    stamp = lambda chunks: np.where(chunks >= 0, chunk_frames[np.maximum(chunks, 0)], -1)  # noqa: E731
     return StreamResult(
-        tokens=np.asarray(state.tokens),
-        length=np.asarray(state.length),
-        history_tokens=stack(0),
-        history_length=stack(1),
+        tokens=history_tokens[-1],
+        length=history_length[-1],
+        history_tokens=history_tokens,
+        history_length=history_length,
         history_committed=stack(2),
-        num_chunks=num_chunks,
+        num_chunks=num_steps,
+        chunk_frames=chunk_frames,
+        emit_chunk=emit,
+        first_emit_chunk=first_emit,
+        timestamps=stamp(emit),
+        first_timestamps=stamp(first_emit),
     )
 
 

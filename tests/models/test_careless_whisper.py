@@ -21,6 +21,7 @@ from effformer.models.careless_whisper import (
     lora_targets,
     merge_lora,
     stream_transcribe,
+    token_emit_chunks,
 )
 
 _MODEL = models.create("careless_whisper", tiny=True)  # D 16, 2 heads, 1 + 1 layers, C 2, rank 2
@@ -88,9 +89,10 @@ def _gelu(x):
     return 0.5 * x * (1 + np.vectorize(math.erf)(x / np.sqrt(2)))
 
 
-def _reference_encoder(params, frames, mask, chunk_size):
+def _reference_encoder(params, frames, mask, chunk_size, extra=0):
     """The encoder from its equations in float64 NumPy: loops for the stem's convolutions and
-    the dense block-causal mask (row i sees real row j iff j // C <= i // C)."""
+    the dense block-causal mask (row i sees real row j iff j // C <= i // C; with a larger first
+    chunk of 1 + extra chunks, iff max(j // C - extra, 0) <= max(i // C - extra, 0))."""
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     x = np.asarray(frames, np.float64)
     batch, length, _ = x.shape
@@ -118,7 +120,8 @@ def _reference_encoder(params, frames, mask, chunk_size):
     for b in range(batch):
         for i in range(rows):
             for j in range(rows):
-                visible[b, i, j] = real[b, j] and (j // chunk_size <= i // chunk_size)
+                block_i = max(i // chunk_size - extra, 0)
+                visible[b, i, j] = real[b, j] and max(j // chunk_size - extra, 0) <= block_i
     enc = p["encoder"]
     attention, layer, ffn = enc["layer_0_attention"], enc["layer_0"], enc["layer_0_ffn"]
     y = _layer_norm(h, layer["mixer_norm"])
@@ -177,6 +180,14 @@ def test_cached_chunk_encoder_matches_float64_dense_mask_reference(x64):
     np.testing.assert_array_equal(encoder_mask, real)
     np.testing.assert_allclose(np.asarray(full)[real], expected[real], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(incremental[real], np.asarray(full)[real], rtol=1e-6, atol=1e-7)
+    # The larger first chunk's mask (the cached rows equal these: the streaming tests below).
+    merged = base.apply(
+        {"params": params}, frames, mask, chunk_size=chunk, extra_first_chunks=1, method="encode"
+    )[0]
+    expected_merged = _reference_encoder(params, frames, mask, chunk, extra=1)[0]
+    np.testing.assert_allclose(np.asarray(merged)[real], expected_merged[real], rtol=1e-5,
+                               atol=1e-6)  # fmt: skip
+    assert np.max(np.abs(expected_merged - expected)[real]) > 1e-3
     step = 1e-6 * np.random.default_rng(3).normal(size=frames.shape)
     change = np.sum(
         (_reference_encoder(params, frames + step, mask, chunk)[0]
@@ -273,12 +284,17 @@ def test_bad_arguments_fail_naming_them():
 # ---------------------------------------------------------------------------- streaming
 
 
-def _reference_stream(params, frames, mask, chunk_size, look_back, max_tokens, one_chunk=False):
+_decode = jax.jit(lambda p, t, e, m: _MODEL.apply({"params": p}, t, e, m, method="decode"))
+
+
+def _reference_stream(params, frames, mask, chunk_size, look_back, max_tokens, one_chunk=False,
+                      argmax_only=False):  # fmt: skip
     """The official greedy StreamingDecoder, one row at a time in Python, over the encoder rows
     of the whole-input block-causal pass (equal to the cached chunks' by the tests above).
-    one_chunk: every frame in one chunk (then it is plain greedy decoding)."""
+    one_chunk: every frame in one chunk (then it is plain greedy decoding). argmax_only: a token
+    is kept only when it is still the argmax (no "logit did not drop" clause)."""
     encoded, encoder_mask = _encode(chunk_size)(params, frames, mask)
-    decode = jax.jit(lambda p, t, e, m: _MODEL.apply({"params": p}, t, e, m, method="decode"))
+    decode = _decode
     histories = []
     for b in range(frames.shape[0]):
         real = np.asarray(encoder_mask[b])
@@ -298,7 +314,7 @@ def _reference_stream(params, frames, mask, chunk_size, look_back, max_tokens, o
             if k > 0:
                 for slot in range(max(committed, len(tokens) - look_back), len(tokens)):
                     token = tokens[slot]
-                    kept = last[slot, token] <= logits[slot, token] or (
+                    kept = (not argmax_only and last[slot, token] <= logits[slot, token]) or (
                         np.argmax(logits[slot]) == token
                     )
                     if not kept:
@@ -353,3 +369,163 @@ def test_greedy_decoding_is_the_rule_with_one_chunk():
     for b, [(reference, committed)] in enumerate(expected):
         assert list(np.asarray(tokens[b, : int(length[b])])) == reference
         assert committed == len(reference)
+
+
+# ---------------------------------------------------------------------------- beam search
+
+
+@functools.cache
+def _encode_extra(extra):
+    return jax.jit(
+        lambda p, x, m: _MODEL.apply(
+            {"params": p}, x, m, chunk_size=2, extra_first_chunks=extra, method="encode"
+        )
+    )
+
+
+def _reference_beam_stream(params, frames, mask, chunk_size, extra, look_back, max_tokens, beams):
+    """The official BeamStreamingDecoder, one row and one hypothesis at a time in Python, scores
+    in float64, over the whole-input encoder rows (first chunk: 1 + extra chunks). With one chunk
+    (extra large) it is an offline beam search: keep the `beams` best of each hypothesis' `beams
+    + 1` best continuations, stop once one has ended, pick the best score / length. Returns per
+    row the (tokens, committed) after each step and the number of crops."""
+    encoded, encoder_mask = _encode_extra(extra)(params, frames, mask)
+    histories, crops = [], 0
+    for b in range(frames.shape[0]):
+        real = np.asarray(encoder_mask[b])
+        steps = max(-(-int(real.sum()) // chunk_size) - extra, 1)
+        hyps = [((), 0)]  # (tokens, committed floor); identical beams count once
+        history = []
+        for k in range(steps):
+            visible = real & (np.arange(real.size) < (k + 1 + extra) * chunk_size)
+
+            @functools.cache
+            def log_probs(tokens, visible=visible, row=encoded[b : b + 1]):
+                padded = np.zeros((1, max_tokens + 1), np.int32)
+                padded[0, 1 : len(tokens) + 1] = tokens
+                logits = np.array(_decode(params, padded, row, visible[None]))[0].astype(np.float64)
+                logits[:, 0] = -1e9  # the start token is never emitted
+                shifted = logits - logits.max(-1, keepdims=True)
+                return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+            def score(tokens):
+                return sum(log_probs(tokens)[slot, t] for slot, t in enumerate(tokens))
+
+            if k > 0:  # 1. re-examine each beam's last tokens
+                checked = []
+                for tokens, floor in hyps:
+                    for slot in range(max(floor, len(tokens) - look_back), len(tokens)):
+                        top = np.argsort(-log_probs(tokens)[slot], kind="stable")[:beams]
+                        if tokens[slot] not in top:
+                            tokens, crops = tokens[:slot], crops + 1
+                            break
+                    checked.append((tokens, floor))
+                hyps = checked
+            scores = [score(tokens) for tokens, _ in hyps]
+            ended = [False] * len(hyps)
+            while not any(ended) and all(len(t) < max_tokens for t, _ in hyps):  # 2. search
+                candidates, seen = [], set()
+                for tokens, floor in hyps:
+                    if tokens in seen:
+                        continue
+                    seen.add(tokens)
+                    lp = log_probs(tokens)[len(tokens)]
+                    for token in np.argsort(-lp, kind="stable")[: beams + 1]:
+                        candidates.append((score(tokens) + lp[token], tokens, int(token), floor))
+                candidates.sort(key=lambda c: -c[0])  # stable: ties keep their order
+                hyps, scores, ended = [], [], []
+                for total, tokens, token, floor in candidates[:beams]:
+                    hyps.append((tokens if token == _EOS else (*tokens, token), floor))
+                    scores.append(total)
+                    ended.append(token == _EOS)
+            lengths = [len(t) for t, _ in hyps]
+            best = int(np.argmax([s / max(n, 1) for s, n in zip(scores, lengths, strict=True)]))
+            final = k == steps - 1
+            hyps = [(t, len(t) if final else max(f, len(t) - look_back)) for t, f in hyps]
+            best_tokens = hyps[best][0]
+            common = 0
+            while common < len(best_tokens) and all(
+                len(t) > common and t[common] == best_tokens[common] for t, _ in hyps
+            ):
+                common += 1
+            committed = len(best_tokens) if final else min(common, *(f for _, f in hyps))
+            history.append((list(best_tokens), committed))
+        histories.append(history)
+    return histories, crops
+
+
+def _check_history(result, expected):
+    for b, history in enumerate(expected):
+        assert len(history) == result.num_chunks[b]
+        for k, (tokens, committed) in enumerate(history):
+            length = int(result.history_length[k, b])
+            assert list(result.history_tokens[k, b, :length]) == tokens, (b, k)
+            assert int(result.history_committed[k, b]) == committed, (b, k)
+
+
+def test_beam_width_one_is_the_greedy_rule_with_the_argmax_check():
+    params = _params(7, scale=1.0)
+    frames, mask = _frames(8)
+    frames = 3 * frames
+    result = stream_transcribe(_MODEL, params, frames, mask, chunk_size=2, max_tokens=6,
+                               eos_id=_EOS, beam_size=1)  # fmt: skip
+    _check_history(result, _reference_stream(params, frames, mask, 2, 2, 6, argmax_only=True))
+
+
+def test_streaming_beam_search_follows_the_rule_commits_a_prefix_and_is_offline_beam_search():
+    params = _params(9, scale=2.0)  # a random model whose beams get cropped (checked below)
+    frames, mask = _frames(8)
+    frames = 3 * frames
+    beams, look_back = 3, 1
+    common = dict(chunk_size=2, max_tokens=6, eos_id=_EOS, beam_size=beams, look_back=look_back)
+    # A larger first chunk (2 chunks), then one chunk a step.
+    result = stream_transcribe(_MODEL, params, frames, mask, extra_first_chunks=1, **common)
+    expected, crops = _reference_beam_stream(params, frames, mask, 2, 1, look_back, 6, beams)
+    assert crops > 0  # the re-examination does drop tokens
+    _check_history(result, expected)
+    np.testing.assert_array_equal(result.num_chunks, [3, 2])  # 8 and 6 encoder frames
+    np.testing.assert_array_equal(result.chunk_frames, [8, 12, 16])
+    for history in expected:  # committed tokens are a prefix of every later transcript
+        for k, (tokens, committed) in enumerate(history):
+            for later, _ in history[k + 1 :]:
+                assert later[:committed] == tokens[:committed]
+        assert history[-1][1] == len(history[-1][0])
+    # One chunk holding the whole utterance: an offline beam search.
+    whole = stream_transcribe(_MODEL, params, frames, mask, extra_first_chunks=3, **common)
+    offline, _ = _reference_beam_stream(params, frames, mask, 2, 3, look_back, 6, beams)
+    _check_history(whole, offline)
+
+
+def test_larger_first_chunk_encoder_and_bad_arguments():
+    params, frames, mask = _params(), *_frames(0, lengths=(16, 16))
+    full, _ = _encode_extra(1)(params, frames, mask)
+    # The first chunk is rows 0..3 (2 chunks), bidirectional inside: row 0 hears frame 7.
+    moved = frames.copy()
+    moved[:, 7] += 5.0
+    changed, _ = _encode_extra(1)(params, moved, mask)
+    assert np.max(np.abs(changed[:, 0] - full[:, 0])) > 1e-2
+    later = frames.copy()
+    later[:, 9:] += 5.0  # frames of chunk 2 on (and the stem's lookahead frame of row 3, 8)
+    unchanged, _ = _encode_extra(1)(params, later, mask)
+    np.testing.assert_allclose(unchanged[:, :4], full[:, :4], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="extra_first_chunks must be an int >= 0"):
+        stream_transcribe(_MODEL, params, frames, mask, chunk_size=2, max_tokens=6,
+                          eos_id=_EOS, extra_first_chunks=-1)  # fmt: skip
+    with pytest.raises(ValueError, match="needs the block-causal encoder"):
+        _MODEL.apply({"params": params}, frames, mask, chunk_size=None, extra_first_chunks=1,
+                     method="encode")  # fmt: skip
+    with pytest.raises(ValueError, match="beam_size must be None"):
+        stream_transcribe(_MODEL, params, frames, mask, chunk_size=2, max_tokens=6,
+                          eos_id=_EOS, beam_size=15)  # fmt: skip
+
+
+def test_token_emit_chunks_and_timestamps():
+    # One row, 4 steps: [5] -> [5, 7] -> [5, 8, 9] -> [5, 8, 9]; slot 1 first held at step 1,
+    # its final token (8) emitted at step 2.
+    tokens = np.zeros((4, 1, 4), np.int32)
+    for k, row in enumerate(([5], [5, 7], [5, 8, 9], [5, 8, 9])):
+        tokens[k, 0, : len(row)] = row
+    length = np.array([[1], [2], [3], [3]])
+    emit, first_emit = token_emit_chunks(tokens, length)
+    np.testing.assert_array_equal(emit, [[0, 2, 2, -1]])
+    np.testing.assert_array_equal(first_emit, [[0, 1, 2, -1]])
