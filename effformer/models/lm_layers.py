@@ -388,6 +388,8 @@ class LayerStack(nn.Module):
       num_heads, num_kv_heads, head_dim, qk_norm: attention shape (GQA when
         ``num_kv_heads < num_heads``).
       ffn, ffn_hidden_dim: FFN name for ``make_ffn`` and its width.
+      ffn_dense_sparse: ``(rank, nonzeros_per_row)``: every FFN projection is a
+        DSFormer dense-sparse factorisation (``effformer.nn.ffn``); None: dense.
       use_bias: biases in attention, FFN and norms.
       norm, norm_epsilon, ordering: the layers' norms.
       position_encoding, position_kwargs: name for ``make_position_encoding``.
@@ -411,6 +413,7 @@ class LayerStack(nn.Module):
     qk_norm: bool = False
     ffn: str = "gelu"
     ffn_hidden_dim: int = 1024
+    ffn_dense_sparse: tuple[int, int] | None = None
     use_bias: bool = True
     norm: str = "layer_norm"
     norm_epsilon: float = 1e-5
@@ -557,6 +560,7 @@ class LayerStack(nn.Module):
                     self.ffn_hidden_dim,
                     use_bias=self.use_bias,
                     dropout_rate=self.dropout_rate,
+                    dense_sparse=self.ffn_dense_sparse,
                     dtype=self.dtype,
                     name=f"layer_{index}_ffn",
                 ),

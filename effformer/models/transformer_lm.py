@@ -100,6 +100,7 @@ _STACK_FIELDS = (
     "qk_norm",
     "ffn",
     "ffn_hidden_dim",
+    "ffn_dense_sparse",
     "use_bias",
     "norm",
     "norm_epsilon",
@@ -140,6 +141,7 @@ class _LMBase(nn.Module):
     qk_norm: bool = False
     ffn: str = "gelu"
     ffn_hidden_dim: int = 1024
+    ffn_dense_sparse: tuple[int, int] | None = None
     use_bias: bool = True
     norm: str = "layer_norm"
     norm_epsilon: float = 1e-5
@@ -223,6 +225,9 @@ class TransformerLM(_LMBase):
         (``effformer.models.lm_layers``).
       num_heads, num_kv_heads (GQA), head_dim, qk_norm: attention shape.
       ffn, ffn_hidden_dim: FFN kind (``make_ffn`` name: gelu, swiglu, geglu, ...) and width.
+      ffn_dense_sparse: ``(rank, nonzeros_per_row)``: the FFN projections are DSFormer
+        dense-sparse factorisations computed in factored form (``effformer.nn.ffn``;
+        the parameters ``compress_lm_params`` gives a trained model); None: dense.
       use_bias: biases in attention, FFN, norms and the untied head.
       norm, norm_epsilon, ordering: ``layer_norm``/``rms_norm``, ``pre_norm``/``post_norm``.
       position_encoding, position_kwargs: any ``make_position_encoding`` name

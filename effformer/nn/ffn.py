@@ -5,10 +5,20 @@ Both take an optional call-time ``hidden_width``: only the first
 ``W2[:m] act(W1[:, :m] x)``). The parameters always have the full width, so
 one set of weights serves every granularity and call sites that do not ask
 for a width are unchanged.
+
+Both also take ``dense_sparse=(rank, nonzeros_per_row)``: every projection is
+then DSFormer's :class:`~effformer.nn.dense_sparse.DenseSparseLinear` (a dense
+basis times a top-k-per-row sparse coefficient matrix, computed in factored
+form, never forming the kernel) instead of a dense kernel, with the parameter
+names (``basis``, ``coefficients``, ``bias``) that
+:func:`effformer.train.dense_sparse_compression.compress_lm_params` gives a
+trained model's FFN kernels, so a compressed model runs and fine-tunes in the
+factored form.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +26,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from effformer.nn.dense_sparse import DenseSparseLinear
 
 Array = jax.Array
 Dtype = Any
@@ -92,6 +104,57 @@ def _check_hidden_width(owner: str, hidden_width: int | None, hidden_dim: int) -
         )
 
 
+def check_dense_sparse(owner: str, dense_sparse: Any, hidden_width: int | None) -> None:
+    """Refuse a ``dense_sparse`` that is not ``None`` or two positive ints, or one with a width."""
+    if dense_sparse is None:
+        return
+    pair = isinstance(dense_sparse, tuple | list) and len(dense_sparse) == 2
+    if not pair or any(
+        isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in dense_sparse
+    ):
+        raise ValueError(
+            f"{owner}: dense_sparse must be None or (rank, nonzeros_per_row), two positive ints, "
+            f"got {dense_sparse!r}."
+        )
+    if hidden_width is not None:
+        raise ValueError(
+            f"{owner}: hidden_width (MatFormer's nested widths) needs dense kernels; got "
+            f"hidden_width={hidden_width} with dense_sparse={tuple(dense_sparse)}."
+        )
+
+
+def _projection(ffn: nn.Module, features: int, in_features: int, name: str) -> Callable:
+    """One of an FFN's projections, ``x [..., m] -> [..., features]``.
+
+    A :class:`PrefixDense` (called with ``out_width``), or a
+    :class:`~effformer.nn.dense_sparse.DenseSparseLinear` when ``ffn.dense_sparse``
+    is set (the FFN has refused a ``hidden_width`` by then, so ``out_width`` is None).
+    """
+    if ffn.dense_sparse is None:
+        return PrefixDense(
+            features,
+            in_features,
+            use_bias=ffn.use_bias,
+            kernel_init=ffn.kernel_init,
+            bias_init=ffn.bias_init,
+            dtype=ffn.dtype,
+            param_dtype=ffn.param_dtype,
+            name=name,
+        )
+    rank, nonzeros_per_row = ffn.dense_sparse
+    layer = DenseSparseLinear(
+        features,
+        rank,
+        nonzeros_per_row,
+        use_bias=ffn.use_bias,
+        bias_init=ffn.bias_init,
+        dtype=ffn.dtype,
+        param_dtype=ffn.param_dtype,
+        name=name,
+    )
+    return lambda x, out_width=None: layer(x)
+
+
 class MLP(nn.Module):
     """``dropout(W2 dropout(act(W1 x)))``, the ViT / CCT feed-forward network.
 
@@ -101,6 +164,8 @@ class MLP(nn.Module):
       activation: ``"gelu"`` (exact), ``"gelu_tanh"``, ``"relu"`` or ``"silu"``.
       use_bias: biases on both layers.
       dropout_rate: dropout after the activation and after W2 (CCT's placement).
+      dense_sparse: ``(rank, nonzeros_per_row)``: W1 and W2 are DSFormer
+        dense-sparse factorisations (module docstring); None: dense kernels.
     """
 
     hidden_dim: int
@@ -108,6 +173,7 @@ class MLP(nn.Module):
     activation: str = "gelu"
     use_bias: bool = True
     dropout_rate: float = 0.0
+    dense_sparse: tuple[int, int] | None = None
     kernel_init: Initializer = default_kernel_init
     bias_init: Initializer = nn.initializers.zeros
     dtype: Dtype | None = None
@@ -119,17 +185,9 @@ class MLP(nn.Module):
     ) -> Array:
         """x: [..., D] -> [..., out_dim or D]; ``hidden_width`` uses the first m hidden units."""
         _check_hidden_width("MLP", hidden_width, self.hidden_dim)
+        check_dense_sparse("MLP", self.dense_sparse, hidden_width)
         act = get_activation(self.activation)
-        dense = lambda features, in_features, name: PrefixDense(
-            features,
-            in_features,
-            use_bias=self.use_bias,
-            kernel_init=self.kernel_init,
-            bias_init=self.bias_init,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name=name,
-        )
+        dense = functools.partial(_projection, self)
         out_dim = self.out_dim or x.shape[-1]
         h = act(dense(self.hidden_dim, x.shape[-1], "fc1")(x, out_width=hidden_width))
         h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
@@ -146,6 +204,8 @@ class GatedMLP(nn.Module):
       activation: the gate's activation, a name as for :class:`MLP`.
       use_bias: biases on W1, W2, W3 (iLLaMA / LLaMA use none).
       dropout_rate: dropout after the gating product and after W2.
+      dense_sparse: ``(rank, nonzeros_per_row)``: W1, W2 and W3 are DSFormer
+        dense-sparse factorisations (module docstring); None: dense kernels.
     """
 
     hidden_dim: int
@@ -153,6 +213,7 @@ class GatedMLP(nn.Module):
     activation: str = "silu"
     use_bias: bool = False
     dropout_rate: float = 0.0
+    dense_sparse: tuple[int, int] | None = None
     kernel_init: Initializer = default_kernel_init
     bias_init: Initializer = nn.initializers.zeros
     dtype: Dtype | None = None
@@ -164,17 +225,9 @@ class GatedMLP(nn.Module):
     ) -> Array:
         """x: [..., D] -> [..., out_dim or D]; ``hidden_width`` uses the first m hidden units."""
         _check_hidden_width("GatedMLP", hidden_width, self.hidden_dim)
+        check_dense_sparse("GatedMLP", self.dense_sparse, hidden_width)
         act = get_activation(self.activation)
-        dense = lambda features, in_features, name: PrefixDense(
-            features,
-            in_features,
-            use_bias=self.use_bias,
-            kernel_init=self.kernel_init,
-            bias_init=self.bias_init,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name=name,
-        )
+        dense = functools.partial(_projection, self)
         out_dim = self.out_dim or x.shape[-1]
         gate = act(dense(self.hidden_dim, x.shape[-1], "w1")(x, out_width=hidden_width))
         up = dense(self.hidden_dim, x.shape[-1], "w3")(x, out_width=hidden_width)

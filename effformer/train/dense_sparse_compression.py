@@ -11,18 +11,25 @@ the parameters a :class:`~effformer.nn.dense_sparse.DenseSparseLinear` has
 other parameter are copied unchanged. A ``FactorSpec`` per kernel records the
 static facts (the kernel's shape, r, k, the sparse side).
 
-The models themselves are not changed: :func:`materialize` rebuilds each kernel
-from its factors (STF's top-k projection with the straight-through gradient,
-or a fixed mask, or none for low rank) and the parameters go to the unchanged
-``model.apply``. Gradients of a loss through :func:`materialize` are those of
-the factorised model, so fine-tuning (STF, fixed-pattern, low rank) trains the
-factors themselves, as TinyFusion's LoRA does here (``effformer/models/tinyfusion.py``).
-The cost of this route: every step forms the kernels (``p * r * q`` multiply-adds
-each, once per step, not per token) and the forward pass runs dense kernels, so it
-saves parameters, not FLOPs; :class:`~effformer.nn.dense_sparse.DenseSparseLinear`
-and :func:`~effformer.nn.dense_sparse.dense_sparse_apply` are the layers that
-compute in the factored form, and :func:`export_compact` gives the factors in
-that inference form.
+Two ways to run the result:
+
+* **In factored form**: the same LM built with ``ffn_dense_sparse=(rank, k)``
+  (FFN factors only) has exactly these parameters, its FFN projections being
+  :class:`~effformer.nn.dense_sparse.DenseSparseLinear` layers that compute
+  ``(x @ D) @ top_k(C)^T`` per token without forming a kernel (STF's
+  straight-through gradient when trained);
+* **through the unchanged dense model**: :func:`materialize` rebuilds each kernel
+  from its factors (STF's top-k projection with the straight-through gradient,
+  or a fixed mask, or none for low rank) for ``model.apply``. Gradients through it
+  are those of the factorised model, so fine-tuning (STF, fixed-pattern, low rank)
+  trains the factors themselves, as TinyFusion's LoRA does here
+  (``effformer/models/tinyfusion.py``). Every step forms the kernels (``p * r * q``
+  multiply-adds each, once per step, not per token) and runs them dense: it
+  saves parameters, not FLOPs, but serves attention kernels, fixed patterns and
+  low rank, which the factored layers do not.
+
+:func:`export_compact` gives the factors in the inference form of
+:func:`~effformer.nn.dense_sparse.dense_sparse_apply` (k values and indices per row).
 
 A kernel of more than two axes (attention's ``DenseGeneral``: query, key,
 value [D, H, d], output [H, d, D]) is factorised as the matrix of its input axes

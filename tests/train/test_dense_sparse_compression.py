@@ -112,3 +112,50 @@ def test_bad_arguments_are_refused(lm):
         compress_lm_params(
             params, embed_dim=EMBED, compression=2.0, factor_shape=lambda a, b: (4, 6)
         )
+
+
+def test_factored_lm_runs_the_compressed_params_as_materialize_does(lm):
+    model, inputs, params, logits = lm
+    compressed, specs, _ = compress_lm_params(
+        params, embed_dim=EMBED, compression=2.0, density=0.25, iters=2
+    )
+    (shape,) = {(spec.rank, spec.nonzeros_per_row) for spec in specs.values()}
+    factored = model.clone(ffn_dense_sparse=shape)
+    # The factored model's own parameters have the compressed tree's structure and shapes.
+    initial = jax.eval_shape(lambda: factored.init(jax.random.key(1), inputs=inputs)["params"])
+    shapes = lambda tree: jax.tree.map(lambda leaf: tuple(leaf.shape), tree)
+    assert shapes(initial) == shapes(compressed)
+
+    # Computing (x @ D) @ top_k(C)^T in the layers equals forming the kernel first,
+    # forward and in every gradient (STF's straight-through one included).
+    factored_logits = lambda p: factored.apply({"params": p}, inputs=inputs)
+    rebuilt_logits = lambda p: model.apply({"params": materialize(p, specs)}, inputs=inputs)
+
+    def logits_and_grads(logits_fn):
+        def loss(p):
+            y = logits_fn(p)
+            return jnp.mean(jnp.sin(y)), y
+
+        (_, y), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(compressed)
+        return y, traverse_util.flatten_dict(grads)
+
+    got_logits, got = logits_and_grads(factored_logits)
+    want_logits, want = logits_and_grads(rebuilt_logits)
+    np.testing.assert_allclose(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+    fc2 = ("decoder", "layer_0_ffn", "fc2", "coefficients")
+    compressed_fc2, k = traverse_util.flatten_dict(compressed)[fc2], shape[1]
+    # STF's gradient reaches coefficients outside the top k too.
+    assert np.count_nonzero(got[fc2]) > np.count_nonzero(sparse_project(compressed_fc2, k))
+    assert got.keys() == want.keys()
+    for path, value in want.items():
+        np.testing.assert_allclose(got[path], value, rtol=1e-4, atol=1e-6, err_msg=str(path))
+
+
+def test_factored_ffn_refuses_bad_shapes_and_nested_widths(lm):
+    model, inputs, _, _ = lm
+    with pytest.raises(ValueError, match=r"dense_sparse must be None or \(rank, nonzeros_per_row"):
+        model.clone(ffn_dense_sparse=(8,)).init(jax.random.key(0), inputs=inputs)
+    with pytest.raises(ValueError, match=r"nonzeros_per_row must be in \[1, rank=4\], got 5"):
+        model.clone(ffn_dense_sparse=(4, 5)).init(jax.random.key(0), inputs=inputs)
+    with pytest.raises(ValueError, match=r"hidden_width .* needs dense kernels"):
+        model.clone(ffn_dense_sparse=(4, 2), ffn_widths=24).init(jax.random.key(0), inputs=inputs)
