@@ -52,14 +52,19 @@ that spiking models' energy estimates scale with).
 What these models are not:
 
 * **Not streaming as written.** The patch embedding's five kernel-3 convolutions
-  are centred (padding 1), so the token at position t sees inputs up to t + 5;
-  the paper's sequential mode pays this as a delay of a few steps. The LMU blocks,
-  the 1x1 convolutions and the LIF neurons are causal.
+  are centred (padding 1), so the token at position t sees inputs up to t + 5.
+  The LMU blocks, the 1x1 convolutions and the LIF neurons are causal. The
+  step-by-step path, :mod:`effformer.models.lmuformer_stream`, pays the look-ahead
+  as the paper's sequential mode does, as a delay: it carries the convolutions'
+  input buffers, the LMU memory states and the LIF membranes, takes one input step
+  at a time and, after step n, predicts from the tokens 0 .. n - 5: the running
+  mean of their per-position logits (``per_position=True`` here), which is the
+  original's ``all_seq`` evaluation at token n - 5 (that one runs this parallel
+  forward over the whole sequence and counts tokens, not inputs read). Flushed with
+  the convolutions' right padding, it gives this forward's logits on the inputs
+  seen. Inference only (BatchNorm with its running statistics).
 * Inputs are fixed-length: BatchNorm's statistics would count padding, so there
   is no token mask.
-* No step-by-step (recurrent) inference path; the parallel forward only
-  (:func:`effformer.ops.lif.lif_step` and the memory's ``legendre_step`` are the pieces
-  one would need).
 * Not the original's numerics: it trains under fp16 autocast with spikingjelly's CuPy
   kernel; here membranes are float32 at least. As there, they start at 0 for every
   sequence (the original calls ``reset_net`` after each batch).
@@ -335,11 +340,13 @@ class LMUFormer(nn.Module):
         return as_step_sequence("LMUFormer", inputs, self.image_size, self.channels)
 
     @nn.compact
-    def __call__(self, inputs: Array, *, train: bool = False) -> Array:
+    def __call__(self, inputs: Array, *, train: bool = False, per_position: bool = False) -> Array:
         """inputs [B, L, C] or [B, H, W, C] -> logits [B, num_classes].
 
         ``train``: BatchNorm uses (and updates) the batch's statistics; otherwise the
-        running ones.
+        running ones. ``per_position``: return the head applied to every position's
+        features instead, [B, L, num_classes] (the logits are their mean over L; the
+        original's ``all_seq`` evaluation averages their first n + 1 for each n).
         """
         x = self._check(inputs)
         deterministic = not train
@@ -376,6 +383,8 @@ class LMUFormer(nn.Module):
                 x = x + ConvFFN(hidden, dtype=self.dtype, name=f"block_{i}_ffn")(
                     x, deterministic=deterministic
                 )
+        if per_position:
+            return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
         # Per-position logits averaged over L (the original) = the head of the average.
         pooled = jnp.mean(x, axis=1, dtype=jnp.promote_types(x.dtype, jnp.float32))
         pooled = pooled.astype(x.dtype)
