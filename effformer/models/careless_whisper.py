@@ -60,7 +60,15 @@ encoder states are the first rows of the full pass, so ``__call__`` with
 cross-attention limited to the frames before the cut; the ``careless_whisper``
 task (``effformer/train/careless_whisper_task.py``) builds the targets.
 Streaming inference (:func:`stream_transcribe`) follows the official greedy
-``StreamingDecoder``; see its docstring.
+``StreamingDecoder`` (:func:`stream_decode_step`, the default) or its
+``BeamStreamingDecoder`` (:func:`stream_beam_step`, ``beam_size``), with the
+official larger first chunk (``extra_first_chunks``), and stamps each token
+with the chunk after which it was emitted (:class:`StreamResult`: the "simple
+method" of word timestamps the paper credits to the weakly aligned training,
+here per token; the official greedy decoder's ``timestamps_map`` records the
+chunk that first filled each slot, returned too). The decoder recomputes its
+whole prefix at every step: there is no decoder KV cache (the official
+``use_kv_cache`` option) here.
 """
 
 from __future__ import annotations

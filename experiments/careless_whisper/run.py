@@ -1,7 +1,8 @@
 """Train the arms of ``config.py`` and score them offline and streaming; prints Markdown tables.
 
     nice -n 10 .venv/bin/python experiments/careless_whisper/run.py --seeds 0 1 --chunks 2 4 \
-        [--arms lora_causal full_causal scratch_causal] [--workdir /tmp/cw_runs] [--out r.json]
+        [--arms lora_causal full_causal scratch_causal] [--workdir /tmp/cw_runs] [--out r.json] \
+        [--beams 2 4] [--extra-first-chunks 1] [--score-only]
 
 For each seed: an ``offline`` run, the ``offline_more`` control when asked for,
 then for each chunk size C (encoder frames, 2 input frames each) the causal arms
@@ -15,9 +16,21 @@ them again. On the held-out ``test`` split (512 utterances, batches of 64):
   frames at a time, the official greedy streaming rule (look-back 2 tokens);
   the offline run is streamed with the block-causal mask at every C and no
   fine-tuning (the naive conversion), each causal run at its own C;
+* ``streaming TER (C, beam K)`` with ``--beams``: the same streams with the
+  official beam rule (:func:`stream_beam_step`, K beams);
 * ``commit delay``: over the utterances streamed exactly right, the mean number
   of chunks between the chunk in which a token's audio ends and the chunk after
-  which it is committed (final).
+  which it is committed (final);
+* ``timestamp MAE / bias`` (``ts_*``: the step after which the final token was
+  emitted; ``first_ts_*``: the step that first filled its slot, the official
+  greedy rule's stamp): over the tokens of the utterances streamed exactly
+  right, the stamp (input frames heard by then) minus the true end frame
+  (``token_ends``); ``oracle_ts_mae``: the error of stamping every test token
+  with the end of the chunk holding its last frame; ``exact``: the share of
+  utterances streamed exactly right.
+
+``--extra-first-chunks e`` streams with a first chunk of ``1 + e`` chunks (the
+official ``extra_gran_blocks``; the runs were trained without it).
 
 Token error rate = summed Levenshtein distances to the references (``<eos>``
 removed) over the number of reference tokens.
@@ -82,6 +95,22 @@ def error_rate(results, batches) -> float:
     return errors / words
 
 
+def timestamp_errors(result, batch, first: bool = False) -> np.ndarray:
+    """Per token of the exactly streamed utterances: timestamp - true end frame (input frames).
+
+    ``result.timestamps`` (the step after which the final token was emitted) or, with
+    ``first``, ``result.first_timestamps`` (the official greedy rule's: the step that first
+    filled the slot); the true end is ``token_ends`` (the frame after the token's last one).
+    """
+    stamps = result.first_timestamps if first else result.timestamps
+    exact = distances(result.tokens, result.length, batch["targets"]) == 0
+    errors = []
+    for row in np.flatnonzero(exact):
+        n = int(result.length[row])
+        errors.append(stamps[row, :n] - batch["token_ends"][row, :n])
+    return np.concatenate(errors) if errors else np.zeros((0,))
+
+
 def commit_delay(result, batch, chunk_frames: int) -> list[float]:
     """Per exactly streamed utterance: chunks from each token's end to its commit."""
     delays = []
@@ -94,7 +123,26 @@ def commit_delay(result, batch, chunk_frames: int) -> list[float]:
     return delays
 
 
-def score(run, batches, chunks: list[int]) -> dict[str, float]:
+def stream_scores(streamed, batches, chunk_frames: int, suffix: str) -> dict[str, float]:
+    """TER, commit delay, timestamp errors and the share of exactly streamed utterances."""
+    scores = {f"stream_ter_{suffix}": error_rate([(s.tokens, s.length) for s in streamed], batches)}
+    pairs = list(zip(streamed, batches, strict=True))
+    delays = sum((commit_delay(s, b, chunk_frames) for s, b in pairs), [])
+    scores[f"commit_delay_{suffix}"] = float(np.mean(delays)) if delays else float("nan")
+    exact = sum(int(np.sum(distances(s.tokens, s.length, b["targets"]) == 0)) for s, b in pairs)
+    scores[f"exact_{suffix}"] = exact / sum(len(b["targets"]) for b in batches)
+    for name, first in (("ts", False), ("first_ts", True)):
+        errors = np.concatenate([timestamp_errors(s, b, first) for s, b in pairs])
+        scores[f"{name}_mae_{suffix}"] = float(np.mean(np.abs(errors))) if errors.size else np.nan
+        scores[f"{name}_bias_{suffix}"] = float(np.mean(errors)) if errors.size else np.nan
+    # The error of a perfect streamer that stamps each token with the end of its chunk:
+    ends = np.concatenate([b["token_ends"][(b["targets"] != 0) & (b["targets"] != DATASET.eos_id)]
+                           for b in batches])  # fmt: skip
+    scores[f"oracle_ts_mae_{suffix}"] = float(np.mean(-ends % chunk_frames))
+    return scores
+
+
+def score(run, batches, chunks: list[int], beams: list[int], extra: int = 0) -> dict[str, float]:
     model, params = run.model, run.params
     common = dict(max_tokens=MAX_TOKENS, eos_id=DATASET.eos_id)
     offline = [
@@ -102,17 +150,14 @@ def score(run, batches, chunks: list[int]) -> dict[str, float]:
     ]
     scores = {"offline_ter": error_rate([tuple(map(np.asarray, o)) for o in offline], batches)}
     for chunk in chunks:
-        streamed = [
-            stream_transcribe(model, params, b["inputs"], b["frame_mask"], chunk_size=chunk,
-                              **common)
-            for b in batches
-        ]  # fmt: skip
-        scores[f"stream_ter_{chunk}"] = error_rate(
-            [(s.tokens, s.length) for s in streamed], batches
-        )
-        delays = sum((commit_delay(s, b, chunk * model.stem_stride)
-                      for s, b in zip(streamed, batches, strict=True)), [])  # fmt: skip
-        scores[f"commit_delay_{chunk}"] = float(np.mean(delays)) if delays else float("nan")
+        for beam in [None, *beams]:
+            streamed = [
+                stream_transcribe(model, params, b["inputs"], b["frame_mask"], chunk_size=chunk,
+                                  beam_size=beam, extra_first_chunks=extra, **common)
+                for b in batches
+            ]  # fmt: skip
+            suffix = f"{chunk}" if beam is None else f"{chunk}_beam{beam}"
+            scores.update(stream_scores(streamed, batches, chunk * model.stem_stride, suffix))
     return scores
 
 
@@ -123,6 +168,13 @@ def main() -> None:
     )
     parser.add_argument("--chunks", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument(
+        "--beams", type=int, nargs="*", default=[], help="beam widths to stream with too"
+    )
+    parser.add_argument(
+        "--extra-first-chunks", type=int, default=0,
+        help="stream with a first chunk of 1 + this many chunks (the official extra_gran_blocks)",
+    )  # fmt: skip
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--out", default=None, help="a JSON file for every run's scores")
     parser.add_argument(
@@ -155,7 +207,9 @@ def main() -> None:
                       trained_params=sum(x.size for x in jax.tree.leaves(trainable)))  # fmt: skip
         if not args.score_only:
             result.update(train_wall_s=round(wall, 1), train_cpu_s=round(cpu, 1))
-        result.update(score(run, batches, chunks))
+        if args.extra_first_chunks:
+            result["extra_first_chunks"] = args.extra_first_chunks
+        result.update(score(run, batches, chunks, args.beams, args.extra_first_chunks))
         results.append(result)
         print(json.dumps(result), flush=True)
         if args.out:
@@ -173,20 +227,17 @@ def main() -> None:
                 init = offline if arm in ("lora_causal", "full_causal") else None
                 run_arm(f"{arm},{chunk}", seed, [chunk], init)
     print(f"\nload average at end: {os.getloadavg()}\n")
-    print(
-        "| run | trained params | offline TER | "
-        + " | ".join(f"streaming TER (C={c})" for c in args.chunks)
-        + " | commit delay (chunks) |"
-    )
-    print("| --- " * (4 + len(args.chunks)) + "|")
+    suffixes = [f"{c}" for c in args.chunks] + [f"{c}_beam{k}" for c in args.chunks
+                                                 for k in args.beams]  # fmt: skip
+    print("| run | trained params | offline TER | " + " | ".join(
+        f"streaming TER ({x}) | timestamp MAE ({x})" for x in suffixes) + " |")  # fmt: skip
+    print("| --- " * (3 + 2 * len(suffixes)) + "|")
     for arg in dict.fromkeys(r["arm"] for r in results):
         rows = [r for r in results if r["arm"] == arg]
         cells = [", ".join(f"{r['offline_ter']:.3f}" for r in rows)]
-        for chunk in args.chunks:
-            key = f"stream_ter_{chunk}"
-            cells.append(", ".join(f"{r[key]:.3f}" for r in rows) if key in rows[0] else "-")
-        delays = [f"{r[k]:.2f}" for r in rows for k in r if k.startswith("commit_delay")]
-        cells.append(", ".join(delays))
+        for x in suffixes:
+            for key in (f"stream_ter_{x}", f"ts_mae_{x}"):
+                cells.append(", ".join(f"{r[key]:.3f}" for r in rows) if key in rows[0] else "-")
         print(f"| {arg} | {rows[0]['trained_params']:,} | " + " | ".join(cells) + " |")
 
 
