@@ -24,9 +24,14 @@ attention dropout 0.1 and stochastic depth 0.1 (experiments/cct/digits.py's
 
 Budget (every arm): AdamW, lr 2e-3, weight decay 0.05, 20 warm-up steps then
 cosine to 0, batch 128, 20 epochs (225 steps): experiments/cct/digits.py's.
-``joint`` runs the encoder four times per step (the tokenizer, pooling and
-head too), so its step costs about the sum of the four ``alone`` steps.
-Results (machine, load, time): experiments/matformer/README.md.
+``joint`` runs the encoder, pooling and head four times per step (the
+tokenizer once), so its step costs about the sum of the four ``alone`` steps.
+
+Measured on the shared 2-core CPU (load average 9-13), seeds 0, 1, 2: a joint run
+takes about 170 s, an ``alone`` run 60-120 s; test accuracy 96.8-97.2% (means) for
+every width of both arms; test cross-entropy of the joint model at widths 32 / 64 /
+128 / 256: 0.225 / 0.202 / 0.190 / 0.187, of the ``alone`` models 0.210 / 0.203 /
+0.195 / 0.188. Tables and Mix'n'Match rows: experiments/matformer/README.md.
 """
 
 from effformer.train import default_config
