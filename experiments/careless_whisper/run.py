@@ -117,7 +117,9 @@ def commit_delay(result, batch, chunk_frames: int) -> list[float]:
     exact = distances(result.tokens, result.length, batch["targets"]) == 0
     for row in np.flatnonzero(exact):
         for slot in range(int(result.length[row])):
-            end_chunk = -(-int(batch["token_ends"][row, slot]) // chunk_frames) - 1
+            # The first step whose heard frames reach the token's end (a larger first chunk
+            # counts its chunks as one step).
+            end_chunk = int(np.searchsorted(result.chunk_frames, batch["token_ends"][row, slot]))
             commit_chunk = int(np.argmax(result.history_committed[:, row] > slot))
             delays.append(commit_chunk - end_chunk)
     return delays

@@ -181,9 +181,11 @@ def test_cached_chunk_encoder_matches_float64_dense_mask_reference(x64):
     np.testing.assert_allclose(np.asarray(full)[real], expected[real], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(incremental[real], np.asarray(full)[real], rtol=1e-6, atol=1e-7)
     # The larger first chunk's mask (the cached rows equal these: the streaming tests below).
-    merged = base.apply(
-        {"params": params}, frames, mask, chunk_size=chunk, extra_first_chunks=1, method="encode"
-    )[0]
+    merged = jax.jit(
+        lambda x: base.apply(
+            {"params": params}, x, mask, chunk_size=chunk, extra_first_chunks=1, method="encode"
+        )[0]
+    )(frames)
     expected_merged = _reference_encoder(params, frames, mask, chunk, extra=1)[0]
     np.testing.assert_allclose(np.asarray(merged)[real], expected_merged[real], rtol=1e-5,
                                atol=1e-6)  # fmt: skip
