@@ -66,9 +66,10 @@ official larger first chunk (``extra_first_chunks``), and stamps each token
 with the chunk after which it was emitted (:class:`StreamResult`: the "simple
 method" of word timestamps the paper credits to the weakly aligned training,
 here per token; the official greedy decoder's ``timestamps_map`` records the
-chunk that first filled each slot, returned too). The decoder recomputes its
-whole prefix at every step: there is no decoder KV cache (the official
-``use_kv_cache`` option) here.
+chunk that first filled each slot, returned too). With ``kv_cache=True`` the greedy decoder caches its
+self-attention keys and values within each chunk (:meth:`CarelessWhisper.decode_cached`;
+the same transcripts, tested); the beam decoder recomputes its prefixes at
+every step.
 """
 
 from __future__ import annotations
@@ -310,10 +311,13 @@ class CarelessWhisper(nn.Module):
         self.encoder = self._stack(
             cross_attention=False, position_encoding="sinusoidal", prefix_lm=True
         )
+        # prefix_lm: with mask positions equal to the positions the decoder is plainly causal;
+        # the KV cache then records each key's position, so that decode_cached can hide slots.
         self.decoder = self._stack(
             cross_attention=True,
             position_encoding="learned",
             position_kwargs={"max_length": self.max_target_length},
+            prefix_lm=True,
         )
         self.token_embedding = nn.Embed(
             self.vocab_size,
@@ -543,6 +547,35 @@ class CarelessWhisper(nn.Module):
             )
         return self.token_embedding.attend(hidden)
 
+    def decode_cached(
+        self,
+        decoder_inputs: Array,
+        positions: Array,
+        encoded: Array,
+        encoder_mask: Array,
+        *,
+        use_lora: bool = True,
+    ) -> Array:
+        """:meth:`decode` against the decoder's self-attention KV cache -> logits [B, L, V].
+
+        decoder_inputs [B, L] at positions [B, L] (each row its own); call with
+        ``mutable=["cache"]``. Each call writes its L keys at the cache's next L
+        slots (one write index for the batch); a key is seen by the queries at
+        positions not before its own, so rows may sit at different positions,
+        and a slot whose ``cached_mask_positions`` is set to 0 is hidden
+        (:func:`stream_decode_step` hides the cropped tokens' slots so).
+        """
+        with self._adapted(use_lora):
+            hidden = self.decoder(
+                self.token_embedding(decoder_inputs),
+                positions=positions,
+                mask_positions=positions,
+                decode=True,
+                context=encoded,
+                context_mask=encoder_mask,
+            )
+        return self.token_embedding.attend(hidden)
+
     def cut_frames(self, encoder_mask: Array, cut_fractions: Array, chunk_size: int) -> Array:
         """Input frames [B, K] heard by the end of each cut's chunk (see ``__call__``)."""
         num_chunks = -(-jnp.sum(encoder_mask, axis=1) // chunk_size)  # [B]
@@ -660,6 +693,54 @@ def _decoder_logits(model, params, tokens, encoded, visible, bos_id, use_lora):
     return logits.at[..., bos_id].set(-1e9)
 
 
+def _cached_decoder(model, params, batch, slots, encoded, visible, bos_id, use_lora):
+    """(prefill, step) of the greedy decoder against a self-attention KV cache of 2N + 1 slots.
+
+    prefill(tokens [B, N]) -> (logits [B, N + 1, V], cache): the start token and
+    ``tokens`` at slots and positions 0 .. N. hide(cache, length [B]) hides the
+    slots after each row's ``length`` tokens. step(cache, token [B], position [B])
+    -> (logits [B, V], cache): one token a row, each at its own position.
+    """
+
+    def apply(cache, tokens, positions):
+        logits, mutated = model.apply(
+            {"params": params, "cache": cache}, tokens, positions, encoded, visible,
+            use_lora=use_lora, method="decode_cached", mutable=["cache"],
+        )  # fmt: skip
+        return logits.astype(jnp.float32).at[..., bos_id].set(-1e9), mutated["cache"]
+
+    def init():
+        length = 2 * slots + 1
+        zeros = jnp.zeros((batch, length), jnp.int32)
+        return model.init(
+            jax.random.PRNGKey(0), zeros, zeros, encoded, visible, use_lora=use_lora,
+            method="decode_cached",
+        )["cache"]  # fmt: skip
+
+    empty = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(init))
+
+    def prefill(tokens):
+        start = jnp.full((batch, 1), bos_id, tokens.dtype)
+        positions = jnp.broadcast_to(jnp.arange(slots + 1, dtype=jnp.int32), (batch, slots + 1))
+        return apply(empty, jnp.concatenate([start, tokens], axis=1), positions)
+
+    def hide(cache, length):
+        def reset(path, leaf):
+            if getattr(path[-1], "key", None) != "cached_mask_positions":
+                return leaf
+            slot = jnp.arange(leaf.shape[1])
+            cropped = (slot[None, :] > length[:, None]) & (slot[None, :] <= slots)
+            return jnp.where(cropped, 0, leaf)
+
+        return jax.tree_util.tree_map_with_path(reset, cache)
+
+    def step(cache, token, position):
+        logits, cache = apply(cache, token[:, None], position[:, None])
+        return logits[:, 0], cache
+
+    return prefill, hide, step
+
+
 def stream_decode_step(
     model: CarelessWhisper,
     params: Any,
@@ -674,6 +755,7 @@ def stream_decode_step(
     eos_id: int,
     bos_id: int = 0,
     use_lora: bool = True,
+    kv_cache: bool = False,
 ) -> StreamState:
     """One chunk of the official greedy ``StreamingDecoder``, for every row at once.
 
@@ -693,6 +775,14 @@ def stream_decode_step(
        check's window. The official code re-examines the last ``look_back`` tokens
        of the current sequence, which after a crop can reach below the previous
        window; the monotone floor here is what makes committed tokens final.
+
+    kv_cache: the decoder's self-attention keys and values are cached within
+    the chunk: one pass over the transcript (the re-examination's), the
+    cropped tokens' slots hidden, then one token a greedy step; the same
+    transcripts as recomputing the prefix at every step (tested). The cache
+    starts afresh each chunk: every token's states depend on the audio heard
+    (through cross-attention), so keys from an earlier chunk would be stale
+    (the official ``use_kv_cache`` keeps them, an approximation).
     """
     tokens, length, committed = state.tokens, state.length, state.committed
     batch, slots = tokens.shape
@@ -700,7 +790,13 @@ def stream_decode_step(
         _decoder_logits, model, params, encoded=encoded, visible=visible, bos_id=bos_id,
         use_lora=use_lora,
     )  # fmt: skip
-    logits = decode(tokens)
+    if kv_cache:
+        prefill, hide, step = _cached_decoder(
+            model, params, batch, slots, encoded, visible, bos_id, use_lora
+        )
+        logits, cache = prefill(tokens)
+    else:
+        logits = decode(tokens)
     positions = jnp.arange(slots)[None, :]
     current = jnp.take_along_axis(logits[:, :slots], tokens[..., None], axis=-1)[..., 0]
     previous = jnp.take_along_axis(state.last_logits[:, :slots], tokens[..., None], -1)[..., 0]
@@ -714,26 +810,34 @@ def stream_decode_step(
     tokens = jnp.where(positions < length[:, None], tokens, 0)
 
     def cond(carry):
-        _, _, _, done = carry
-        return ~jnp.all(done)
+        return ~jnp.all(carry[3])
 
     def body(carry):
-        tokens, length, logits, done = carry
+        tokens, length, logits, done, cache = carry
         next_token = jnp.argmax(jnp.take_along_axis(logits, length[:, None, None], 1)[:, 0], -1)
         stop = done | (next_token == eos_id) | (length >= slots)
         write = (positions == length[:, None]) & ~stop[:, None]
         tokens = jnp.where(write, next_token[:, None].astype(tokens.dtype), tokens)
-        length = length + (~stop).astype(length.dtype)
+        new_length = length + (~stop).astype(length.dtype)
         # After a crop, the logits up to the new length are unchanged (causal decoder),
         # so the first greedy step reuses them; later steps see the appended tokens.
-        return (
-            tokens,
-            length,
-            jax.lax.cond(jnp.all(stop), lambda: logits, lambda: decode(tokens)),
-            stop,
-        )
+        if kv_cache:
+            # The appended token sits at input position length + 1 (after the start token);
+            # its logits predict the token at slot new_length.
+            def advance():
+                step_logits, new_cache = step(cache, next_token.astype(tokens.dtype), length + 1)
+                at = (jnp.arange(slots + 1)[None, :] == new_length[:, None]) & ~stop[:, None]
+                return jnp.where(at[..., None], step_logits[:, None], logits), new_cache
 
-    tokens, length, logits, _ = jax.lax.while_loop(cond, body, (tokens, length, logits, ~active))
+            logits, cache = jax.lax.cond(jnp.all(stop), lambda: (logits, cache), advance)
+        else:
+            logits = jax.lax.cond(jnp.all(stop), lambda: logits, lambda: decode(tokens))
+        return tokens, new_length, logits, stop, cache
+
+    cache = hide(cache, length) if kv_cache else None
+    tokens, length, logits, _, _ = jax.lax.while_loop(
+        cond, body, (tokens, length, logits, ~active, cache)
+    )
     committed = jnp.where(
         active,
         jnp.where(final, length, jnp.maximum(committed, length - look_back)),
@@ -983,12 +1087,15 @@ def _stream_encode(model, params, cache, encoded, inputs, frame_mask, start, *, 
 
 
 @functools.partial(jax.jit, static_argnames=("model", "look_back", "eos_id", "bos_id",
-                                             "use_lora"))  # fmt: skip
+                                             "use_lora", "kv_cache"))  # fmt: skip
 def _stream_decode(model, params, state, encoded, visible, step, num_steps, *, look_back, eos_id,
-                   bos_id, use_lora):  # fmt: skip
+                   bos_id, use_lora, kv_cache):  # fmt: skip
     """The decoder's step (greedy or beams, by the state's type); compiled apart from the
     encoder's, so a larger first chunk does not compile it twice."""
-    step_fn = stream_beam_step if isinstance(state, BeamState) else stream_decode_step
+    if isinstance(state, BeamState):
+        step_fn = stream_beam_step
+    else:
+        step_fn = functools.partial(stream_decode_step, kv_cache=kv_cache)
     return step_fn(
         model, params, state, encoded, visible, step < num_steps,
         first=jnp.broadcast_to(step == 0, num_steps.shape),
@@ -1009,6 +1116,7 @@ def stream_transcribe(
     look_back: int = 2,
     beam_size: int | None = None,
     extra_first_chunks: int = 0,
+    kv_cache: bool = False,
     bos_id: int = 0,
     use_lora: bool = True,
 ) -> StreamResult:
@@ -1023,8 +1131,10 @@ def stream_transcribe(
     far: :func:`stream_decode_step` (``beam_size`` None, the default: the
     official greedy ``StreamingDecoder``) or :func:`stream_beam_step` with
     ``beam_size`` beams (the official ``BeamStreamingDecoder``). ``look_back``:
-    the official ``n_tokens_look_back`` (2). Frames are zero-padded to a whole
-    number of chunks. Returns the transcripts, their history and token
+    the official ``n_tokens_look_back`` (2). kv_cache: the greedy decoder caches
+    its self-attention keys within each chunk (:func:`stream_decode_step`; the
+    same transcripts); the beam decoder always recomputes. Frames are
+    zero-padded to a whole number of chunks. Returns the transcripts, their history and token
     timestamps (:class:`StreamResult`). One compiled step per shape.
     """
     chunk_size = check_chunk_size(chunk_size)
@@ -1046,6 +1156,11 @@ def stream_transcribe(
         raise ValueError(
             f"stream_transcribe: beam_size must be None (greedy) or an int in [1, vocab_size - 2 "
             f"= {model.vocab_size - 2}], got {beam_size!r}."
+        )
+    if not isinstance(kv_cache, bool) or (kv_cache and beam_size is not None):
+        raise ValueError(
+            f"stream_transcribe: kv_cache must be True or False, and False with beam_size, got "
+            f"kv_cache={kv_cache!r}, beam_size={beam_size!r}."
         )
     stride = model.stem_stride
     first_rows = (1 + extra_first_chunks) * chunk_size
@@ -1086,7 +1201,7 @@ def stream_transcribe(
         state = _stream_decode(
             model, params, state, encoded, visible, jnp.int32(step),
             jnp.asarray(num_steps, jnp.int32), look_back=look_back, eos_id=eos_id,
-            bos_id=bos_id, use_lora=use_lora,
+            bos_id=bos_id, use_lora=use_lora, kv_cache=kv_cache,
         )  # fmt: skip
         if beam_size is None:
             history.append((state.tokens, state.length, state.committed))

@@ -531,3 +531,18 @@ def test_token_emit_chunks_and_timestamps():
     emit, first_emit = token_emit_chunks(tokens, length)
     np.testing.assert_array_equal(emit, [[0, 2, 2, -1]])
     np.testing.assert_array_equal(first_emit, [[0, 1, 2, -1]])
+
+
+def test_decoder_kv_cache_gives_the_same_streams():
+    params = _params(9, scale=2.0)  # rows that stop early and tokens that get revised
+    frames, mask = _frames(8)
+    frames = 3 * frames
+    common = dict(chunk_size=2, max_tokens=6, eos_id=_EOS)
+    plain = stream_transcribe(_MODEL, params, frames, mask, **common)
+    cached = stream_transcribe(_MODEL, params, frames, mask, kv_cache=True, **common)
+    assert np.any(plain.history_length < 6) and np.any(plain.history_length == 6)
+    np.testing.assert_array_equal(cached.history_tokens, plain.history_tokens)
+    np.testing.assert_array_equal(cached.history_length, plain.history_length)
+    np.testing.assert_array_equal(cached.history_committed, plain.history_committed)
+    with pytest.raises(ValueError, match="kv_cache must be True or False"):
+        stream_transcribe(_MODEL, params, frames, mask, kv_cache=True, beam_size=2, **common)
