@@ -38,7 +38,6 @@ Importing this module registers the task; ``effformer.train.tasks`` imports it.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import jax
@@ -46,7 +45,15 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from effformer.train.tasks import Batch, Metrics, Task, register_task, smoothed_one_hot
+from effformer.train.tasks import (
+    Batch,
+    Metrics,
+    Task,
+    config_flag,
+    config_number,
+    register_task,
+    smoothed_one_hot,
+)
 
 Array = jax.Array
 
@@ -80,20 +87,6 @@ def weak_targets(
     return labels.astype(targets.dtype), (keep | at_eos).astype(jnp.float32)
 
 
-def _flag(config: Any, field: str, default: bool) -> bool:
-    value = default if config is None else config.get(field, default)
-    if not isinstance(value, bool):
-        raise ValueError(f"config.task.{field} must be True or False, got {value!r}.")
-    return value
-
-
-def _integer(config: Any, field: str, default: int, low: int) -> int:
-    value = default if config is None else config.get(field, default)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"config.task.{field} must be an int >= {low}, got {value!r}.")
-    return int(value)
-
-
 @register_task
 class CarelessWhisperTask(Task):
     """Teacher-forced cross-entropy on weakly aligned chunk targets (module docstring)."""
@@ -102,16 +95,11 @@ class CarelessWhisperTask(Task):
 
     def __init__(self, config: ml_collections.ConfigDict, dataset_info: Any):
         super().__init__(config, dataset_info)
-        self.weak_alignment = _flag(config, "weak_alignment", True)
-        self.num_cuts = _integer(config, "num_cuts", DEFAULT_NUM_CUTS, 1)
-        self.eos_id = _integer(config, "eos_id", DEFAULT_EOS_ID, 1)
-        self.bos_id = _integer(config, "bos_id", 0, 0)
-        smoothing = 0.0 if config is None else config.get("label_smoothing", 0.0)
-        if isinstance(smoothing, bool) or not isinstance(smoothing, numbers.Real):
-            raise ValueError(f"config.task.label_smoothing must be in [0, 1], got {smoothing!r}.")
-        if not 0 <= smoothing <= 1:
-            raise ValueError(f"config.task.label_smoothing must be in [0, 1], got {smoothing!r}.")
-        self.label_smoothing = float(smoothing)
+        self.weak_alignment = config_flag(config, "weak_alignment", True)
+        self.num_cuts = config_number(config, "num_cuts", DEFAULT_NUM_CUTS, low=1, integer=True)
+        self.eos_id = config_number(config, "eos_id", DEFAULT_EOS_ID, low=1, integer=True)
+        self.bos_id = config_number(config, "bos_id", 0, low=0, integer=True)
+        self.label_smoothing = config_number(config, "label_smoothing", 0.0, low=0.0, high=1.0)
         if len(getattr(dataset_info, "input_shape", ())) != 2:
             raise ValueError(
                 f"Task {self.name!r} needs a dataset of frames, input_shape (T, F), got "

@@ -45,7 +45,6 @@ so every run finds it by name.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -55,20 +54,19 @@ import ml_collections
 import optax
 
 from effformer.models.local_learning import LocalLearningViT
-from effformer.train.tasks import Batch, ClassificationTask, Metrics, register_task
+from effformer.train.tasks import (
+    Batch,
+    ClassificationTask,
+    Metrics,
+    config_number,
+    register_task,
+)
 
 Array = jax.Array
 
 # How the train step computes the gradients: one jax.grad of the summed local
 # losses, or module by module (module docstring).
 SCHEDULES = ("joint", "sequential")
-
-
-def _weight(config: ml_collections.ConfigDict | None, field: str) -> float:
-    value = 1.0 if config is None else config.get(field, 1.0)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value < 0:
-        raise ValueError(f"config.task.{field} must be a number >= 0, got {value!r}.")
-    return float(value)
 
 
 @register_task
@@ -84,8 +82,12 @@ class LocalLearningTask(ClassificationTask):
                 f"Task {self.name!r} does not train MatFormer granularities: "
                 f"config.task.matformer_widths must be (), got {self.granularities!r}."
             )
-        self.reconstruction_weight = _weight(config, "local_reconstruction_weight")
-        self.classification_weight = _weight(config, "local_classification_weight")
+        self.reconstruction_weight = config_number(
+            config, "local_reconstruction_weight", 1.0, low=0
+        )
+        self.classification_weight = config_number(
+            config, "local_classification_weight", 1.0, low=0
+        )
         self.schedule = config.get("local_schedule", "joint")
         if self.schedule not in SCHEDULES:
             raise ValueError(

@@ -57,7 +57,6 @@ Importing this module registers the task; ``effformer.train.tasks`` imports it.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import jax
@@ -65,7 +64,14 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from effformer.train.tasks import Batch, Metrics, Task, register_task, smoothed_one_hot
+from effformer.train.tasks import (
+    Batch,
+    Metrics,
+    Task,
+    config_number,
+    register_task,
+    smoothed_one_hot,
+)
 
 Array = jax.Array
 
@@ -163,15 +169,6 @@ def mwer_loss(logits: Array, candidates: Array, targets: Array, slot_mask: Array
     return jnp.sum(posterior * (errors - jnp.mean(errors, axis=1, keepdims=True)), axis=1)
 
 
-def _number(config: Any, field: str, default: float, low: float, high: float | None) -> float:
-    value = default if config is None else config.get(field, default)
-    bad = isinstance(value, bool) or not isinstance(value, numbers.Real)
-    if bad or value < low or (high is not None and value > high):
-        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"config.task.{field} must be a number {bounds}, got {value!r}.")
-    return float(value)
-
-
 @register_task
 class ParaformerTask(Task):
     """Cross-entropy and quantity loss with the glancing sampler (module docstring)."""
@@ -181,22 +178,20 @@ class ParaformerTask(Task):
 
     def __init__(self, config: ml_collections.ConfigDict, dataset_info: Any):
         super().__init__(config, dataset_info)
-        self.glancing_ratio = _number(config, "glancing_ratio", DEFAULT_GLANCING_RATIO, 0.0, 1.0)
-        self.quantity_weight = _number(config, "quantity_weight", DEFAULT_QUANTITY_WEIGHT, 0, None)
-        self.label_smoothing = _number(config, "label_smoothing", 0.0, 0.0, 1.0)
-        self.mwer_weight = _number(config, "mwer_weight", 0.0, 0.0, None)
-        hypotheses = 4 if config is None else config.get("mwer_hypotheses", 4)
-        integer = isinstance(hypotheses, numbers.Integral) and not isinstance(hypotheses, bool)
-        if not integer or hypotheses < 2:
-            raise ValueError(
-                "config.task.mwer_hypotheses must be an int >= 2 (candidates per utterance), "
-                f"got {hypotheses!r}."
-            )
-        self.mwer_hypotheses = int(hypotheses)
-        eos = DEFAULT_EOS_ID if config is None else config.get("eos_id", DEFAULT_EOS_ID)
-        if isinstance(eos, bool) or not isinstance(eos, numbers.Integral) or eos < 1:
-            raise ValueError(f"config.task.eos_id must be a token id >= 1, got {eos!r}.")
-        self.eos_id = int(eos)
+        self.glancing_ratio = config_number(
+            config, "glancing_ratio", DEFAULT_GLANCING_RATIO, low=0.0, high=1.0
+        )
+        self.quantity_weight = config_number(
+            config, "quantity_weight", DEFAULT_QUANTITY_WEIGHT, low=0
+        )
+        self.label_smoothing = config_number(config, "label_smoothing", 0.0, low=0.0, high=1.0)
+        self.mwer_weight = config_number(config, "mwer_weight", 0.0, low=0.0)
+        self.mwer_hypotheses = config_number(
+            config, "mwer_hypotheses", 4, low=2, integer=True, what="candidates per utterance"
+        )
+        self.eos_id = config_number(
+            config, "eos_id", DEFAULT_EOS_ID, low=1, integer=True, what="a token id"
+        )
         if len(getattr(dataset_info, "input_shape", ())) != 2:
             raise ValueError(
                 f"Task {self.name!r} needs a dataset of frames, input_shape (T, F), got "

@@ -110,6 +110,45 @@ class Task:
         return jax.grad(micro_loss, has_aux=True)
 
 
+def config_number(
+    config: ml_collections.ConfigDict | None,
+    field: str,
+    default: float,
+    *,
+    low: float,
+    high: float | None = None,
+    integer: bool = False,
+    what: str = "",
+) -> Any:
+    """``config.task.<field>`` (``default`` when the config or the field is absent), checked.
+
+    It must be a number (an int when ``integer``; never a bool) in ``[low, high]``
+    (``high=None``: no upper bound); otherwise a ValueError names the field, the
+    bounds, ``what`` it is and the value received. Returns a float, or an int.
+    """
+    value = default if config is None else config.get(field, default)
+    expected = numbers.Integral if integer else numbers.Real
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, expected)
+        or value < low
+        or (high is not None and value > high)
+    ):
+        kind = "an int" if integer else "a number"
+        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        note = f" ({what})" if what else ""
+        raise ValueError(f"config.task.{field} must be {kind} {bounds}{note}, got {value!r}.")
+    return int(value) if integer else float(value)
+
+
+def config_flag(config: ml_collections.ConfigDict | None, field: str, default: bool) -> bool:
+    """``config.task.<field>`` (``default`` when absent), which must be True or False."""
+    value = default if config is None else config.get(field, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"config.task.{field} must be True or False, got {value!r}.")
+    return value
+
+
 def _example_weights(batch: Batch, size: int) -> Array:
     return batch["mask"].astype(jnp.float32) if "mask" in batch else jnp.ones((size,), jnp.float32)
 

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from effformer.train.tasks import TASKS, create_task
+from effformer.train.tasks import TASKS, config_flag, config_number, create_task
 
 
 def _task(name, info=None, **fields):
@@ -195,3 +195,23 @@ def test_task_vocab_size_enlarges_the_model_vocabulary_for_the_mask_token():
     assert 0.3 < chosen.mean() < 0.7
     # Replacements are the mask token or data tokens, never beyond the data's vocabulary.
     assert np.asarray(batch["inputs"]).max() <= 18
+
+
+def test_config_number_and_flag_read_checked_task_fields():
+    config = ml_collections.ConfigDict({"weight": 2, "count": 3, "on": False, "flag": 1})
+    assert config_number(config, "weight", 1.0, low=0) == 2.0
+    assert config_number(config, "missing", 0.5, low=0, high=1) == 0.5
+    assert config_number(None, "weight", 0.25, low=0) == 0.25
+    count = config_number(config, "count", 1, low=1, integer=True)
+    assert count == 3 and isinstance(count, int)
+    assert config_flag(config, "on", True) is False and config_flag(None, "on", True) is True
+    with pytest.raises(ValueError, match=r"config.task.weight must be a number in \[0, 1\], got 2"):
+        config_number(config, "weight", 1.0, low=0, high=1)
+    with pytest.raises(
+        ValueError, match=r"config.task.weight must be an int >= 3 \(a size\), got 2"
+    ):
+        config_number(config, "weight", 3, low=3, integer=True, what="a size")
+    with pytest.raises(ValueError, match=r"config.task.on must be a number >= 0, got False"):
+        config_number(config, "on", 1.0, low=0)
+    with pytest.raises(ValueError, match=r"config.task.flag must be True or False, got 1"):
+        config_flag(config, "flag", True)
