@@ -21,14 +21,18 @@ import os
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-_flags = os.environ.get("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in _flags:
-    _flags += " --xla_force_host_platform_device_count=8"
-if "xla_backend_optimization_level" not in _flags:
-    _flags += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-if "xla_cpu_use_fusion_emitters" not in _flags:
-    _flags += " --xla_cpu_use_fusion_emitters=false"
-os.environ["XLA_FLAGS"] = _flags.strip()
+# The CPU flags are for the suite's CPU run only: a GPU run of tests/kernels/
+# test_kernels_on_gpu.py (JAX_PLATFORMS=cuda) keeps XLA's defaults, and another
+# jaxlib may not know a CPU flag (XLA then exits at start-up, before pytest reports).
+if os.environ["JAX_PLATFORMS"] == "cpu":
+    _flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in _flags:
+        _flags += " --xla_force_host_platform_device_count=8"
+    if "xla_backend_optimization_level" not in _flags:
+        _flags += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    if "xla_cpu_use_fusion_emitters" not in _flags:
+        _flags += " --xla_cpu_use_fusion_emitters=false"
+    os.environ["XLA_FLAGS"] = _flags.strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

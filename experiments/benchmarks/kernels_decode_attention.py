@@ -24,31 +24,28 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 from effformer.ops.decode_attention import decode_attention
 
+sys.path.insert(0, str(Path(__file__).parent))
+from timing import median_seconds  # noqa: E402
+
 NOT_MEASURED = "not measured"
 
 
 def _median_seconds(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(fn, repeats=repeats)
 
 
 def measured_read_bandwidth(dtype, repeats: int) -> float:
     """Bytes per second of a jitted sum over 256M elements (GPU) / 64M (CPU)."""
     size = (1 << 28) if jax.default_backend() == "gpu" else (1 << 26)
-    x = jnp.ones((size,), dtype)
+    x = jax.random.normal(jax.random.key(1), (size,), dtype)  # not constant data
     total = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
     return size * x.dtype.itemsize / _median_seconds(lambda: total(x), repeats)
 

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +41,9 @@ import numpy as np
 from effformer.kernels.flash_attention import BlockSizes
 from effformer.ops.attention import dot_product_attention
 from effformer.ops.masks import AttentionMask
+
+sys.path.insert(0, str(Path(__file__).parent))
+from timing import median_seconds  # noqa: E402
 
 NOT_MEASURED = "not measured"
 
@@ -125,26 +128,15 @@ def correctness_table(interpret: bool) -> None:
 
 
 def _median_seconds(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(fn, *args, repeats=repeats)
 
 
 def matmul_peak_tflops(size: int = 8192, repeats: int = 10) -> float:
-    """Measured bfloat16 matmul throughput (best of ``repeats``), the denominator of 'fraction'."""
-    a = jnp.ones((size, size), jnp.bfloat16)
-    matmul = jax.jit(lambda a, b: a @ b)
-    jax.block_until_ready(matmul(a, a))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(matmul(a, a))
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e12
+    """Measured bfloat16 matmul throughput on random data, the denominator of 'fraction'."""
+    keys = jax.random.split(jax.random.key(1))
+    a, b = (jax.random.normal(key, (size, size), jnp.bfloat16) for key in keys)
+    seconds = median_seconds(jax.jit(lambda a, b: a @ b), a, b, repeats=repeats)
+    return 2 * size**3 / seconds / 1e12
 
 
 def _programs(mask: AttentionMask, blocks: BlockSizes | None):
@@ -259,12 +251,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--sweep", action="store_true", help="block sizes (GPU)")
     parser.add_argument("--skip-correctness", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true")
     args = parser.parse_args()
     on_gpu = jax.default_backend() == "gpu"
     print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind})\n")
     if not args.skip_correctness:
         correctness_table(interpret=not on_gpu)
-    speed_table(on_gpu, args.repeats)
+    if not args.skip_speed:
+        speed_table(on_gpu, args.repeats)
     if args.sweep:
         if not on_gpu:
             raise SystemExit("--sweep needs a GPU")

@@ -16,7 +16,8 @@ Three Markdown tables:
      with "not measured" cells: interpret mode says nothing about GPU speed, and
      the CPU timings of the XLA paths are in selective_scan.py's table;
   3. with ``--sweep`` on a GPU: the kernel alone (``selective_scan_pallas`` on
-     pre-processed inputs) for block sizes and warp counts, to tune the defaults.
+     pre-processed inputs) for channel blocks, sequence chunks and warp counts,
+     to tune the defaults.
 
 Run:
   .venv/bin/python experiments/benchmarks/kernels_selective_scan.py            # CPU or GPU
@@ -27,20 +28,24 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import time
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from effformer.kernels.selective_scan import (
     DEFAULT_CHANNEL_BLOCK,
+    DEFAULT_CHUNK_SIZE,
     DEFAULT_NUM_WARPS,
     DEFAULT_SEQ_BLOCK,
     selective_scan_pallas,
 )
 from effformer.ops.selective_scan import IMPLEMENTATIONS as XLA_IMPLEMENTATIONS
 from effformer.ops.selective_scan import selective_scan
+
+sys.path.insert(0, str(Path(__file__).parent))
+from timing import median_seconds  # noqa: E402
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -76,20 +81,10 @@ def op_functions(implementation: str, mask=None):
     return jax.jit(forward), jax.jit(jax.grad(loss))
 
 
-def median_seconds(fn, *args, reps: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 def copy_bandwidth(reps: int) -> float:
     """Measured bytes/s of a large elementwise copy (read + write) on the default device."""
     big = jnp.arange(256 * 2**20, dtype=jnp.float32)  # 1 GiB
-    return 2 * big.nbytes / median_seconds(jax.jit(lambda a: a + 1.0), big, reps=reps)
+    return 2 * big.nbytes / median_seconds(jax.jit(lambda a: a + 1.0), big, repeats=reps)
 
 
 def io_bytes(batch, d, n, length, backward: bool) -> int:
@@ -154,7 +149,7 @@ def speed_table(batch, d, n, length, implementations, reps, on_gpu: bool) -> Non
                       "not measured | not measured |")  # fmt: skip
                 continue
             fn = op_functions(implementation)[int(backward)]
-            seconds[implementation] = median_seconds(fn, args, reps=reps)
+            seconds[implementation] = median_seconds(fn, args, repeats=reps)
         if not on_gpu:
             continue
         xla = [s for impl, s in seconds.items() if impl in XLA_IMPLEMENTATIONS]
@@ -166,17 +161,22 @@ def speed_table(batch, d, n, length, implementations, reps, on_gpu: bool) -> Non
 
 
 def sweep_table(batch, d, n, length, reps) -> None:
-    """The kernel alone on pre-processed inputs, for each block configuration."""
+    """The kernel alone on pre-processed inputs, for each block / chunk configuration."""
     args = make_inputs(batch, d, n, length)
     dt = jax.nn.softplus(args["delta"] + args["delta_bias"][:, None])
     core = (args["u"], dt, args["A"], args["B"], args["C"])
     print(f"Kernel alone (selective_scan_pallas, no D/z/softplus), batch {batch}, d {d}, n {n}, "
-          f"L {length}; defaults: channel_block {DEFAULT_CHANNEL_BLOCK}, seq_block "
-          f"{DEFAULT_SEQ_BLOCK}, num_warps {DEFAULT_NUM_WARPS}.\n")  # fmt: skip
-    print("| channel_block | seq_block | num_warps | forward ms | fwd+bwd ms |")
+          f"L {length}, seq_block {DEFAULT_SEQ_BLOCK}; defaults: channel_block "
+          f"{DEFAULT_CHANNEL_BLOCK}, chunk_size {DEFAULT_CHUNK_SIZE}, num_warps "
+          f"{DEFAULT_NUM_WARPS}. chunk_size {length}: one chunk, the one-pass scan.\n")  # fmt: skip
+    print("| channel_block | chunk_size | num_warps | forward ms | fwd+bwd ms |")
     print("| ---: | ---: | ---: | ---: | ---: |")
-    for channel_block, seq_block, num_warps in itertools.product((8, 16, 32), (8, 16), (1, 2, 4)):
-        options = dict(channel_block=channel_block, seq_block=seq_block, num_warps=num_warps)
+    configurations = [
+        *itertools.product((8, 16), (length,), (2,)),
+        *itertools.product((8, 16), (128, 256, 512), (1, 2)),
+    ]
+    for channel_block, chunk_size, num_warps in configurations:
+        options = dict(channel_block=channel_block, chunk_size=chunk_size, num_warps=num_warps)
 
         def forward(core, options=options):
             return selective_scan_pallas(*core, **options)
@@ -188,10 +188,10 @@ def sweep_table(batch, d, n, length, reps) -> None:
         cells = []
         for fn in (jax.jit(forward), jax.jit(jax.grad(loss))):
             try:
-                cells.append(f"{median_seconds(fn, core, reps=reps) * 1e3:.2f}")
+                cells.append(f"{median_seconds(fn, core, repeats=reps) * 1e3:.2f}")
             except Exception as error:  # a configuration Triton cannot compile: report it
                 cells.append(f"failed: {type(error).__name__}")
-        print(f"| {channel_block} | {seq_block} | {num_warps} | " + " | ".join(cells) + " |",
+        print(f"| {channel_block} | {chunk_size} | {num_warps} | " + " | ".join(cells) + " |",
               flush=True)  # fmt: skip
     print()
 
@@ -207,11 +207,17 @@ def main() -> None:
     )
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--sweep", action="store_true", help="GPU: time block configurations")
+    parser.add_argument("--skip-correctness", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true")
     args = parser.parse_args()
 
     on_gpu = jax.default_backend() == "gpu"
-    correctness_table("compiled" if on_gpu else "interpret mode on CPU")
-    speed_table(args.batch, args.d, args.n, args.length, args.implementations, args.reps, on_gpu)
+    if not args.skip_correctness:
+        correctness_table("compiled" if on_gpu else "interpret mode on CPU")
+    if not args.skip_speed:
+        speed_table(
+            args.batch, args.d, args.n, args.length, args.implementations, args.reps, on_gpu
+        )
     if args.sweep and on_gpu:
         sweep_table(args.batch, args.d, args.n, args.length, args.reps)
 

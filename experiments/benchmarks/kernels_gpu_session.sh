@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Every GPU check of the Pallas kernels in one prepared run, for a short lease of a GPU machine.
+#
+#   OUT=runs/kernels_gpu DEADLINE=400 bash experiments/benchmarks/kernels_gpu_session.sh
+#   OUT=... bash experiments/benchmarks/kernels_gpu_session.sh flash_sweep scan_sweep
+#
+# Stages (default: all, in this order, the most important first):
+#   env          GPU, driver, jax / jaxlib / Triton versions
+#   gpu_tests    tests/kernels/test_kernels_on_gpu.py: compiled kernels vs float64 references
+#   flash        kernels_flash_attention.py: correctness and the speed table vs XLA and cuDNN
+#   flash_speed  the speed table alone (not in the default list)
+#   scan         kernels_selective_scan.py: correctness and speed vs the XLA scans
+#   decode       kernels_decode_attention.py: split-K decode vs XLA, full caches
+#   decode_gqa   the same, 4 query heads per kv head, ragged cache lengths
+#   flash_sweep  flash-attention block sizes at L 4096
+#   scan_sweep   selective-scan channel blocks, sequence chunks and warps
+# Each stage runs in its own process under `timeout` (a failure or hang in one does not
+# stop the others), writes $OUT/<stage>.log and prints its status and the log's tail.
+# DEADLINE (seconds from the start, default 540) shortens or skips the stages that would
+# run past it, so the whole run ends inside the lease's command limit.
+set -u
+OUT=${OUT:-runs/kernels_gpu}
+DEADLINE=${DEADLINE:-540}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+BENCH=experiments/benchmarks
+START=$(date +%s)
+
+stage() {  # stage NAME LIMIT_SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  local left=$((DEADLINE - ($(date +%s) - START) - 5))
+  if ((left < 20)); then
+    echo "=== $name: skipped (${left}s left before the deadline)"
+    return
+  fi
+  ((limit > left)) && limit=$left
+  local began
+  began=$(date +%s)
+  timeout -k 5 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name: rc $rc in $(($(date +%s) - began))s (limit ${limit}s): $*"
+  tail -n "${TAIL:-25}" "$OUT/$name.log" | cut -c1-400
+}
+
+run_stage() {
+  case $1 in
+  env) stage env 60 bash -c "nvidia-smi; $PY -c 'import jax, jaxlib; print(jax.__version__, \
+jaxlib.__version__, jax.devices())'; $PY -m pip list 2>/dev/null | grep -i -E '^(jax|triton)'" ;;
+  gpu_tests) stage gpu_tests 150 "$PY" -m pytest -q -s -rfE -p no:cacheprovider \
+    tests/kernels/test_kernels_on_gpu.py ;;
+  flash) stage flash 150 "$PY" $BENCH/kernels_flash_attention.py --repeats 10 ;;
+  flash_speed) stage flash_speed 120 "$PY" $BENCH/kernels_flash_attention.py --repeats 10 \
+    --skip-correctness ;;
+  scan) stage scan 120 "$PY" $BENCH/kernels_selective_scan.py --reps 10 ;;
+  decode) stage decode 90 "$PY" $BENCH/kernels_decode_attention.py --caches 4096,32768 \
+    --batches 1,8 --heads 8,32 --repeats 10 ;;
+  decode_gqa) stage decode_gqa 60 "$PY" $BENCH/kernels_decode_attention.py --caches 32768 \
+    --batches 1,8 --heads 32 --group 4 --ragged --repeats 10 ;;
+  flash_sweep) stage flash_sweep 200 "$PY" $BENCH/kernels_flash_attention.py --repeats 5 \
+    --skip-correctness --skip-speed --sweep ;;
+  scan_sweep) stage scan_sweep 150 "$PY" $BENCH/kernels_selective_scan.py --reps 5 \
+    --skip-correctness --skip-speed --sweep ;;
+  *) echo "unknown stage $1" >&2 && exit 2 ;;
+  esac
+}
+
+STAGES=("$@")
+((${#STAGES[@]})) || STAGES=(env gpu_tests flash scan decode decode_gqa flash_sweep scan_sweep)
+for name in "${STAGES[@]}"; do run_stage "$name"; done
+echo "=== total $(($(date +%s) - START))s"

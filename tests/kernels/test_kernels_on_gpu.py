@@ -1,0 +1,173 @@
+"""The three Pallas kernels compiled for a GPU (Triton) against the ops' float64 references.
+
+Skipped unless JAX's default backend is a GPU; the suite's CPU run checks the same
+kernels in interpret mode (the other files here). On a GPU machine:
+
+    JAX_PLATFORMS=cuda python -m pytest tests/kernels/test_kernels_on_gpu.py -q
+
+Inputs are float32 and the references run on float64 copies of them. Errors are
+max |kernel - reference| / max |reference| per output and gradient.
+
+Tolerances. The scan is elementwise float32 arithmetic (no matrix units): L steps
+of a recurrence lose ~L float32 roundings, 300 * 6e-8 = 2e-5, so 2e-4. Attention's
+blocks go through ``jnp.dot``, which Triton computes on the tensor cores in tf32
+for float32 operands (10-bit mantissa, unit roundoff 4.9e-4) with float32
+accumulation: errors of a few 1e-4 relative to the largest value, so 5e-3. A
+wrong mask entry, weight or missing key changes results by more: one key of ~70
+visible moves an output by ~1/70 of a value row, ~1e-2 of the largest output.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from effformer.ops.attention import dot_product_attention
+from effformer.ops.decode_attention import decode_attention
+from effformer.ops.masks import AttentionMask
+from effformer.ops.selective_scan import selective_scan
+
+pytestmark = pytest.mark.skipif(
+    jax.default_backend() != "gpu", reason="compiled Triton kernels need a GPU"
+)
+
+ATTENTION_TOLERANCE = 5e-3
+SCAN_TOLERANCE = 2e-4
+
+
+def _relative_errors(actual, expected) -> list[float]:
+    return [
+        float(np.abs(np.asarray(a, np.float64) - np.asarray(b)).max() / np.abs(b).max())
+        for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True)
+    ]
+
+
+def _vjp(fn, primals, cotangent):
+    out, pullback = jax.vjp(fn, *primals)
+    return out, pullback(cotangent)
+
+
+def _upcast(tree):
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)
+
+
+LENGTH = 72  # no power-of-two block divides it
+SEGMENTS = np.array([[1] * 25 + [2] * 40 + [0] * 7, [1] * LENGTH], np.int32)
+ATTENTION_CASES = {
+    "causal": (LENGTH, AttentionMask(causal=True)),
+    "causal_short_queries": (27, AttentionMask(causal=True)),
+    "window_16_left": (LENGTH, AttentionMask(window_left=16, window_right=0)),
+    "causal_packed_segments_padding": (
+        LENGTH,
+        AttentionMask(
+            causal=True, q_segment_ids=jnp.asarray(SEGMENTS), kv_segment_ids=jnp.asarray(SEGMENTS)
+        ),
+    ),
+    "soft_causal_r0": (LENGTH, AttentionMask(soft_causal_ratio=0.0)),
+    "soft_causal_r03": (LENGTH, AttentionMask(soft_causal_ratio=0.3)),
+    "soft_causal_r1": (LENGTH, AttentionMask(soft_causal_ratio=1.0)),
+}
+
+
+@pytest.mark.parametrize("name", list(ATTENTION_CASES))
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_flash_attention_compiled_matches_reference(name, head_dim):
+    q_len, mask = ATTENTION_CASES[name]
+    rng = np.random.default_rng(0)
+    # Batch 2, 4 query heads on 2 kv heads (grouped-query attention).
+    shapes = [(2, q_len, 4, head_dim), (2, LENGTH, 2, head_dim), (2, LENGTH, 2, head_dim)]
+    q, k, v = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in shapes)
+    d_out = jnp.asarray(rng.normal(size=shapes[0]), jnp.float32)
+
+    def attend(implementation):
+        return jax.jit(
+            lambda q, k, v, d_out: _vjp(
+                lambda q, k, v: dot_product_attention(
+                    q, k, v, mask=mask, implementation=implementation
+                ),
+                (q, k, v),
+                d_out,
+            )
+        )
+
+    got = attend("pallas")(q, k, v, d_out)
+    with jax.enable_x64(True):
+        expected = attend("reference")(*_upcast((q, k, v, d_out)))
+        errors = _relative_errors(got, expected)
+    assert max(errors) < ATTENTION_TOLERANCE, dict(
+        zip(("out", "dq", "dk", "dv"), errors, strict=True)
+    )
+
+
+SCAN_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def _scan_inputs(d, n, length, B_shape, C_shape):
+    rng = np.random.default_rng(1)
+    normal = lambda *shape: rng.normal(size=shape)  # noqa: E731
+    arrays = dict(
+        u=normal(2, d, length),
+        delta=normal(2, d, length) * 0.5 - 2.0,
+        A=-np.exp(normal(d, n)),
+        B=normal(*B_shape),
+        C=normal(*C_shape),
+        D=normal(d),
+        z=normal(2, d, length),
+        delta_bias=rng.uniform(-4.0, -2.0, size=d),
+    )
+    return {name: jnp.asarray(value, jnp.float32) for name, value in arrays.items()}
+
+
+@pytest.mark.parametrize(
+    "B_shape, C_shape, with_mask",
+    [
+        ((2, 16, 300), (2, 16, 300), True),  # Mamba's layout, second row padded after 181 steps
+        ((64, 16), (2, 2, 16, 300), False),  # time-invariant B, two groups of C
+    ],
+)
+def test_selective_scan_compiled_matches_reference(B_shape, C_shape, with_mask):
+    args = _scan_inputs(64, 16, 300, B_shape, C_shape)
+    mask = (jnp.arange(300)[None, :] < jnp.array([[300], [181]])) if with_mask else None
+
+    def run(implementation):
+        def forward(args):
+            return selective_scan(
+                **args,
+                delta_softplus=True,
+                return_last_state=True,
+                mask=mask,
+                implementation=implementation,
+            )
+
+        def loss(args):
+            out, state = forward(args)
+            return jnp.sum(out * args["z"]) + jnp.sum(state * args["A"])
+
+        return jax.jit(lambda args: (forward(args), jax.grad(loss)(args)))
+
+    got = run("pallas")(args)
+    with jax.enable_x64(True):
+        expected = run("reference")(_upcast(args))
+        errors = _relative_errors(got, expected)
+    labels = ("out", "last_state", *(f"d{name}" for name in sorted(SCAN_NAMES)))
+    assert max(errors) < SCAN_TOLERANCE, dict(zip(labels, errors, strict=True))
+
+
+@pytest.mark.parametrize(
+    "heads, kv_heads, lengths",
+    [(8, 2, (0, 1, 1000)), (4, 4, (777, 513, 64)), (8, 1, (1000, 999, 129))],
+)
+def test_decode_attention_compiled_matches_reference(heads, kv_heads, lengths):
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.normal(size=(3, 1, heads, 128)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(3, 1000, kv_heads, 128)), jnp.float32) for _ in "kv")
+    lengths = jnp.asarray(lengths, jnp.int32)
+    got = jax.jit(lambda *a: decode_attention(*a, implementation="pallas"))(q, k, v, lengths)
+    with jax.enable_x64(True):
+        expected = decode_attention(*_upcast((q, k, v)), lengths, implementation="reference")
+        errors = _relative_errors(got[lengths > 0], expected[lengths > 0])
+    assert max(errors) < ATTENTION_TOLERANCE, errors
+    # A sequence with no cached key attends to nothing: exactly zero, as the reference.
+    assert not np.any(np.asarray(got)[np.asarray(lengths) == 0])
