@@ -10,14 +10,31 @@ for inputs that the op has already pre-processed (delta bias, softplus and the
 padding mask folded into ``dt``); D, the z gate and the output mask stay in
 XLA around it, where they fuse into one elementwise pass.
 
-Work split. The grid is (batch, channel blocks of ``channel_block`` channels).
-One program keeps the state of its channels, ``[channel_block, n]``, on chip
-and walks the sequence in blocks of ``seq_block`` steps (a ``fori_loop`` over
-blocks, the steps of a block unrolled so the compiler can issue the loads and
-exps of later steps ahead of the one dependent FMA per step). The
-``[batch, L, d, n]`` tensor of states is never written to memory: the forward
-pass writes y, the last state and, when a gradient is needed, the state entering
-each sequence block (``[batch, L / seq_block, d, n]``).
+Work split. The grid is (batch, channel blocks of ``channel_block`` channels,
+sequence chunks of ``chunk_size`` steps). One program keeps the state of its
+channels, ``[channel_block, n]``, on chip and walks its chunk in blocks of
+``seq_block`` steps (a ``fori_loop`` over blocks, the steps of a block unrolled
+so the compiler can issue the loads and exps of later steps ahead of the one
+dependent FMA per step). The ``[batch, L, d, n]`` tensor of states is never
+written to memory: the forward pass writes y, the last state and, when a
+gradient is needed, the state entering each sequence block
+(``[batch, L / seq_block, d, n]``).
+
+Sequence chunks. Every step depends on the one before, so a program's time is
+its number of steps times the latency of one step; one program per channel
+block over all L steps leaves most of a GPU idle (batch 2 x 1536 channels is
+a few hundred programs). The recurrence is linear in the state, so the state
+leaving chunk c is ``decay_c * x_in_c + local_c``, with ``decay_c = prod_t a_t =
+exp(A sum_t dt_t)`` over the chunk and ``local_c`` the state the chunk produces
+from a zero start. The forward pass therefore runs three steps: every chunk
+scanned from zero in parallel (``local``); the entering states carried across
+the chunks in XLA (``x_in_{c+1} = decay_c x_in_c + local_c``, a scan over
+L / chunk_size steps of [batch, d, n] arrays); every chunk scanned again from
+its true entering state, writing y. The adjoint recurrence below is linear too,
+with the same decays, and is split the same way: a light kernel finds the
+adjoint each chunk passes to its left from a zero right end, XLA carries the
+true ones right to left, then the backward kernel runs every chunk in
+parallel. One chunk (``chunk_size >= L``) is the plain one-pass scan.
 
 Backward (the adjoint recurrence). With a_t and b_t = dt_t u_t B_t as above and
 cotangents gy_t (of y_t) and g_last (of x_{L-1}), the total derivative of the
@@ -69,15 +86,16 @@ from jax.experimental.pallas import triton as pltriton
 
 Array = jax.Array
 
-# Block sizes for a GPU: untuned guesses (no GPU was available when this was
-# written); experiments/benchmarks/kernels_selective_scan.py sweeps them.
+# Block sizes for a GPU, from experiments/benchmarks/kernels_selective_scan.py --sweep
+# on an H200 (results in experiments/benchmarks/README.md).
 DEFAULT_SEQ_BLOCK = 16
 # Interpret mode unrolls the same steps into an XLA program whose compile time
 # grows with them (measured on the shared 2-core CPU: about 0.85 s per unrolled step for
 # forward + backward), while its speed does not matter; so a shorter block there.
 INTERPRET_SEQ_BLOCK = 4
-DEFAULT_CHANNEL_BLOCK = 16
+DEFAULT_CHANNEL_BLOCK = 8
 DEFAULT_NUM_WARPS = 2
+DEFAULT_CHUNK_SIZE = 256
 
 _log = logging.getLogger(__name__)
 
@@ -121,18 +139,28 @@ def _coefficient(ref, t, time_varying: bool, fixed):
 
 
 def _forward_kernel(
-    u_ref, dt_ref, A_ref, B_ref, C_ref, y_ref, last_ref, *starts_ref,
-    seq_block, num_seq_blocks, B_varying, C_varying,
-):  # fmt: skip
-    """One (batch, channel block) program: refs [cb, L] (u, dt, y), [cb, n] (A, last),
-    [L, n] or [cb, n] (B, C), optionally [num_seq_blocks, cb, n] (states entering blocks)."""
+    *refs, seq_block, num_seq_blocks, B_varying, C_varying, has_init, write_y, save_starts
+):
+    """One (batch, channel block, chunk) program, walking its chunk's ``num_seq_blocks`` blocks.
+
+    Refs in order: inputs u, dt [cb, T] (T the chunk's steps), A [cb, n], B, C
+    ([T, n] or [cb, n]), the state entering the chunk [cb, n] if ``has_init``
+    (else 0); outputs y [cb, T] if ``write_y``, the state after the chunk
+    [cb, n], and the states entering each block [num_seq_blocks, cb, n] if
+    ``save_starts``.
+    """
+    u_ref, dt_ref, A_ref, B_ref, C_ref, *rest = refs
+    init_ref = rest.pop(0) if has_init else None
+    y_ref = rest.pop(0) if write_y else None
+    last_ref = rest.pop(0)
+    starts_ref = rest.pop(0) if save_starts else None
     A = A_ref[...]
     B_fixed = None if B_varying else B_ref[...]
     C_fixed = None if C_varying else C_ref[...]
 
     def run_block(k, x):
-        if starts_ref:
-            starts_ref[0][k] = x
+        if starts_ref is not None:
+            starts_ref[k] = x
         t0 = pl.multiple_of(k * seq_block, seq_block)
         for i in range(seq_block):
             t = t0 + i
@@ -140,24 +168,50 @@ def _forward_kernel(
             x = jnp.exp(dt_t * A) * x + (dt_t * _load_column(u_ref, t)) * _coefficient(
                 B_ref, t, B_varying, B_fixed
             )
-            C_t = _coefficient(C_ref, t, C_varying, C_fixed)
-            y_ref[:, pl.ds(t, 1)] = jnp.sum(x * C_t, axis=1, keepdims=True)
+            if y_ref is not None:
+                C_t = _coefficient(C_ref, t, C_varying, C_fixed)
+                y_ref[:, pl.ds(t, 1)] = jnp.sum(x * C_t, axis=1, keepdims=True)
         return x
 
-    x0 = jnp.zeros(A.shape, A.dtype)
+    x0 = init_ref[...] if init_ref is not None else jnp.zeros(A.shape, A.dtype)
     last_ref[...] = jax.lax.fori_loop(0, num_seq_blocks, run_block, x0)
 
 
+def _adjoint_carry_kernel(
+    dt_ref, A_ref, C_ref, gy_ref, carry_ref, *, seq_block, num_seq_blocks, C_varying
+):
+    """The adjoint leaving a chunk backwards when none enters it: ``a_{t0} lambda_{t0}``.
+
+    Refs: dt, gy [cb, T]; A [cb, n]; C [T, n] or [cb, n]; output carry [cb, n].
+    The first pass of the chunked backward (module docstring, "Sequence chunks").
+    """
+    A = A_ref[...]
+    C_fixed = None if C_varying else C_ref[...]
+
+    def run_block(j, h):
+        t0 = pl.multiple_of((num_seq_blocks - 1 - j) * seq_block, seq_block)
+        for i in reversed(range(seq_block)):
+            t = t0 + i
+            h = h + _load_column(gy_ref, t) * _coefficient(C_ref, t, C_varying, C_fixed)
+            h = jnp.exp(_load_column(dt_ref, t) * A) * h
+        return h
+
+    zeros = jnp.zeros(A.shape, A.dtype)
+    carry_ref[...] = jax.lax.fori_loop(0, num_seq_blocks, run_block, zeros)
+
+
 def _backward_kernel(
-    u_ref, dt_ref, A_ref, B_ref, C_ref, starts_ref, gy_ref, glast_ref,
+    u_ref, dt_ref, A_ref, B_ref, C_ref, starts_ref, gy_ref, carry_ref,
     du_ref, ddt_ref, dA_ref, dB_ref, dC_ref,
     *, seq_block, num_seq_blocks, B_varying, C_varying,
 ):  # fmt: skip
-    """The adjoint recurrence of the module docstring, blocks in reverse.
+    """The adjoint recurrence of the module docstring over one chunk, blocks in reverse.
 
-    Refs: u, dt, gy, du, ddt [cb, L]; A, glast, dA [cb, n]; B, C [L, n] or
-    [cb, n]; starts [num_seq_blocks, cb, n]; dB, dC [L, n] (per-channel-block
-    partial sums) when time-varying, else [cb, n].
+    Refs: u, dt, gy, du, ddt [cb, T]; A, dA [cb, n]; carry [cb, n] (the adjoint
+    entering the chunk from its right: the last state's cotangent for the last
+    chunk); B, C [T, n] or [cb, n]; starts [num_seq_blocks, cb, n]; dB, dC
+    [T, n] (per-channel-block partial sums) when time-varying, else [cb, n]
+    (per-chunk partial sums, like dA).
     """
     A = A_ref[...]
     B_fixed = None if B_varying else B_ref[...]
@@ -202,7 +256,7 @@ def _backward_kernel(
             h = a_t * h  # a_t lambda_t: the part of lambda_{t-1} that flows through x_t
         return h, dA_acc, dB_acc, dC_acc
 
-    init = (glast_ref[...], zeros, zeros, zeros)
+    init = (carry_ref[...], zeros, zeros, zeros)
     _, dA_acc, dB_acc, dC_acc = jax.lax.fori_loop(0, num_seq_blocks, run_block, init)
     dA_ref[...] = dA_acc
     if not B_varying:
@@ -215,15 +269,20 @@ def _backward_kernel(
 
 
 class _Layout:
-    """Static sizes of one call: the padded lengths, the blocks, the B/C group maps."""
+    """Static sizes of one call: the padded lengths, the blocks, the chunks, the B/C groups."""
 
-    def __init__(self, u_shape, n, B, C, seq_block, channel_block):
+    def __init__(self, u_shape, n, B, C, seq_block, channel_block, chunk_size):
         self.batch, self.d, self.length = u_shape
         self.n = n
         self.n_pad = _next_power_of_2(self.n)
         self.seq_block = min(seq_block, self.length)  # no padded steps for short inputs
-        self.num_seq_blocks = -(-self.length // self.seq_block)
-        self.length_pad = self.num_seq_blocks * self.seq_block
+        blocks = -(-self.length // self.seq_block)
+        # A chunk is a whole number of sequence blocks, at least chunk_size steps.
+        self.blocks_per_chunk = min(blocks, -(-chunk_size // self.seq_block))
+        self.num_chunks = -(-blocks // self.blocks_per_chunk)
+        self.chunk_len = self.blocks_per_chunk * self.seq_block
+        self.num_seq_blocks = self.num_chunks * self.blocks_per_chunk
+        self.length_pad = self.num_chunks * self.chunk_len
         self.groups = {
             name: (BC.shape[1] if BC.ndim == 4 else 1) for name, BC in (("B", B), ("C", C))
         }
@@ -232,21 +291,21 @@ class _Layout:
         common_group_size = self.d // math.lcm(*self.groups.values())
         self.cb = min(channel_block, _largest_power_of_2_dividing(common_group_size))
         self.num_channel_blocks = self.d // self.cb
-        self.grid = (self.batch, self.num_channel_blocks)
+        self.grid = (self.batch, self.num_channel_blocks, self.num_chunks)
 
-    # BlockSpecs over the grid (b, j).
+    # BlockSpecs over the grid (b, j, c): batch row, channel block, chunk.
     def per_channel(self):  # [batch, d, L_pad]
-        return pl.BlockSpec((None, self.cb, self.length_pad), lambda b, j: (b, j, 0))
+        return pl.BlockSpec((None, self.cb, self.chunk_len), lambda b, j, c: (b, j, c))
 
-    def per_channel_state(self):  # [batch, d, n_pad]
-        return pl.BlockSpec((None, self.cb, self.n_pad), lambda b, j: (b, j, 0))
+    def chunk_state(self):  # [batch, num_chunks, d, n_pad]
+        return pl.BlockSpec((None, None, self.cb, self.n_pad), lambda b, j, c: (b, c, j, 0))
 
     def channel_matrix(self):  # [d, n_pad]
-        return pl.BlockSpec((self.cb, self.n_pad), lambda b, j: (j, 0))
+        return pl.BlockSpec((self.cb, self.n_pad), lambda b, j, c: (j, 0))
 
     def starts(self):  # [batch, num_seq_blocks, d, n_pad]
         return pl.BlockSpec(
-            (None, self.num_seq_blocks, self.cb, self.n_pad), lambda b, j: (b, 0, j, 0)
+            (None, self.blocks_per_chunk, self.cb, self.n_pad), lambda b, j, c: (b, c, j, 0)
         )
 
     def coefficient(self, name):  # B or C: [batch, groups, L_pad, n_pad] or [d, n_pad]
@@ -254,14 +313,17 @@ class _Layout:
             return self.channel_matrix()
         group_size = self.d // self.groups[name]
         return pl.BlockSpec(
-            (None, None, self.length_pad, self.n_pad),
-            lambda b, j: (b, (j * self.cb) // group_size, 0, 0),
+            (None, None, self.chunk_len, self.n_pad),
+            lambda b, j, c: (b, (j * self.cb) // group_size, c, 0),
         )
 
     def coefficient_grad(self, name):  # per channel block [batch, blocks, L_pad, n_pad]
         if not self.varying[name]:
-            return self.per_channel_state()
-        return pl.BlockSpec((None, None, self.length_pad, self.n_pad), lambda b, j: (b, j, 0, 0))
+            return self.chunk_state()
+        return pl.BlockSpec((None, None, self.chunk_len, self.n_pad), lambda b, j, c: (b, j, c, 0))
+
+    def chunk_state_shape(self, dtype):
+        return jax.ShapeDtypeStruct((self.batch, self.num_chunks, self.d, self.n_pad), dtype)
 
     # Array conversions between the op's layout and the kernel's.
     def pad_time(self, a):  # [batch, d, L] -> [batch, d, L_pad], zeros appended
@@ -281,12 +343,17 @@ class _Layout:
 
     def from_kernel_coefficient_grad(self, name, grad, like):
         """Sum the per-block partials and return the gradient in ``like``'s layout."""
-        if not self.varying[name]:  # [batch, d, n_pad]
-            return jnp.sum(grad, axis=0)[:, : self.n]
+        if not self.varying[name]:  # [batch, num_chunks, d, n_pad]
+            return jnp.sum(grad, axis=(0, 1))[:, : self.n]
         groups = self.groups[name]
         grad = grad.reshape(self.batch, groups, -1, self.length_pad, self.n_pad).sum(axis=2)
         grad = jnp.swapaxes(grad[:, :, : self.length, : self.n], 2, 3)
         return grad.reshape(like.shape)
+
+    def chunk_decay(self, dt, A):
+        """prod_{t in chunk c} a_t = exp(A sum_t dt_t): [batch, num_chunks, d, n_pad]."""
+        dt_sums = dt.reshape(self.batch, self.d, self.num_chunks, self.chunk_len).sum(axis=-1)
+        return jnp.exp(jnp.swapaxes(dt_sums, 1, 2)[..., None] * A)
 
 
 # ----------------------------------------------------------------------------- calls
@@ -298,14 +365,32 @@ def _compiler_params(num_warps: int, interpret: bool):
     return None if interpret else pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
 
 
-def _forward(u, dt, A, B, C, layout: _Layout, num_warps, interpret, save_starts):
-    """Padded kernel-layout inputs -> y [batch, d, L_pad], last [batch, d, n_pad], starts."""
+def _forward_pass(args, init, layout: _Layout, num_warps, interpret, write_y, save_starts):
+    """One launch of the forward kernel over every (batch row, channel block, chunk).
+
+    ``args``: padded kernel-layout u, dt, A, B, C; ``init``: the state entering
+    each chunk [batch, num_chunks, d, n_pad], or None (zero). Returns y (or None),
+    the state leaving each chunk [batch, num_chunks, d, n_pad] and the states
+    entering each sequence block [batch, num_seq_blocks, d, n_pad] (or None).
+    """
+    u = args[0]
     dtype = u.dtype
-    out_shape = [
-        jax.ShapeDtypeStruct((layout.batch, layout.d, layout.length_pad), dtype),
-        jax.ShapeDtypeStruct((layout.batch, layout.d, layout.n_pad), dtype),
+    in_specs = [
+        layout.per_channel(),
+        layout.per_channel(),
+        layout.channel_matrix(),
+        layout.coefficient("B"),
+        layout.coefficient("C"),
     ]
-    out_specs = [layout.per_channel(), layout.per_channel_state()]
+    if init is not None:
+        args = (*args, init)
+        in_specs.append(layout.chunk_state())
+    out_shape, out_specs = [], []
+    if write_y:
+        out_shape.append(jax.ShapeDtypeStruct(u.shape, dtype))
+        out_specs.append(layout.per_channel())
+    out_shape.append(layout.chunk_state_shape(dtype))
+    out_specs.append(layout.chunk_state())
     if save_starts:
         out_shape.append(
             jax.ShapeDtypeStruct(
@@ -316,45 +401,117 @@ def _forward(u, dt, A, B, C, layout: _Layout, num_warps, interpret, save_starts)
     kernel = functools.partial(
         _forward_kernel,
         seq_block=layout.seq_block,
-        num_seq_blocks=layout.num_seq_blocks,
+        num_seq_blocks=layout.blocks_per_chunk,
         B_varying=layout.varying["B"],
         C_varying=layout.varying["C"],
+        has_init=init is not None,
+        write_y=write_y,
+        save_starts=save_starts,
     )
-    outs = pl.pallas_call(
+    outs = list(
+        pl.pallas_call(
+            kernel,
+            out_shape=out_shape,
+            grid=layout.grid,
+            in_specs=in_specs,
+            out_specs=out_specs,
+            interpret=interpret,
+            compiler_params=_compiler_params(num_warps, interpret),
+            name="selective_scan_forward" if write_y else "selective_scan_chunk_states",
+        )(*args)
+    )
+    y = outs.pop(0) if write_y else None
+    last = outs.pop(0)
+    starts = outs.pop(0) if save_starts else None
+    return y, last, starts
+
+
+def _forward(args, layout: _Layout, num_warps, interpret, save_starts):
+    """Padded kernel-layout inputs -> y [batch, d, L_pad], last [batch, d, n_pad], starts.
+
+    With several chunks: a first pass finds the state each chunk produces from
+    a zero start, XLA carries the true chunk-entering states across chunks
+    (``x_in[c + 1] = decay[c] * x_in[c] + local[c]``), and a second pass reruns
+    every chunk from its true start, writing y.
+    """
+    init = None
+    if layout.num_chunks > 1:
+        _, local, _ = _forward_pass(args, None, layout, num_warps, interpret, False, False)
+        decay = layout.chunk_decay(args[1], args[2])
+
+        def step(x, decay_and_local):
+            chunk_decay, chunk_local = decay_and_local
+            return chunk_decay * x + chunk_local, x
+
+        to_chunk_major = lambda a: jnp.moveaxis(a, 1, 0)  # noqa: E731
+        _, init = jax.lax.scan(
+            step, jnp.zeros_like(local[:, 0]), (to_chunk_major(decay), to_chunk_major(local))
+        )
+        init = jnp.moveaxis(init, 0, 1)
+    y, last, starts = _forward_pass(args, init, layout, num_warps, interpret, True, save_starts)
+    return y, last[:, -1], starts
+
+
+def _adjoint_carries(dt, A, C, gy, glast, layout: _Layout, num_warps, interpret):
+    """The adjoint entering each chunk from its right, [batch, num_chunks, d, n_pad].
+
+    The last chunk gets the last state's cotangent. Each other chunk c gets
+    ``decay[c + 1] * carry[c + 1] + local[c + 1]``, where ``local`` is the adjoint
+    a chunk passes on when none enters it (one launch of the carry kernel).
+    """
+    if layout.num_chunks == 1:
+        return glast[:, None]
+    kernel = functools.partial(
+        _adjoint_carry_kernel,
+        seq_block=layout.seq_block,
+        num_seq_blocks=layout.blocks_per_chunk,
+        C_varying=layout.varying["C"],
+    )
+    local = pl.pallas_call(
         kernel,
-        out_shape=out_shape,
+        out_shape=layout.chunk_state_shape(dt.dtype),
         grid=layout.grid,
         in_specs=[
             layout.per_channel(),
-            layout.per_channel(),
             layout.channel_matrix(),
-            layout.coefficient("B"),
             layout.coefficient("C"),
+            layout.per_channel(),
         ],
-        out_specs=out_specs,
+        out_specs=layout.chunk_state(),
         interpret=interpret,
         compiler_params=_compiler_params(num_warps, interpret),
-        name="selective_scan_forward",
-    )(u, dt, A, B, C)
-    return outs if save_starts else (*outs, None)
+        name="selective_scan_adjoint_carries",
+    )(dt, A, C, gy)
+    decay = layout.chunk_decay(dt, A)
+
+    def step(h, decay_and_local):  # h enters chunk c + 1; returns what enters chunk c
+        chunk_decay, chunk_local = decay_and_local
+        passed_on = chunk_decay * h + chunk_local
+        return passed_on, passed_on
+
+    # Chunks right to left over c + 1 = C - 1 .. 1; output c is what enters chunk c.
+    to_chunk_major = lambda a: jnp.moveaxis(a, 1, 0)[1:]  # noqa: E731
+    _, carries = jax.lax.scan(
+        step, glast, (to_chunk_major(decay), to_chunk_major(local)), reverse=True
+    )
+    return jnp.concatenate([jnp.moveaxis(carries, 0, 1), glast[:, None]], axis=1)
 
 
 def _backward(u, dt, A, B, C, starts, gy, glast, layout: _Layout, num_warps, interpret):
     """Padded kernel-layout inputs and cotangents -> du, ddt, dA, dB, dC partials."""
     dtype = u.dtype
-    batch, d, n_pad = layout.batch, layout.d, layout.n_pad
+    carries = _adjoint_carries(dt, A, C, gy, glast, layout, num_warps, interpret)
 
     def coefficient_grad_shape(name):
         if layout.varying[name]:
-            shape = (batch, layout.num_channel_blocks, layout.length_pad, n_pad)
-        else:
-            shape = (batch, d, n_pad)
-        return jax.ShapeDtypeStruct(shape, dtype)
+            shape = (layout.batch, layout.num_channel_blocks, layout.length_pad, layout.n_pad)
+            return jax.ShapeDtypeStruct(shape, dtype)
+        return layout.chunk_state_shape(dtype)
 
     kernel = functools.partial(
         _backward_kernel,
         seq_block=layout.seq_block,
-        num_seq_blocks=layout.num_seq_blocks,
+        num_seq_blocks=layout.blocks_per_chunk,
         B_varying=layout.varying["B"],
         C_varying=layout.varying["C"],
     )
@@ -363,7 +520,7 @@ def _backward(u, dt, A, B, C, starts, gy, glast, layout: _Layout, num_warps, int
         out_shape=[
             jax.ShapeDtypeStruct(u.shape, dtype),
             jax.ShapeDtypeStruct(u.shape, dtype),
-            jax.ShapeDtypeStruct((batch, d, n_pad), dtype),
+            layout.chunk_state_shape(dtype),
             coefficient_grad_shape("B"),
             coefficient_grad_shape("C"),
         ],
@@ -376,19 +533,19 @@ def _backward(u, dt, A, B, C, starts, gy, glast, layout: _Layout, num_warps, int
             layout.coefficient("C"),
             layout.starts(),
             layout.per_channel(),
-            layout.per_channel_state(),
+            layout.chunk_state(),
         ],
         out_specs=[
             layout.per_channel(),
             layout.per_channel(),
-            layout.per_channel_state(),
+            layout.chunk_state(),
             layout.coefficient_grad("B"),
             layout.coefficient_grad("C"),
         ],
         interpret=interpret,
         compiler_params=_compiler_params(num_warps, interpret),
         name="selective_scan_backward",
-    )(u, dt, A, B, C, starts, gy, glast)
+    )(u, dt, A, B, C, starts, gy, carries)
 
 
 def _to_kernel_layout(u, dt, A, B, C, layout: _Layout):
@@ -401,28 +558,28 @@ def _to_kernel_layout(u, dt, A, B, C, layout: _Layout):
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _scan(u, dt, A, B, C, seq_block, channel_block, num_warps, interpret):
-    layout = _Layout(u.shape, A.shape[1], B, C, seq_block, channel_block)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _scan(u, dt, A, B, C, seq_block, channel_block, chunk_size, num_warps, interpret):
+    layout = _Layout(u.shape, A.shape[1], B, C, seq_block, channel_block, chunk_size)
     args = _to_kernel_layout(u, dt, A, B, C, layout)
-    y, last, _ = _forward(*args, layout, num_warps, interpret, save_starts=False)
+    y, last, _ = _forward(args, layout, num_warps, interpret, save_starts=False)
     return y[..., : layout.length], last[..., : layout.n]
 
 
-def _scan_fwd(u, dt, A, B, C, seq_block, channel_block, num_warps, interpret):
-    layout = _Layout(u.shape, A.shape[1], B, C, seq_block, channel_block)
+def _scan_fwd(u, dt, A, B, C, seq_block, channel_block, chunk_size, num_warps, interpret):
+    layout = _Layout(u.shape, A.shape[1], B, C, seq_block, channel_block, chunk_size)
     args = _to_kernel_layout(u, dt, A, B, C, layout)
-    y, last, starts = _forward(*args, layout, num_warps, interpret, save_starts=True)
+    y, last, starts = _forward(args, layout, num_warps, interpret, save_starts=True)
     # Residuals: the (padded) inputs, the original B and C (for their layout),
     # and the states entering each sequence block; nothing of size L * n per channel.
     return (y[..., : layout.length], last[..., : layout.n]), (args, starts, B, C)
 
 
-def _scan_bwd(seq_block, channel_block, num_warps, interpret, residuals, cotangents):
+def _scan_bwd(seq_block, channel_block, chunk_size, num_warps, interpret, residuals, cotangents):
     args, starts, B, C = residuals
     gy, glast = cotangents
     # The cotangents have the unpadded shapes of y [batch, d, L] and the state [batch, d, n].
-    layout = _Layout(gy.shape, glast.shape[-1], B, C, seq_block, channel_block)
+    layout = _Layout(gy.shape, glast.shape[-1], B, C, seq_block, channel_block, chunk_size)
     du, ddt, dA, dB, dC = _backward(
         *args, starts, layout.pad_time(gy), layout.pad_state(glast), layout, num_warps, interpret
     )
@@ -430,7 +587,7 @@ def _scan_bwd(seq_block, channel_block, num_warps, interpret, residuals, cotange
     return (
         du[..., :length],
         ddt[..., :length],
-        jnp.sum(dA, axis=0)[:, :n],
+        jnp.sum(dA, axis=(0, 1))[:, :n],
         layout.from_kernel_coefficient_grad("B", dB, B),
         layout.from_kernel_coefficient_grad("C", dC, C),
     )
@@ -453,6 +610,7 @@ def selective_scan_pallas(
     *,
     seq_block: int | None = None,
     channel_block: int = DEFAULT_CHANNEL_BLOCK,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     num_warps: int = DEFAULT_NUM_WARPS,
     interpret: bool | None = None,
 ) -> tuple[Array, Array]:
@@ -469,6 +627,10 @@ def selective_scan_pallas(
         ``INTERPRET_SEQ_BLOCK`` in interpret mode.
       channel_block: channels per program, a power of two; reduced to the largest
         power of two dividing the channels of one B/C group when smaller.
+      chunk_size: time steps per program (rounded up to whole sequence blocks):
+        the sequence is cut into chunks scanned in parallel, then joined (module
+        docstring, "Sequence chunks"). A chunk_size >= L scans the whole
+        sequence in one program per channel block, one pass.
       num_warps: Triton warps per program (GPU only).
       interpret: run in Pallas interpret mode; None: on CPU only (logged once).
     Returns:
@@ -499,6 +661,7 @@ def selective_scan_pallas(
         "seq_block", seq_block is None or positive(seq_block), "None or a positive int", seq_block
     )
     _check("num_warps", positive(num_warps), "a positive int", num_warps)
+    _check("chunk_size", positive(chunk_size), "a positive int", chunk_size)
     _check(
         "channel_block",
         isinstance(channel_block, int)
@@ -515,4 +678,4 @@ def selective_scan_pallas(
             _log_interpret_once()
     if seq_block is None:
         seq_block = INTERPRET_SEQ_BLOCK if interpret else DEFAULT_SEQ_BLOCK
-    return _scan(u, dt, A, B, C, seq_block, channel_block, num_warps, bool(interpret))
+    return _scan(u, dt, A, B, C, seq_block, channel_block, chunk_size, num_warps, bool(interpret))

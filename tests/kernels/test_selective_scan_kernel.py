@@ -66,23 +66,31 @@ def _assert_vjps_match(got_fn, want_fn, args, seed):
 
 
 @pytest.mark.parametrize(
-    ("length", "seq_block", "channel_block", "B_layout", "C_layout"),
+    ("length", "seq_block", "channel_block", "chunk_size", "B_layout", "C_layout"),
     [
         # L a multiple of the sequence block; B and C grouped differently, so a
         # channel block (2 channels) is a fraction of a B group (4) and of a C group (2).
-        (16, 4, 8, "grouped2", "grouped4"),
+        # One chunk: the whole sequence in one program per channel block.
+        (16, 4, 8, 256, "grouped2", "grouped4"),
+        # The same cut into 4 chunks of one block, scanned in parallel then joined.
+        (16, 4, 8, 4, "grouped2", "grouped4"),
         # L not a multiple of the block (5 blocks, the last one 2/4 padding);
         # time-invariant B beside time-varying C.
-        (18, 4, 4, "shared", "per_batch"),
+        (18, 4, 4, 256, "shared", "per_batch"),
+        # 3 chunks of 2 blocks (chunk_size 7 rounds up to 8 steps): the last chunk
+        # holds the last real block and a block of padding.
+        (18, 4, 4, 7, "shared", "per_batch"),
     ],
 )
-def test_kernel_matches_reference(x64, length, seq_block, channel_block, B_layout, C_layout):
+def test_kernel_matches_reference(
+    x64, length, seq_block, channel_block, chunk_size, B_layout, C_layout
+):
     args = _core_inputs(0, length, B_layout, C_layout)
 
     def kernel(a):
         return selective_scan_pallas(
             a["u"], a["delta"], a["A"], a["B"], a["C"],
-            seq_block=seq_block, channel_block=channel_block,
+            seq_block=seq_block, channel_block=channel_block, chunk_size=chunk_size,
         )  # fmt: skip
 
     def reference(a):
@@ -118,10 +126,17 @@ def test_op_with_every_option_matches_reference(x64):
     _assert_vjps_match(run("pallas"), run("reference"), args, seed=4)
 
 
-def test_kernel_lowers_to_triton():
+@pytest.mark.parametrize(
+    ("chunk_size", "kernels"),
+    [
+        (256, 2),  # one chunk: the forward and the backward kernel
+        (16, 4),  # 4 chunks: + the chunk-state pass and the adjoint-carry pass
+    ],
+)
+def test_kernel_lowers_to_triton(chunk_size, kernels):
     # No GPU here: lowering for CUDA from the CPU host runs Pallas's Triton
-    # lowering (power-of-two arrays, supported primitives) of the forward and the
-    # backward kernel at the Mamba benchmark's channel and state sizes.
+    # lowering (power-of-two arrays, supported primitives) of every kernel
+    # at the Mamba benchmark's channel and state sizes.
     length = 64
     shapes = dict(
         u=(BATCH, 1536, length), delta=(BATCH, 1536, length), A=(1536, 16),
@@ -130,12 +145,13 @@ def test_kernel_lowers_to_triton():
     args = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
 
     def loss(a):
-        y, last = selective_scan_pallas(a["u"], a["delta"], a["A"], a["B"], a["C"], interpret=False)
+        y, last = selective_scan_pallas(
+            a["u"], a["delta"], a["A"], a["B"], a["C"], chunk_size=chunk_size, interpret=False
+        )
         return jnp.sum(y) + jnp.sum(last)
 
     lowered = jax.jit(jax.grad(loss)).trace(args).lower(lowering_platforms=("cuda",))
-    text = lowered.as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 2  # forward and backward kernels
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == kernels
 
 
 def test_backends_and_interpret_log(caplog):
@@ -164,6 +180,7 @@ def test_backends_and_interpret_log(caplog):
         (dict(channel_block=6), "channel_block must be a power of two, got 6"),
         (dict(seq_block=0), "seq_block must be None or a positive int, got 0"),
         (dict(num_warps=0), "num_warps must be a positive int, got 0"),
+        (dict(chunk_size=0), "chunk_size must be a positive int, got 0"),
     ],
 )  # fmt: skip
 def test_bad_input_names_the_argument(change, message):
@@ -173,7 +190,9 @@ def test_bad_input_names_the_argument(change, message):
         C=np.zeros((2, 2, 3, 4), np.float32),
     )  # fmt: skip
     options = {
-        k: change.pop(k) for k in list(change) if k in ("channel_block", "seq_block", "num_warps")
+        k: change.pop(k)
+        for k in list(change)
+        if k in ("channel_block", "seq_block", "num_warps", "chunk_size")
     }
     args.update(change)
     arrays = [jnp.asarray(args[k]) for k in ("u", "delta", "A", "B", "C")]
