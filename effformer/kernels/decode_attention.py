@@ -80,6 +80,13 @@ class Schedule(NamedTuple):
     slot_head: Array
 
 
+def _search_right(sorted_values: Array, queries: Array) -> Array:
+    """``jnp.searchsorted(sorted_values, queries, side="right")`` as one int32 comparison pass."""
+    return jnp.searchsorted(sorted_values, queries, side="right", method="compare_all").astype(
+        jnp.int32
+    )
+
+
 def make_schedule(cache_lengths: Array, kv_heads: int, block_k: int, num_programs: int) -> Schedule:
     """Cuts the valid tiles into ``num_programs`` equal ranges (see the module docstring).
 
@@ -97,9 +104,11 @@ def make_schedule(cache_lengths: Array, kv_heads: int, block_k: int, num_program
     has_work = first_tile < end_tile
 
     # The head holding tile t is the last head starting at or before t (empty heads share
-    # their start with the next head, and side="right" steps over them).
+    # their start with the next head, and side="right" steps over them). Both searches
+    # compare every query with every entry ([P, B * Hkv] booleans) in one pass, instead of
+    # jnp.searchsorted's default bisection, a loop of ~log2(n) dependent steps.
     def head_of(tile):
-        head = jnp.searchsorted(tile_start, tile, side="right").astype(jnp.int32) - 1
+        head = _search_right(tile_start, tile) - 1
         return jnp.clip(head, 0, num_heads_total - 1)
 
     first_head = head_of(first_tile)
@@ -112,7 +121,7 @@ def make_schedule(cache_lengths: Array, kv_heads: int, block_k: int, num_program
     program_ids = jnp.arange(num_programs, dtype=jnp.int32)
     first_slot = jnp.where(has_work, program_ids + first_head, num_slots)
     slots = jnp.arange(num_slots, dtype=jnp.int32)
-    owner = jnp.searchsorted(first_slot, slots, side="right").astype(jnp.int32) - 1
+    owner = _search_right(first_slot, slots) - 1
     owner_index = jnp.clip(owner, 0, num_programs - 1)
     head = slots - owner_index
     written = (owner >= 0) & has_work[owner_index] & (head <= last_head[owner_index])
