@@ -95,7 +95,10 @@ DEFAULT_SEQ_BLOCK = 16
 INTERPRET_SEQ_BLOCK = 4
 DEFAULT_CHANNEL_BLOCK = 8
 DEFAULT_NUM_WARPS = 2
-DEFAULT_CHUNK_SIZE = 256
+# One chunk (the one-pass scan) until chunks are timed on a GPU: the H200 session that
+# tuned the blocks above ran before chunks existed, and no GPU was lent after it.
+# kernels_gpu_session.sh's scan_sweep stage times chunk sizes 128 to 512 against it.
+DEFAULT_CHUNK_SIZE = None
 
 _log = logging.getLogger(__name__)
 
@@ -273,6 +276,7 @@ class _Layout:
 
     def __init__(self, u_shape, n, B, C, seq_block, channel_block, chunk_size):
         self.batch, self.d, self.length = u_shape
+        chunk_size = self.length if chunk_size is None else chunk_size
         self.n = n
         self.n_pad = _next_power_of_2(self.n)
         self.seq_block = min(seq_block, self.length)  # no padded steps for short inputs
@@ -610,7 +614,7 @@ def selective_scan_pallas(
     *,
     seq_block: int | None = None,
     channel_block: int = DEFAULT_CHANNEL_BLOCK,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     num_warps: int = DEFAULT_NUM_WARPS,
     interpret: bool | None = None,
 ) -> tuple[Array, Array]:
@@ -629,8 +633,8 @@ def selective_scan_pallas(
         power of two dividing the channels of one B/C group when smaller.
       chunk_size: time steps per program (rounded up to whole sequence blocks):
         the sequence is cut into chunks scanned in parallel, then joined (module
-        docstring, "Sequence chunks"). A chunk_size >= L scans the whole
-        sequence in one program per channel block, one pass.
+        docstring, "Sequence chunks"). None or a chunk_size >= L scans the whole
+        sequence in one program per channel block, one pass (the default).
       num_warps: Triton warps per program (GPU only).
       interpret: run in Pallas interpret mode; None: on CPU only (logged once).
     Returns:
@@ -661,7 +665,12 @@ def selective_scan_pallas(
         "seq_block", seq_block is None or positive(seq_block), "None or a positive int", seq_block
     )
     _check("num_warps", positive(num_warps), "a positive int", num_warps)
-    _check("chunk_size", positive(chunk_size), "a positive int", chunk_size)
+    _check(
+        "chunk_size",
+        chunk_size is None or positive(chunk_size),
+        "None or a positive int",
+        chunk_size,
+    )
     _check(
         "channel_block",
         isinstance(channel_block, int)

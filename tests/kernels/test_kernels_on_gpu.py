@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from effformer.kernels.selective_scan import selective_scan_pallas
 from effformer.ops.attention import dot_product_attention
 from effformer.ops.decode_attention import decode_attention
 from effformer.ops.masks import AttentionMask
@@ -153,6 +154,35 @@ def test_selective_scan_compiled_matches_reference(B_shape, C_shape, with_mask):
         errors = _relative_errors(got, expected)
     labels = ("out", "last_state", *(f"d{name}" for name in sorted(SCAN_NAMES)))
     assert max(errors) < SCAN_TOLERANCE, dict(zip(labels, errors, strict=True))
+
+
+@pytest.mark.parametrize("chunk_size", [64, 100])
+def test_selective_scan_chunks_compiled_match_reference(chunk_size):
+    # The kernel itself (dt already positive), its sequence cut into chunks of
+    # 64 (5 chunks, the last one part padding) or 100 (rounded up to 112: 3 chunks).
+    args = _scan_inputs(64, 16, 300, (2, 16, 300), (2, 16, 300))
+    core = dict(
+        u=args["u"], delta=jax.nn.softplus(args["delta"]), A=args["A"], B=args["B"], C=args["C"]
+    )
+
+    def run(fn):
+        def loss(core):
+            out, state = fn(core)
+            return jnp.sum(out * args["z"]) + jnp.sum(state * core["A"])
+
+        return jax.jit(lambda core: (fn(core), jax.grad(loss)(core)))
+
+    kernel = lambda c: selective_scan_pallas(  # noqa: E731
+        c["u"], c["delta"], c["A"], c["B"], c["C"], chunk_size=chunk_size
+    )
+    reference = lambda c: selective_scan(  # noqa: E731
+        **c, return_last_state=True, implementation="reference"
+    )
+    got = run(kernel)(core)
+    with jax.enable_x64(True):
+        expected = run(reference)(_upcast(core))
+        errors = _relative_errors(got, expected)
+    assert max(errors) < SCAN_TOLERANCE, errors
 
 
 @pytest.mark.parametrize(

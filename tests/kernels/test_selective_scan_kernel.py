@@ -71,7 +71,7 @@ def _assert_vjps_match(got_fn, want_fn, args, seed):
         # L a multiple of the sequence block; B and C grouped differently, so a
         # channel block (2 channels) is a fraction of a B group (4) and of a C group (2).
         # One chunk: the whole sequence in one program per channel block.
-        (16, 4, 8, 256, "grouped2", "grouped4"),
+        (16, 4, 8, None, "grouped2", "grouped4"),
         # The same cut into 4 chunks of one block, scanned in parallel then joined.
         (16, 4, 8, 4, "grouped2", "grouped4"),
         # L not a multiple of the block (5 blocks, the last one 2/4 padding);
@@ -129,7 +129,7 @@ def test_op_with_every_option_matches_reference(x64):
 @pytest.mark.parametrize(
     ("chunk_size", "kernels"),
     [
-        (256, 2),  # one chunk: the forward and the backward kernel
+        (None, 2),  # one chunk: the forward and the backward kernel
         (16, 4),  # 4 chunks: + the chunk-state pass and the adjoint-carry pass
     ],
 )
@@ -180,7 +180,7 @@ def test_backends_and_interpret_log(caplog):
         (dict(channel_block=6), "channel_block must be a power of two, got 6"),
         (dict(seq_block=0), "seq_block must be None or a positive int, got 0"),
         (dict(num_warps=0), "num_warps must be a positive int, got 0"),
-        (dict(chunk_size=0), "chunk_size must be a positive int, got 0"),
+        (dict(chunk_size=0), "chunk_size must be None or a positive int, got 0"),
     ],
 )  # fmt: skip
 def test_bad_input_names_the_argument(change, message):
