@@ -104,6 +104,21 @@ class BlockSizes:
                 )
 
 
+def default_block_sizes(dtype, head_dim: int) -> BlockSizes:
+    """The tuned :class:`BlockSizes` for 16-bit inputs with head dim <= 128, else 64 x 64.
+
+    The tuned tiles were timed for bfloat16 at head dims 64 and 128 only. Wider
+    elements (float32) or heads double a tile's bytes, and Triton refuses a kernel
+    whose pipelined tiles do not fit a multiprocessor's shared memory (228 KiB on
+    Hopper): a 128 x 128 float32 key tile at head dim 128 is 64 KiB, two of them
+    (keys and values) double-buffered 256 KiB. Those inputs get 64 x 64 tiles,
+    a quarter of the bytes; untimed.
+    """
+    if jnp.dtype(dtype).itemsize <= 2 and head_dim <= 128:
+        return BlockSizes()
+    return BlockSizes(block_q=64, block_k=64, block_q_bwd=64, block_k_bwd=64)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Config:
     """Hashable, trace-time description of one call (a custom_vjp nondiff argument)."""
@@ -781,7 +796,7 @@ def flash_attention(
         keys after the query are multiplied by r after the softmax. Exclusive
         with ``causal``. Not differentiated (zero cotangent).
       scale: logit scale (a Python number), default ``1 / sqrt(D)``.
-      block_sizes: :class:`BlockSizes`, default ``BlockSizes()``.
+      block_sizes: :class:`BlockSizes`, default :func:`default_block_sizes`.
       interpret: run the kernels in Pallas's interpreter (any backend, e.g. CPU).
     Returns:
       [B, Lq, H, D] in q's dtype.
@@ -803,7 +818,8 @@ def flash_attention(
     )
     batch, q_len, _, head_dim = q.shape
     kv_len = k.shape[1]
-    block_sizes = BlockSizes() if block_sizes is None else block_sizes
+    if block_sizes is None:
+        block_sizes = default_block_sizes(q.dtype, head_dim)
     if not isinstance(block_sizes, BlockSizes):
         raise ValueError(
             f"flash_attention: block_sizes must be a BlockSizes or None, got {block_sizes!r}."

@@ -31,10 +31,10 @@ dropout's ``keep / p_keep`` (``p_keep`` is ``1 - rate`` to 2^-16). Implementatio
     soft-causal ratio gets a zero gradient.
 
 ``implementation=None`` picks cuDNN on GPU where it applies (and there is no
-dropout and no bias), else, on GPU, ``"pallas"`` when there is no bias and no
-dropout (measured faster than ``"xla"`` on an H200: experiments/benchmarks/
-README.md); otherwise ``"xla"`` when ``Lq * Lk <= XLA_MAX_SCORES``, else
-``"xla_blockwise"``.
+dropout and no bias), else, on GPU, ``"pallas"`` for 16-bit inputs with head dim
+<= 128 and no bias or dropout (where it was measured faster than ``"xla"``, on an
+H200: experiments/benchmarks/README.md); otherwise ``"xla"`` when
+``Lq * Lk <= XLA_MAX_SCORES``, else ``"xla_blockwise"``.
 
 A query that sees no key (a padding query) outputs exactly zero, with finite
 gradients, in every implementation.
@@ -295,6 +295,26 @@ def _validate(q, k, v, mask, bias, implementation, dropout_rate, dropout_rng) ->
         )
 
 
+def _pallas_not_chosen_reason(q, bias, dropout_rate, scale) -> str | None:
+    """Why ``implementation=None`` does not pick the GPU flash kernel, or None if it does.
+
+    It is picked where it was measured faster than "xla" (an H200, 16-bit inputs, head
+    dims 64 and 128, causal and soft-causal masks: 1.4-9.7x; experiments/benchmarks/
+    README.md) and can compute the call.
+    """
+    if bias is not None:
+        return "it takes no bias"
+    if dropout_rate > 0.0:
+        return "it has no dropout"
+    if not isinstance(scale, int | float):
+        return "it compiles the scale in, and the scale is traced"
+    if jnp.dtype(q.dtype).itemsize != 2:
+        return f"it was measured faster for 16-bit inputs only, got {jnp.dtype(q.dtype).name}"
+    if q.shape[-1] > 128:
+        return f"it was measured up to head dim 128, got {q.shape[-1]}"
+    return None
+
+
 def _choose_implementation(q, k, mask, bias, dropout_rate, scale=1.0) -> str:
     if jax.default_backend() == "gpu":
         reason = _cudnn_unsupported_reason(q, k, mask, dropout_rate)
@@ -302,14 +322,12 @@ def _choose_implementation(q, k, mask, bias, dropout_rate, scale=1.0) -> str:
             reason = "cuDNN attention is not chosen automatically with a bias"
         if reason is None:
             return "cudnn"
-        # The Triton kernel ran 1.4-9.7x faster than "xla" on an H200 for causal and
-        # soft-causal masks (experiments/benchmarks/README.md); it takes no bias or
-        # dropout, and compiles the scale in (a traced scale stays with XLA).
-        if bias is None and dropout_rate == 0.0 and isinstance(scale, int | float):
+        kernel_reason = _pallas_not_chosen_reason(q, bias, dropout_rate, scale)
+        if kernel_reason is None:
             fallback = "pallas"
         else:
             fallback = "xla" if q.shape[1] * k.shape[1] <= XLA_MAX_SCORES else "xla_blockwise"
-            reason += " (and the Pallas kernel takes no bias, dropout or traced scale)"
+            reason += f"; not the Pallas kernel: {kernel_reason}"
         _log_once(f"dot_product_attention: using {fallback!r} instead of 'cudnn': {reason}.")
         return fallback
     return "xla" if q.shape[1] * k.shape[1] <= XLA_MAX_SCORES else "xla_blockwise"

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from effformer.kernels.flash_attention import BlockSizes, flash_attention
+from effformer.kernels.flash_attention import BlockSizes, default_block_sizes, flash_attention
 from effformer.ops import attention, masks
 from effformer.ops.attention import dot_product_attention
 from effformer.ops.masks import AttentionMask
@@ -255,3 +255,14 @@ def test_op_rejects_what_the_kernel_does_not_compute(kwargs, message):
     q, k, v, _ = _inputs(SHORT, SHORT, jnp.float32)
     with pytest.raises(ValueError, match=message):
         dot_product_attention(q, k, v, implementation="pallas", **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "head_dim", "tuned"),
+    [(jnp.bfloat16, 64, True), (jnp.float16, 128, True), (jnp.float32, 64, False),
+     (jnp.bfloat16, 256, False)],
+)  # fmt: skip
+def test_default_block_sizes_keep_the_tuned_tiles_to_what_was_timed(dtype, head_dim, tuned):
+    small = BlockSizes(block_q=64, block_k=64, block_q_bwd=64, block_k_bwd=64)
+    assert default_block_sizes(dtype, head_dim) == (BlockSizes() if tuned else small)
+    assert BlockSizes() != small  # the two choices differ, so the assertion can fail

@@ -414,26 +414,34 @@ def test_choice_on_gpu_falls_back_and_logs_once(monkeypatch, caplog):
     attention._logged_fallbacks.clear()
     half = jax.ShapeDtypeStruct((1, 64, 2, 64), jnp.bfloat16)
     single = jax.ShapeDtypeStruct((1, 64, 2, 64), jnp.float32)
+    wide = jax.ShapeDtypeStruct((1, 64, 2, 256), jnp.bfloat16)
     causal = AttentionMask(causal=True)
     soft = AttentionMask(soft_causal_ratio=0.5)
     bias = jnp.zeros((1, 2, 64, 64))
-    assert attention._choose_implementation(half, half, causal, None, 0.0) == "cudnn"
+    choose = attention._choose_implementation
+    assert choose(half, half, causal, None, 0.0) == "cudnn"
     with caplog.at_level(logging.INFO, logger=attention.__name__):
-        for _ in range(3):  # cuDNN cannot: the Triton kernel can
-            assert attention._choose_implementation(single, single, causal, None, 0.0) == "pallas"
-        assert attention._choose_implementation(half, half, soft, None, 0.0) == "pallas"
-        # Neither cuDNN nor the kernel takes dropout or (automatically) a bias.
-        assert attention._choose_implementation(half, half, causal, None, 0.1) == "xla"
-        assert attention._choose_implementation(half, half, causal, bias, 0.0) == "xla"
-        traced_scale = jnp.float32(0.1)
-        assert attention._choose_implementation(half, half, soft, None, 0.0, traced_scale) == "xla"
+        for _ in range(3):  # cuDNN cannot, the Triton kernel can (logged once)
+            assert choose(half, half, soft, None, 0.0) == "pallas"
+        # Neither: cuDNN and the kernel's measured range are both 16-bit, head dim <= 128.
+        assert choose(single, single, causal, None, 0.0) == "xla"
+        assert choose(wide, wide, soft, None, 0.0) == "xla"
+        # The kernel takes no dropout or bias and compiles the scale in.
+        assert choose(half, half, causal, None, 0.1) == "xla"
+        assert choose(half, half, causal, bias, 0.0) == "xla"
+        assert choose(half, half, soft, None, 0.0, jnp.float32(0.1)) == "xla"
     messages = [r.getMessage() for r in caplog.records]
-    assert len(messages) == 5, messages
-    assert "'pallas'" in messages[0] and "float16 or bfloat16" in messages[0]
-    assert "'pallas'" in messages[1] and "soft-causal" in messages[1]
-    assert "'xla'" in messages[2] and "dropout" in messages[2]
-    assert "'xla'" in messages[3] and "bias" in messages[3]
-    assert "'xla'" in messages[4] and "soft-causal" in messages[4] and "traced" in messages[4]
+    assert len(messages) == 6, messages
+    expected = [
+        ("'pallas'", "soft-causal"),
+        ("'xla'", "16-bit inputs only, got float32"),
+        ("'xla'", "head dim 128, got 256"),
+        ("'xla'", "no dropout"),
+        ("'xla'", "no bias"),
+        ("'xla'", "scale is traced"),
+    ]
+    for message, (choice, why) in zip(messages, expected, strict=True):
+        assert choice in message and why in message, message
 
 
 @pytest.mark.parametrize(
