@@ -4,11 +4,12 @@
 #   OUT=runs/kernels_gpu DEADLINE=400 bash experiments/benchmarks/kernels_gpu_session.sh
 #   OUT=... bash experiments/benchmarks/kernels_gpu_session.sh flash_sweep scan_sweep
 #
-# Stages (default: all, in this order, the most important first):
+# Stages (default: env gpu_tests scan_sweep decode flash_speed scan decode_gqa flash_sweep,
+# the most important first):
 #   env          GPU, driver, jax / jaxlib / Triton versions
 #   gpu_tests    tests/kernels/test_kernels_on_gpu.py: compiled kernels vs float64 references
 #   flash        kernels_flash_attention.py: correctness and the speed table vs XLA and cuDNN
-#   flash_speed  the speed table alone (not in the default list)
+#   flash_speed  the speed table alone
 #   scan         kernels_selective_scan.py: correctness and speed vs the XLA scans
 #   decode       kernels_decode_attention.py: split-K decode vs XLA, full caches
 #   decode_gqa   the same, 4 query heads per kv head, ragged cache lengths
@@ -68,6 +69,8 @@ jaxlib.__version__, jax.devices())'; $PY -m pip list 2>/dev/null | grep -i -E '^
 }
 
 STAGES=("$@")
-((${#STAGES[@]})) || STAGES=(env gpu_tests flash scan decode decode_gqa flash_sweep scan_sweep)
+# What the last GPU run (2026-12-04, experiments/benchmarks/README.md) left unmeasured first.
+((${#STAGES[@]})) ||
+  STAGES=(env gpu_tests scan_sweep decode flash_speed scan decode_gqa flash_sweep)
 for name in "${STAGES[@]}"; do run_stage "$name"; done
 echo "=== total $(($(date +%s) - START))s"
