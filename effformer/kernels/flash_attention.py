@@ -87,21 +87,36 @@ class BlockSizes:
     in experiments/benchmarks/README.md): 128 x 128 forward tiles, and 128
     queries x 64 keys in the backward kernels, which ran 1.1x (head dim 64) to
     1.6x (head dim 128) faster than 64 x 64 there.
+
+    ``num_warps, num_stages``: Triton launch parameters of all three kernels
+    (ignored in interpret mode). The timed defaults: 4 warps for head dims up to
+    64, else 8 (``num_warps=None``), and 2 pipeline stages.
     """
 
     block_q: int = 128
     block_k: int = 128
     block_q_bwd: int = 128
     block_k_bwd: int = 64
+    num_warps: int | None = None
+    num_stages: int = 2
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            size = getattr(self, field.name)
+        for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
+            size = getattr(self, name)
             if not isinstance(size, int) or size < _MIN_BLOCK or size & (size - 1):
                 raise ValueError(
-                    f"BlockSizes.{field.name} must be a power of two >= {_MIN_BLOCK} "
+                    f"BlockSizes.{name} must be a power of two >= {_MIN_BLOCK} "
                     f"(Triton block shapes), got {size!r}."
                 )
+        warps = self.num_warps
+        if warps is not None and (not isinstance(warps, int) or warps < 1 or warps & (warps - 1)):
+            raise ValueError(
+                f"BlockSizes.num_warps must be None or a power of two >= 1, got {warps!r}."
+            )
+        if not isinstance(self.num_stages, int) or self.num_stages < 1:
+            raise ValueError(
+                f"BlockSizes.num_stages must be a positive int, got {self.num_stages!r}."
+            )
 
 
 def default_block_sizes(dtype, head_dim: int) -> BlockSizes:
@@ -135,6 +150,8 @@ class _Config:
     block_q_bwd: int
     block_k_bwd: int
     interpret: bool
+    num_warps: int | None = None
+    num_stages: int = 2
 
     @property
     def masks_by_position(self) -> bool:
@@ -469,9 +486,10 @@ def block_ranges(cfg, batch, q_pos, kv_pos, q_seg, kv_seg, block_q, block_k, q_p
 # ----------------------------------------------------------------------------- pallas calls
 
 
-def _compiler_params(head_dim: int) -> plgpu.CompilerParams:
-    # Triton's usual choice: more warps for the larger [block, head_dim] tiles.
-    return plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+def _compiler_params(cfg: _Config, head_dim: int) -> plgpu.CompilerParams:
+    # Unless set (BlockSizes.num_warps): more warps for the larger [block, head_dim] tiles.
+    warps = cfg.num_warps or (4 if head_dim <= 64 else 8)
+    return plgpu.CompilerParams(num_warps=warps, num_stages=cfg.num_stages)
 
 
 def _ratio_spec(ratio):
@@ -511,7 +529,7 @@ def _forward_call(cfg: _Config, q, k, v, ratio, q_pos, kv_pos, q_seg, kv_seg):
             jax.ShapeDtypeStruct(q.shape, q.dtype),
             jax.ShapeDtypeStruct((batch, num_heads, q_len), dtype),
         ],
-        compiler_params=_compiler_params(head_dim),
+        compiler_params=_compiler_params(cfg, head_dim),
         interpret=cfg.interpret,
         name="flash_attention_forward",
     )(ranges, ratio, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
@@ -532,7 +550,7 @@ def _backward_calls(cfg: _Config, residuals, d_out):
     )
     optional = lambda x, spec: None if x is None else spec  # noqa: E731
     inputs = (ratio, q, k, v, q_pos, kv_pos, q_seg, kv_seg, d_out, lse, delta)
-    params = _compiler_params(head_dim)
+    params = _compiler_params(cfg, head_dim)
 
     # dk, dv: grid over key blocks; every query of the (batch, head) is in reach.
     q_all = pl.BlockSpec((None, q_len, None, head_dim), lambda j, b, h: (b, 0, h, 0))
@@ -838,6 +856,8 @@ def flash_attention(
         block_q_bwd=_clip_block(block_sizes.block_q_bwd, q_len),
         block_k_bwd=_clip_block(block_sizes.block_k_bwd, kv_len),
         interpret=interpret,
+        num_warps=block_sizes.num_warps,
+        num_stages=block_sizes.num_stages,
     )
     q_padded, kv_padded = _padded_q_len(cfg), _padded_kv_len(cfg)
     # Triton's dot wants a power-of-two head dim of at least 16; zero columns change no

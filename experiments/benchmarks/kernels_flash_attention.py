@@ -19,8 +19,8 @@ Markdown tables:
      halved for causal (the visible triangle; soft-causal sees every key), and
      2.5 times that for the backward (five matmuls). On CPU the table is printed
      with "not measured" cells: interpret mode says nothing about GPU speed.
-  3. with ``--sweep`` (GPU): the kernel's block sizes at L 4096, to tune the
-     defaults.
+  3. with ``--sweep`` (GPU): the kernel's block sizes and Triton warps / stages
+     at L 4096, to tune the defaults.
 
 Run:
   .venv/bin/python experiments/benchmarks/kernels_flash_attention.py          # CPU or GPU
@@ -221,8 +221,11 @@ def sweep_table(repeats: int) -> None:
         f"Block sweep (bfloat16, batch {batch}, {heads} heads, L {length}, soft-causal r 0.5; "
         "forward blocks timed on the forward, backward blocks on forward + backward)\n"
     )
-    print("| head dim | block_q | block_k | block_q_bwd | block_k_bwd | forward ms | fwd+bwd ms |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        "| head dim | block_q | block_k | block_q_bwd | block_k_bwd | warps | stages "
+        "| forward ms | fwd+bwd ms |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     mask = AttentionMask(soft_causal_ratio=0.5)
     for head_dim in (64, 128):
         args = _inputs(batch, length, length, heads, heads, head_dim, jnp.bfloat16)
@@ -230,6 +233,11 @@ def sweep_table(repeats: int) -> None:
             BlockSizes(bq, bk, bqb, bkb)
             for bq, bk in ((64, 64), (128, 32), (128, 64), (128, 128))
             for bqb, bkb in ((32, 64), (64, 64), (64, 128), (128, 64))
+        ]
+        # Triton's launch parameters around the default blocks.
+        candidates += [
+            BlockSizes(num_warps=warps, num_stages=stages)
+            for warps, stages in itertools.product((4, 8), (1, 2, 3))
         ]
         for blocks in candidates:
             forward, both = _programs(mask, blocks)["pallas"]
@@ -241,7 +249,8 @@ def sweep_table(repeats: int) -> None:
             except Exception as error:  # e.g. Triton out of shared memory for large blocks
                 cells = [f"failed: {type(error).__name__}", ""]
             sizes = (blocks.block_q, blocks.block_k, blocks.block_q_bwd, blocks.block_k_bwd)
-            row = [str(head_dim), *map(str, sizes), *cells]
+            warps = blocks.num_warps or f"{4 if head_dim <= 64 else 8} (default)"
+            row = [str(head_dim), *map(str, sizes), str(warps), str(blocks.num_stages), *cells]
             print("| " + " | ".join(row) + " |", flush=True)
     print()
 

@@ -266,3 +266,32 @@ def test_default_block_sizes_keep_the_tuned_tiles_to_what_was_timed(dtype, head_
     small = BlockSizes(block_q=64, block_k=64, block_q_bwd=64, block_k_bwd=64)
     assert default_block_sizes(dtype, head_dim) == (BlockSizes() if tuned else small)
     assert BlockSizes() != small  # the two choices differ, so the assertion can fail
+
+
+def test_kernels_lower_to_triton_with_the_launch_parameters():
+    # No GPU here: lowering for CUDA from the CPU host runs Pallas's Triton lowering
+    # of the forward, dk/dv and dq kernels (the pinned jax's, which the GPU run did not use).
+    q = jax.ShapeDtypeStruct((2, 256, 4, 64), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 256, 2, 64), jnp.bfloat16)
+    blocks = BlockSizes(num_warps=2, num_stages=3)
+
+    def loss(q, k, v):
+        out = flash_attention(q, k, v, soft_causal_ratio=0.5, block_sizes=blocks, interpret=False)
+        return jnp.sum(out.astype(jnp.float32))
+
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv)
+    text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 3
+    assert text.count("num_warps = 2 : i32") == 3 and text.count("num_stages = 3 : i32") == 3
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(num_warps=3), "num_warps must be None or a power of two >= 1, got 3"),
+        (dict(num_stages=0), "num_stages must be a positive int, got 0"),
+    ],
+)
+def test_block_sizes_reject_bad_launch_parameters(change, message):
+    with pytest.raises(ValueError, match=message):
+        BlockSizes(**change)
