@@ -1,11 +1,16 @@
 """Tests of effformer.ops.selective_scan against a NumPy transliteration of selective_scan_ref."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from effformer.ops.selective_scan import IMPLEMENTATIONS, selective_scan
+
+# The module, not the function that effformer.ops exports under the same name.
+ops_module = importlib.import_module("effformer.ops.selective_scan")
 
 BATCH, D_INNER, N_STATE, LENGTH = 2, 6, 3, 11
 FAST = [impl for impl in IMPLEMENTATIONS if impl != "reference"]
@@ -302,3 +307,20 @@ def test_positive_A_is_rejected_when_concrete():
     args = _bad("A", jnp.ones((D_INNER, N_STATE)))
     with pytest.raises(ValueError, match=r"A must be <= 0 .*max\(A\) = 1.0"):
         selective_scan(**args)
+
+
+@pytest.mark.parametrize(
+    ("backend", "expected"), [("gpu", "pallas"), ("cpu", "chunked"), ("tpu", "chunked")]
+)
+def test_default_implementation_is_the_fastest_measured_per_backend(monkeypatch, backend, expected):
+    monkeypatch.setattr(ops_module, "_backend", lambda: backend)
+    assert ops_module.default_implementation() == expected
+    # And implementation=None runs it: the kernel is a pallas_call in the program.
+    rng = np.random.default_rng(0)
+    shapes = dict(u=(1, 4, 6), delta=(1, 4, 6), A=(4, 2), B=(1, 2, 6), C=(1, 2, 6))
+    args = {
+        name: jnp.asarray(rng.normal(size=shape), jnp.float32) for name, shape in shapes.items()
+    }
+    args["A"] = -jnp.abs(args["A"])
+    jaxpr = str(jax.make_jaxpr(lambda a: selective_scan(**a))(args))
+    assert ("pallas_call" in jaxpr) == (expected == "pallas")
