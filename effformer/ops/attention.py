@@ -32,8 +32,9 @@ dropout's ``keep / p_keep`` (``p_keep`` is ``1 - rate`` to 2^-16). Implementatio
 
 ``implementation=None`` picks cuDNN on GPU where it applies (and there is no
 dropout and no bias), else, on GPU, ``"pallas"`` for 16-bit inputs with head dim
-<= 128 and no bias or dropout (where it was measured faster than ``"xla"``, on an
-H200: experiments/benchmarks/README.md); otherwise ``"xla"`` when
+<= 128, at least ``PALLAS_MIN_AUTO_QUERIES`` queries and no bias or dropout (where
+it was measured faster than ``"xla"``, on an H200: experiments/benchmarks/
+README.md); otherwise ``"xla"`` when
 ``Lq * Lk <= XLA_MAX_SCORES``, else ``"xla_blockwise"``.
 
 A query that sees no key (a padding query) outputs exactly zero, with finite
@@ -295,12 +296,18 @@ def _validate(q, k, v, mask, bias, implementation, dropout_rate, dropout_rng) ->
         )
 
 
+# The shortest query length at which implementation=None picks the GPU flash kernel.
+PALLAS_MIN_AUTO_QUERIES = 1024
+
+
 def _pallas_not_chosen_reason(q, bias, dropout_rate, scale) -> str | None:
     """Why ``implementation=None`` does not pick the GPU flash kernel, or None if it does.
 
     It is picked where it was measured faster than "xla" (an H200, 16-bit inputs, head
-    dims 64 and 128, causal and soft-causal masks: 1.4-9.7x; experiments/benchmarks/
-    README.md) and can compute the call.
+    dims 64 and 128, 1024 and 4096 queries, causal and soft-causal masks: 1.4-9.7x;
+    experiments/benchmarks/README.md) and can compute the call. Short query blocks
+    (decode steps with one query) are left to XLA: a kernel program per (batch, head)
+    walking the whole cache was not timed there.
     """
     if bias is not None:
         return "it takes no bias"
@@ -312,6 +319,8 @@ def _pallas_not_chosen_reason(q, bias, dropout_rate, scale) -> str | None:
         return f"it was measured faster for 16-bit inputs only, got {jnp.dtype(q.dtype).name}"
     if q.shape[-1] > 128:
         return f"it was measured up to head dim 128, got {q.shape[-1]}"
+    if q.shape[1] < PALLAS_MIN_AUTO_QUERIES:
+        return f"it was measured for >= {PALLAS_MIN_AUTO_QUERIES} queries, got {q.shape[1]}"
     return None
 
 

@@ -412,33 +412,39 @@ def test_choice_on_cpu():
 def test_choice_on_gpu_falls_back_and_logs_once(monkeypatch, caplog):
     monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
     attention._logged_fallbacks.clear()
-    half = jax.ShapeDtypeStruct((1, 64, 2, 64), jnp.bfloat16)
-    single = jax.ShapeDtypeStruct((1, 64, 2, 64), jnp.float32)
-    wide = jax.ShapeDtypeStruct((1, 64, 2, 256), jnp.bfloat16)
+    length = attention.PALLAS_MIN_AUTO_QUERIES
+    half = jax.ShapeDtypeStruct((1, length, 2, 64), jnp.bfloat16)
+    single = jax.ShapeDtypeStruct((1, length, 2, 64), jnp.float32)
+    wide = jax.ShapeDtypeStruct((1, length, 2, 256), jnp.bfloat16)
+    step = jax.ShapeDtypeStruct((1, 1, 2, 64), jnp.bfloat16)  # one decode query
     causal = AttentionMask(causal=True)
     soft = AttentionMask(soft_causal_ratio=0.5)
-    bias = jnp.zeros((1, 2, 64, 64))
+    bias = jax.ShapeDtypeStruct((1, 2, length, length), jnp.float32)
     choose = attention._choose_implementation
+    blockwise = "xla_blockwise"  # Lq * Lk > XLA_MAX_SCORES
     assert choose(half, half, causal, None, 0.0) == "cudnn"
     with caplog.at_level(logging.INFO, logger=attention.__name__):
         for _ in range(3):  # cuDNN cannot, the Triton kernel can (logged once)
             assert choose(half, half, soft, None, 0.0) == "pallas"
         # Neither: cuDNN and the kernel's measured range are both 16-bit, head dim <= 128.
-        assert choose(single, single, causal, None, 0.0) == "xla"
-        assert choose(wide, wide, soft, None, 0.0) == "xla"
+        assert choose(single, single, causal, None, 0.0) == blockwise
+        assert choose(wide, wide, soft, None, 0.0) == blockwise
         # The kernel takes no dropout or bias and compiles the scale in.
-        assert choose(half, half, causal, None, 0.1) == "xla"
-        assert choose(half, half, causal, bias, 0.0) == "xla"
-        assert choose(half, half, soft, None, 0.0, jnp.float32(0.1)) == "xla"
+        assert choose(half, half, causal, None, 0.1) == blockwise
+        assert choose(half, half, causal, bias, 0.0) == blockwise
+        assert choose(half, half, soft, None, 0.0, jnp.float32(0.1)) == blockwise
+        # Nor was it timed on short query blocks.
+        assert choose(step, half, causal, None, 0.0) == "xla"
     messages = [r.getMessage() for r in caplog.records]
-    assert len(messages) == 6, messages
+    assert len(messages) == 7, messages
     expected = [
         ("'pallas'", "soft-causal"),
-        ("'xla'", "16-bit inputs only, got float32"),
-        ("'xla'", "head dim 128, got 256"),
-        ("'xla'", "no dropout"),
-        ("'xla'", "no bias"),
-        ("'xla'", "scale is traced"),
+        (blockwise, "16-bit inputs only, got float32"),
+        (blockwise, "head dim 128, got 256"),
+        (blockwise, "no dropout"),
+        (blockwise, "no bias"),
+        (blockwise, "scale is traced"),
+        ("'xla'", f">= {length} queries, got 1"),
     ]
     for message, (choice, why) in zip(messages, expected, strict=True):
         assert choice in message and why in message, message
