@@ -32,9 +32,9 @@ dropout's ``keep / p_keep`` (``p_keep`` is ``1 - rate`` to 2^-16). Implementatio
 
 ``implementation=None`` picks cuDNN on GPU where it applies (and there is no
 dropout and no bias), else, on GPU, ``"pallas"`` for 16-bit inputs with head dim
-<= 128, at least ``PALLAS_MIN_AUTO_QUERIES`` queries and no bias or dropout (where
-it was measured faster than ``"xla"``, on an H200: experiments/benchmarks/
-README.md); otherwise ``"xla"`` when
+<= 128, at least ``PALLAS_MIN_AUTO_QUERIES`` queries and no bias or dropout, on a
+single device (where it was measured faster than ``"xla"``, on an H200:
+experiments/benchmarks/README.md); otherwise ``"xla"`` when
 ``Lq * Lk <= XLA_MAX_SCORES``, else ``"xla_blockwise"``.
 
 A query that sees no key (a padding query) outputs exactly zero, with finite
@@ -298,6 +298,12 @@ def _validate(q, k, v, mask, bias, implementation, dropout_rate, dropout_rng) ->
 
 # The shortest query length at which implementation=None picks the GPU flash kernel.
 PALLAS_MIN_AUTO_QUERIES = 1024
+# jit's sharding propagation cannot split a kernel's custom call, so under a sharded
+# batch every device would get the whole batch; the automatic choice keeps to one device.
+_SEVERAL_DEVICES = (
+    "{count} devices, and jit's sharding does not split a Pallas kernel (call it with "
+    "implementation='pallas' inside shard_map)"
+)
 
 
 def _pallas_not_chosen_reason(q, bias, dropout_rate, scale) -> str | None:
@@ -307,7 +313,8 @@ def _pallas_not_chosen_reason(q, bias, dropout_rate, scale) -> str | None:
     dims 64 and 128, 1024 and 4096 queries, causal and soft-causal masks: 1.4-9.7x;
     experiments/benchmarks/README.md) and can compute the call. Short query blocks
     (decode steps with one query) are left to XLA: a kernel program per (batch, head)
-    walking the whole cache was not timed there.
+    walking the whole cache was not timed there. So is any call while several devices
+    are visible (``_SEVERAL_DEVICES``).
     """
     if bias is not None:
         return "it takes no bias"
@@ -321,6 +328,8 @@ def _pallas_not_chosen_reason(q, bias, dropout_rate, scale) -> str | None:
         return f"it was measured up to head dim 128, got {q.shape[-1]}"
     if q.shape[1] < PALLAS_MIN_AUTO_QUERIES:
         return f"it was measured for >= {PALLAS_MIN_AUTO_QUERIES} queries, got {q.shape[1]}"
+    if jax.device_count() > 1:
+        return _SEVERAL_DEVICES.format(count=jax.device_count())
     return None
 
 

@@ -226,12 +226,17 @@ def _selective_scan(
 
 
 def default_implementation() -> str:
-    """What ``implementation=None`` runs: the Triton kernel on GPU, else ``"chunked"``.
+    """What ``implementation=None`` runs: the Triton kernel on one GPU, else ``"chunked"``.
 
     Both measured fastest for training there (module docstring). The TPU kernel is
-    not chosen: it has not run on a TPU.
+    not chosen: it has not run on a TPU. Nor is the GPU kernel while several devices
+    are visible: jit's sharding cannot split a kernel's custom call, so under a
+    sharded batch every device would scan the whole batch (call it with
+    ``implementation="pallas"`` inside ``shard_map`` instead).
     """
-    return "pallas" if _backend() == "gpu" else DEFAULT_IMPLEMENTATION
+    if _backend() == "gpu" and jax.device_count() == 1:
+        return "pallas"
+    return DEFAULT_IMPLEMENTATION
 
 
 def _backend() -> str:

@@ -411,6 +411,7 @@ def test_choice_on_cpu():
 
 def test_choice_on_gpu_falls_back_and_logs_once(monkeypatch, caplog):
     monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(attention.jax, "device_count", lambda: 1)
     attention._logged_fallbacks.clear()
     length = attention.PALLAS_MIN_AUTO_QUERIES
     half = jax.ShapeDtypeStruct((1, length, 2, 64), jnp.bfloat16)
@@ -435,8 +436,11 @@ def test_choice_on_gpu_falls_back_and_logs_once(monkeypatch, caplog):
         assert choose(half, half, soft, None, 0.0, jnp.float32(0.1)) == blockwise
         # Nor was it timed on short query blocks.
         assert choose(step, half, causal, None, 0.0) == "xla"
+        # jit's sharding would not split it across several devices.
+        monkeypatch.setattr(attention.jax, "device_count", lambda: 2)
+        assert choose(half, half, soft, None, 0.0) == blockwise
     messages = [r.getMessage() for r in caplog.records]
-    assert len(messages) == 7, messages
+    assert len(messages) == 8, messages
     expected = [
         ("'pallas'", "soft-causal"),
         (blockwise, "16-bit inputs only, got float32"),
@@ -445,6 +449,7 @@ def test_choice_on_gpu_falls_back_and_logs_once(monkeypatch, caplog):
         (blockwise, "no bias"),
         (blockwise, "scale is traced"),
         ("'xla'", f">= {length} queries, got 1"),
+        (blockwise, "2 devices"),
     ]
     for message, (choice, why) in zip(messages, expected, strict=True):
         assert choice in message and why in message, message
