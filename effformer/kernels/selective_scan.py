@@ -94,11 +94,16 @@ DEFAULT_SEQ_BLOCK = 16
 # forward + backward), while its speed does not matter; so a shorter block there.
 INTERPRET_SEQ_BLOCK = 4
 DEFAULT_CHANNEL_BLOCK = 8
+# Sequence chunks and warps from the scan_sweep stage of kernels_gpu_session.sh on an
+# H200 (2026-12-04, second run; batch 2, d 1536, n 16, L 4096, channel block 8): 256-step
+# chunks with one warp ran the kernel in 0.66 ms forward and 2.13 ms forward + backward,
+# against 1.77 and 3.96 ms for the one-pass scan (2 warps, its best in the first run).
+# With two warps the chunked scan was ~2x slower forward (1.35 ms): more warps per
+# program only add idle lanes to a [8, 16] state, and fewer resident programs.
+DEFAULT_CHUNK_SIZE = 256
+DEFAULT_NUM_WARPS_CHUNKED = 1
+# One chunk (sequences of at most DEFAULT_CHUNK_SIZE steps, or chunk_size=None).
 DEFAULT_NUM_WARPS = 2
-# One chunk (the one-pass scan) until chunks are timed on a GPU: the H200 session that
-# tuned the blocks above ran before chunks existed, and no GPU was lent after it.
-# kernels_gpu_session.sh's scan_sweep stage times chunk sizes 128 to 512 against it.
-DEFAULT_CHUNK_SIZE = None
 
 _log = logging.getLogger(__name__)
 
@@ -615,7 +620,7 @@ def selective_scan_pallas(
     seq_block: int | None = None,
     channel_block: int = DEFAULT_CHANNEL_BLOCK,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
-    num_warps: int = DEFAULT_NUM_WARPS,
+    num_warps: int | None = None,
     interpret: bool | None = None,
 ) -> tuple[Array, Array]:
     """The core recurrence of the selective scan as a Pallas kernel, differentiable.
@@ -634,8 +639,9 @@ def selective_scan_pallas(
       chunk_size: time steps per program (rounded up to whole sequence blocks):
         the sequence is cut into chunks scanned in parallel, then joined (module
         docstring, "Sequence chunks"). None or a chunk_size >= L scans the whole
-        sequence in one program per channel block, one pass (the default).
-      num_warps: Triton warps per program (GPU only).
+        sequence in one program per channel block, one pass.
+      num_warps: Triton warps per program (GPU only); None: ``DEFAULT_NUM_WARPS_CHUNKED``
+        when the sequence is cut into chunks, else ``DEFAULT_NUM_WARPS``.
       interpret: run in Pallas interpret mode; None: on CPU only (logged once).
     Returns:
       y [batch, d, L] (= sum_n C_t x_t, before D and z) and the last state
@@ -664,7 +670,8 @@ def selective_scan_pallas(
     _check(
         "seq_block", seq_block is None or positive(seq_block), "None or a positive int", seq_block
     )
-    _check("num_warps", positive(num_warps), "a positive int", num_warps)
+    _check("num_warps", num_warps is None or positive(num_warps), "None or a positive int",
+           num_warps)  # fmt: skip
     _check(
         "chunk_size",
         chunk_size is None or positive(chunk_size),
@@ -687,4 +694,7 @@ def selective_scan_pallas(
             _log_interpret_once()
     if seq_block is None:
         seq_block = INTERPRET_SEQ_BLOCK if interpret else DEFAULT_SEQ_BLOCK
+    if num_warps is None:
+        chunked = chunk_size is not None and chunk_size < length
+        num_warps = DEFAULT_NUM_WARPS_CHUNKED if chunked else DEFAULT_NUM_WARPS
     return _scan(u, dt, A, B, C, seq_block, channel_block, chunk_size, num_warps, bool(interpret))

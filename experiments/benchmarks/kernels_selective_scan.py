@@ -38,6 +38,7 @@ from effformer.kernels.selective_scan import (
     DEFAULT_CHANNEL_BLOCK,
     DEFAULT_CHUNK_SIZE,
     DEFAULT_NUM_WARPS,
+    DEFAULT_NUM_WARPS_CHUNKED,
     DEFAULT_SEQ_BLOCK,
     selective_scan_pallas,
 )
@@ -168,7 +169,8 @@ def sweep_table(batch, d, n, length, reps) -> None:
     print(f"Kernel alone (selective_scan_pallas, no D/z/softplus), batch {batch}, d {d}, n {n}, "
           f"L {length}, seq_block {DEFAULT_SEQ_BLOCK}; defaults: channel_block "
           f"{DEFAULT_CHANNEL_BLOCK}, chunk_size {DEFAULT_CHUNK_SIZE}, num_warps "
-          f"{DEFAULT_NUM_WARPS}. chunk_size {length}: one chunk, the one-pass scan.\n")  # fmt: skip
+          f"{DEFAULT_NUM_WARPS_CHUNKED} (chunks) / {DEFAULT_NUM_WARPS} (one chunk). "
+          f"chunk_size {length}: one chunk, the one-pass scan.\n")  # fmt: skip
     print("| channel_block | chunk_size | num_warps | forward ms | fwd+bwd ms |")
     print("| ---: | ---: | ---: | ---: | ---: |")
     configurations = [

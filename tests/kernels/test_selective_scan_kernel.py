@@ -6,6 +6,7 @@ float64 so that the tolerances are those of reordered float64 sums.
 """
 
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -154,6 +155,24 @@ def test_kernel_lowers_to_triton(chunk_size, kernels):
     assert lowered.as_text().count("__gpu$xla.gpu.triton") == kernels
 
 
+@pytest.mark.parametrize(
+    ("chunk_size", "warps"),
+    [(None, kernel_module.DEFAULT_NUM_WARPS), (16, kernel_module.DEFAULT_NUM_WARPS_CHUNKED)],
+)
+def test_default_warps_follow_the_chunking(chunk_size, warps):
+    # num_warps=None takes the warps timed for the mode the call runs in: one warp for
+    # chunked programs, two for the one-pass scan (module constants; the H200 sweep).
+    args = [jax.ShapeDtypeStruct(s, jnp.float32) for s in
+            [(1, 16, 64), (1, 16, 64), (16, 16), (16, 16), (1, 16, 64)]]  # fmt: skip
+
+    def forward(*a):
+        return selective_scan_pallas(*a, chunk_size=chunk_size, interpret=False)
+
+    text = jax.jit(forward).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    launches = re.findall(r"num_warps = (\d+)", text)
+    assert launches and set(launches) == {str(warps)}
+
+
 def test_backends_and_interpret_log(caplog):
     assert kernel_module.supported_backend("gpu")
     assert kernel_module.supported_backend("cpu")  # interpret mode
@@ -179,7 +198,7 @@ def test_backends_and_interpret_log(caplog):
         (dict(A=-np.ones((8, 3), jnp.bfloat16)), r"A.dtype must be float32 \(that of u\), got bfloat16"),
         (dict(channel_block=6), "channel_block must be a power of two, got 6"),
         (dict(seq_block=0), "seq_block must be None or a positive int, got 0"),
-        (dict(num_warps=0), "num_warps must be a positive int, got 0"),
+        (dict(num_warps=0), "num_warps must be None or a positive int, got 0"),
         (dict(chunk_size=0), "chunk_size must be None or a positive int, got 0"),
     ],
 )  # fmt: skip
