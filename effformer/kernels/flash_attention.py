@@ -44,7 +44,12 @@ cotangent makes them contribute nothing to ``dk, dv``). A query that sees no key
 outputs exactly 0 with zero gradients, as the reference does. Which key blocks a
 query block may see (and the reverse) is bounded outside the kernel from the
 per-block extremes of positions and segment ids, so causal attention visits
-only the lower triangle and a sliding window only its band.
+only the lower triangle and a sliding window only its band. The same extremes
+find the block pairs that are visible throughout with one soft-causal weight
+(:func:`block_schedules`); the kernels walk those with a body that computes no
+per-element mask or weight (a scalar r at most), so with positions in order
+only the diagonal blocks of a causal or soft-causal row, and a window's edges,
+pay for the element mask, as in FlashAttention-2's and Triton's causal kernels.
 
 Backends: written for Pallas's GPU Triton lowering (2-D ``jnp.dot`` on blocks,
 ``lax.fori_loop`` with bounds read from an input, power-of-two block shapes,
@@ -216,6 +221,37 @@ def _soft_weight(ratio, q_pos, kv_pos, x):
     return jnp.where(kv_pos[None, :] > q_pos[:, None], x * ratio, x)
 
 
+# How a loop of a kernel treats its block pairs (see _walk_schedule and block_schedules).
+_MASKED = "masked"  # per-element visibility and soft-causal weights, from positions
+_WEIGHT_ONE = "weight_one"  # every pair visible, keys at or before the queries: weight 1
+_WEIGHT_RATIO = "weight_ratio"  # every pair visible, keys after the queries: weight r
+
+
+def _apply_weight(kind, ratio, q_pos, kv_pos, x):
+    """x * w for a block of the given kind (x unchanged without a soft-causal ratio)."""
+    if ratio is None or kind == _WEIGHT_ONE:
+        return x
+    if kind == _WEIGHT_RATIO:
+        return x * ratio
+    return _soft_weight(ratio, q_pos, kv_pos, x)
+
+
+def _walk_schedule(schedule_ref, body_for, run_kinds, carry):
+    """Runs ``body_for(kind)`` over a row's schedule: five loops, three masked.
+
+    ``schedule_ref`` holds ``(start, first_start, first_end, second_start,
+    second_end, end)`` (block_schedules): the blocks of [start, end) are walked
+    in order, those of the two runs with the cheaper bodies of ``run_kinds``,
+    the rest with the masked body. Each loop is a plain ``fori_loop``, so Triton
+    pipelines its loads; empty loops cost nothing.
+    """
+    bounds = [schedule_ref[index] for index in range(6)]
+    kinds = (_MASKED, run_kinds[0], _MASKED, run_kinds[1], _MASKED)
+    for index, kind in enumerate(kinds):
+        carry = lax.fori_loop(bounds[index], bounds[index + 1], body_for(kind), carry)
+    return carry
+
+
 def _logits_log2(cfg: _Config, q, k, dtype):
     """scale * q k^T in base 2 ([bq, bk]); the matmul runs in the inputs' dtype."""
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=dtype)
@@ -227,7 +263,7 @@ def _load_optional(ref, index):
 
 
 def _forward_kernel(
-    ranges_ref,
+    schedule_ref,
     ratio_ref,
     q_ref,
     k_ref,
@@ -249,36 +285,40 @@ def _forward_kernel(
     q_seg = _load_optional(q_seg_ref, slice(None))
     ratio = None if ratio_ref is None else ratio_ref[0]
 
-    def body(j, carry):
-        m, row_sum, acc = carry
-        keys = pl.ds(j * block_k, block_k)
-        kv_pos = _load_optional(kv_pos_ref, keys)
-        s = _logits_log2(cfg, q, k_ref[keys, :], dtype)
-        visible = _visible(
-            cfg, q_pos, kv_pos, q_seg, _load_optional(kv_seg_ref, keys), j * block_k, block_k
-        )
-        if visible is not None:
-            s = jnp.where(visible, s, -jnp.inf)
-        m_new = jnp.maximum(m, s.max(axis=1))
-        # A row that has seen no visible key keeps m = -inf: shift by 0 so exp2 gives 0, not NaN.
-        m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        e = jnp.exp2(s - m_shift[:, None])
-        correction = jnp.exp2(m - m_shift)
-        row_sum = row_sum * correction + e.sum(axis=1)
-        if ratio is not None:
-            e = _soft_weight(ratio, q_pos, kv_pos, e)
-        v = v_ref[keys, :]
-        acc = acc * correction[:, None] + jnp.dot(
-            e.astype(v.dtype), v, preferred_element_type=dtype
-        )
-        return m_new, row_sum, acc
+    def body_for(kind):
+        def body(j, carry):
+            m, row_sum, acc = carry
+            keys = pl.ds(j * block_k, block_k)
+            s = _logits_log2(cfg, q, k_ref[keys, :], dtype)
+            kv_pos = _load_optional(kv_pos_ref, keys) if kind == _MASKED else None
+            if kind == _MASKED:
+                visible = _visible(
+                    cfg, q_pos, kv_pos, q_seg, _load_optional(kv_seg_ref, keys), j * block_k,
+                    block_k,
+                )  # fmt: skip
+                if visible is not None:
+                    s = jnp.where(visible, s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(axis=1))
+            # A row that has seen no visible key keeps m = -inf: shift by 0 so exp2 gives 0.
+            m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            e = jnp.exp2(s - m_shift[:, None])
+            correction = jnp.exp2(m - m_shift)
+            row_sum = row_sum * correction + e.sum(axis=1)
+            e = _apply_weight(kind, ratio, q_pos, kv_pos, e)
+            v = v_ref[keys, :]
+            acc = acc * correction[:, None] + jnp.dot(
+                e.astype(v.dtype), v, preferred_element_type=dtype
+            )
+            return m_new, row_sum, acc
+
+        return body
 
     init = (
         jnp.full((block_q,), -jnp.inf, dtype),
         jnp.zeros((block_q,), dtype),
         jnp.zeros((block_q, q.shape[1]), dtype),
     )
-    m, row_sum, acc = lax.fori_loop(ranges_ref[0], ranges_ref[1], body, init)
+    m, row_sum, acc = _walk_schedule(schedule_ref, body_for, (_WEIGHT_ONE, _WEIGHT_RATIO), init)
     empty = row_sum == 0.0  # no visible key: output exactly 0
     safe_sum = jnp.where(empty, 1.0, row_sum)
     out_ref[...] = (acc / safe_sum[:, None]).astype(out_ref.dtype)
@@ -286,9 +326,11 @@ def _forward_kernel(
     lse_ref[...] = jnp.where(empty, 0.0, m + jnp.log2(safe_sum))
 
 
-def _probabilities(cfg, q, k, lse, q_pos, kv_pos, q_seg, kv_seg, kv_start, dtype):
-    """Recomputed p [bq, bk] from the saved log-sum-exp, 0 where hidden."""
+def _probabilities(cfg, q, k, lse, q_pos, kv_pos, q_seg, kv_seg, kv_start, dtype, masked):
+    """Recomputed p [bq, bk] from the saved log-sum-exp, 0 where hidden (if ``masked``)."""
     p = jnp.exp2(_logits_log2(cfg, q, k, dtype) - lse[:, None])
+    if not masked:  # a block pair the schedule found all visible
+        return p
     visible = _visible(cfg, q_pos, kv_pos, q_seg, kv_seg, kv_start, cfg.block_k_bwd)
     return p if visible is None else jnp.where(visible, p, 0.0)
 
@@ -300,7 +342,7 @@ def _score_gradient(p, d_out, v, delta, weight, dtype):
 
 
 def _dkdv_kernel(
-    ranges_ref,
+    schedule_ref,
     ratio_ref,
     q_ref,
     k_ref,
@@ -326,49 +368,42 @@ def _dkdv_kernel(
     kv_start = pl.program_id(0) * block_k
     ratio = None if ratio_ref is None else ratio_ref[0]
 
-    def body(i, carry):
-        dk, dv = carry
-        queries = pl.ds(i * block_q, block_q)
-        q, d_out = q_ref[queries, :], d_out_ref[queries, :]
-        q_pos = _load_optional(q_pos_ref, queries)
-        p = _probabilities(
-            cfg,
-            q,
-            k,
-            lse_ref[queries],
-            q_pos,
-            kv_pos,
-            _load_optional(q_seg_ref, queries),
-            kv_seg,
-            kv_start,
-            dtype,
-        )
-        weight = (
-            (lambda x: x)
-            if ratio is None
-            else functools.partial(_soft_weight, ratio, q_pos, kv_pos)
-        )
-        # dv_j = sum_i p_ij w_ij dO_i: contract the query axis of both blocks.
-        dv = dv + lax.dot_general(
-            weight(p).astype(d_out.dtype),
-            d_out,
-            (((0,), (0,)), ((), ())),
-            preferred_element_type=dtype,
-        )
-        ds = _score_gradient(p, d_out, v, delta_ref[queries], weight, dtype)
-        dk = dk + lax.dot_general(
-            ds.astype(q.dtype), q, (((0,), (0,)), ((), ())), preferred_element_type=dtype
-        )
-        return dk, dv
+    def body_for(kind):
+        def body(i, carry):
+            dk, dv = carry
+            queries = pl.ds(i * block_q, block_q)
+            q, d_out = q_ref[queries, :], d_out_ref[queries, :]
+            masked = kind == _MASKED
+            q_pos = _load_optional(q_pos_ref, queries) if masked else None
+            p = _probabilities(
+                cfg, q, k, lse_ref[queries], q_pos, kv_pos,
+                _load_optional(q_seg_ref, queries), kv_seg, kv_start, dtype, masked,
+            )  # fmt: skip
+            weight = functools.partial(_apply_weight, kind, ratio, q_pos, kv_pos)
+            # dv_j = sum_i p_ij w_ij dO_i: contract the query axis of both blocks.
+            dv = dv + lax.dot_general(
+                weight(p).astype(d_out.dtype),
+                d_out,
+                (((0,), (0,)), ((), ())),
+                preferred_element_type=dtype,
+            )
+            ds = _score_gradient(p, d_out, v, delta_ref[queries], weight, dtype)
+            dk = dk + lax.dot_general(
+                ds.astype(q.dtype), q, (((0,), (0,)), ((), ())), preferred_element_type=dtype
+            )
+            return dk, dv
+
+        return body
 
     zeros = jnp.zeros((block_k, k.shape[1]), dtype)
-    dk, dv = lax.fori_loop(ranges_ref[0], ranges_ref[1], body, (zeros, zeros))
+    # Along the queries of a key block, those before the keys (weight r) come first.
+    dk, dv = _walk_schedule(schedule_ref, body_for, (_WEIGHT_RATIO, _WEIGHT_ONE), (zeros, zeros))
     dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def _dq_kernel(
-    ranges_ref,
+    schedule_ref,
     ratio_ref,
     q_ref,
     k_ref,
@@ -393,33 +428,24 @@ def _dq_kernel(
     q_seg = _load_optional(q_seg_ref, slice(None))
     ratio = None if ratio_ref is None else ratio_ref[0]
 
-    def body(j, dq):
-        keys = pl.ds(j * block_k, block_k)
-        k, v = k_ref[keys, :], v_ref[keys, :]
-        kv_pos = _load_optional(kv_pos_ref, keys)
-        p = _probabilities(
-            cfg,
-            q,
-            k,
-            lse,
-            q_pos,
-            kv_pos,
-            q_seg,
-            _load_optional(kv_seg_ref, keys),
-            j * block_k,
-            dtype,
-        )
-        weight = (
-            (lambda x: x)
-            if ratio is None
-            else functools.partial(_soft_weight, ratio, q_pos, kv_pos)
-        )
-        ds = _score_gradient(p, d_out, v, delta, weight, dtype)
-        return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=dtype)
+    def body_for(kind):
+        def body(j, dq):
+            keys = pl.ds(j * block_k, block_k)
+            k, v = k_ref[keys, :], v_ref[keys, :]
+            masked = kind == _MASKED
+            kv_pos = _load_optional(kv_pos_ref, keys) if masked else None
+            p = _probabilities(
+                cfg, q, k, lse, q_pos, kv_pos, q_seg, _load_optional(kv_seg_ref, keys),
+                j * block_k, dtype, masked,
+            )  # fmt: skip
+            weight = functools.partial(_apply_weight, kind, ratio, q_pos, kv_pos)
+            ds = _score_gradient(p, d_out, v, delta, weight, dtype)
+            return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=dtype)
 
-    dq = lax.fori_loop(
-        ranges_ref[0], ranges_ref[1], body, jnp.zeros((q.shape[0], q.shape[1]), dtype)
-    )
+        return body
+
+    zeros = jnp.zeros((q.shape[0], q.shape[1]), dtype)
+    dq = _walk_schedule(schedule_ref, body_for, (_WEIGHT_ONE, _WEIGHT_RATIO), zeros)
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
@@ -445,19 +471,8 @@ def _span(may_see: Array) -> Array:
     return span.astype(jnp.int32)
 
 
-def block_ranges(cfg, batch, q_pos, kv_pos, q_seg, kv_seg, block_q, block_k, q_padded, kv_padded):
-    """Key blocks each query block may see, and the reverse: ([B, nq, 2], [B, nk, 2]).
-
-    Shared with :mod:`effformer.kernels.flash_attention_tpu`. ``cfg`` is either
-    kernel's config: it reads ``causal``, ``window_left``, ``window_right``,
-    ``masks_by_position`` and the unpadded ``q_len``, ``kv_len``. ``q_pos``, ``kv_pos``,
-    ``q_seg``, ``kv_seg`` are the [B, padded length] int32 rows of :func:`padded_rows`
-    (or None); ``q_padded``, ``kv_padded`` are those lengths, multiples of the blocks.
-
-    Conservative: a block pair is kept whenever some query of the one might see
-    some key of the other. Padded entries repeat the last position and have
-    segment id 0, so they do not widen the ranges.
-    """
+def _block_pairs(cfg, batch, q_pos, kv_pos, q_seg, kv_seg, block_q, block_k, q_padded, kv_padded):
+    """[B, nq, nk] bools: which (query block, key block) pairs may see each other."""
     num_q, num_k = q_padded // block_q, kv_padded // block_k
     # Blocks of padding only (when the other pass's blocks are larger) are never visited.
     q_real = jnp.arange(num_q) * block_q < cfg.q_len
@@ -480,7 +495,118 @@ def block_ranges(cfg, batch, q_pos, kv_pos, q_seg, kv_seg, block_q, block_k, q_p
         may_see &= (q_low[:, :, None] <= k_high[:, None, :]) & (
             k_low[:, None, :] <= q_high[:, :, None]
         )
+    return may_see
+
+
+def block_ranges(cfg, batch, q_pos, kv_pos, q_seg, kv_seg, block_q, block_k, q_padded, kv_padded):
+    """Key blocks each query block may see, and the reverse: ([B, nq, 2], [B, nk, 2]).
+
+    Shared with :mod:`effformer.kernels.flash_attention_tpu`. ``cfg`` is either
+    kernel's config: it reads ``causal``, ``window_left``, ``window_right``,
+    ``masks_by_position`` and the unpadded ``q_len``, ``kv_len``. ``q_pos``, ``kv_pos``,
+    ``q_seg``, ``kv_seg`` are the [B, padded length] int32 rows of :func:`padded_rows`
+    (or None); ``q_padded``, ``kv_padded`` are those lengths, multiples of the blocks.
+
+    Conservative: a block pair is kept whenever some query of the one might see
+    some key of the other. Padded entries repeat the last position and have
+    segment id 0, so they do not widen the ranges.
+    """
+    may_see = _block_pairs(
+        cfg, batch, q_pos, kv_pos, q_seg, kv_seg, block_q, block_k, q_padded, kv_padded
+    )
     return _span(may_see), _span(may_see.transpose(0, 2, 1))
+
+
+def _uniform_pairs(cfg, batch, q_pos, kv_pos, q_seg, kv_seg, block_q, block_k, q_padded, kv_padded):
+    """[B, nq, nk] bools, (weight one, weight r): block pairs with every pair visible.
+
+    Exact, never optimistic: a pair of blocks counts only if every query of the
+    one sees every key of the other (no padded key, one shared non-padding
+    segment, every position inside the causal / window bounds) and, with the
+    soft-causal ratio, every key lies at or before every query (weight 1: the
+    first array) or after every query (weight r: the second). Without the
+    ratio every all-visible pair has weight 1.
+    """
+    num_q, num_k = q_padded // block_q, kv_padded // block_k
+    kv_complete = (jnp.arange(num_k) + 1) * block_k <= cfg.kv_len  # no padded key in the block
+    q_real = jnp.arange(num_q) * block_q < cfg.q_len
+    full = jnp.broadcast_to(q_real[:, None] & kv_complete[None, :], (batch, num_q, num_k))
+    lower = upper = None
+    if cfg.masks_by_position or cfg.soft:
+        q_min, q_max = _block_extremes(q_pos, block_q)
+        k_min, k_max = _block_extremes(kv_pos, block_k)
+        q_min, q_max = q_min[:, :, None], q_max[:, :, None]
+        k_min, k_max = k_min[:, None, :], k_max[:, None, :]
+        lower, upper = k_max <= q_min, k_min > q_max
+        if cfg.causal:
+            full &= lower
+        if cfg.window_left is not None:
+            full &= q_max - k_min <= cfg.window_left
+        if cfg.window_right is not None:
+            full &= k_max - q_min <= cfg.window_right
+    if q_seg is not None:
+        q_low, q_high = _block_extremes(q_seg, block_q)
+        k_low, k_high = _block_extremes(kv_seg, block_k)
+        one_q, one_k = (q_low == q_high) & (q_low != 0), k_low == k_high
+        full &= one_q[:, :, None] & one_k[:, None, :] & (q_low[:, :, None] == k_low[:, None, :])
+    if not cfg.soft:
+        return full, jnp.zeros_like(full)
+    return full & lower, full & upper
+
+
+def _runs(may_see: Array, first: Array, second: Array) -> Array:
+    """[B, n, m] bools -> [B, n, 6] int32 schedules (see :func:`block_schedules`).
+
+    A run is kept only if its blocks are contiguous and the first ends before
+    the second starts; a run that is not (positions out of order) is emptied,
+    and its blocks go to the masked loops, which compute them exactly anyway.
+    """
+    span = _span(may_see)
+    start, end = span[..., 0], span[..., 1]
+
+    def run(uniform):
+        run_span = _span(uniform)
+        low, high = run_span[..., 0], run_span[..., 1]
+        contiguous = uniform.sum(axis=2) == high - low
+        return contiguous & (high > low), low, high
+
+    first_ok, first_low, first_high = run(first)
+    first_low = jnp.where(first_ok, first_low, start)
+    first_high = jnp.where(first_ok, first_high, start)
+    second_ok, second_low, second_high = run(second)
+    second_ok &= second_low >= first_high
+    second_low = jnp.where(second_ok, second_low, end)
+    second_high = jnp.where(second_ok, second_high, end)
+    schedule = (start, first_low, first_high, second_low, second_high, end)
+    return jnp.stack(schedule, axis=2).astype(jnp.int32)
+
+
+def block_schedules(
+    cfg, batch, q_pos, kv_pos, q_seg, kv_seg, block_q, block_k, q_padded, kv_padded
+):
+    """Which blocks each row of blocks visits, and how: ([B, nq, 6], [B, nk, 6]) int32.
+
+    The first array is per query block over the key blocks (forward, dq), the
+    second per key block over the query blocks (dk, dv). Each row is
+    ``(start, a, b, c, d, end)`` with ``start <= a <= b <= c <= d <= end``: the
+    kernel visits ``[start, end)`` (the span of :func:`block_ranges`); the runs
+    ``[a, b)`` and ``[c, d)`` are block pairs that are visible throughout with a
+    uniform soft-causal weight (:func:`_uniform_pairs`), walked without the
+    per-element mask; the rest is walked with it. Over key blocks the first run
+    has weight 1 and the second weight r (keys before, then after the queries);
+    over query blocks the reverse. With positions in order this leaves the
+    element mask to the diagonal blocks (causal, soft-causal) and a window's
+    two edges: the FlashAttention-2 and Triton-tutorial split of a causal row.
+    """
+    args = (cfg, batch, q_pos, kv_pos, q_seg, kv_seg, block_q, block_k, q_padded, kv_padded)
+    may_see = _block_pairs(*args)
+    weight_one, weight_ratio = _uniform_pairs(*args)
+    weight_one &= may_see
+    weight_ratio &= may_see
+    by_query = _runs(may_see, weight_one, weight_ratio)
+    transpose = lambda x: x.transpose(0, 2, 1)  # noqa: E731
+    by_key = _runs(transpose(may_see), transpose(weight_ratio), transpose(weight_one))
+    return by_query, by_key
 
 
 # ----------------------------------------------------------------------------- pallas calls
@@ -501,7 +627,7 @@ def _forward_call(cfg: _Config, q, k, v, ratio, q_pos, kv_pos, q_seg, kv_seg):
     batch, q_len, num_heads, head_dim = q.shape
     kv_len, groups = k.shape[1], num_heads // k.shape[2]
     block_q = cfg.block_q
-    ranges, _ = block_ranges(
+    schedules, _ = block_schedules(
         cfg, batch, q_pos, kv_pos, q_seg, kv_seg, block_q, cfg.block_k, q_len, kv_len
     )
     q_block = pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, h: (b, i, h, 0))
@@ -514,7 +640,7 @@ def _forward_call(cfg: _Config, q, k, v, ratio, q_pos, kv_pos, q_seg, kv_seg):
         functools.partial(_forward_kernel, cfg=cfg),
         grid=(q_len // block_q, batch, num_heads),
         in_specs=[
-            pl.BlockSpec((None, None, 2), lambda i, b, h: (b, i, 0)),
+            pl.BlockSpec((None, None, 6), lambda i, b, h: (b, i, 0)),
             _ratio_spec(ratio),
             q_block,
             kv_all,
@@ -532,7 +658,7 @@ def _forward_call(cfg: _Config, q, k, v, ratio, q_pos, kv_pos, q_seg, kv_seg):
         compiler_params=_compiler_params(cfg, head_dim),
         interpret=cfg.interpret,
         name="flash_attention_forward",
-    )(ranges, ratio, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+    )(schedules, ratio, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
 
 
 def _backward_calls(cfg: _Config, residuals, d_out):
@@ -545,7 +671,7 @@ def _backward_calls(cfg: _Config, residuals, d_out):
     dtype = _accumulator_dtype(q.dtype)
     # FlashAttention-2's row term D_i = dO_i . o_i (right with the soft weights too), [B, H, Lq].
     delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(dtype), out.astype(dtype))
-    q_ranges, kv_ranges = block_ranges(
+    q_schedules, kv_schedules = block_schedules(
         cfg, batch, q_pos, kv_pos, q_seg, kv_seg, block_q, block_k, q_len, kv_len
     )
     optional = lambda x, spec: None if x is None else spec  # noqa: E731
@@ -565,7 +691,7 @@ def _backward_calls(cfg: _Config, residuals, d_out):
         functools.partial(_dkdv_kernel, cfg=cfg),
         grid=(kv_len // block_k, batch, num_heads),
         in_specs=[
-            pl.BlockSpec((None, None, 2), lambda j, b, h: (b, j, 0)),
+            pl.BlockSpec((None, None, 6), lambda j, b, h: (b, j, 0)),
             _ratio_spec(ratio),
             q_all,
             kv_block,
@@ -583,7 +709,7 @@ def _backward_calls(cfg: _Config, residuals, d_out):
         compiler_params=params,
         interpret=cfg.interpret,
         name="flash_attention_dkdv",
-    )(kv_ranges, *inputs)
+    )(kv_schedules, *inputs)
     if groups > 1:
         grouped = (batch, kv_len, num_kv_heads, groups, head_dim)
         dk = dk.reshape(grouped).sum(axis=3).astype(k.dtype)
@@ -599,7 +725,7 @@ def _backward_calls(cfg: _Config, residuals, d_out):
         functools.partial(_dq_kernel, cfg=cfg),
         grid=(q_len // block_q, batch, num_heads),
         in_specs=[
-            pl.BlockSpec((None, None, 2), lambda i, b, h: (b, i, 0)),
+            pl.BlockSpec((None, None, 6), lambda i, b, h: (b, i, 0)),
             _ratio_spec(ratio),
             q_block,
             kv_all,
@@ -617,7 +743,7 @@ def _backward_calls(cfg: _Config, residuals, d_out):
         compiler_params=params,
         interpret=cfg.interpret,
         name="flash_attention_dq",
-    )(q_ranges, *inputs)
+    )(q_schedules, *inputs)
     return dq, dk, dv
 
 

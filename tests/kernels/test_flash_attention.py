@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import effformer.kernels.flash_attention as fa
 from effformer.kernels.flash_attention import BlockSizes, default_block_sizes, flash_attention
 from effformer.ops import attention, masks
 from effformer.ops.attention import dot_product_attention
@@ -295,3 +296,165 @@ def test_kernels_lower_to_triton_with_the_launch_parameters():
 def test_block_sizes_reject_bad_launch_parameters(change, message):
     with pytest.raises(ValueError, match=message):
         BlockSizes(**change)
+
+
+# ----------------------------------------------------------------------------- block schedules
+
+
+# Blocks of 16 positions in the order 3, 0, 2, 1: the query block holding 32..47 sees key
+# blocks 1 and 3 (positions 0..31) whole under a causal mask, and block 2 in between only
+# in part, so its all-visible blocks are not one contiguous run.
+BLOCKS_OUT_OF_ORDER = np.concatenate([np.arange(16 * b, 16 * b + 16) for b in (3, 0, 2, 1)]).astype(
+    np.int32
+)
+
+
+def _schedules(q_len, kv_len, positions=None, segments=None, **mask):
+    """block_schedules for blocks of 16 on batch-2 rows, with the kernel's own row padding."""
+    cfg = fa._Config(
+        causal=mask.get("causal", False), window_left=mask.get("window_left"),
+        window_right=mask.get("window_right"), soft=mask.get("soft", False), scale=1.0,
+        q_len=q_len, kv_len=kv_len, block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16,
+        interpret=True,
+    )  # fmt: skip
+    q_padded, kv_padded = fa._padded_q_len(cfg), fa._padded_kv_len(cfg)
+    rows = fa.padded_rows(
+        2, q_len, kv_len, q_padded, kv_padded,
+        with_positions=cfg.masks_by_position or cfg.soft,
+        q_positions=positions, kv_positions=positions, q_segment_ids=segments,
+        kv_segment_ids=segments,
+    )  # fmt: skip
+    by_query, by_key = fa.block_schedules(cfg, 2, *rows, 16, 16, q_padded, kv_padded)
+    return cfg, rows, np.asarray(by_query), np.asarray(by_key)
+
+
+def _dense_pairs(cfg, rows):
+    """Per batch row: visible [Lq_pad, Lk_pad] (real queries only) and keys-after-query."""
+    q_pos, kv_pos, q_seg, kv_seg = (None if x is None else np.asarray(x) for x in rows)
+    q_padded, kv_padded = fa._padded_q_len(cfg), fa._padded_kv_len(cfg)
+    visible = np.ones((2, q_padded, kv_padded), bool)
+    visible[:, cfg.q_len :, :] = False  # padded queries: their results are dropped
+    visible[:, :, cfg.kv_len :] = False
+    after = np.zeros_like(visible)
+    if q_pos is not None:
+        q_col, kv_row = q_pos[:, :, None], kv_pos[:, None, :]
+        after = kv_row > q_col
+        if cfg.causal:
+            visible &= ~after
+        if cfg.window_left is not None:
+            visible &= q_col - kv_row <= cfg.window_left
+        if cfg.window_right is not None:
+            visible &= kv_row - q_col <= cfg.window_right
+    if q_seg is not None:
+        visible &= (q_seg[:, :, None] == kv_seg[:, None, :]) & (q_seg[:, :, None] != 0)
+    return visible, after
+
+
+def _check_schedules(cfg, rows, by_query, by_key):
+    """Every visible pair is walked; the unmasked runs hold only visible, same-weight pairs.
+
+    Over key blocks (forward, dq) the first run must be keys at or before every
+    query (weight 1) and the second keys after every query (weight r); over
+    query blocks (dk, dv) the reverse. Only real queries count: padded ones are
+    dropped from the output and get a zero cotangent.
+    """
+    visible, after = _dense_pairs(cfg, rows)
+    real = np.arange(visible.shape[1]) < cfg.q_len
+    blocks = lambda index: slice(16 * index, 16 * index + 16)  # noqa: E731
+    for schedules, by_key_rows in ((by_query, False), (by_key, True)):
+        run_after = (True, False) if by_key_rows else (False, True)
+        num_other = (visible.shape[1] if by_key_rows else visible.shape[2]) // 16
+        for b in range(2):
+            for row, (start, a, b_end, c, d, end) in enumerate(schedules[b]):
+                assert start <= a <= b_end <= c <= d <= end
+                for other in range(num_other):
+                    q_block, k_block = (other, row) if by_key_rows else (row, other)
+                    qs, ks = blocks(q_block), blocks(k_block)
+                    seen = visible[b, qs, ks][real[qs]]
+                    if not start <= other < end:
+                        assert not seen.any(), (b, row, other)
+                    for (low, high), keys_after in zip(
+                        ((a, b_end), (c, d)), run_after, strict=True
+                    ):
+                        if low <= other < high:
+                            assert seen.all(), (b, row, other)
+                            if cfg.soft:
+                                is_after = after[b, qs, ks][real[qs]]
+                                assert (is_after == keys_after).all(), (b, row, other)
+
+
+def test_block_schedules_leave_the_element_mask_to_the_diagonal_blocks():
+    # Positions in order, 4 blocks of 16: a causal query block i walks key blocks
+    # [0, i) unmasked and only the diagonal masked; soft-causal adds the keys after
+    # it as a weight-r run. Key block j (dk, dv) walks queries the other way round.
+    cfg, rows, by_query, by_key = _schedules(64, 64, causal=True)
+    _check_schedules(cfg, rows, by_query, by_key)
+    for i in range(4):
+        assert tuple(by_query[0, i]) == (0, 0, i, i + 1, i + 1, i + 1)
+        assert tuple(by_key[1, i]) == (i, i, i, i + 1, 4, 4)
+    cfg, rows, by_query, by_key = _schedules(64, 64, soft=True)
+    _check_schedules(cfg, rows, by_query, by_key)
+    for i in range(4):
+        assert tuple(by_query[1, i]) == (0, 0, i, i + 1, 4, 4)
+        assert tuple(by_key[0, i]) == (0, 0, i, i + 1, 4, 4)
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        dict(causal=True),
+        dict(soft=True),
+        dict(window_left=40, window_right=20),
+        dict(causal=True, segments=SEGMENTS, positions=POSITIONS),
+        dict(soft=True, segments=SEGMENTS, positions=POSITIONS),
+        dict(causal=True, shuffled=True),
+        dict(soft=True, shuffled=True),
+        dict(causal=True, positions=np.stack([BLOCKS_OUT_OF_ORDER[:LENGTH]] * 2)),
+    ],
+    ids=["causal", "soft", "window", "packed", "soft_packed", "shuffled", "soft_shuffled",
+         "blocks_out_of_order"],
+)  # fmt: skip
+def test_block_schedules_never_skip_a_visible_pair_nor_leave_one_unmasked(mask):
+    mask = dict(mask)
+    q_len = LENGTH
+    shuffled = mask.pop("shuffled", False)
+    if shuffled:  # positions out of order: runs are not contiguous
+        rng = np.random.default_rng(0)
+        mask["positions"] = np.stack([rng.permutation(LENGTH) for _ in range(2)]).astype(np.int32)
+    cfg, rows, by_query, by_key = _schedules(q_len, LENGTH, **mask)
+    _check_schedules(cfg, rows, by_query, by_key)
+    # Something is walked unmasked, except where positions are shuffled.
+    runs = lambda s: (s[..., 2] - s[..., 1] + s[..., 4] - s[..., 3]).sum()  # noqa: E731
+    if "positions" not in mask or mask["positions"] is not POSITIONS and not shuffled:
+        assert runs(by_query) + runs(by_key) > 0
+
+
+@pytest.mark.parametrize(
+    "mask_kwargs",
+    [dict(causal=True), dict(soft_causal_ratio=0.3), dict(window_left=40, window_right=20)],
+    ids=["causal", "soft", "window"],
+)
+@pytest.mark.parametrize("order", ["ordered", "shuffled", "blocks_out_of_order"])
+def test_kernel_matches_reference_with_ordered_and_shuffled_positions(x64, mask_kwargs, order):
+    # 64 = 4 whole blocks: with ordered positions every loop kind of _walk_schedule runs
+    # (the schedule test above); shuffled positions break the runs, so their blocks go to
+    # the masked loops; blocks out of order make all-visible blocks that are not contiguous.
+    length = 64
+    positions = np.arange(length, dtype=np.int32)[None].repeat(2, 0)
+    if order == "shuffled":
+        rng = np.random.default_rng(1)
+        positions = np.stack([rng.permutation(length) for _ in range(2)]).astype(np.int32)
+    elif order == "blocks_out_of_order":
+        positions = np.stack([BLOCKS_OUT_OF_ORDER] * 2)
+    q, k, v, d_out = _inputs(length, length, seed=2)
+    mask = AttentionMask(q_positions=positions, kv_positions=positions, **mask_kwargs)
+
+    def run(implementation, **kwargs):
+        attend = lambda q, k, v: dot_product_attention(  # noqa: E731
+            q, k, v, mask=mask, implementation=implementation, **kwargs
+        )
+        out, vjp = jax.vjp(attend, q, k, v)
+        return out, vjp(d_out)
+
+    actual = _jit_unoptimised(lambda: run("pallas", pallas_block_sizes=BLOCKS))()
+    _assert_close(actual, _jit_unoptimised(lambda: run("reference"))())
