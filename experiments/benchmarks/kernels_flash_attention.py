@@ -20,16 +20,25 @@ Markdown tables:
      2.5 times that for the backward (five matmuls). On CPU the table is printed
      with "not measured" cells: interpret mode says nothing about GPU speed.
   3. with ``--sweep`` (GPU): the kernel's block sizes and Triton warps / stages
-     at L 4096, to tune the defaults.
+     at L 4096, to tune the defaults; ``--sweep-launch``: the warps / stages
+     alone, around the default blocks.
+  4. with ``--ablate-schedules`` (GPU): at L 4096, the kernel as it is against
+     the same kernel with every block pair walked with the element mask
+     (``flash_attention.block_schedules``' unmasked runs emptied), causal and
+     soft-causal, forward and forward + backward: what skipping the element
+     mask on all-visible blocks is worth.
 
 Run:
   .venv/bin/python experiments/benchmarks/kernels_flash_attention.py          # CPU or GPU
   python experiments/benchmarks/kernels_flash_attention.py --sweep             # GPU, tuning
+  python experiments/benchmarks/kernels_flash_attention.py --skip-correctness --skip-speed \
+      --sweep-launch --ablate-schedules                                        # GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import sys
 from pathlib import Path
@@ -38,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effformer.kernels import flash_attention as flash_kernel
 from effformer.kernels.flash_attention import BlockSizes
 from effformer.ops.attention import dot_product_attention
 from effformer.ops.masks import AttentionMask
@@ -215,7 +225,7 @@ def speed_table(on_gpu: bool, repeats: int) -> None:
     print()
 
 
-def sweep_table(repeats: int) -> None:
+def sweep_table(repeats: int, launch_only: bool = False) -> None:
     batch, heads, length = 2, 16, 4096
     print(
         f"Block sweep (bfloat16, batch {batch}, {heads} heads, L {length}, soft-causal r 0.5; "
@@ -229,11 +239,13 @@ def sweep_table(repeats: int) -> None:
     mask = AttentionMask(soft_causal_ratio=0.5)
     for head_dim in (64, 128):
         args = _inputs(batch, length, length, heads, heads, head_dim, jnp.bfloat16)
-        candidates = [
-            BlockSizes(bq, bk, bqb, bkb)
-            for bq, bk in ((64, 64), (128, 32), (128, 64), (128, 128))
-            for bqb, bkb in ((32, 64), (64, 64), (64, 128), (128, 64))
-        ]
+        candidates = []
+        if not launch_only:
+            candidates += [
+                BlockSizes(bq, bk, bqb, bkb)
+                for bq, bk in ((64, 64), (128, 32), (128, 64), (128, 128))
+                for bqb, bkb in ((32, 64), (64, 64), (64, 128), (128, 64))
+            ]
         # Triton's launch parameters around the default blocks.
         candidates += [
             BlockSizes(num_warps=warps, num_stages=stages)
@@ -255,10 +267,61 @@ def sweep_table(repeats: int) -> None:
     print()
 
 
+@contextlib.contextmanager
+def _element_mask_everywhere():
+    """Traces the kernel with no unmasked runs: every block pair gets the element mask."""
+    uniform_pairs = flash_kernel._uniform_pairs
+
+    def no_runs(*args):
+        weight_one, weight_ratio = uniform_pairs(*args)
+        return jnp.zeros_like(weight_one), jnp.zeros_like(weight_ratio)
+
+    flash_kernel._uniform_pairs = no_runs
+    try:
+        yield
+    finally:
+        flash_kernel._uniform_pairs = uniform_pairs
+
+
+def schedule_ablation_table(repeats: int) -> None:
+    batch, heads, length = 2, 16, 4096
+    print(
+        f"Unmasked runs (bfloat16, batch {batch}, {heads} heads, L {length}, default blocks): "
+        "the kernel against the same kernel with the element mask on every block\n"
+    )
+    print("| head dim | mask | pass | runs ms | mask everywhere ms | speed-up |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for head_dim, soft in itertools.product((64, 128), (False, True)):
+        mask = AttentionMask(soft_causal_ratio=0.5) if soft else AttentionMask(causal=True)
+        args = _inputs(batch, length, length, heads, heads, head_dim, jnp.bfloat16)
+        # jit traces lazily: lower each program where the patch should (not) be seen.
+        with_runs = [fn.lower(*args) for fn in _programs(mask, None)["pallas"]]
+        with _element_mask_everywhere():
+            masked = [fn.lower(*args) for fn in _programs(mask, None)["pallas"]]
+        if any(a.as_text() == b.as_text() for a, b in zip(with_runs, masked, strict=True)):
+            raise RuntimeError("the element-mask-everywhere programs equal the kernel's")
+        with_runs = [lowered.compile() for lowered in with_runs]
+        masked = [lowered.compile() for lowered in masked]
+        for index, pass_name in enumerate(("forward", "forward + backward")):
+            runs = _median_seconds(with_runs[index], args, repeats)
+            everywhere = _median_seconds(masked[index], args, repeats)
+            name = "soft-causal r 0.5" if soft else "causal"
+            print(
+                f"| {head_dim} | {name} | {pass_name} | {runs * 1e3:.3f} | "
+                f"{everywhere * 1e3:.3f} | {everywhere / runs:.2f}x |",
+                flush=True,
+            )
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--sweep", action="store_true", help="block sizes (GPU)")
+    parser.add_argument("--sweep-launch", action="store_true", help="warps / stages (GPU)")
+    parser.add_argument(
+        "--ablate-schedules", action="store_true", help="element mask everywhere (GPU)"
+    )
     parser.add_argument("--skip-correctness", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     args = parser.parse_args()
@@ -268,10 +331,12 @@ def main() -> None:
         correctness_table(interpret=not on_gpu)
     if not args.skip_speed:
         speed_table(on_gpu, args.repeats)
-    if args.sweep:
-        if not on_gpu:
-            raise SystemExit("--sweep needs a GPU")
-        sweep_table(args.repeats)
+    if (args.sweep or args.sweep_launch or args.ablate_schedules) and not on_gpu:
+        raise SystemExit("--sweep, --sweep-launch and --ablate-schedules need a GPU")
+    if args.sweep or args.sweep_launch:
+        sweep_table(args.repeats, launch_only=not args.sweep)
+    if args.ablate_schedules:
+        schedule_ablation_table(args.repeats)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@
 #   OUT=runs/kernels_gpu DEADLINE=400 bash experiments/benchmarks/kernels_gpu_session.sh
 #   OUT=... bash experiments/benchmarks/kernels_gpu_session.sh flash_sweep scan_sweep
 #
-# Stages (default: env gpu_tests scan_sweep decode flash_speed scan decode_gqa flash_sweep,
-# the most important first):
+# Stages (default: env gpu_tests scan flash_speed decode flash_ablation flash_launch
+# decode_gqa scan_sweep flash_sweep, the most important first):
 #   env          GPU, driver, jax / jaxlib / Triton versions
 #   gpu_tests    tests/kernels/test_kernels_on_gpu.py: compiled kernels vs float64 references
 #   flash        kernels_flash_attention.py: correctness and the speed table vs XLA and cuDNN
@@ -14,6 +14,8 @@
 #   decode       kernels_decode_attention.py: split-K decode vs XLA, full caches
 #   decode_gqa   the same, 4 query heads per kv head, ragged cache lengths
 #   flash_sweep  flash-attention block sizes at L 4096
+#   flash_launch flash-attention warps / stages at L 4096, around the default blocks
+#   flash_ablation  the kernel against itself with the element mask on every block pair
 #   scan_sweep   selective-scan channel blocks, sequence chunks and warps
 # Each stage runs in its own process under `timeout` (a failure or hang in one does not
 # stop the others), writes $OUT/<stage>.log and prints its status and the log's tail.
@@ -62,6 +64,10 @@ jaxlib.__version__, jax.devices())'; $PY -m pip list 2>/dev/null | grep -i -E '^
     --batches 1,8 --heads 32 --group 4 --ragged --repeats 10 ;;
   flash_sweep) stage flash_sweep 200 "$PY" $BENCH/kernels_flash_attention.py --repeats 5 \
     --skip-correctness --skip-speed --sweep ;;
+  flash_launch) stage flash_launch 120 "$PY" $BENCH/kernels_flash_attention.py --repeats 5 \
+    --skip-correctness --skip-speed --sweep-launch ;;
+  flash_ablation) stage flash_ablation 90 "$PY" $BENCH/kernels_flash_attention.py --repeats 10 \
+    --skip-correctness --skip-speed --ablate-schedules ;;
   scan_sweep) stage scan_sweep 150 "$PY" $BENCH/kernels_selective_scan.py --reps 5 \
     --skip-correctness --skip-speed --sweep ;;
   *) echo "unknown stage $1" >&2 && exit 2 ;;
@@ -69,8 +75,9 @@ jaxlib.__version__, jax.devices())'; $PY -m pip list 2>/dev/null | grep -i -E '^
 }
 
 STAGES=("$@")
-# What the last GPU run (2026-12-04, experiments/benchmarks/README.md) left unmeasured first.
+# What the last GPU run (experiments/benchmarks/README.md) left unmeasured first.
 ((${#STAGES[@]})) ||
-  STAGES=(env gpu_tests scan_sweep decode flash_speed scan decode_gqa flash_sweep)
+  STAGES=(env gpu_tests scan flash_speed decode flash_ablation flash_launch decode_gqa scan_sweep
+    flash_sweep)
 for name in "${STAGES[@]}"; do run_stage "$name"; done
 echo "=== total $(($(date +%s) - START))s"
