@@ -46,11 +46,16 @@ Implementations:
     of the ``"xla"`` path (a ``custom_vjp`` recomputes it), which computes the
     same function.
 
-``implementation=None`` picks ``"xla"`` on every backend. On an H200 the GPU
-kernel read a 4.3 GB cache at 85% of the bandwidth (1.03x the ``"xla"`` path) and
-was 2.2x faster on ragged GQA caches at batch 8, but had a ~0.5 ms floor that made
-it up to 14x slower below a few hundred MB (experiments/benchmarks/README.md), so
-it is not a default; the TPU version has not run on a TPU.
+``implementation=None`` (:func:`default_implementation`) picks ``"pallas"`` on a
+single GPU for float16 / bfloat16 caches the Triton kernel takes, else ``"xla"``.
+On an H200 (experiments/benchmarks/README.md, "Second H200 session"; bfloat16, head
+dim 128) the kernel took 0.05-1.05 ms against the ``"xla"`` path's 0.05-1.22 ms over
+caches of 17 MB to 4.3 GB, reading the largest at the full measured bandwidth, and
+0.05 / 0.18 ms against 0.11 / 1.03 ms on ragged GQA caches (it reads only the valid
+tiles): as fast or faster everywhere timed (one row within noise: 0.063 against 0.06
+ms). Float32 caches were not timed and stay on ``"xla"``; so do several devices (jit's
+sharding cannot split a kernel's custom call: call ``"pallas"`` inside ``shard_map``)
+and every other backend (the TPU version has not run on a TPU).
 """
 
 from __future__ import annotations
@@ -210,6 +215,28 @@ def _pallas_unsupported_reason(q: Array, backend: str) -> str | None:
     return None
 
 
+def default_implementation(q: Array) -> str:
+    """What ``implementation=None`` runs for queries ``q``: see the module docstring.
+
+    ``"pallas"`` on one GPU for 16-bit ``q`` that the Triton kernel takes (what was
+    timed faster than ``"xla"``), else ``"xla"``.
+    """
+    backend = _backend()
+    if (
+        backend == "gpu"
+        and jax.device_count() == 1
+        and q.dtype in (jnp.float16, jnp.bfloat16)
+        and _pallas_unsupported_reason(q, backend) is None
+    ):
+        return "pallas"
+    return "xla"
+
+
+def _backend() -> str:
+    """The backend :func:`default_implementation` decides for (patched in tests)."""
+    return jax.default_backend()
+
+
 def _validate(q, k_cache, v_cache, cache_lengths, scale, num_splits, implementation, block_k):
     name = "decode_attention"
     if jnp.ndim(q) != 4 or q.shape[1] != 1:
@@ -311,7 +338,9 @@ def decode_attention(
         core, at least one per (sequence, kv head)); on TPU over
         ``num_splits * B`` programs, a tile covering all kv heads (default: one
         program per TensorCore). Ignored by ``"reference"``.
-      implementation: one of ``IMPLEMENTATIONS`` or None (see module docstring).
+      implementation: one of ``IMPLEMENTATIONS`` or None (:func:`default_implementation`:
+        the kernel on one GPU for 16-bit caches, so ``num_splits`` then means the
+        kernel's split; else ``"xla"``).
       block_k: ``"pallas"`` keys per tile, a power of two >= 16 (default 128; on
         TPU ``tpu_kernel.default_block_k``: 1024 key rows over all kv heads).
     Returns:
@@ -324,7 +353,7 @@ def decode_attention(
     lengths = jnp.clip(jnp.asarray(cache_lengths, jnp.int32), 0, max_len)
     query = q[:, 0]
     if implementation is None:
-        implementation = "xla"
+        implementation = default_implementation(q)
     if implementation == "pallas":
         backend = jax.default_backend()
         reason = _pallas_unsupported_reason(q, backend)

@@ -120,6 +120,27 @@ def test_default_implementation_and_scale():
     np.testing.assert_allclose(np.asarray(out), expected, atol=2e-6, rtol=2e-5)
 
 
+@pytest.mark.parametrize(
+    ("backend", "devices", "dtype", "head_dim", "expected"),
+    [
+        ("gpu", 1, jnp.bfloat16, 128, "pallas"),  # what was timed faster on the H200
+        ("gpu", 1, jnp.float16, 64, "pallas"),
+        ("gpu", 1, jnp.float32, 128, "xla"),  # untimed
+        ("gpu", 1, jnp.bfloat16, 96, "xla"),  # the Triton kernel cannot take it
+        ("gpu", 8, jnp.bfloat16, 128, "xla"),  # jit would not split the custom call
+        ("cpu", 1, jnp.bfloat16, 128, "xla"),  # interpret mode is for tests
+        ("tpu", 1, jnp.bfloat16, 128, "xla"),  # never run on a TPU
+    ],
+)
+def test_default_implementation_is_the_kernel_only_where_it_was_timed_faster(
+    monkeypatch, backend, devices, dtype, head_dim, expected
+):
+    monkeypatch.setattr(decode_module, "_backend", lambda: backend)
+    monkeypatch.setattr(decode_module.jax, "device_count", lambda: devices)
+    q = jax.ShapeDtypeStruct((2, 1, 4, head_dim), dtype)
+    assert decode_module.default_implementation(q) == expected
+
+
 def test_keys_past_the_length_are_invisible():
     """Whatever finite values sit in the unfilled slots, the output does not change."""
     q, k, v = _inputs(seed=4)
