@@ -95,9 +95,10 @@ DEFAULT_SEQ_BLOCK = 16
 INTERPRET_SEQ_BLOCK = 4
 DEFAULT_CHANNEL_BLOCK = 8
 # Sequence chunks and warps from the scan_sweep stage of kernels_gpu_session.sh on an
-# H200 (2026-12-04, second run; batch 2, d 1536, n 16, L 4096, channel block 8): 256-step
+# H200 (experiments/benchmarks/README.md, "Pallas kernels on an NVIDIA H200: second
+# session"; batch 2, d 1536, n 16, L 4096, channel block 8): 256-step
 # chunks with one warp ran the kernel in 0.66 ms forward and 2.13 ms forward + backward,
-# against 1.77 and 3.96 ms for the one-pass scan (2 warps, its best in the first run).
+# against 1.77 and 3.96 ms for the one-pass scan (2 warps, its best in the first session).
 # With two warps the chunked scan was ~2x slower forward (1.35 ms): more warps per
 # program only add idle lanes to a [8, 16] state, and fewer resident programs.
 DEFAULT_CHUNK_SIZE = 256

@@ -310,7 +310,7 @@ def _pallas_not_chosen_reason(q, bias, dropout_rate, scale) -> str | None:
     """Why ``implementation=None`` does not pick the GPU flash kernel, or None if it does.
 
     It is picked where it was measured faster than "xla" (an H200, 16-bit inputs, head
-    dims 64 and 128, 1024 and 4096 queries, causal and soft-causal masks: 1.4-9.7x;
+    dims 64 and 128, 1024 and 4096 queries, causal and soft-causal masks: 2.4-10.9x;
     experiments/benchmarks/README.md) and can compute the call. Short query blocks
     (decode steps with one query) are left to XLA: a kernel program per (batch, head)
     walking the whole cache was not timed there. So is any call while several devices
