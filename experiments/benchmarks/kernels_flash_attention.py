@@ -12,9 +12,11 @@ Markdown tables:
      (causal, soft-causal r = 0.5), bfloat16, batch 2, 16 heads: forward and
      forward + backward time of the kernel, of the op's ``"xla"`` path, and of
      cuDNN's causal attention (``jax.nn.dot_product_attention(implementation=
-     "cudnn", is_causal=True)``, the issue's yardstick, also on the soft rows),
+     "cudnn", is_causal=True)``, the issue's yardstick, also on the soft rows)
+     and cuDNN's unmasked attention (``is_causal=False``: the same work as
+     soft-causal with 0 < r < 1, which sees every key),
      each with achieved TFLOP/s and its fraction of the measured bfloat16 matmul
-     peak, and the kernel's time over cuDNN's. FLOPs are counted, not taken from
+     peak, and the kernel's time over each cuDNN's. FLOPs are counted, not taken from
      XLA (which cannot see into a kernel): ``4 B H L^2 D`` forward (two matmuls),
      halved for causal (the visible triangle; soft-causal sees every key), and
      2.5 times that for the backward (five matmuls). On CPU the table is printed
@@ -163,8 +165,16 @@ def _programs(mask: AttentionMask, blocks: BlockSizes | None):
     def cudnn_causal(q, k, v):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
+    def cudnn_full(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=False, implementation="cudnn")
+
     programs = {}
-    for name, attend in (("pallas", op("pallas")), ("xla", op("xla")), ("cudnn", cudnn_causal)):
+    for name, attend in (
+        ("pallas", op("pallas")),
+        ("xla", op("xla")),
+        ("cudnn", cudnn_causal),
+        ("cudnn full", cudnn_full),
+    ):
         forward = jax.jit(lambda q, k, v, d_out, attend=attend: attend(q, k, v))
         programs[name] = (forward, _value_and_grads(attend))
     return programs
@@ -185,13 +195,13 @@ def speed_table(on_gpu: bool, repeats: int) -> None:
         + (f" {peak:.0f} TFLOP/s" if peak else "")
         + "; cudnn = cuDNN causal attention)\n"
     )
-    columns = ("pallas", "xla", "cudnn")
+    columns = ("pallas", "xla", "cudnn", "cudnn full")
     print(
         "| L | head dim | mask | pass | "
         + " | ".join(f"{c} ms | {c} TFLOP/s (fraction)" for c in columns)
-        + " | pallas / cudnn |"
+        + " | pallas / cudnn | pallas / cudnn full |"
     )
-    print("| " + " | ".join(["---"] * (5 + 2 * len(columns))) + " |")
+    print("| " + " | ".join(["---"] * (6 + 2 * len(columns))) + " |")
     for length, head_dim, soft in itertools.product((1024, 4096), (64, 128), (False, True)):
         mask = AttentionMask(soft_causal_ratio=0.5) if soft else AttentionMask(causal=True)
         mask_name = "soft-causal r 0.5" if soft else "causal"
@@ -210,17 +220,19 @@ def speed_table(on_gpu: bool, repeats: int) -> None:
                 except Exception as error:  # e.g. XLA's materialised scores out of memory
                     cells += [f"failed: {type(error).__name__}", ""]
                     continue
-                # Work each computes: cuDNN is causal on every row; pallas / xla follow the mask.
-                causal = name == "cudnn" or not soft
+                # Work each computes: "cudnn" is causal and "cudnn full" unmasked on every
+                # row; pallas / xla follow the mask.
+                causal = name == "cudnn" or (name != "cudnn full" and not soft)
                 flops = _flops(batch, heads, length, head_dim, causal, backward)
                 tflops = flops / seconds[name] / 1e12
                 cells += [f"{seconds[name] * 1e3:.3f}", f"{tflops:.0f} ({tflops / peak:.0%})"]
-            ratio = (
-                f"{seconds['pallas'] / seconds['cudnn']:.2f}x"
-                if "pallas" in seconds and "cudnn" in seconds
+            ratios = [
+                f"{seconds['pallas'] / seconds[name]:.2f}x"
+                if "pallas" in seconds and name in seconds
                 else NOT_MEASURED
-            )
-            row = [str(length), str(head_dim), mask_name, pass_name, *cells, ratio]
+                for name in ("cudnn", "cudnn full")
+            ]
+            row = [str(length), str(head_dim), mask_name, pass_name, *cells, *ratios]
             print("| " + " | ".join(row) + " |", flush=True)
     print()
 
