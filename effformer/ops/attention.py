@@ -50,7 +50,7 @@ import jax.numpy as jnp
 
 from effformer.kernels import flash_attention as pallas_flash
 from effformer.kernels import flash_attention_tpu as pallas_flash_tpu
-from effformer.ops import masks
+from effformer.ops import kernel_sharding, masks
 from effformer.ops.attention_blockwise import (
     DEFAULT_BLOCK_K,
     DEFAULT_BLOCK_Q,
@@ -209,24 +209,44 @@ def _pallas_or_fallback(q, k, bias, dropout_rate) -> str:
 
 
 def _pallas(q, k, v, mask, scale, block_sizes) -> Array:
-    """The backend's kernel: Mosaic on TPU, Triton on GPU, the Triton one interpreted on CPU."""
+    """The backend's kernel: Mosaic on TPU, Triton on GPU, the Triton one interpreted on CPU.
+
+    Under a mesh each device runs it on its own examples (ops.kernel_sharding).
+    """
     mask = AttentionMask() if mask is None else mask
-    arguments = dict(
-        causal=mask.causal,
-        window_left=mask.window_left,
-        window_right=mask.window_right,
-        q_segment_ids=mask.q_segment_ids,
-        kv_segment_ids=mask.kv_segment_ids,
-        q_positions=mask.q_positions,
-        kv_positions=mask.kv_positions,
-        soft_causal_ratio=mask.soft_causal_ratio,
-        scale=scale,
-        block_sizes=block_sizes,
-    )
+    batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
+
+    def rows(x, length):  # [B, L] (or [1, L]) per-example rows, split with the batch
+        return None if x is None else jnp.broadcast_to(jnp.asarray(x), (batch, length))
+
     backend = jax.default_backend()
-    if backend == "tpu":
-        return pallas_flash_tpu.flash_attention_tpu(q, k, v, **arguments, interpret=False)
-    return pallas_flash.flash_attention(q, k, v, **arguments, interpret=backend == "cpu")
+
+    def kernel(q, k, v, q_seg, kv_seg, q_pos, kv_pos, ratio):
+        arguments = dict(
+            causal=mask.causal,
+            window_left=mask.window_left,
+            window_right=mask.window_right,
+            q_segment_ids=q_seg,
+            kv_segment_ids=kv_seg,
+            q_positions=q_pos,
+            kv_positions=kv_pos,
+            soft_causal_ratio=ratio,
+            scale=scale,
+            block_sizes=block_sizes,
+        )
+        if backend == "tpu":
+            return pallas_flash_tpu.flash_attention_tpu(q, k, v, **arguments, interpret=False)
+        return pallas_flash.flash_attention(q, k, v, **arguments, interpret=backend == "cpu")
+
+    batched = (
+        q, k, v,
+        rows(mask.q_segment_ids, q_len), rows(mask.kv_segment_ids, kv_len),
+        rows(mask.q_positions, q_len), rows(mask.kv_positions, kv_len),
+    )  # fmt: skip
+    placement = kernel_sharding.kernel_placement(batch)
+    return kernel_sharding.call_over_batch(
+        kernel, batched, (mask.soft_causal_ratio,), placement.batch_axes
+    )
 
 
 def _validate(q, k, v, mask, bias, implementation, dropout_rate, dropout_rng) -> None:
@@ -298,12 +318,6 @@ def _validate(q, k, v, mask, bias, implementation, dropout_rate, dropout_rng) ->
 
 # The shortest query length at which implementation=None picks the GPU flash kernel.
 PALLAS_MIN_AUTO_QUERIES = 1024
-# jit's sharding propagation cannot split a kernel's custom call, so under a sharded
-# batch every device would get the whole batch; the automatic choice keeps to one device.
-_SEVERAL_DEVICES = (
-    "{count} devices, and jit's sharding does not split a Pallas kernel (call it with "
-    "implementation='pallas' inside shard_map)"
-)
 
 
 def _pallas_not_chosen_reason(q, bias, dropout_rate, scale) -> str | None:
@@ -313,8 +327,9 @@ def _pallas_not_chosen_reason(q, bias, dropout_rate, scale) -> str | None:
     dims 64 and 128, 1024 and 4096 queries, causal and soft-causal masks: 2.4-10.9x;
     experiments/benchmarks/README.md) and can compute the call. Short query blocks
     (decode steps with one query) are left to XLA: a kernel program per (batch, head)
-    walking the whole cache was not timed there. So is any call while several devices
-    are visible (``_SEVERAL_DEVICES``).
+    walking the whole cache was not timed there. So is any call the kernel cannot be
+    placed for on several devices (:func:`effformer.ops.kernel_sharding.kernel_placement`:
+    no mesh, or a batch that does not split over it).
     """
     if bias is not None:
         return "it takes no bias"
@@ -328,9 +343,7 @@ def _pallas_not_chosen_reason(q, bias, dropout_rate, scale) -> str | None:
         return f"it was measured up to head dim 128, got {q.shape[-1]}"
     if q.shape[1] < PALLAS_MIN_AUTO_QUERIES:
         return f"it was measured for >= {PALLAS_MIN_AUTO_QUERIES} queries, got {q.shape[1]}"
-    if jax.device_count() > 1:
-        return _SEVERAL_DEVICES.format(count=jax.device_count())
-    return None
+    return kernel_sharding.kernel_placement(q.shape[0]).reason
 
 
 def _choose_implementation(q, k, mask, bias, dropout_rate, scale=1.0) -> str:

@@ -53,9 +53,10 @@ dim 128) the kernel took 0.05-1.05 ms against the ``"xla"`` path's 0.05-1.22 ms 
 caches of 17 MB to 4.3 GB, reading the largest at the full measured bandwidth, and
 0.05 / 0.18 ms against 0.11 / 1.03 ms on ragged GQA caches (it reads only the valid
 tiles): as fast or faster everywhere timed (one row within noise: 0.063 against 0.06
-ms). Float32 caches were not timed and stay on ``"xla"``; so do several devices (jit's
-sharding cannot split a kernel's custom call: call ``"pallas"`` inside ``shard_map``)
-and every other backend (the TPU version has not run on a TPU).
+ms). Float32 caches were not timed and stay on ``"xla"``; so does every other backend
+(the TPU version has not run on a TPU), and several devices unless each can run the
+kernel on its own sequences (a mesh the batch splits over: ``ops.kernel_sharding``;
+jit's sharding cannot split a kernel's custom call).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ import numpy as np
 
 from effformer.kernels import decode_attention as kernel
 from effformer.kernels import decode_attention_tpu as tpu_kernel
+from effformer.ops import kernel_sharding
 
 Array = jax.Array
 
@@ -218,18 +220,25 @@ def _pallas_unsupported_reason(q: Array, backend: str) -> str | None:
 def default_implementation(q: Array) -> str:
     """What ``implementation=None`` runs for queries ``q``: see the module docstring.
 
-    ``"pallas"`` on one GPU for 16-bit ``q`` that the Triton kernel takes (what was
-    timed faster than ``"xla"``), else ``"xla"``.
+    ``"pallas"`` on GPU for 16-bit ``q`` that the Triton kernel takes (what was timed
+    faster than ``"xla"``) where each device can run it on its own sequences
+    (:func:`effformer.ops.kernel_sharding.kernel_placement`: one device, or a mesh the
+    batch splits over), else ``"xla"``.
     """
     backend = _backend()
     if (
         backend == "gpu"
-        and jax.device_count() == 1
+        and kernel_sharding.kernel_placement(q.shape[0]).reason is None
         and q.dtype in (jnp.float16, jnp.bfloat16)
         and _pallas_unsupported_reason(q, backend) is None
     ):
         return "pallas"
     return "xla"
+
+
+def _mesh_sizes(axes: tuple[str, ...]) -> list[int]:
+    mesh = jax.sharding.get_abstract_mesh()
+    return [mesh.shape[name] for name in axes]
 
 
 def _backend() -> str:
@@ -369,17 +378,27 @@ def decode_attention(
         backend = jax.default_backend()
         if backend == "cpu":
             _log_once("decode_attention: no GPU; running the Pallas kernel with interpret=True.")
+        # Under a mesh each device runs the kernel on its own sequences (ops.kernel_sharding),
+        # so its grid is sized for that device's share of the batch.
+        placement = kernel_sharding.kernel_placement(batch)
+        local_batch = batch // math.prod(_mesh_sizes(placement.batch_axes))
         if backend == "tpu":
             block = block_k or tpu_kernel.default_block_k(num_kv_heads, max_len)
             if num_splits is None:
                 programs = tpu_kernel.default_num_programs()
             else:
-                programs = num_splits * batch
+                programs = num_splits * local_batch
         else:
             block = block_k or kernel.DEFAULT_BLOCK_K
             if num_splits is None:
-                programs = kernel.default_num_programs(batch, num_kv_heads, max_len, block)
+                programs = kernel.default_num_programs(local_batch, num_kv_heads, max_len, block)
             else:
-                programs = num_splits * batch * num_kv_heads
-        out = _pallas(query, k_cache, v_cache, lengths, scale, programs, block, backend)
+                programs = num_splits * local_batch * num_kv_heads
+
+        def run(query, k_cache, v_cache, lengths):
+            return _pallas(query, k_cache, v_cache, lengths, scale, programs, block, backend)
+
+        out = kernel_sharding.call_over_batch(
+            run, (query, k_cache, v_cache, lengths), (), placement.batch_axes
+        )
     return out.astype(q.dtype)[:, None]

@@ -63,6 +63,7 @@ import jax.numpy as jnp
 
 from effformer.kernels import selective_scan as pallas_kernel
 from effformer.kernels import selective_scan_tpu as tpu_kernel
+from effformer.ops import kernel_sharding
 
 Array = jax.Array
 
@@ -161,7 +162,7 @@ def selective_scan(
       inputs).
     """
     if implementation is None:
-        implementation = default_implementation()
+        implementation = default_implementation(u.shape[0])
     if implementation not in IMPLEMENTATIONS + KERNEL_IMPLEMENTATIONS:
         raise ValueError(
             "selective_scan: implementation must be one of "
@@ -210,9 +211,9 @@ def _selective_scan(
     elif implementation == "associative":
         y, last_state = _scan_associative(u_c, dt, A, B, C)
     elif implementation == "pallas_tpu":
-        y, last_state = tpu_kernel.selective_scan_tpu(u_c, dt, A, B, C)
+        y, last_state = _kernel_over_batch(tpu_kernel.selective_scan_tpu, u_c, dt, A, B, C)
     elif implementation == "pallas":  # GPU (Triton), or CPU in interpret mode
-        y, last_state = pallas_kernel.selective_scan_pallas(u_c, dt, A, B, C)
+        y, last_state = _kernel_over_batch(pallas_kernel.selective_scan_pallas, u_c, dt, A, B, C)
     else:
         y, last_state = _scan_chunked(u_c, dt, A, B, C, chunk_size)
 
@@ -226,18 +227,38 @@ def _selective_scan(
     return (out, last_state) if return_last_state else out
 
 
-def default_implementation() -> str:
-    """What ``implementation=None`` runs: the Triton kernel on one GPU, else ``"chunked"``.
+def default_implementation(batch: int) -> str:
+    """What ``implementation=None`` runs for ``batch`` sequences: the Triton kernel on GPU,
+    else ``"chunked"``.
 
     Both measured fastest for training there (module docstring). The TPU kernel is
-    not chosen: it has not run on a TPU. Nor is the GPU kernel while several devices
-    are visible: jit's sharding cannot split a kernel's custom call, so under a
-    sharded batch every device would scan the whole batch (call it with
-    ``implementation="pallas"`` inside ``shard_map`` instead).
+    not chosen: it has not run on a TPU. On several GPUs the kernel is chosen only
+    where each device can run it on its own sequences (under a mesh the batch splits
+    over; :func:`effformer.ops.kernel_sharding.kernel_placement`): jit's sharding
+    cannot split a kernel's custom call, and would scan the whole batch on every device.
     """
-    if _backend() == "gpu" and jax.device_count() == 1:
+    if _backend() == "gpu" and kernel_sharding.kernel_placement(batch).reason is None:
         return "pallas"
     return DEFAULT_IMPLEMENTATION
+
+
+def _kernel_over_batch(kernel, u, dt, A, B, C):
+    """``kernel(u, dt, A, B, C)``, each device scanning its own sequences under a mesh.
+
+    B and C are split with the batch when they vary in time ([batch, ...]); A and
+    time-invariant B, C ([d, n]) go to every device whole.
+    """
+    varying_B, varying_C = B.ndim > 2, C.ndim > 2
+    batched = (u, dt, B if varying_B else None, C if varying_C else None)
+    shared = (A, None if varying_B else B, None if varying_C else C)
+
+    def run(u, dt, B_batched, C_batched, A, B_shared, C_shared):
+        B = B_shared if B_batched is None else B_batched
+        C = C_shared if C_batched is None else C_batched
+        return kernel(u, dt, A, B, C)
+
+    placement = kernel_sharding.kernel_placement(u.shape[0])
+    return kernel_sharding.call_over_batch(run, batched, shared, placement.batch_axes)
 
 
 def _backend() -> str:

@@ -9,12 +9,14 @@ by the total loss weight: the update equals the one of the whole batch.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
 from effformer.train.experiment import Experiment, compute_dtype
 from effformer.train.model_state import forward_updated, variables
@@ -35,6 +37,22 @@ def _split_micro(batch: Batch, k: int) -> Batch:
         return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
 
     return jax.tree.map(split, batch)
+
+
+def with_mesh(mesh: Mesh, step: Callable) -> Callable:
+    """``step`` traced with ``mesh`` as the abstract mesh of its trace.
+
+    The ops read it to run their Pallas kernels on each device's own examples
+    (effformer.ops.kernel_sharding): without it jit would gather a sharded batch
+    to every device around a kernel's custom call. XLA paths do not read it.
+    """
+
+    @functools.wraps(step)
+    def traced(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return step(*args)
+
+    return traced
 
 
 def make_train_step(exp: Experiment) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
@@ -132,7 +150,7 @@ def make_train_step(exp: Experiment) -> Callable[[TrainState, Batch], tuple[Trai
         return new_state, metrics
 
     return jax.jit(
-        train_step,
+        with_mesh(exp.mesh, train_step),
         in_shardings=(exp.state_shardings, exp.batch_sharding),
         out_shardings=(exp.state_shardings, None),
         donate_argnums=0,
@@ -161,5 +179,6 @@ def make_eval_step(
         return metrics
 
     return jax.jit(
-        eval_step, in_shardings=(shardings.params, shardings.model_state, exp.batch_sharding)
+        with_mesh(exp.mesh, eval_step),
+        in_shardings=(shardings.params, shardings.model_state, exp.batch_sharding),
     )

@@ -315,9 +315,9 @@ def test_positive_A_is_rejected_when_concrete():
 def test_default_implementation_is_the_fastest_measured_per_backend(monkeypatch, backend, expected):
     monkeypatch.setattr(ops_module, "_backend", lambda: backend)
     monkeypatch.setattr(ops_module.jax, "device_count", lambda: 8)  # jit would not split it
-    assert ops_module.default_implementation() == "chunked"
+    assert ops_module.default_implementation(2) == "chunked"
     monkeypatch.setattr(ops_module.jax, "device_count", lambda: 1)
-    assert ops_module.default_implementation() == expected
+    assert ops_module.default_implementation(2) == expected
     # And implementation=None runs it: the kernel is a pallas_call in the program.
     rng = np.random.default_rng(0)
     shapes = dict(u=(1, 4, 6), delta=(1, 4, 6), A=(4, 2), B=(1, 2, 6), C=(1, 2, 6))
