@@ -46,10 +46,10 @@ Implementations:
     of the ``"xla"`` path (a ``custom_vjp`` recomputes it), which computes the
     same function.
 
-``implementation=None`` (:func:`default_implementation`) picks ``"pallas"`` on a
-single GPU for float16 / bfloat16 caches the Triton kernel takes, else ``"xla"``.
-On an H200 (experiments/benchmarks/README.md, "Second H200 session"; bfloat16, head
-dim 128) the kernel took 0.05-1.05 ms against the ``"xla"`` path's 0.05-1.22 ms over
+``implementation=None`` (:func:`default_implementation`) picks ``"pallas"`` on GPU
+for float16 / bfloat16 caches the Triton kernel takes, else ``"xla"``. On an H200
+(experiments/benchmarks/README.md, "Pallas kernels on an NVIDIA H200: second
+session"; bfloat16, head dim 128) the kernel took 0.05-1.05 ms against the ``"xla"`` path's 0.05-1.22 ms over
 caches of 17 MB to 4.3 GB, reading the largest at the full measured bandwidth, and
 0.05 / 0.18 ms against 0.11 / 1.03 ms on ragged GQA caches (it reads only the valid
 tiles): as fast or faster everywhere timed (one row within noise: 0.063 against 0.06
@@ -348,7 +348,7 @@ def decode_attention(
         ``num_splits * B`` programs, a tile covering all kv heads (default: one
         program per TensorCore). Ignored by ``"reference"``.
       implementation: one of ``IMPLEMENTATIONS`` or None (:func:`default_implementation`:
-        the kernel on one GPU for 16-bit caches, so ``num_splits`` then means the
+        the kernel on GPU for 16-bit caches, so ``num_splits`` then means the
         kernel's split; else ``"xla"``).
       block_k: ``"pallas"`` keys per tile, a power of two >= 16 (default 128; on
         TPU ``tpu_kernel.default_block_k``: 1024 key rows over all kv heads).
