@@ -4,8 +4,8 @@
 #   OUT=runs/kernels_gpu DEADLINE=400 bash experiments/benchmarks/kernels_gpu_session.sh
 #   OUT=... bash experiments/benchmarks/kernels_gpu_session.sh flash_sweep scan_sweep
 #
-# Stages (default: env gpu_tests scan flash_speed decode flash_ablation flash_launch
-# decode_gqa scan_sweep flash_sweep, the most important first):
+# Stages (default: env gpu_tests flash_speed scan_sweep flash_sweep scan decode
+# flash_ablation flash_launch decode_gqa, what the last run left unmeasured first):
 #   env          GPU, driver, jax / jaxlib / Triton versions
 #   gpu_tests    tests/kernels/test_kernels_on_gpu.py: compiled kernels vs float64 references
 #   flash        kernels_flash_attention.py: correctness and the speed table vs XLA and cuDNN
@@ -16,7 +16,7 @@
 #   flash_sweep  flash-attention block sizes at L 4096
 #   flash_launch flash-attention warps / stages at L 4096, around the default blocks
 #   flash_ablation  the kernel against itself with the element mask on every block pair
-#   scan_sweep   selective-scan channel blocks, sequence chunks and warps
+#   scan_sweep   selective-scan defaults and their untimed neighbours (blocks, chunks, warps)
 # Each stage runs in its own process under `timeout` (a failure or hang in one does not
 # stop the others), writes $OUT/<stage>.log and prints its status and the log's tail.
 # DEADLINE (seconds from the start, default 540) shortens or skips the stages that would
@@ -77,7 +77,7 @@ jaxlib.__version__, jax.devices())'; $PY -m pip list 2>/dev/null | grep -i -E '^
 STAGES=("$@")
 # What the last GPU run (experiments/benchmarks/README.md) left unmeasured first.
 ((${#STAGES[@]})) ||
-  STAGES=(env gpu_tests scan flash_speed decode flash_ablation flash_launch decode_gqa scan_sweep
-    flash_sweep)
+  STAGES=(env gpu_tests flash_speed scan_sweep flash_sweep scan decode flash_ablation flash_launch
+    decode_gqa)
 for name in "${STAGES[@]}"; do run_stage "$name"; done
 echo "=== total $(($(date +%s) - START))s"

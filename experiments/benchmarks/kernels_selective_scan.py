@@ -16,8 +16,8 @@ Three Markdown tables:
      with "not measured" cells: interpret mode says nothing about GPU speed, and
      the CPU timings of the XLA paths are in selective_scan.py's table;
   3. with ``--sweep`` on a GPU: the kernel alone (``selective_scan_pallas`` on
-     pre-processed inputs) for channel blocks, sequence chunks and warp counts,
-     to tune the defaults.
+     pre-processed inputs) for the defaults and their untimed neighbours
+     (sequence blocks, channel blocks, chunks, warps), to tune the defaults.
 
 Run:
   .venv/bin/python experiments/benchmarks/kernels_selective_scan.py            # CPU or GPU
@@ -167,18 +167,27 @@ def sweep_table(batch, d, n, length, reps) -> None:
     dt = jax.nn.softplus(args["delta"] + args["delta_bias"][:, None])
     core = (args["u"], dt, args["A"], args["B"], args["C"])
     print(f"Kernel alone (selective_scan_pallas, no D/z/softplus), batch {batch}, d {d}, n {n}, "
-          f"L {length}, seq_block {DEFAULT_SEQ_BLOCK}; defaults: channel_block "
+          f"L {length}; defaults: seq_block {DEFAULT_SEQ_BLOCK}, channel_block "
           f"{DEFAULT_CHANNEL_BLOCK}, chunk_size {DEFAULT_CHUNK_SIZE}, num_warps "
           f"{DEFAULT_NUM_WARPS_CHUNKED} (chunks) / {DEFAULT_NUM_WARPS} (one chunk). "
           f"chunk_size {length}: one chunk, the one-pass scan.\n")  # fmt: skip
-    print("| channel_block | chunk_size | num_warps | forward ms | fwd+bwd ms |")
-    print("| ---: | ---: | ---: | ---: | ---: |")
+    print("| channel_block | seq_block | chunk_size | num_warps | forward ms | fwd+bwd ms |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    # The defaults first, then their untimed neighbours (the chunk sizes and warps around
+    # them were timed on the H200: experiments/benchmarks/README.md, second session).
     configurations = [
-        *itertools.product((8, 16), (length,), (2,)),
-        *itertools.product((8, 16), (128, 256, 512), (1, 2)),
+        (DEFAULT_CHANNEL_BLOCK, DEFAULT_SEQ_BLOCK, DEFAULT_CHUNK_SIZE, DEFAULT_NUM_WARPS_CHUNKED),
+        *itertools.product((4, 8), (8, 32), (256,), (1,)),
+        (4, DEFAULT_SEQ_BLOCK, 256, 1),
+        (8, DEFAULT_SEQ_BLOCK, 1024, 1),
     ]
-    for channel_block, chunk_size, num_warps in configurations:
-        options = dict(channel_block=channel_block, chunk_size=chunk_size, num_warps=num_warps)
+    for channel_block, seq_block, chunk_size, num_warps in configurations:
+        options = dict(
+            channel_block=channel_block,
+            seq_block=seq_block,
+            chunk_size=chunk_size,
+            num_warps=num_warps,
+        )
 
         def forward(core, options=options):
             return selective_scan_pallas(*core, **options)
@@ -193,8 +202,8 @@ def sweep_table(batch, d, n, length, reps) -> None:
                 cells.append(f"{median_seconds(fn, core, repeats=reps) * 1e3:.2f}")
             except Exception as error:  # a configuration Triton cannot compile: report it
                 cells.append(f"failed: {type(error).__name__}")
-        print(f"| {channel_block} | {chunk_size} | {num_warps} | " + " | ".join(cells) + " |",
-              flush=True)  # fmt: skip
+        row = f"| {channel_block} | {seq_block} | {chunk_size} | {num_warps} | "
+        print(row + " | ".join(cells) + " |", flush=True)
     print()
 
 
