@@ -70,6 +70,11 @@ def test_placement_follows_the_mesh_in_context(monkeypatch):
         assert uneven.batch_axes == () and "batch of 6 does not split evenly" in uneven.reason
     with jax.sharding.use_abstract_mesh(_mesh(8, 1).abstract_mesh):  # size-1 axes are skipped
         assert kernel_sharding.kernel_placement(BATCH) == (("data",), None)
+    explicit = jax.make_mesh(
+        (4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Explicit,) * 2
+    )
+    with jax.sharding.use_abstract_mesh(explicit.abstract_mesh):
+        assert "explicit sharding" in kernel_sharding.kernel_placement(BATCH).reason
     monkeypatch.setattr(kernel_sharding.jax, "device_count", lambda: 1)
     assert kernel_sharding.kernel_placement(3) == ((), None)
 
