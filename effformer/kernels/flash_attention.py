@@ -376,10 +376,12 @@ def _dkdv_kernel(
             queries = pl.ds(i * block_q, block_q)
             q, d_out = q_ref[queries, :], d_out_ref[queries, :]
             masked = kind == _MASKED
+            # Positions and segment ids are read only where the block needs the mask.
             q_pos = _load_optional(q_pos_ref, queries) if masked else None
+            q_seg = _load_optional(q_seg_ref, queries) if masked else None
             p = _probabilities(
-                cfg, q, k, lse_ref[queries], q_pos, kv_pos,
-                _load_optional(q_seg_ref, queries), kv_seg, kv_start, dtype, masked,
+                cfg, q, k, lse_ref[queries], q_pos, kv_pos, q_seg, kv_seg, kv_start, dtype,
+                masked,
             )  # fmt: skip
             weight = functools.partial(_apply_weight, kind, ratio, q_pos, kv_pos)
             # dv_j = sum_i p_ij w_ij dO_i: contract the query axis of both blocks.
@@ -435,11 +437,12 @@ def _dq_kernel(
             keys = pl.ds(j * block_k, block_k)
             k, v = k_ref[keys, :], v_ref[keys, :]
             masked = kind == _MASKED
+            # Positions and segment ids are read only where the block needs the mask.
             kv_pos = _load_optional(kv_pos_ref, keys) if masked else None
+            kv_seg = _load_optional(kv_seg_ref, keys) if masked else None
             p = _probabilities(
-                cfg, q, k, lse, q_pos, kv_pos, q_seg, _load_optional(kv_seg_ref, keys),
-                j * block_k, dtype, masked,
-            )  # fmt: skip
+                cfg, q, k, lse, q_pos, kv_pos, q_seg, kv_seg, j * block_k, dtype, masked
+            )
             weight = functools.partial(_apply_weight, kind, ratio, q_pos, kv_pos)
             ds = _score_gradient(p, d_out, v, delta, weight, dtype)
             return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=dtype)
