@@ -236,11 +236,6 @@ def default_implementation(q: Array) -> str:
     return "xla"
 
 
-def _mesh_sizes(axes: tuple[str, ...]) -> list[int]:
-    mesh = jax.sharding.get_abstract_mesh()
-    return [mesh.shape[name] for name in axes]
-
-
 def _backend() -> str:
     """The backend :func:`default_implementation` decides for (patched in tests)."""
     return jax.default_backend()
@@ -381,7 +376,7 @@ def decode_attention(
         # Under a mesh each device runs the kernel on its own sequences (ops.kernel_sharding),
         # so its grid is sized for that device's share of the batch.
         placement = kernel_sharding.kernel_placement(batch)
-        local_batch = batch // math.prod(_mesh_sizes(placement.batch_axes))
+        local_batch = batch // placement.shards
         if backend == "tpu":
             block = block_k or tpu_kernel.default_block_k(num_kv_heads, max_len)
             if num_splits is None:

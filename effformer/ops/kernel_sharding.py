@@ -43,11 +43,13 @@ class KernelPlacement(NamedTuple):
 
     ``batch_axes``: mesh axes to split the batch over inside ``shard_map``; ``()``
     calls the kernel directly. ``reason``: why no placement exists (``batch_axes``
-    is then ``()``), or None.
+    is then ``()``), or None. ``shards``: the pieces the batch is split into, each
+    device's kernel seeing ``batch / shards`` examples (1 when called directly).
     """
 
     batch_axes: tuple[str, ...]
     reason: str | None
+    shards: int = 1
 
 
 def kernel_placement(batch: int) -> KernelPlacement:
@@ -80,7 +82,7 @@ def kernel_placement(batch: int) -> KernelPlacement:
             (),
             f"the batch of {batch} does not split evenly over mesh axes {free} ({devices} devices)",
         )
-    return KernelPlacement(free, None)
+    return KernelPlacement(free, None, devices)
 
 
 def call_over_batch(

@@ -65,18 +65,18 @@ def test_placement_follows_the_mesh_in_context(monkeypatch):
     no_mesh = kernel_sharding.kernel_placement(BATCH)
     assert no_mesh.batch_axes == () and "8 devices and no mesh" in no_mesh.reason
     with jax.sharding.use_abstract_mesh(_mesh().abstract_mesh):
-        assert kernel_sharding.kernel_placement(BATCH) == (("data", "fsdp"), None)
+        assert kernel_sharding.kernel_placement(BATCH) == (("data", "fsdp"), None, 8)
         uneven = kernel_sharding.kernel_placement(6)
         assert uneven.batch_axes == () and "batch of 6 does not split evenly" in uneven.reason
     with jax.sharding.use_abstract_mesh(_mesh(8, 1).abstract_mesh):  # size-1 axes are skipped
-        assert kernel_sharding.kernel_placement(BATCH) == (("data",), None)
+        assert kernel_sharding.kernel_placement(BATCH) == (("data",), None, 8)
     explicit = jax.make_mesh(
         (4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Explicit,) * 2
     )
     with jax.sharding.use_abstract_mesh(explicit.abstract_mesh):
         assert "explicit sharding" in kernel_sharding.kernel_placement(BATCH).reason
     monkeypatch.setattr(kernel_sharding.jax, "device_count", lambda: 1)
-    assert kernel_sharding.kernel_placement(3) == ((), None)
+    assert kernel_sharding.kernel_placement(3) == ((), None, 1)
 
 
 def test_inside_shard_map_the_kernel_is_called_directly():
@@ -89,7 +89,7 @@ def test_inside_shard_map_the_kernel_is_called_directly():
 
     spec = PartitionSpec(("data", "fsdp"))
     jax.shard_map(per_device, mesh=mesh, in_specs=spec, out_specs=spec)(jnp.zeros((BATCH, 2)))
-    assert seen == [((), None)]
+    assert seen == [((), None, 1)]
 
 
 def _check_split_matches(fn, args, local_batch, atol):
