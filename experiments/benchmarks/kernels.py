@@ -4,7 +4,7 @@
     .venv/bin/python experiments/benchmarks/kernels.py --kernels flash_attention
 
 Each kernel has its own script (run it directly for its options, e.g. ``--sweep``
-on a GPU to tune block sizes):
+on a GPU or TPU to tune block sizes):
 
 * ``kernels_flash_attention.py``: soft-causal / structured-mask flash attention
   vs the XLA path and cuDNN's causal attention;
@@ -13,7 +13,10 @@ on a GPU to tune block sizes):
   path and the dense reference.
 
 On CPU each prints interpret-mode correctness against the op's reference and
-marks the GPU timing columns "not measured"; on a GPU every column is measured.
+marks the timing columns "not measured"; on a GPU or TPU each checks the compiled
+kernel against float64 references (on the host CPU) and measures every column,
+with the platform's library attention (cuDNN / splash attention) as the yardstick
+for flash attention (``kernel_baselines.py``).
 """
 
 from __future__ import annotations

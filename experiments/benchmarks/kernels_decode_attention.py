@@ -9,15 +9,16 @@ measured read bandwidth (a jitted sum over a large array, same dtype).
 of filling the cache: the XLA paths still read the whole cache, the kernel
 only the valid tiles, spread evenly over its programs.
 
-On a GPU every column is measured, including JAX's own Pallas decode kernel
-(``jax.experimental.pallas.ops.gpu.decode_attention.gqa``) for comparison. On
-CPU the script first checks the kernel in interpret mode against the
-reference at small sizes, then times only XLA vs reference; the GPU columns
-read "not measured".
+First the kernel (and the XLA path) against the float64 reference at small
+sizes: compiled on a GPU or TPU, interpreted on CPU. Then on a GPU every timing
+column is measured, including JAX's own Pallas decode kernel
+(``jax.experimental.pallas.ops.gpu.decode_attention.gqa``) for comparison; on
+a TPU every column but that one (the kernel is the Mosaic TPU one). On CPU
+only XLA and the reference are timed; the kernel's columns read "not measured".
 
     .venv/bin/python experiments/benchmarks/kernels_decode_attention.py            # CPU defaults
     python experiments/benchmarks/kernels_decode_attention.py --caches 4096,8192,16384,32768 \\
-        --batches 1,8 --heads 8,32 --dtype bfloat16                                 # GPU
+        --batches 1,8 --heads 8,32 --dtype bfloat16                                 # GPU or TPU
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from effformer.ops.decode_attention import decode_attention
 
 sys.path.insert(0, str(Path(__file__).parent))
+from kernel_baselines import accelerator, reference_device  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
 NOT_MEASURED = "not measured"
@@ -43,8 +46,8 @@ def _median_seconds(fn, repeats: int) -> float:
 
 
 def measured_read_bandwidth(dtype, repeats: int) -> float:
-    """Bytes per second of a jitted sum over 256M elements (GPU) / 64M (CPU)."""
-    size = (1 << 28) if jax.default_backend() == "gpu" else (1 << 26)
+    """Bytes per second of a jitted sum over 256M elements (GPU, TPU) / 64M (CPU)."""
+    size = (1 << 28) if accelerator() else (1 << 26)
     x = jax.random.normal(jax.random.key(1), (size,), dtype)  # not constant data
     total = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
     return size * x.dtype.itemsize / _median_seconds(lambda: total(x), repeats)
@@ -62,23 +65,30 @@ def _inputs(batch, cache, heads, kv_heads, head_dim, dtype, ragged, seed=0):
     return q, k, v, lengths.astype(jnp.int32)
 
 
-def check_interpret_mode() -> list[str]:
-    """Max |kernel - reference| in interpret mode at small sizes (float32), as table rows."""
+def correctness_rows() -> list[str]:
+    """Max |float32 kernel - float64 reference| at small sizes, as table rows.
+
+    The kernel runs compiled on a GPU or TPU, interpreted on CPU; head_dim 128
+    (the TPU kernel's lane width; other head dims fall back to XLA there).
+    """
     rows = []
     for batch, cache, heads, kv_heads, block_k, splits, lengths in (
         (2, 300, 8, 2, 64, 1, (0, 300)),
         (3, 130, 4, 4, 32, 3, (65, 1, 130)),
         (1, 1000, 8, 1, 128, 4, (777,)),
     ):
-        q, k, v, _ = _inputs(batch, cache, heads, kv_heads, 64, jnp.float32, False)
+        q, k, v, _ = _inputs(batch, cache, heads, kv_heads, 128, jnp.float32, False)
         lengths = jnp.asarray(lengths, jnp.int32)
-        reference = decode_attention(q, k, v, lengths, implementation="reference")
+        with reference_device():
+            as64 = [np.asarray(x, np.float64) for x in (q, k, v)]
+            reference = decode_attention(*as64, np.asarray(lengths), implementation="reference")
+            reference = np.asarray(reference)
         errors = []
         for implementation in ("xla", "pallas"):
             out = decode_attention(
                 q, k, v, lengths, implementation=implementation, num_splits=splits, block_k=block_k
             )
-            errors.append(float(jnp.max(jnp.abs(out - reference))))
+            errors.append(float(np.abs(np.asarray(out, np.float64) - reference).max()))
         rows.append(
             f"| {batch} | {cache} | {heads} | {kv_heads} | {lengths.tolist()} | {block_k} | "
             f"{splits} | {errors[0]:.1e} | {errors[1]:.1e} |"
@@ -97,15 +107,15 @@ def _jax_pallas_gqa():
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    on_gpu = jax.default_backend() == "gpu"
-    parser.add_argument("--caches", default="4096,8192,16384,32768" if on_gpu else "4096,16384")
-    parser.add_argument("--batches", default="1,8" if on_gpu else "1,4")
-    parser.add_argument("--heads", default="8,32" if on_gpu else "8")
+    backend = accelerator()
+    parser.add_argument("--caches", default="4096,8192,16384,32768" if backend else "4096,16384")
+    parser.add_argument("--batches", default="1,8" if backend else "1,4")
+    parser.add_argument("--heads", default="8,32" if backend else "8")
     parser.add_argument("--group", type=int, default=1, help="query heads per kv head")
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--dtype", default="bfloat16" if on_gpu else "float32")
+    parser.add_argument("--dtype", default="bfloat16" if backend else "float32")
     parser.add_argument("--ragged", action="store_true")
-    parser.add_argument("--repeats", type=int, default=20 if on_gpu else 5)
+    parser.add_argument("--repeats", type=int, default=20 if backend else 5)
     args = parser.parse_args()
     dtype = jnp.dtype(args.dtype)
     device = jax.devices()[0]
@@ -114,17 +124,15 @@ def main() -> None:
         f"head_dim {args.head_dim}, {'ragged' if args.ragged else 'full'} caches\n"
     )
 
-    if not on_gpu:
-        print("Interpret-mode correctness (float32, head_dim 64, max |error| vs reference):\n")
-        print(
-            "| batch | cache | heads | kv heads | lengths | block_k | num_splits | xla | pallas |"
-        )
-        print("| ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
-        print("\n".join(check_interpret_mode()) + "\n")
+    mode = "compiled" if backend else "interpret mode"
+    print(f"Correctness ({mode}; float32 kernel vs float64 reference, head_dim 128): max |error|\n")
+    print("| batch | cache | heads | kv heads | lengths | block_k | num_splits | xla | pallas |")
+    print("| ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
+    print("\n".join(correctness_rows()) + "\n")
 
     peak = measured_read_bandwidth(dtype, args.repeats)
     print(f"measured read bandwidth (jitted sum): {peak / 1e9:.1f} GB/s\n")
-    jax_gqa = _jax_pallas_gqa() if on_gpu else None
+    jax_gqa = _jax_pallas_gqa() if backend == "gpu" else None
     header = [
         "batch",
         "cache",
@@ -168,7 +176,7 @@ def main() -> None:
                     f"{xla * 1e3:.2f}",
                     f"{valid_bytes / xla / 1e9:.1f}",
                 ]
-                if on_gpu:
+                if backend:
                     pallas = timed("pallas")
                     cells += [
                         f"{pallas * 1e3:.3f}",

@@ -3,27 +3,29 @@
 Markdown tables:
 
   1. correctness: ``dot_product_attention(implementation="pallas")`` in float32
-     against the float64 ``"reference"`` at small sizes (GQA, lengths that are
-     not multiples of the blocks, causal / window / packed segments with padding
-     / soft-causal), forward and the gradients w.r.t. q, k, v: the largest
-     absolute difference divided by the reference's largest magnitude. In
-     interpret mode on CPU, compiled on a GPU.
-  2. speed (GPU): per sequence length (1024, 4096), head dim (64, 128) and mask
-     (causal, soft-causal r = 0.5), bfloat16, batch 2, 16 heads: forward and
-     forward + backward time of the kernel, of the op's ``"xla"`` path, and of
-     cuDNN's causal attention (``jax.nn.dot_product_attention(implementation=
-     "cudnn", is_causal=True)``, the issue's yardstick, also on the soft rows)
-     and cuDNN's unmasked attention (``is_causal=False``: the same work as
-     soft-causal with 0 < r < 1, which sees every key),
-     each with achieved TFLOP/s and its fraction of the measured bfloat16 matmul
-     peak, and the kernel's time over each cuDNN's. FLOPs are counted, not taken from
-     XLA (which cannot see into a kernel): ``4 B H L^2 D`` forward (two matmuls),
-     halved for causal (the visible triangle; soft-causal sees every key), and
-     2.5 times that for the backward (five matmuls). On CPU the table is printed
-     with "not measured" cells: interpret mode says nothing about GPU speed.
-  3. with ``--sweep`` (GPU): the kernel's block sizes and Triton warps / stages
-     at L 4096, to tune the defaults; ``--sweep-launch``: the warps / stages
-     alone, around the default blocks.
+     against the float64 ``"reference"`` (run on the host CPU) at small sizes
+     (GQA, lengths that are not multiples of the blocks, causal / window /
+     packed segments with padding / soft-causal), forward and the gradients
+     w.r.t. q, k, v: the largest absolute difference divided by the
+     reference's largest magnitude. In interpret mode on CPU, compiled on a GPU
+     (the Triton kernel) or a TPU (the Mosaic kernel).
+  2. speed (GPU or TPU): per sequence length (1024, 4096), head dim (64, 128)
+     and mask (causal, soft-causal r = 0.5), bfloat16, batch 2, 16 heads:
+     forward and forward + backward time of the kernel, of the op's ``"xla"``
+     path, and of the platform library's causal attention (the issue's
+     yardstick, also on the soft rows) and unmasked attention (the same work as
+     soft-causal with 0 < r < 1, which sees every key): cuDNN through
+     ``jax.nn.dot_product_attention(implementation="cudnn")`` on a GPU, splash
+     attention on a TPU (``kernel_baselines.py``). Each with achieved TFLOP/s
+     and its fraction of the measured bfloat16 matmul peak, and the kernel's
+     time over each library time. FLOPs are counted, not taken from XLA (which
+     cannot see into a kernel): ``4 B H L^2 D`` forward (two matmuls), halved
+     for causal (the visible triangle; soft-causal sees every key), and 2.5
+     times that for the backward (five matmuls). On CPU the table is printed
+     with "not measured" cells: interpret mode says nothing about speed.
+  3. with ``--sweep`` (GPU or TPU): the kernel's block sizes at L 4096, to tune
+     the defaults (on a GPU also Triton's warps / stages); ``--sweep-launch``
+     (GPU): the warps / stages alone, around the default blocks.
   4. with ``--ablate-schedules`` (GPU): at L 4096, the kernel as it is against
      the same kernel with every block pair walked with the element mask
      (``flash_attention.block_schedules``' unmasked runs emptied), causal and
@@ -31,10 +33,10 @@ Markdown tables:
      mask on all-visible blocks is worth.
 
 Run:
-  .venv/bin/python experiments/benchmarks/kernels_flash_attention.py          # CPU or GPU
-  python experiments/benchmarks/kernels_flash_attention.py --sweep             # GPU, tuning
+  .venv/bin/python experiments/benchmarks/kernels_flash_attention.py    # CPU, GPU or TPU
+  python experiments/benchmarks/kernels_flash_attention.py --sweep       # GPU or TPU, tuning
   python experiments/benchmarks/kernels_flash_attention.py --skip-correctness --skip-speed \
-      --sweep-launch --ablate-schedules                                        # GPU
+      --sweep-launch --ablate-schedules                                  # GPU
 """
 
 from __future__ import annotations
@@ -50,11 +52,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from effformer.kernels import flash_attention as flash_kernel
+from effformer.kernels import flash_attention_tpu
 from effformer.kernels.flash_attention import BlockSizes
 from effformer.ops.attention import dot_product_attention
 from effformer.ops.masks import AttentionMask
 
 sys.path.insert(0, str(Path(__file__).parent))
+from kernel_baselines import (  # noqa: E402
+    LIBRARY_NAMES,
+    accelerator,
+    library_attention,
+    reference_device,
+)
 from timing import median_seconds  # noqa: E402
 
 NOT_MEASURED = "not measured"
@@ -89,6 +98,7 @@ def _segments(length: int) -> np.ndarray:
 
 def correctness_table(interpret: bool) -> None:
     length, short = 100, 37
+    # Small blocks so that the 100 keys span several (the TPU kernel's are >= 128).
     blocks = BlockSizes(16, 16, 16, 16) if interpret else None
     segments = jnp.asarray(_segments(length))
     cases = [
@@ -108,7 +118,8 @@ def correctness_table(interpret: bool) -> None:
     print(
         f"Correctness ({mode}; float32 kernel vs float64 reference; batch 2, 4 query heads on "
         "2 kv heads, head dim 32, Lk 100; blocks "
-        f"{'16' if interpret else 'default'}): max |pallas - reference| / max |reference|\n"
+        f"{'16' if interpret else 'default'}; {jax.devices()[0].device_kind}): "
+        "max |pallas - reference| / max |reference|\n"
     )
     print("| case | out | dq | dk | dv |")
     print("| --- | --- | --- | --- | --- |")
@@ -120,8 +131,8 @@ def correctness_table(interpret: bool) -> None:
             )
         )
         got = jax.tree.leaves(kernel(q, k, v, d_out))
-        with jax.enable_x64(True):
-            as64 = [x.astype(jnp.float64) for x in (q, k, v, d_out)]
+        with reference_device():
+            as64 = [np.asarray(x, np.float64) for x in (q, k, v, d_out)]
             reference = _value_and_grads(
                 lambda q, k, v, mask=mask: dot_product_attention(
                     q, k, v, mask=mask, implementation="reference"
@@ -151,33 +162,36 @@ def matmul_peak_tflops(size: int = 8192, repeats: int = 10) -> float:
     return 2 * size**3 / seconds / 1e12
 
 
-def _programs(mask: AttentionMask, blocks: BlockSizes | None):
-    """name -> (forward, forward + backward) jitted programs of (q, k, v, d_out)."""
+def _op(mask: AttentionMask, implementation: str, blocks=None):
+    """The op's attention with ``mask``; ``blocks``: the backend kernel's ``BlockSizes``."""
 
-    def op(implementation):
-        def attend(q, k, v):
-            return dot_product_attention(
-                q, k, v, mask=mask, implementation=implementation, pallas_block_sizes=blocks
-            )
+    def attend(q, k, v):
+        return dot_product_attention(
+            q, k, v, mask=mask, implementation=implementation, pallas_block_sizes=blocks
+        )
 
-        return attend
+    return attend
 
-    def cudnn_causal(q, k, v):
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
-    def cudnn_full(q, k, v):
-        return jax.nn.dot_product_attention(q, k, v, is_causal=False, implementation="cudnn")
+def _jitted(attend):
+    """(forward, forward + backward) jitted programs of (q, k, v, d_out)."""
+    forward = jax.jit(lambda q, k, v, d_out: attend(q, k, v))
+    return forward, _value_and_grads(attend)
 
-    programs = {}
-    for name, attend in (
-        ("pallas", op("pallas")),
-        ("xla", op("xla")),
-        ("cudnn", cudnn_causal),
-        ("cudnn full", cudnn_full),
-    ):
-        forward = jax.jit(lambda q, k, v, d_out, attend=attend: attend(q, k, v))
-        programs[name] = (forward, _value_and_grads(attend))
-    return programs
+
+def _programs(mask: AttentionMask, backend: str, length: int, heads: int):
+    """name -> (forward, forward + backward) programs at the default blocks.
+
+    Names: "pallas", "xla", the library's causal attention ("cudnn" / "splash")
+    and its unmasked attention ("cudnn full" / "splash full").
+    """
+    library = LIBRARY_NAMES[backend]
+    return {
+        "pallas": _jitted(_op(mask, "pallas")),
+        "xla": _jitted(_op(mask, "xla")),
+        library: _jitted(library_attention(backend, True, length, heads)),
+        f"{library} full": _jitted(library_attention(backend, False, length, heads)),
+    }
 
 
 def _flops(batch, heads, length, head_dim, causal: bool, backward: bool) -> float:
@@ -185,34 +199,37 @@ def _flops(batch, heads, length, head_dim, causal: bool, backward: bool) -> floa
     return forward * (3.5 if backward else 1.0)
 
 
-def speed_table(on_gpu: bool, repeats: int) -> None:
+def speed_table(backend: str | None, repeats: int) -> None:
+    """``backend``: "gpu" or "tpu" to time, None (CPU) for a table of "not measured"."""
     batch, heads = 2, 16
-    peak = matmul_peak_tflops() if on_gpu else None
+    peak = matmul_peak_tflops() if backend else None
     device = jax.devices()[0].device_kind
+    library = LIBRARY_NAMES.get(backend, "cudnn")
+    described = {"cudnn": "cuDNN", "splash": "splash attention"}[library]
     print(
         f"Speed ({device}; bfloat16, batch {batch}, {heads} heads; median of {repeats} runs; "
         "TFLOP/s counted as in the docstring; fraction of the measured bf16 matmul peak"
         + (f" {peak:.0f} TFLOP/s" if peak else "")
-        + "; cudnn = cuDNN causal attention)\n"
+        + f"; {library} = {described}'s causal attention, {library} full = its unmasked)\n"
     )
-    columns = ("pallas", "xla", "cudnn", "cudnn full")
+    columns = ("pallas", "xla", library, f"{library} full")
     print(
         "| L | head dim | mask | pass | "
         + " | ".join(f"{c} ms | {c} TFLOP/s (fraction)" for c in columns)
-        + " | pallas / cudnn | pallas / cudnn full |"
+        + f" | pallas / {library} | pallas / {library} full |"
     )
     print("| " + " | ".join(["---"] * (6 + 2 * len(columns))) + " |")
     for length, head_dim, soft in itertools.product((1024, 4096), (64, 128), (False, True)):
         mask = AttentionMask(soft_causal_ratio=0.5) if soft else AttentionMask(causal=True)
         mask_name = "soft-causal r 0.5" if soft else "causal"
-        programs = _programs(mask, None) if on_gpu else {}
+        programs = _programs(mask, backend, length, heads) if backend else {}
         args = (
-            _inputs(batch, length, length, heads, heads, head_dim, jnp.bfloat16) if on_gpu else ()
+            _inputs(batch, length, length, heads, heads, head_dim, jnp.bfloat16) if backend else ()
         )
         for backward, pass_name in ((False, "forward"), (True, "forward + backward")):
             cells, seconds = [], {}
             for name in columns:
-                if not on_gpu:
+                if not backend:
                     cells += [NOT_MEASURED, NOT_MEASURED]
                     continue
                 try:
@@ -220,9 +237,9 @@ def speed_table(on_gpu: bool, repeats: int) -> None:
                 except Exception as error:  # e.g. XLA's materialised scores out of memory
                     cells += [f"failed: {type(error).__name__}", ""]
                     continue
-                # Work each computes: "cudnn" is causal and "cudnn full" unmasked on every
-                # row; pallas / xla follow the mask.
-                causal = name == "cudnn" or (name != "cudnn full" and not soft)
+                # Work each computes: the library's causal attention is causal and its
+                # "full" unmasked on every row; pallas / xla follow the mask.
+                causal = name == library or (name != f"{library} full" and not soft)
                 flops = _flops(batch, heads, length, head_dim, causal, backward)
                 tflops = flops / seconds[name] / 1e12
                 cells += [f"{seconds[name] * 1e3:.3f}", f"{tflops:.0f} ({tflops / peak:.0%})"]
@@ -230,59 +247,80 @@ def speed_table(on_gpu: bool, repeats: int) -> None:
                 f"{seconds['pallas'] / seconds[name]:.2f}x"
                 if "pallas" in seconds and name in seconds
                 else NOT_MEASURED
-                for name in ("cudnn", "cudnn full")
+                for name in (library, f"{library} full")
             ]
             row = [str(length), str(head_dim), mask_name, pass_name, *cells, *ratios]
             print("| " + " | ".join(row) + " |", flush=True)
     print()
 
 
-def sweep_table(repeats: int, launch_only: bool = False) -> None:
+def _gpu_candidates(launch_only: bool) -> list[BlockSizes]:
+    """Triton kernel settings to time: block sizes, then warps / stages at the default blocks."""
+    candidates = []
+    if not launch_only:
+        # The forward and the backward kernels do not share blocks: each set is swept
+        # with the other at its default (the forward's time does not depend on the
+        # backward blocks), the default once.
+        default = BlockSizes()
+        forward_blocks = ((64, 64), (128, 32), (128, 64), (128, 128))
+        backward_blocks = ((32, 64), (64, 64), (64, 128), (128, 64), (128, 128))
+        candidates += [BlockSizes(bq, bk) for bq, bk in forward_blocks]
+        candidates += [
+            BlockSizes(block_q_bwd=bqb, block_k_bwd=bkb)
+            for bqb, bkb in backward_blocks
+            if (bqb, bkb) != (default.block_q_bwd, default.block_k_bwd)
+        ]
+    candidates += [
+        BlockSizes(num_warps=warps, num_stages=stages)
+        for warps, stages in itertools.product((4, 8), (1, 2, 3))
+    ]
+    return candidates
+
+
+def _tpu_candidates() -> list[flash_attention_tpu.BlockSizes]:
+    """Mosaic kernel block sizes to time (multiples of 128): the default, then the forward
+    and the backward blocks apart (each with the other at its default)."""
+    default = flash_attention_tpu.BlockSizes()
+    sizes = ((128, 256), (256, 128), (256, 256), (256, 512), (512, 256), (512, 512))
+    return [
+        default,
+        *(flash_attention_tpu.BlockSizes(block_q=bq, block_k=bk) for bq, bk in sizes),
+        *(flash_attention_tpu.BlockSizes(block_q_bwd=bq, block_k_bwd=bk) for bq, bk in sizes),
+    ]
+
+
+def sweep_table(backend: str, repeats: int, launch_only: bool = False) -> None:
+    """The kernel's block sizes (and on a GPU Triton's warps / stages) at L 4096."""
     batch, heads, length = 2, 16, 4096
     print(
-        f"Block sweep (bfloat16, batch {batch}, {heads} heads, L {length}, soft-causal r 0.5; "
-        "forward blocks timed on the forward, backward blocks on forward + backward)\n"
+        f"Block sweep ({jax.devices()[0].device_kind}; bfloat16, batch {batch}, {heads} heads, "
+        f"L {length}, soft-causal r 0.5; forward blocks timed on the forward, backward blocks "
+        "on forward + backward)\n"
     )
-    print(
-        "| head dim | block_q | block_k | block_q_bwd | block_k_bwd | warps | stages "
-        "| forward ms | fwd+bwd ms |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    launch = ["warps", "stages"] if backend == "gpu" else []
+    header = ["head dim", "block_q", "block_k", "block_q_bwd", "block_k_bwd", *launch]
+    header += ["forward ms", "fwd+bwd ms"]
+    print("| " + " | ".join(header) + " |")
+    print("| " + " | ".join(["---"] * len(header)) + " |")
     mask = AttentionMask(soft_causal_ratio=0.5)
     for head_dim in (64, 128):
         args = _inputs(batch, length, length, heads, heads, head_dim, jnp.bfloat16)
-        candidates = []
-        if not launch_only:
-            # The forward and the backward kernels do not share blocks: each set is swept
-            # with the other at its default (the forward's time does not depend on the
-            # backward blocks), the default once.
-            default = BlockSizes()
-            forward_blocks = ((64, 64), (128, 32), (128, 64), (128, 128))
-            backward_blocks = ((32, 64), (64, 64), (64, 128), (128, 64), (128, 128))
-            candidates += [BlockSizes(bq, bk) for bq, bk in forward_blocks]
-            candidates += [
-                BlockSizes(block_q_bwd=bqb, block_k_bwd=bkb)
-                for bqb, bkb in backward_blocks
-                if (bqb, bkb) != (default.block_q_bwd, default.block_k_bwd)
-            ]
-        # Triton's launch parameters around the default blocks.
-        candidates += [
-            BlockSizes(num_warps=warps, num_stages=stages)
-            for warps, stages in itertools.product((4, 8), (1, 2, 3))
-        ]
+        candidates = _gpu_candidates(launch_only) if backend == "gpu" else _tpu_candidates()
         for blocks in candidates:
-            forward, both = _programs(mask, blocks)["pallas"]
+            forward, both = _jitted(_op(mask, "pallas", blocks))
             try:
                 cells = [
                     f"{_median_seconds(forward, args, repeats) * 1e3:.3f}",
                     f"{_median_seconds(both, args, repeats) * 1e3:.3f}",
                 ]
-            except Exception as error:  # e.g. Triton out of shared memory for large blocks
+            except Exception as error:  # e.g. out of shared memory / VMEM for large blocks
                 cells = [f"failed: {type(error).__name__}", ""]
             sizes = (blocks.block_q, blocks.block_k, blocks.block_q_bwd, blocks.block_k_bwd)
-            warps = blocks.num_warps or f"{4 if head_dim <= 64 else 8} (default)"
-            row = [str(head_dim), *map(str, sizes), str(warps), str(blocks.num_stages), *cells]
-            print("| " + " | ".join(row) + " |", flush=True)
+            row = [str(head_dim), *map(str, sizes)]
+            if backend == "gpu":
+                warps = blocks.num_warps or f"{4 if head_dim <= 64 else 8} (default)"
+                row += [str(warps), str(blocks.num_stages)]
+            print("| " + " | ".join(row + cells) + " |", flush=True)
     print()
 
 
@@ -314,9 +352,9 @@ def schedule_ablation_table(repeats: int) -> None:
         mask = AttentionMask(soft_causal_ratio=0.5) if soft else AttentionMask(causal=True)
         args = _inputs(batch, length, length, heads, heads, head_dim, jnp.bfloat16)
         # jit traces lazily: lower each program where the patch should (not) be seen.
-        with_runs = [fn.lower(*args) for fn in _programs(mask, None)["pallas"]]
+        with_runs = [fn.lower(*args) for fn in _jitted(_op(mask, "pallas"))]
         with _element_mask_everywhere():
-            masked = [fn.lower(*args) for fn in _programs(mask, None)["pallas"]]
+            masked = [fn.lower(*args) for fn in _jitted(_op(mask, "pallas"))]
         if any(a.as_text() == b.as_text() for a, b in zip(with_runs, masked, strict=True)):
             raise RuntimeError("the element-mask-everywhere programs equal the kernel's")
         with_runs = [lowered.compile() for lowered in with_runs]
@@ -336,7 +374,7 @@ def schedule_ablation_table(repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--sweep", action="store_true", help="block sizes (GPU)")
+    parser.add_argument("--sweep", action="store_true", help="block sizes (GPU or TPU)")
     parser.add_argument("--sweep-launch", action="store_true", help="warps / stages (GPU)")
     parser.add_argument(
         "--ablate-schedules", action="store_true", help="element mask everywhere (GPU)"
@@ -344,16 +382,21 @@ def main() -> None:
     parser.add_argument("--skip-correctness", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     args = parser.parse_args()
-    on_gpu = jax.default_backend() == "gpu"
+    backend = accelerator()
+    # Checked before anything runs: a flag this device cannot serve is an error, not a no-op.
+    if args.sweep and not backend:
+        parser.error("--sweep times the kernel: it needs a GPU or a TPU.")
+    if (args.sweep_launch or args.ablate_schedules) and backend != "gpu":
+        parser.error(
+            "--sweep-launch and --ablate-schedules time the Triton kernel: they need a GPU."
+        )
     print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind})\n")
     if not args.skip_correctness:
-        correctness_table(interpret=not on_gpu)
+        correctness_table(interpret=not backend)
     if not args.skip_speed:
-        speed_table(on_gpu, args.repeats)
-    if (args.sweep or args.sweep_launch or args.ablate_schedules) and not on_gpu:
-        raise SystemExit("--sweep, --sweep-launch and --ablate-schedules need a GPU")
+        speed_table(backend, args.repeats)
     if args.sweep or args.sweep_launch:
-        sweep_table(args.repeats, launch_only=not args.sweep)
+        sweep_table(backend, args.repeats, launch_only=not args.sweep)
     if args.ablate_schedules:
         schedule_ablation_table(args.repeats)
 

@@ -18,40 +18,29 @@
 #   flash_ablation  the kernel against itself with the element mask on every block pair
 #   scan_sweep   selective-scan defaults and their untimed neighbours (blocks, chunks, warps)
 # Each stage runs in its own process under `timeout` (a failure or hang in one does not
-# stop the others), writes $OUT/<stage>.log and prints its status and the log's tail.
-# DEADLINE (seconds from the start, default 540) shortens or skips the stages that would
-# run past it, so the whole run ends inside the lease's command limit.
+# stop the others), writes $OUT/<stage>.log and prints its status and the log's tail
+# (session_stage.sh). DEADLINE (seconds from the start, default 540) shortens or skips
+# the stages that would run past it, so the whole run ends inside the lease's command
+# limit. kernels_tpu_session.sh is the same for a TPU.
 set -u
 OUT=${OUT:-runs/kernels_gpu}
 DEADLINE=${DEADLINE:-540}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
+# cpu too: the benchmarks run their float64 references on the host (kernel_baselines.py).
+export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda,cpu
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 BENCH=experiments/benchmarks
 START=$(date +%s)
 
-stage() {  # stage NAME LIMIT_SECONDS COMMAND...
-  local name=$1 limit=$2
-  shift 2
-  local left=$((DEADLINE - ($(date +%s) - START) - 5))
-  if ((left < 20)); then
-    echo "=== $name: skipped (${left}s left before the deadline)"
-    return
-  fi
-  ((limit > left)) && limit=$left
-  local began
-  began=$(date +%s)
-  timeout -k 5 "$limit" "$@" >"$OUT/$name.log" 2>&1
-  local rc=$?
-  echo "=== $name: rc $rc in $(($(date +%s) - began))s (limit ${limit}s): $*"
-  tail -n "${TAIL:-25}" "$OUT/$name.log" | cut -c1-400
-}
+# shellcheck source=experiments/benchmarks/session_stage.sh
+source "$BENCH/session_stage.sh"
 
 run_stage() {
   case $1 in
-  env) stage env 60 bash -c "nvidia-smi; $PY -c 'import jax, jaxlib; print(jax.__version__, \
-jaxlib.__version__, jax.devices())'; $PY -m pip list 2>/dev/null | grep -i -E '^(jax|triton)'" ;;
+  env) stage env 60 bash -c "nvidia-smi; $PY -m pip list 2>/dev/null | grep -i -E '^(jax|triton)'; \
+$PY -c 'import jax, jaxlib; print(jax.__version__, jaxlib.__version__, jax.devices()); \
+assert jax.default_backend() == \"gpu\", \"JAX fell back to \" + jax.default_backend()'" ;;
   gpu_tests) stage gpu_tests 150 "$PY" -m pytest -q -s -rfE -p no:cacheprovider \
     tests/kernels/test_kernels_on_gpu.py ;;
   flash) stage flash 150 "$PY" $BENCH/kernels_flash_attention.py --repeats 10 ;;

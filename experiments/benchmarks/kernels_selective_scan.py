@@ -2,26 +2,30 @@
 
 Three Markdown tables:
 
-  1. correctness: ``implementation="pallas"`` against ``"reference"`` at small
-     sizes (forward, last state and every gradient; the largest absolute
-     difference divided by the reference's largest magnitude), in interpret
-     mode on CPU and compiled on a GPU;
+  1. correctness: ``implementation="pallas"`` in float32 against the float64
+     ``"reference"`` (run on the host CPU) at small sizes (forward, last state
+     and every gradient; the largest absolute difference divided by the
+     reference's largest magnitude), in interpret mode on CPU, compiled on a
+     GPU (the Triton kernel) or a TPU (the Mosaic kernel);
   2. speed at the issue's shape (batch 2, d 1536, n 16, L 4096; B and C
      ``[batch, n, L]``; D, z, delta_bias and softplus as the Mamba block calls
      the op): forward and forward+backward time of every implementation, the
      achieved GB/s over the bytes the op must move (inputs read and outputs
      written once; the ``[batch, d, n, L]`` states never reaching memory), that
      as a fraction of the measured copy bandwidth, and the speed-up of the
-     kernel over the fastest XLA implementation. On CPU this table is printed
-     with "not measured" cells: interpret mode says nothing about GPU speed, and
-     the CPU timings of the XLA paths are in selective_scan.py's table;
-  3. with ``--sweep`` on a GPU: the kernel alone (``selective_scan_pallas`` on
-     pre-processed inputs) for the defaults and their untimed neighbours
-     (sequence blocks, channel blocks, chunks, warps), to tune the defaults.
+     kernel over the fastest XLA implementation. Timed on a GPU or a TPU; on
+     CPU this table is printed with "not measured" cells: interpret mode says
+     nothing about speed, and the CPU timings of the XLA paths are in
+     selective_scan.py's table;
+  3. with ``--sweep`` on a GPU or a TPU: the kernel alone on pre-processed
+     inputs (``selective_scan_pallas`` on a GPU: the defaults and their
+     untimed neighbours in sequence blocks, channel blocks, chunks and warps;
+     ``selective_scan_tpu`` on a TPU: sequence blocks and channel blocks), to
+     tune the defaults.
 
 Run:
-  .venv/bin/python experiments/benchmarks/kernels_selective_scan.py            # CPU or GPU
-  python experiments/benchmarks/kernels_selective_scan.py --sweep               # GPU, tuning
+  .venv/bin/python experiments/benchmarks/kernels_selective_scan.py     # CPU, GPU or TPU
+  python experiments/benchmarks/kernels_selective_scan.py --sweep        # GPU or TPU, tuning
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from effformer.kernels import selective_scan_tpu
 from effformer.kernels.selective_scan import (
     DEFAULT_CHANNEL_BLOCK,
     DEFAULT_CHUNK_SIZE,
@@ -46,6 +52,7 @@ from effformer.ops.selective_scan import IMPLEMENTATIONS as XLA_IMPLEMENTATIONS
 from effformer.ops.selective_scan import selective_scan
 
 sys.path.insert(0, str(Path(__file__).parent))
+from kernel_baselines import accelerator, reference_device  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -108,8 +115,9 @@ def correctness_table(interpret_note: str) -> None:
         ("B, C [batch, n, L], mask", dict(), True),
         ("B [d, n], C [batch, 2, n, L]", dict(B_shape=(16, 16), C_shape=(2, 2, 16, 100)), False),
     ]
-    print(f"Correctness of implementation='pallas' vs 'reference' ({interpret_note}), float32, "
-          "batch 2, d 16, n 16, L 100: max |pallas - reference| / max |reference|.\n")  # fmt: skip
+    print(f"Correctness of implementation='pallas' in float32 vs 'reference' in float64 "
+          f"({interpret_note}), batch 2, d 16, n 16, L 100: max |pallas - reference| / "
+          "max |reference|.\n")  # fmt: skip
     print("| case | out | last state | " + " | ".join(f"d{name}" for name in NAMES) + " |")
     print("| --- " * (3 + len(NAMES)) + "|")
     for label, shapes, with_mask in cases:
@@ -117,27 +125,31 @@ def correctness_table(interpret_note: str) -> None:
         mask = None
         if with_mask:
             mask = jnp.arange(100)[None, :] < jnp.array([[100], [61]])
-        results = {}
-        for implementation in ("pallas", "reference"):
-            forward, grad = op_functions(implementation, mask)
-            results[implementation] = (*forward(args), *(grad(args)[k] for k in NAMES))
+        forward, grad = op_functions("pallas", mask)
+        gradients = grad(args)
+        got = [np.asarray(x, np.float64) for x in (*forward(args), *(gradients[k] for k in NAMES))]
+        with reference_device():
+            as64 = {name: np.asarray(x, np.float64) for name, x in args.items()}
+            forward, grad = op_functions("reference", None if mask is None else np.asarray(mask))
+            gradients = grad(as64)
+            expected = [np.asarray(x) for x in (*forward(as64), *(gradients[k] for k in NAMES))]
         errors = [
-            float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w)))
-            for g, w in zip(results["pallas"], results["reference"], strict=True)
+            float(np.abs(g - w).max() / np.abs(w).max()) for g, w in zip(got, expected, strict=True)
         ]
         print(f"| {label} | " + " | ".join(f"{e:.1e}" for e in errors) + " |", flush=True)
     print()
 
 
-def speed_table(batch, d, n, length, implementations, reps, on_gpu: bool) -> None:
-    bandwidth = copy_bandwidth(reps) if on_gpu else None
+def speed_table(batch, d, n, length, implementations, reps, backend: str | None) -> None:
+    """``backend``: "gpu" or "tpu" to time, None (CPU) for a table of "not measured"."""
+    bandwidth = copy_bandwidth(reps) if backend else None
     device = jax.devices()[0].device_kind
-    if on_gpu:
+    if backend:
         print(f"Speed on {device}: batch {batch}, d {d}, n {n}, L {length}, float32; "
               f"measured copy bandwidth {bandwidth / 1e9:.0f} GB/s; median of {reps}.\n")  # fmt: skip
     else:
-        print(f"Speed: batch {batch}, d {d}, n {n}, L {length}: GPU columns not measured "
-              f"(backend {jax.default_backend()}: no GPU).\n")  # fmt: skip
+        print(f"Speed: batch {batch}, d {d}, n {n}, L {length}: not measured "
+              f"(backend {jax.default_backend()}: no GPU or TPU).\n")  # fmt: skip
     print("| implementation | pass | ms | GB/s | of copy bandwidth | pallas speed-up |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     args = make_inputs(batch, d, n, length)
@@ -145,13 +157,13 @@ def speed_table(batch, d, n, length, implementations, reps, on_gpu: bool) -> Non
         moved = io_bytes(batch, d, n, length, backward)
         seconds = {}
         for implementation in implementations:
-            if not on_gpu:
+            if not backend:
                 print(f"| {implementation} | {label} | not measured | not measured | "
                       "not measured | not measured |")  # fmt: skip
                 continue
             fn = op_functions(implementation)[int(backward)]
             seconds[implementation] = median_seconds(fn, args, repeats=reps)
-        if not on_gpu:
+        if not backend:
             continue
         xla = [s for impl, s in seconds.items() if impl in XLA_IMPLEMENTATIONS]
         for implementation, s in seconds.items():
@@ -161,16 +173,30 @@ def speed_table(batch, d, n, length, implementations, reps, on_gpu: bool) -> Non
     print()
 
 
-def sweep_table(batch, d, n, length, reps) -> None:
-    """The kernel alone on pre-processed inputs, for each block / chunk configuration."""
-    args = make_inputs(batch, d, n, length)
-    dt = jax.nn.softplus(args["delta"] + args["delta_bias"][:, None])
-    core = (args["u"], dt, args["A"], args["B"], args["C"])
-    print(f"Kernel alone (selective_scan_pallas, no D/z/softplus), batch {batch}, d {d}, n {n}, "
-          f"L {length}; defaults: seq_block {DEFAULT_SEQ_BLOCK}, channel_block "
-          f"{DEFAULT_CHANNEL_BLOCK}, chunk_size {DEFAULT_CHUNK_SIZE}, num_warps "
-          f"{DEFAULT_NUM_WARPS_CHUNKED} (chunks) / {DEFAULT_NUM_WARPS} (one chunk). "
-          f"chunk_size {length}: one chunk, the one-pass scan.\n")  # fmt: skip
+def _kernel_cells(kernel, options: dict, core, reps: int) -> list[str]:
+    """Forward and forward + backward ms of ``kernel(*core, **options)``, or why it failed."""
+
+    def forward(core):
+        return kernel(*core, **options)
+
+    def loss(core):
+        y, last = kernel(*core, **options)
+        return jnp.sum(y * core[0]) + jnp.sum(last)
+
+    cells = []
+    for fn in (jax.jit(forward), jax.jit(jax.grad(loss))):
+        try:
+            cells.append(f"{median_seconds(fn, core, repeats=reps) * 1e3:.2f}")
+        except Exception as error:  # a configuration the compiler rejects: report it
+            cells.append(f"failed: {type(error).__name__}")
+    return cells
+
+
+def _gpu_sweep(core, length, reps) -> None:
+    print(f"defaults: seq_block {DEFAULT_SEQ_BLOCK}, channel_block {DEFAULT_CHANNEL_BLOCK}, "
+          f"chunk_size {DEFAULT_CHUNK_SIZE}, num_warps {DEFAULT_NUM_WARPS_CHUNKED} (chunks) / "
+          f"{DEFAULT_NUM_WARPS} (one chunk). chunk_size {length}: one chunk, the one-pass "
+          "scan.\n")  # fmt: skip
     print("| channel_block | seq_block | chunk_size | num_warps | forward ms | fwd+bwd ms |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     # The defaults first, then their untimed neighbours (the chunk sizes and warps around
@@ -188,22 +214,37 @@ def sweep_table(batch, d, n, length, reps) -> None:
             chunk_size=chunk_size,
             num_warps=num_warps,
         )
-
-        def forward(core, options=options):
-            return selective_scan_pallas(*core, **options)
-
-        def loss(core, options=options):
-            y, last = selective_scan_pallas(*core, **options)
-            return jnp.sum(y * core[0]) + jnp.sum(last)
-
-        cells = []
-        for fn in (jax.jit(forward), jax.jit(jax.grad(loss))):
-            try:
-                cells.append(f"{median_seconds(fn, core, repeats=reps) * 1e3:.2f}")
-            except Exception as error:  # a configuration Triton cannot compile: report it
-                cells.append(f"failed: {type(error).__name__}")
+        cells = _kernel_cells(selective_scan_pallas, options, core, reps)
         row = f"| {channel_block} | {seq_block} | {chunk_size} | {num_warps} | "
         print(row + " | ".join(cells) + " |", flush=True)
+
+
+def _tpu_sweep(core, reps) -> None:
+    default = (selective_scan_tpu.DEFAULT_SEQ_BLOCK, selective_scan_tpu.DEFAULT_CHANNEL_BLOCK)
+    print(f"defaults: seq_block {default[0]}, channel_block {default[1]} (untuned).\n")
+    print("| seq_block | channel_block | forward ms | fwd+bwd ms |")
+    print("| ---: | ---: | ---: | ---: |")
+    # Sequence blocks are unrolled in the kernel (longer: more code, fewer grid steps);
+    # channel blocks are lanes of the state (wider: fewer, larger programs).
+    others = itertools.product((8, 16, 32, 64), (128, 256, 512))
+    for seq_block, channel_block in [default, *(c for c in others if c != default)]:
+        options = dict(seq_block=seq_block, channel_block=channel_block)
+        cells = _kernel_cells(selective_scan_tpu.selective_scan_tpu, options, core, reps)
+        print(f"| {seq_block} | {channel_block} | " + " | ".join(cells) + " |", flush=True)
+
+
+def sweep_table(batch, d, n, length, reps, backend: str) -> None:
+    """The backend's kernel alone on pre-processed inputs, for each block configuration."""
+    args = make_inputs(batch, d, n, length)
+    dt = jax.nn.softplus(args["delta"] + args["delta_bias"][:, None])
+    core = (args["u"], dt, args["A"], args["B"], args["C"])
+    kernel = "selective_scan_pallas" if backend == "gpu" else "selective_scan_tpu"
+    print(f"Kernel alone ({kernel} on {jax.devices()[0].device_kind}, no D/z/softplus), "
+          f"batch {batch}, d {d}, n {n}, L {length}; ", end="")  # fmt: skip
+    if backend == "gpu":
+        _gpu_sweep(core, length, reps)
+    else:
+        _tpu_sweep(core, reps)
     print()
 
 
@@ -217,20 +258,22 @@ def main() -> None:
         "--implementations", nargs="+", default=["pallas", "chunked", "associative", "reference"]
     )
     parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--sweep", action="store_true", help="GPU: time block configurations")
+    parser.add_argument("--sweep", action="store_true", help="GPU or TPU: time block sizes")
     parser.add_argument("--skip-correctness", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     args = parser.parse_args()
+    backend = accelerator()
+    if args.sweep and not backend:
+        parser.error("--sweep times the kernel: it needs a GPU or a TPU.")
 
-    on_gpu = jax.default_backend() == "gpu"
     if not args.skip_correctness:
-        correctness_table("compiled" if on_gpu else "interpret mode on CPU")
+        correctness_table("compiled" if backend else "interpret mode on CPU")
     if not args.skip_speed:
         speed_table(
-            args.batch, args.d, args.n, args.length, args.implementations, args.reps, on_gpu
+            args.batch, args.d, args.n, args.length, args.implementations, args.reps, backend
         )
-    if args.sweep and on_gpu:
-        sweep_table(args.batch, args.d, args.n, args.length, args.reps)
+    if args.sweep:
+        sweep_table(args.batch, args.d, args.n, args.length, args.reps, backend)
 
 
 if __name__ == "__main__":
