@@ -33,7 +33,13 @@ Two kernels recompute ``p`` blockwise from the saved log-sum-exp: one over
 may see the key block, one over (query block, batch, head) accumulating
 ``dq``. With grouped-query attention the ``dk, dv`` kernel writes one partial
 per query head, summed over each kv head's group afterwards (as FlashAttention-2
-does for MQA/GQA), so no two programs write the same block.
+does for MQA/GQA), so no two programs write the same block. Per block pair the
+two kernels run seven block matmuls (``s`` and ``dO v^T`` in both). With
+``BlockSizes(fused_backward=True)`` the ``dk, dv`` kernel also adds each pair's
+``ds k`` to a float32 ``dq`` with atomic adds and the ``dq`` kernel is not run:
+five matmuls per pair, as FlashAttention-2's own backward, at the price of
+``L / block_k_bwd`` atomic adds per ``dq`` element (and a summation order that
+varies from run to run). Off by default: not yet timed on a GPU.
 
 The soft-causal ratio ``r`` is a schedule value (it may be traced): it gets a
 zero cotangent, i.e. it is treated as non-differentiable.
@@ -93,6 +99,9 @@ class BlockSizes:
     queries x 64 keys in the backward kernels, which ran 1.1x (head dim 64) to
     1.6x (head dim 128) faster than 64 x 64 there.
 
+    ``fused_backward``: compute dq inside the dk/dv kernel with atomic adds
+    instead of in a kernel of its own (module docstring); off until timed.
+
     ``num_warps, num_stages``: Triton launch parameters of all three kernels
     (ignored in interpret mode). The defaults, 4 warps for head dims up to 64,
     else 8 (``num_warps=None``), and 2 pipeline stages, were the fastest forward +
@@ -106,6 +115,7 @@ class BlockSizes:
     block_k_bwd: int = 64
     num_warps: int | None = None
     num_stages: int = 2
+    fused_backward: bool = False
 
     def __post_init__(self):
         for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
@@ -123,6 +133,10 @@ class BlockSizes:
         if not isinstance(self.num_stages, int) or self.num_stages < 1:
             raise ValueError(
                 f"BlockSizes.num_stages must be a positive int, got {self.num_stages!r}."
+            )
+        if not isinstance(self.fused_backward, bool):
+            raise ValueError(
+                f"BlockSizes.fused_backward must be True or False, got {self.fused_backward!r}."
             )
 
 
@@ -159,6 +173,7 @@ class _Config:
     interpret: bool
     num_warps: int | None = None
     num_stages: int = 2
+    fused_backward: bool = False
 
     @property
     def masks_by_position(self) -> bool:
@@ -356,12 +371,19 @@ def _dkdv_kernel(
     d_out_ref,
     lse_ref,
     delta_ref,
+    dq_zeros_ref,
     dk_ref,
     dv_ref,
-    *,
+    *dq_out,
     cfg: _Config,
 ):
-    """One key block of one (batch, query head). Blocks: k, v [bk, D]; q, dO [Lq, D]."""
+    """One key block of one (batch, query head). Blocks: k, v [bk, D]; q, dO [Lq, D].
+
+    With ``cfg.fused_backward``, ``dq_out`` holds one ref: the [Lq, D] float32 dq of
+    the (batch, query head), aliased to ``dq_zeros_ref`` (zeros), that every key block's
+    program adds its ``ds k`` to atomically (unscaled); else it is empty and
+    ``dq_zeros_ref`` None.
+    """
     block_q, block_k = cfg.block_q_bwd, cfg.block_k_bwd
     dtype = lse_ref.dtype
     k, v = k_ref[...], v_ref[...]
@@ -395,6 +417,12 @@ def _dkdv_kernel(
             dk = dk + lax.dot_general(
                 ds.astype(q.dtype), q, (((0,), (0,)), ((), ())), preferred_element_type=dtype
             )
+            if cfg.fused_backward:
+                dq_part = jnp.dot(ds.astype(k.dtype), k, preferred_element_type=dtype)
+                # Both starts int32 (the loop index's type): interpret mode's rule slices
+                # with them together, and a Python 0 would be int64 under x64.
+                columns = pl.ds(jnp.int32(0), dq_part.shape[1])
+                plgpu.atomic_add(dq_out[0], (queries, columns), dq_part)
             return dk, dv
 
         return body
@@ -692,7 +720,18 @@ def _backward_calls(cfg: _Config, residuals, d_out):
     # One partial per query head when grouped (summed below), so no two programs share a block.
     partial_dtype = k.dtype if groups == 1 else dtype
     dkdv_block = pl.BlockSpec((None, block_k, None, head_dim), lambda j, b, h: (b, j, h, 0))
-    dk, dv = pl.pallas_call(
+    out_specs = [dkdv_block, dkdv_block]
+    out_shape = [jax.ShapeDtypeStruct((batch, kv_len, num_heads, head_dim), partial_dtype)] * 2
+    dq_zeros, aliases = None, {}
+    if cfg.fused_backward:
+        # Every key block's program adds to its (batch, head)'s whole dq: a zeros input
+        # aliased to the output, so the adds start from 0 (a fresh output is uninitialised).
+        dq_zeros = jnp.zeros(q.shape, dtype)
+        out_specs.append(q_all)
+        out_shape.append(jax.ShapeDtypeStruct(q.shape, dtype))
+        # Alias indices count the flattened inputs, which skip the absent (None) ones.
+        aliases = {len(jax.tree.leaves((kv_schedules, inputs))): 2}
+    outputs = pl.pallas_call(
         functools.partial(_dkdv_kernel, cfg=cfg),
         grid=(kv_len // block_k, batch, num_heads),
         in_specs=[
@@ -708,17 +747,22 @@ def _backward_calls(cfg: _Config, residuals, d_out):
             q_all,
             per_row,
             per_row,
+            None if dq_zeros is None else q_all,
         ],
-        out_specs=[dkdv_block, dkdv_block],
-        out_shape=[jax.ShapeDtypeStruct((batch, kv_len, num_heads, head_dim), partial_dtype)] * 2,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=params,
         interpret=cfg.interpret,
         name="flash_attention_dkdv",
-    )(kv_schedules, *inputs)
+    )(kv_schedules, *inputs, dq_zeros)
+    dk, dv = outputs[:2]
     if groups > 1:
         grouped = (batch, kv_len, num_kv_heads, groups, head_dim)
         dk = dk.reshape(grouped).sum(axis=3).astype(k.dtype)
         dv = dv.reshape(grouped).sum(axis=3).astype(v.dtype)
+    if cfg.fused_backward:
+        return (outputs[2] * cfg.scale).astype(q.dtype), dk, dv
 
     # dq: grid over query blocks, like the forward.
     q_block = pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, h: (b, i, h, 0))
@@ -989,6 +1033,7 @@ def flash_attention(
         interpret=interpret,
         num_warps=block_sizes.num_warps,
         num_stages=block_sizes.num_stages,
+        fused_backward=block_sizes.fused_backward,
     )
     q_padded, kv_padded = _padded_q_len(cfg), _padded_kv_len(cfg)
     # Triton's dot wants a power-of-two head dim of at least 16; zero columns change no

@@ -31,18 +31,24 @@ Markdown tables:
      (``flash_attention.block_schedules``' unmasked runs emptied), causal and
      soft-causal, forward and forward + backward: what skipping the element
      mask on all-visible blocks is worth.
+  5. with ``--ablate-backward`` (GPU): at L 4096, forward + backward with the
+     two backward kernels (the default) against the fused backward
+     (``BlockSizes(fused_backward=True)``: dq added by the dk/dv kernel with
+     atomic adds, five block matmuls per pair instead of seven), default blocks
+     otherwise, causal and soft-causal.
 
 Run:
   .venv/bin/python experiments/benchmarks/kernels_flash_attention.py    # CPU, GPU or TPU
   python experiments/benchmarks/kernels_flash_attention.py --sweep       # GPU or TPU, tuning
   python experiments/benchmarks/kernels_flash_attention.py --skip-correctness --skip-speed \
-      --sweep-launch --ablate-schedules                                  # GPU
+      --sweep-launch --ablate-schedules --ablate-backward                # GPU
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import sys
 from pathlib import Path
@@ -53,7 +59,7 @@ import numpy as np
 
 from effformer.kernels import flash_attention as flash_kernel
 from effformer.kernels import flash_attention_tpu
-from effformer.kernels.flash_attention import BlockSizes
+from effformer.kernels.flash_attention import BlockSizes, default_block_sizes
 from effformer.ops.attention import dot_product_attention
 from effformer.ops.masks import AttentionMask
 
@@ -371,6 +377,33 @@ def schedule_ablation_table(repeats: int) -> None:
     print()
 
 
+def backward_ablation_table(repeats: int, batch=2, heads=16, length=4096) -> None:
+    print(
+        f"Fused backward (bfloat16, batch {batch}, {heads} heads, L {length}, default blocks): "
+        "forward + backward with the dq kernel against dq by atomic adds in the dk/dv kernel\n"
+    )
+    print("| head dim | mask | two kernels ms | fused ms | speed-up |")
+    print("| --- | --- | --- | --- | --- |")
+    for head_dim, soft in itertools.product((64, 128), (False, True)):
+        mask = AttentionMask(soft_causal_ratio=0.5) if soft else AttentionMask(causal=True)
+        args = _inputs(batch, length, length, heads, heads, head_dim, jnp.bfloat16)
+        two_kernels = default_block_sizes(jnp.bfloat16, head_dim)
+        fused = dataclasses.replace(two_kernels, fused_backward=True)
+        seconds = []
+        for blocks in (two_kernels, fused):
+            both = _jitted(_op(mask, "pallas", blocks))[1]
+            try:
+                seconds.append(_median_seconds(both, args, repeats))
+            except Exception as error:  # e.g. a lowering this Triton rejects: report it
+                seconds.append(None)
+                print(f"<!-- fused_backward={blocks.fused_backward}: {error!r} -->")
+        cells = [f"{t * 1e3:.3f}" if t else "failed" for t in seconds]
+        speedup = f"{seconds[0] / seconds[1]:.2f}x" if all(seconds) else ""
+        name = "soft-causal r 0.5" if soft else "causal"
+        print(f"| {head_dim} | {name} | " + " | ".join(cells) + f" | {speedup} |", flush=True)
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
@@ -379,6 +412,9 @@ def main() -> None:
     parser.add_argument(
         "--ablate-schedules", action="store_true", help="element mask everywhere (GPU)"
     )
+    parser.add_argument(
+        "--ablate-backward", action="store_true", help="fused against two-kernel backward (GPU)"
+    )
     parser.add_argument("--skip-correctness", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     args = parser.parse_args()
@@ -386,9 +422,10 @@ def main() -> None:
     # Checked before anything runs: a flag this device cannot serve is an error, not a no-op.
     if args.sweep and not backend:
         parser.error("--sweep times the kernel: it needs a GPU or a TPU.")
-    if (args.sweep_launch or args.ablate_schedules) and backend != "gpu":
+    if (args.sweep_launch or args.ablate_schedules or args.ablate_backward) and backend != "gpu":
         parser.error(
-            "--sweep-launch and --ablate-schedules time the Triton kernel: they need a GPU."
+            "--sweep-launch, --ablate-schedules and --ablate-backward time the Triton kernel: "
+            "they need a GPU."
         )
     print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind})\n")
     if not args.skip_correctness:
@@ -399,6 +436,8 @@ def main() -> None:
         sweep_table(backend, args.repeats, launch_only=not args.sweep)
     if args.ablate_schedules:
         schedule_ablation_table(args.repeats)
+    if args.ablate_backward:
+        backward_ablation_table(args.repeats)
 
 
 if __name__ == "__main__":

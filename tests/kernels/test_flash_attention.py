@@ -14,6 +14,7 @@ test compares with the float64 reference at 2e-5, the op tests' bound.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 
@@ -141,6 +142,35 @@ def test_forward_and_gradients_match_reference(name, x64):
         assert np.all(np.asarray(out)[padding] == 0.0)
         assert np.all(np.asarray(grads[0])[padding] == 0.0)
         assert all(np.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("name", [*CASES, "soft_causal_r03"])
+def test_fused_backward_matches_reference(name, x64):
+    # dq added by the dk/dv kernel's programs with atomic adds (BlockSizes.fused_backward):
+    # every key block of a query row must add its share once, for every mask.
+    if name == "soft_causal_r03":
+        q_len, kv_len = LENGTH, LENGTH
+        kwargs, mask = dict(soft_causal_ratio=0.3), AttentionMask(soft_causal_ratio=0.3)
+    else:
+        q_len, kv_len, kwargs, mask = CASES[name]
+    blocks = dataclasses.replace(kwargs.get("block_sizes", BLOCKS), fused_backward=True)
+    kwargs = kwargs | {"block_sizes": blocks}
+    q, k, v, d_out = _inputs(q_len, kv_len)
+
+    @_jit_unoptimised
+    def kernel(q, k, v, d_out):
+        attend = lambda q, k, v: flash_attention(q, k, v, interpret=True, **kwargs)  # noqa: E731
+        out, vjp = jax.vjp(attend, q, k, v)
+        return out, vjp(d_out)
+
+    jaxpr = str(kernel.trace(q, k, v, d_out).jaxpr)
+    assert "flash_attention_dq" not in jaxpr and "atomic_rmw" in jaxpr
+    if name == "soft_causal_r03":
+        expected = _soft_reference_vjp(q, k, v, jnp.asarray(0.3), d_out)
+        expected = (expected[0], expected[1][:3])
+    else:
+        expected = _reference_vjp(q, k, v, d_out, _visible(mask, q_len, kv_len))
+    _assert_close(kernel(q, k, v, d_out), expected)
 
 
 def test_soft_causal_traced_ratio_matches_reference_and_ratio_gets_no_gradient(x64):
@@ -284,6 +314,23 @@ def test_kernels_lower_to_triton_with_the_launch_parameters():
     text = lowered.lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 3
     assert text.count("num_warps = 2 : i32") == 3 and text.count("num_stages = 3 : i32") == 3
+    assert "atomic" not in text
+
+
+def test_fused_backward_lowers_to_triton_with_atomic_adds_into_an_aliased_dq():
+    q = jax.ShapeDtypeStruct((2, 256, 4, 64), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 256, 2, 64), jnp.bfloat16)
+    blocks = BlockSizes(fused_backward=True)
+
+    def loss(q, k, v):
+        out = flash_attention(q, k, v, soft_causal_ratio=0.5, block_sizes=blocks, interpret=False)
+        return jnp.sum(out.astype(jnp.float32))
+
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv)
+    text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+    # The forward and the dk/dv kernel only; the latter's dq output aliases its zeros input.
+    assert text.count("__gpu$xla.gpu.triton") == 2
+    assert "atomic" in text and "output_operand_alias" in text
 
 
 @pytest.mark.parametrize(
@@ -291,6 +338,7 @@ def test_kernels_lower_to_triton_with_the_launch_parameters():
     [
         (dict(num_warps=3), "num_warps must be None or a power of two >= 1, got 3"),
         (dict(num_stages=0), "num_stages must be a positive int, got 0"),
+        (dict(fused_backward=1), "fused_backward must be True or False, got 1"),
     ],
 )
 def test_block_sizes_reject_bad_launch_parameters(change, message):

@@ -19,11 +19,14 @@ visible moves an output by ~1/70 of a value row, ~1e-2 of the largest output.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from effformer.kernels.flash_attention import default_block_sizes
 from effformer.kernels.selective_scan import selective_scan_pallas
 from effformer.ops.attention import dot_product_attention
 from effformer.ops.decode_attention import decode_attention
@@ -54,21 +57,24 @@ def _upcast(tree):
     return jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)
 
 
-def _attention_errors(mask, q, k, v, d_out) -> list[float]:
-    """Relative errors of the compiled kernel's output and dq, dk, dv against float64."""
+def _attention_errors(mask, q, k, v, d_out, blocks=None) -> list[float]:
+    """Relative errors of the compiled kernel's output and dq, dk, dv against float64.
 
-    def attend(implementation):
+    ``blocks``: the kernel's ``BlockSizes`` (default: the op's choice).
+    """
+
+    def attend(implementation, **options):
         return jax.jit(
             lambda q, k, v, d_out: _vjp(
                 lambda q, k, v: dot_product_attention(
-                    q, k, v, mask=mask, implementation=implementation
+                    q, k, v, mask=mask, implementation=implementation, **options
                 ),
                 (q, k, v),
                 d_out,
             )
         )
 
-    got = attend("pallas")(q, k, v, d_out)
+    got = attend("pallas", pallas_block_sizes=blocks)(q, k, v, d_out)
     with jax.enable_x64(True):
         expected = attend("reference")(*_upcast((q, k, v, d_out)))
         return _relative_errors(got, expected)
@@ -103,6 +109,25 @@ def test_flash_attention_compiled_matches_reference(name, head_dim):
     d_out = jnp.asarray(rng.normal(size=shapes[0]), jnp.float32)
 
     errors = _attention_errors(mask, q, k, v, d_out)
+    assert max(errors) < ATTENTION_TOLERANCE, dict(
+        zip(("out", "dq", "dk", "dv"), errors, strict=True)
+    )
+
+
+@pytest.mark.parametrize("name", ["causal", "causal_packed_segments_padding", "soft_causal_r03"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_flash_attention_fused_backward_compiled_matches_reference(name, head_dim):
+    # dq from the dk/dv kernel's atomic adds (BlockSizes.fused_backward): programs of
+    # different key blocks add to the same dq rows concurrently on a GPU, which
+    # interpret mode (programs one after another) cannot exercise.
+    q_len, mask = ATTENTION_CASES[name]
+    rng = np.random.default_rng(4)
+    shapes = [(2, q_len, 4, head_dim), (2, LENGTH, 2, head_dim), (2, LENGTH, 2, head_dim)]
+    q, k, v = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in shapes)
+    d_out = jnp.asarray(rng.normal(size=shapes[0]), jnp.float32)
+    blocks = dataclasses.replace(default_block_sizes(jnp.float32, head_dim), fused_backward=True)
+
+    errors = _attention_errors(mask, q, k, v, d_out, blocks)
     assert max(errors) < ATTENTION_TOLERANCE, dict(
         zip(("out", "dq", "dk", "dv"), errors, strict=True)
     )
