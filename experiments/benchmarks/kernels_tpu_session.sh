@@ -6,8 +6,9 @@
 #   OUT=runs/kernels_tpu DEADLINE=900 bash experiments/benchmarks/kernels_tpu_session.sh
 #   OUT=... bash experiments/benchmarks/kernels_tpu_session.sh flash_sweep scan_sweep
 #
-# Stages (default: env flash scan decode decode_gqa flash_sweep scan_sweep):
+# Stages (default: env tpu_tests flash scan decode decode_gqa flash_sweep scan_sweep):
 #   env          TPU kind and count, jax / jaxlib / libtpu versions
+#   tpu_tests    tests/kernels/test_kernels_on_tpu.py: compiled kernels vs float64 references
 #   flash        kernels_flash_attention.py: the compiled Mosaic kernel against float64
 #                references (correctness table), then the speed table vs XLA and splash
 #                attention (causal and unmasked)
@@ -39,6 +40,8 @@ run_stage() {
   env) stage env 60 bash -c "$PY -m pip list 2>/dev/null | grep -i -E '^(jax|libtpu)'; \
 $PY -c 'import jax, jaxlib; print(jax.__version__, jaxlib.__version__, jax.devices()); \
 assert jax.default_backend() == \"tpu\", \"JAX fell back to \" + jax.default_backend()'" ;;
+  tpu_tests) stage tpu_tests 240 "$PY" -m pytest -q -s -rfE -p no:cacheprovider \
+    tests/kernels/test_kernels_on_tpu.py ;;
   flash) stage flash 240 "$PY" $BENCH/kernels_flash_attention.py --repeats 10 ;;
   scan) stage scan 150 "$PY" $BENCH/kernels_selective_scan.py --reps 10 ;;
   decode) stage decode 120 "$PY" $BENCH/kernels_decode_attention.py --caches 4096,32768 \
@@ -54,6 +57,6 @@ assert jax.default_backend() == \"tpu\", \"JAX fell back to \" + jax.default_bac
 }
 
 STAGES=("$@")
-((${#STAGES[@]})) || STAGES=(env flash scan decode decode_gqa flash_sweep scan_sweep)
+((${#STAGES[@]})) || STAGES=(env tpu_tests flash scan decode decode_gqa flash_sweep scan_sweep)
 for name in "${STAGES[@]}"; do run_stage "$name"; done
 echo "=== total $(($(date +%s) - START))s"
