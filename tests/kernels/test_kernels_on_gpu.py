@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from device_checks import relative_errors, scan_inputs
 
 from effformer.kernels.flash_attention import default_block_sizes
 from effformer.kernels.selective_scan import selective_scan_pallas
@@ -39,13 +40,6 @@ pytestmark = pytest.mark.skipif(
 
 ATTENTION_TOLERANCE = 5e-3
 SCAN_TOLERANCE = 2e-4
-
-
-def _relative_errors(actual, expected) -> list[float]:
-    return [
-        float(np.abs(np.asarray(a, np.float64) - np.asarray(b)).max() / np.abs(b).max())
-        for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True)
-    ]
 
 
 def _vjp(fn, primals, cotangent):
@@ -77,7 +71,7 @@ def _attention_errors(mask, q, k, v, d_out, blocks=None) -> list[float]:
     got = attend("pallas", pallas_block_sizes=blocks)(q, k, v, d_out)
     with jax.enable_x64(True):
         expected = attend("reference")(*_upcast((q, k, v, d_out)))
-        return _relative_errors(got, expected)
+        return relative_errors(got, expected)
 
 
 LENGTH = 72  # no power-of-two block divides it
@@ -154,22 +148,6 @@ def test_flash_attention_bfloat16_tuned_tiles_match_reference(mask, head_dim):
 SCAN_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
-def _scan_inputs(d, n, length, B_shape, C_shape):
-    rng = np.random.default_rng(1)
-    normal = lambda *shape: rng.normal(size=shape)  # noqa: E731
-    arrays = dict(
-        u=normal(2, d, length),
-        delta=normal(2, d, length) * 0.5 - 2.0,
-        A=-np.exp(normal(d, n)),
-        B=normal(*B_shape),
-        C=normal(*C_shape),
-        D=normal(d),
-        z=normal(2, d, length),
-        delta_bias=rng.uniform(-4.0, -2.0, size=d),
-    )
-    return {name: jnp.asarray(value, jnp.float32) for name, value in arrays.items()}
-
-
 @pytest.mark.parametrize(
     "B_shape, C_shape, with_mask",
     [
@@ -178,7 +156,7 @@ def _scan_inputs(d, n, length, B_shape, C_shape):
     ],
 )
 def test_selective_scan_compiled_matches_reference(B_shape, C_shape, with_mask):
-    args = _scan_inputs(64, 16, 300, B_shape, C_shape)
+    args = scan_inputs(64, 16, 300, B_shape, C_shape)
     mask = (jnp.arange(300)[None, :] < jnp.array([[300], [181]])) if with_mask else None
 
     def run(implementation):
@@ -200,7 +178,7 @@ def test_selective_scan_compiled_matches_reference(B_shape, C_shape, with_mask):
     got = run("pallas")(args)
     with jax.enable_x64(True):
         expected = run("reference")(_upcast(args))
-        errors = _relative_errors(got, expected)
+        errors = relative_errors(got, expected)
     labels = ("out", "last_state", *(f"d{name}" for name in sorted(SCAN_NAMES)))
     assert max(errors) < SCAN_TOLERANCE, dict(zip(labels, errors, strict=True))
 
@@ -209,7 +187,7 @@ def test_selective_scan_compiled_matches_reference(B_shape, C_shape, with_mask):
 def test_selective_scan_chunks_compiled_match_reference(chunk_size):
     # The kernel itself (dt already positive), its sequence cut into chunks of
     # 64 (5 chunks, the last one part padding) or 100 (rounded up to 112: 3 chunks).
-    args = _scan_inputs(64, 16, 300, (2, 16, 300), (2, 16, 300))
+    args = scan_inputs(64, 16, 300, (2, 16, 300), (2, 16, 300))
     core = dict(
         u=args["u"], delta=jax.nn.softplus(args["delta"]), A=args["A"], B=args["B"], C=args["C"]
     )
@@ -230,7 +208,7 @@ def test_selective_scan_chunks_compiled_match_reference(chunk_size):
     got = run(kernel)(core)
     with jax.enable_x64(True):
         expected = run(reference)(_upcast(core))
-        errors = _relative_errors(got, expected)
+        errors = relative_errors(got, expected)
     assert max(errors) < SCAN_TOLERANCE, errors
 
 
@@ -246,7 +224,7 @@ def test_decode_attention_compiled_matches_reference(heads, kv_heads, lengths):
     got = jax.jit(lambda *a: decode_attention(*a, implementation="pallas"))(q, k, v, lengths)
     with jax.enable_x64(True):
         expected = decode_attention(*_upcast((q, k, v)), lengths, implementation="reference")
-        errors = _relative_errors(got[lengths > 0], expected[lengths > 0])
+        errors = relative_errors(got[lengths > 0], expected[lengths > 0])
     assert max(errors) < ATTENTION_TOLERANCE, errors
     # A sequence with no cached key attends to nothing: exactly zero, as the reference.
     assert not np.any(np.asarray(got)[np.asarray(lengths) == 0])

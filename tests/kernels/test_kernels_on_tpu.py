@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from device_checks import relative_errors, scan_inputs
 
 from effformer.ops.attention import dot_product_attention
 from effformer.ops.decode_attention import decode_attention
@@ -43,13 +44,6 @@ def _on_host_float64(fn, *arrays):
     with jax.enable_x64(True), jax.default_device(jax.devices("cpu")[0]):
         upcast = jax.tree.map(lambda x: np.asarray(x, np.float64), arrays)
         return jax.tree.map(np.asarray, fn(*upcast))
-
-
-def _relative_errors(actual, expected) -> list[float]:
-    return [
-        float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
-        for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True)
-    ]
 
 
 def _attention_vjp(mask, implementation):
@@ -95,27 +89,11 @@ def test_flash_attention_compiled_matches_reference(name, head_dim, dtype):
     expected = _on_host_float64(
         lambda q, k, v, d_out: _attention_vjp(mask, "reference")(q, k, v, d_out), q, k, v, d_out
     )
-    errors = _relative_errors(got, expected)
+    errors = relative_errors(got, expected)
     # bfloat16: the reference gets the same bfloat16 values, so what is left is the
     # kernel's rounding of probabilities and outputs to bfloat16 (3.9e-3 each): 2e-2.
     tolerance = MATMUL_TOLERANCE if dtype == "float32" else 2e-2
     assert max(errors) < tolerance, dict(zip(("out", "dq", "dk", "dv"), errors, strict=True))
-
-
-def _scan_inputs(d, n, length, B_shape, C_shape):
-    rng = np.random.default_rng(1)
-    normal = lambda *shape: rng.normal(size=shape)  # noqa: E731
-    arrays = dict(
-        u=normal(2, d, length),
-        delta=normal(2, d, length) * 0.5 - 2.0,
-        A=-np.exp(normal(d, n)),
-        B=normal(*B_shape),
-        C=normal(*C_shape),
-        D=normal(d),
-        z=normal(2, d, length),
-        delta_bias=rng.uniform(-4.0, -2.0, size=d),
-    )
-    return {name: jnp.asarray(value, jnp.float32) for name, value in arrays.items()}
 
 
 def _scan_run(implementation, mask):
@@ -145,11 +123,11 @@ def _scan_run(implementation, mask):
 def test_selective_scan_compiled_matches_reference(B_shape, C_shape, with_mask):
     # 256 channels: two of the kernel's 128-lane channel blocks; 300 steps, not a
     # multiple of its sequence block.
-    args = _scan_inputs(256, 16, 300, B_shape, C_shape)
+    args = scan_inputs(256, 16, 300, B_shape, C_shape)
     mask = np.arange(300)[None, :] < np.array([[300], [181]]) if with_mask else None
     got = jax.jit(_scan_run("pallas", None if mask is None else jnp.asarray(mask)))(args)
     expected = _on_host_float64(_scan_run("reference", mask), args)
-    errors = _relative_errors(got, expected)
+    errors = relative_errors(got, expected)
     assert max(errors) < SCAN_TOLERANCE, errors
 
 
@@ -170,7 +148,7 @@ def test_decode_attention_compiled_matches_reference(heads, kv_heads, lengths, d
         lambda q, k, v: decode_attention(q, k, v, lengths, implementation="reference"), q, k, v
     )
     valid = lengths > 0
-    errors = _relative_errors(np.asarray(got)[valid], expected[valid])
+    errors = relative_errors(np.asarray(got)[valid], expected[valid])
     assert max(errors) < (MATMUL_TOLERANCE if dtype == "float32" else 2e-2), errors
     # A sequence with no cached key attends to nothing: exactly zero, as the reference.
     assert not np.any(np.asarray(got)[~valid])
