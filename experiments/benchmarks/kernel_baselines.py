@@ -88,3 +88,10 @@ def reference_device() -> Iterator[None]:
         ) from error
     with jax.enable_x64(True), jax.default_device(cpu):
         yield
+
+
+def failure(error: Exception) -> str:
+    """A table cell for a case that raised: on a first run on new hardware one case that the
+    compiler rejects should be reported in its row, not end the table (and the stage)."""
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    return f"failed: {type(error).__name__}: {first_line[:120]}"
