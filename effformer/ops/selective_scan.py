@@ -31,10 +31,10 @@ in how the recurrence over time is evaluated):
     combine ``((a1, b1), (a2, b2)) -> (a2 * a1, a2 * b1 + b2)``. Materialises
     ``[L, batch, d, n]`` arrays (memory grows with L).
   * ``"chunked"``: the sequence is cut into chunks of ``chunk_size`` steps; an
-    outer ``lax.scan`` carries the state from chunk to chunk and each chunk is
-    ``jax.checkpoint``-ed, so the backward pass keeps only the chunk-boundary
-    states and recomputes one chunk at a time (memory proportional to the
-    chunk length, not L). Inside a chunk the steps run sequentially with the
+    outer ``lax.scan`` carries the state from chunk to chunk, and the backward
+    (written by hand, ``custom_vjp``) keeps only the chunk-boundary states and
+    recomputes one chunk at a time before running the adjoint recurrence over
+    it (memory proportional to the chunk length, not L). Inside a chunk the steps run sequentially with the
     state laid out ``[batch, n, d]`` (channels contiguous, so every step is a
     wide vectorised, multi-threaded elementwise update and the sum over n is a
     vertical add), never materialising the ``[batch, d, n, L]`` tensor. This is
@@ -77,6 +77,9 @@ DEFAULT_CHUNK_SIZE = 64
 # Time steps unrolled per iteration of the sequential loops of the chunked path:
 # halves the loop overhead without bloating the program (measured; 4 was no faster).
 _UNROLL = 2
+# The same for the loop of the hand-written backward of the chunked path: 4 steps ran
+# it 1.0-1.1x faster than 2 and than 8 (measured; the differences are near the noise).
+_ADJOINT_UNROLL = 4
 
 
 def _shape_error(name: str, expected: str, got) -> ValueError:
@@ -366,7 +369,7 @@ def _scan_associative(u, dt, A, B, C):
 
 
 def _scan_chunked(u, dt, A, B, C, chunk_size):
-    """Chunks of ``chunk_size`` steps, state carried between them, each chunk rematerialised."""
+    """Chunks of ``chunk_size`` steps, state carried between them (see :func:`_chunked_recurrence`)."""
     batch, d, length = u.shape
     dt_t, u_t, A_t, (B_fixed, B_t), (C_fixed, C_t) = _time_major_nd(u, dt, A, B, C)
     chunk = min(chunk_size, length)
@@ -380,20 +383,143 @@ def _scan_chunked(u, dt, A, B, C, chunk_size):
         a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
         return a.reshape(num_chunks, chunk, *a.shape[1:])
 
-    xs = tuple(to_chunks(a) for a in (dt_t, u_t, B_t, C_t))
+    dt_c, u_c, B_c, C_c = (to_chunks(a) for a in (dt_t, u_t, B_t, C_t))
+    y, x_last = _chunked_recurrence(A_t, B_fixed, C_fixed, dt_c, u_c, B_c, C_c)
+    y = y.reshape(num_chunks * chunk, *y.shape[2:])[:length]
+    return _from_time_major(y, x_last, batch, d)
+
+
+def _chunk_states(x, A, B_fixed, C_fixed, chunk_inputs, entering_states: bool):
+    """One chunk's steps from state ``x`` (time-major, the layout of :func:`_time_major_nd`).
+
+    Returns the last state and per step y_t, or with ``entering_states`` the
+    state each step starts from, x_{t-1} (for the backward).
+    """
 
     def step(x, inputs):
         dt_i, u_i, B_i, C_i = inputs
         B_i = B_fixed if B_i is None else B_i
         C_i = C_fixed if C_i is None else C_i
-        x = jnp.exp(dt_i * A_t) * x + (dt_i * u_i) * B_i
-        return x, jnp.sum(x * C_i, axis=1)
+        x_next = jnp.exp(dt_i * A) * x + (dt_i * u_i) * B_i
+        return x_next, (x if entering_states else jnp.sum(x_next * C_i, axis=1))
 
-    @functools.partial(jax.checkpoint, prevent_cse=False)
+    # Stacking the states ran faster without unrolling on XLA's CPU (measured: 119 against
+    # 187 ms for the 1024 steps of batch 2, d 1536, n 16).
+    unroll = 1 if entering_states else min(_UNROLL, chunk_inputs[0].shape[0])
+    return jax.lax.scan(step, x, chunk_inputs, unroll=unroll)
+
+
+@jax.custom_vjp
+def _chunked_recurrence(A, B_fixed, C_fixed, dt, u, B_steps, C_steps):
+    """The recurrence over chunks: y [K, T, batch, *channels] and the last state.
+
+    ``dt, u``: [K, T, batch, 1, *channels] (K chunks of T steps); ``B_steps,
+    C_steps``: per-step coefficients [K, T, batch, n, ...] or None, with
+    ``B_fixed, C_fixed`` [n, *channels] in their place (None otherwise).
+
+    The backward is written by hand (:func:`_chunked_recurrence_bwd`) rather
+    than differentiated through the loops: it keeps only the state entering
+    each chunk and, per chunk, runs one pass forward storing the states and one
+    backward over the adjoint whose per-step outputs are small (gradients of
+    dt, u and of B, C summed over channels). Autodiff of the same loops with
+    ``jax.checkpoint`` per chunk stacked several [batch, n, d] residuals per
+    step, which XLA's CPU loops write slowly: 7x the forward's time on CPU
+    (experiments/benchmarks/README.md, "Selective scan"). Forward-mode
+    differentiation (``jax.jvp``) is not defined for this path (custom_vjp).
+    """
+    return _chunked_recurrence_fwd(A, B_fixed, C_fixed, dt, u, B_steps, C_steps)[0]
+
+
+def _chunked_recurrence_fwd(A, B_fixed, C_fixed, dt, u, B_steps, C_steps):
     def run_chunk(x, chunk_inputs):
-        return jax.lax.scan(step, x, chunk_inputs, unroll=min(_UNROLL, chunk))
+        x_next, y = _chunk_states(x, A, B_fixed, C_fixed, chunk_inputs, entering_states=False)
+        return x_next, (y, x)
 
-    x0 = jnp.zeros((batch, *A_t.shape), u.dtype)
-    x_last, y = jax.lax.scan(run_chunk, x0, xs)
-    y = y.reshape(num_chunks * chunk, *y.shape[2:])[:length]
-    return _from_time_major(y, x_last, batch, d)
+    batch, channels = dt.shape[2], dt.shape[4:]
+    x0 = jnp.zeros((batch, A.shape[0], *channels), dt.dtype)
+    x_last, (y, starts) = jax.lax.scan(run_chunk, x0, (dt, u, B_steps, C_steps))
+    residuals = (A, B_fixed, C_fixed, dt, u, B_steps, C_steps, starts)
+    return (y, x_last), residuals
+
+
+def _sum_to(x: Array, shape: tuple[int, ...]) -> Array:
+    """Sums ``x`` (one step) over the axes where ``shape`` has 1: a broadcast's VJP."""
+    axes = tuple(i for i, size in enumerate(shape) if size == 1 and x.shape[i] != 1)
+    return x.sum(axis=axes, keepdims=True)
+
+
+def _chunked_recurrence_bwd(residuals, cotangents):
+    """The adjoint recurrence (effformer/kernels/selective_scan.py's docstring), chunk by chunk.
+
+    With lambda_t = dL/dx_t: lambda_t = a_{t+1} lambda_{t+1} + gy_t C_t, then
+    dC_t = gy_t x_t, d(dt u B)_t = lambda_t, da_t = lambda_t x_{t-1}, and through
+    a_t = exp(dt_t A), w_t = dt_t u_t: ddt_t = sum_n (da_t a_t A) + u_t sum_n
+    (lambda_t B_t), du_t = dt_t sum_n (lambda_t B_t), dA = sum (da_t a_t dt_t).
+    """
+    A, B_fixed, C_fixed, dt, u, B_steps, C_steps, starts = residuals
+    gy, g_last = cotangents
+    zero = lambda a: None if a is None else jnp.zeros_like(a)  # noqa: E731
+
+    batch, n = starts.shape[1:3]
+    channels = starts.shape[3:]
+    groups, per_group = (1, channels[0]) if len(channels) == 1 else channels
+
+    def grouped(a):  # a step's [batch, 1 or n, *channels] -> [batch, 1 or n, groups, per_group]
+        return a.reshape(a.shape[0], a.shape[1], groups, per_group)
+
+    def channel_sums(state, per_channel):
+        """sum over channels of state * per_channel, per batch row, n and group: [b, n, g, 1].
+
+        A contraction (XLA's dot) rather than a multiply and a sum along the channel
+        axis, which XLA's CPU loops ran several times slower (measured).
+        """
+        return jnp.einsum("bngj,bgj->bng", grouped(state), grouped(per_channel)[:, 0])[..., None]
+
+    def batch_sums(state, per_channel):
+        """sum over batch rows of state * per_channel: [n, *channels], as a contraction."""
+        summed = jnp.einsum("bngj,bgj->ngj", grouped(state), grouped(per_channel)[:, 0])
+        return summed.reshape(n, *channels)
+
+    def to_shape(sums, shape):  # channel_sums' [b, n, g, 1] to a per-step B or C's shape
+        sums = sums if len(channels) == 2 else sums[:, :, 0]
+        return _sum_to(sums, shape)
+
+    def adjoint_step(carry, inputs):
+        h, dA, dB_fixed, dC_fixed = carry  # h: the adjoint arriving from step t + 1
+        x_prev, dt_i, u_i, B_i, C_i, gy_i = inputs
+        B_all = B_fixed if B_i is None else B_i
+        a = jnp.exp(dt_i * A)
+        w = dt_i * u_i
+        x = a * x_prev + w * B_all
+        lam = h + gy_i * (C_fixed if C_i is None else C_i)
+        dw = jnp.sum(lam * B_all, axis=1, keepdims=True)
+        da_a = lam * x_prev * a
+        ddt = dw * u_i + jnp.sum(da_a * A, axis=1, keepdims=True)
+        dA = dA + batch_sums(da_a, dt_i)
+        if B_i is None:
+            dB_fixed, dB_i = dB_fixed + batch_sums(lam, w), None
+        else:
+            dB_i = to_shape(channel_sums(lam, w), B_i.shape)
+        if C_i is None:
+            dC_fixed, dC_i = dC_fixed + batch_sums(x, gy_i), None
+        else:
+            dC_i = to_shape(channel_sums(x, gy_i), C_i.shape)
+        return (a * lam, dA, dB_fixed, dC_fixed), (ddt, dw * dt_i, dB_i, dC_i)
+
+    def chunk_backward(carry, chunk):
+        start, dt_c, u_c, B_c, C_c, gy_c = chunk
+        _, x_prev = _chunk_states(start, A, B_fixed, C_fixed, (dt_c, u_c, B_c, C_c), True)
+        # y_t sums over n (axis 1 of a step): its cotangent broadcasts back over n.
+        steps = (x_prev, dt_c, u_c, B_c, C_c, gy_c[:, :, None])
+        unroll = min(_ADJOINT_UNROLL, dt_c.shape[0])
+        return jax.lax.scan(adjoint_step, carry, steps, reverse=True, unroll=unroll)
+
+    init = (g_last, jnp.zeros_like(A), zero(B_fixed), zero(C_fixed))
+    chunks = (starts, dt, u, B_steps, C_steps, gy)
+    (_, dA, dB_fixed, dC_fixed), (ddt, du, dB_steps, dC_steps) = jax.lax.scan(
+        chunk_backward, init, chunks, reverse=True
+    )
+    return dA, dB_fixed, dC_fixed, ddt, du, dB_steps, dC_steps
+
+
+_chunked_recurrence.defvjp(_chunked_recurrence_fwd, _chunked_recurrence_bwd)

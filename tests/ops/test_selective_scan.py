@@ -128,8 +128,12 @@ def test_chunked_any_chunk_size(x64, chunk_size):
 
 
 @pytest.mark.parametrize(
-    ("B_layout", "C_layout"), [("grouped2", "per_batch"), ("shared", "shared")]
-)
+    ("B_layout", "C_layout"),
+    # Every way the chunked path's hand-written backward sums a coefficient's gradient:
+    # over time and batch (shared), over channels (per batch), over each group's channels.
+    [("grouped2", "per_batch"), ("shared", "shared"), ("per_batch", "grouped3"),
+     ("shared", "grouped2")],
+)  # fmt: skip
 @pytest.mark.parametrize("implementation", FAST)
 def test_gradients_match_reference(x64, implementation, B_layout, C_layout):
     args = random_inputs(3, B_layout, C_layout)
