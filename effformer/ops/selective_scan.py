@@ -47,7 +47,8 @@ in how the recurrence over time is evaluated):
     mode (slow; logged once); on other backends the op falls back to
     ``"chunked"`` (logged once). The default on GPU: on an H200 at batch 2,
     d 1536, n 16, L 4096 its forward + backward took 2.26 ms against 12.08 for
-    ``"associative"`` and 109 for ``"chunked"`` (its forward alone 0.73 ms
+    ``"associative"`` and 109 for ``"chunked"`` (with its earlier autodiff
+    backward; its forward alone 0.73 ms
     against 1.87 and 31.0; experiments/benchmarks/README.md, "Pallas kernels on
     an NVIDIA H200: second session").
 """
