@@ -48,9 +48,9 @@ in how the recurrence over time is evaluated):
     ``"chunked"`` (logged once). The default on GPU: on an H200 at batch 2,
     d 1536, n 16, L 4096 its forward + backward took 2.26 ms against 12.08 for
     ``"associative"`` and 109 for ``"chunked"`` (with its earlier autodiff
-    backward; its forward alone 0.73 ms
-    against 1.87 and 31.0; experiments/benchmarks/README.md, "Pallas kernels on
-    an NVIDIA H200: second session").
+    backward; its forward alone 0.73 ms against 1.87 and 31.0;
+    experiments/benchmarks/README.md, "Pallas kernels on an NVIDIA H200:
+    second session").
 """
 
 from __future__ import annotations
