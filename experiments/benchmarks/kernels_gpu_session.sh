@@ -5,7 +5,7 @@
 #   OUT=... bash experiments/benchmarks/kernels_gpu_session.sh flash_sweep scan_sweep
 #
 # Stages (default: env gpu_tests flash_backward flash_speed scan_sweep flash_sweep scan decode
-# flash_ablation flash_launch decode_gqa, what the last run left unmeasured first):
+# flash_ablation flash_launch decode_gqa decode_f32, what the last run left unmeasured first):
 #   env          GPU, driver, jax / jaxlib / Triton versions
 #   gpu_tests    tests/kernels/test_kernels_on_gpu.py: compiled kernels vs float64 references
 #   flash        kernels_flash_attention.py: correctness and the speed table vs XLA and cuDNN
@@ -13,6 +13,7 @@
 #   scan         kernels_selective_scan.py: correctness and speed vs the XLA scans
 #   decode       kernels_decode_attention.py: split-K decode vs XLA, full caches
 #   decode_gqa   the same, 4 query heads per kv head, ragged cache lengths
+#   decode_f32   full caches in float32 (implementation=None keeps XLA there until timed)
 #   flash_sweep  flash-attention block sizes at L 4096
 #   flash_launch flash-attention warps / stages at L 4096, around the default blocks
 #   flash_ablation  the kernel against itself with the element mask on every block pair
@@ -52,6 +53,8 @@ assert jax.default_backend() == \"gpu\", \"JAX fell back to \" + jax.default_bac
     --batches 1,8 --heads 8,32 --repeats 10 ;;
   decode_gqa) stage decode_gqa 60 "$PY" $BENCH/kernels_decode_attention.py --caches 32768 \
     --batches 1,8 --heads 32 --group 4 --ragged --repeats 10 ;;
+  decode_f32) stage decode_f32 60 "$PY" $BENCH/kernels_decode_attention.py --caches 4096,32768 \
+    --batches 1,8 --heads 8 --dtype float32 --repeats 10 ;;
   flash_sweep) stage flash_sweep 200 "$PY" $BENCH/kernels_flash_attention.py --repeats 5 \
     --skip-correctness --skip-speed --sweep ;;
   flash_launch) stage flash_launch 120 "$PY" $BENCH/kernels_flash_attention.py --repeats 5 \
@@ -70,6 +73,6 @@ STAGES=("$@")
 # What the last GPU run (experiments/benchmarks/README.md) left unmeasured first.
 ((${#STAGES[@]})) ||
   STAGES=(env gpu_tests flash_backward flash_speed scan_sweep flash_sweep scan decode
-    flash_ablation flash_launch decode_gqa)
+    flash_ablation flash_launch decode_gqa decode_f32)
 for name in "${STAGES[@]}"; do run_stage "$name"; done
 echo "=== total $(($(date +%s) - START))s"
