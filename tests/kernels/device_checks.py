@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effformer.ops.selective_scan import selective_scan
+
 
 def relative_errors(actual, expected) -> list[float]:
     """max |actual - expected| / max |expected| per leaf of two matching pytrees."""
@@ -34,3 +36,25 @@ def scan_inputs(d: int, n: int, length: int, B_shape, C_shape) -> dict[str, jax.
         delta_bias=rng.uniform(-4.0, -2.0, size=d),
     )
     return {name: jnp.asarray(value, jnp.float32) for name, value in arrays.items()}
+
+
+def scan_outputs_and_gradients(implementation: str, mask):
+    """args -> ((out, last state), gradients of every argument) of the op as Mamba calls it.
+
+    The loss weighs out by z and the state by A, so no cotangent is all ones.
+    """
+
+    def forward(args):
+        return selective_scan(
+            **args,
+            delta_softplus=True,
+            return_last_state=True,
+            mask=mask,
+            implementation=implementation,
+        )
+
+    def loss(args):
+        out, state = forward(args)
+        return jnp.sum(out * args["z"]) + jnp.sum(state * args["A"])
+
+    return lambda args: (forward(args), jax.grad(loss)(args))

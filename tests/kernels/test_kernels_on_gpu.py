@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from device_checks import relative_errors, scan_inputs
+from device_checks import relative_errors, scan_inputs, scan_outputs_and_gradients
 
 from effformer.kernels.flash_attention import default_block_sizes
 from effformer.kernels.selective_scan import selective_scan_pallas
@@ -159,25 +159,9 @@ def test_selective_scan_compiled_matches_reference(B_shape, C_shape, with_mask):
     args = scan_inputs(64, 16, 300, B_shape, C_shape)
     mask = (jnp.arange(300)[None, :] < jnp.array([[300], [181]])) if with_mask else None
 
-    def run(implementation):
-        def forward(args):
-            return selective_scan(
-                **args,
-                delta_softplus=True,
-                return_last_state=True,
-                mask=mask,
-                implementation=implementation,
-            )
-
-        def loss(args):
-            out, state = forward(args)
-            return jnp.sum(out * args["z"]) + jnp.sum(state * args["A"])
-
-        return jax.jit(lambda args: (forward(args), jax.grad(loss)(args)))
-
-    got = run("pallas")(args)
+    got = jax.jit(scan_outputs_and_gradients("pallas", mask))(args)
     with jax.enable_x64(True):
-        expected = run("reference")(_upcast(args))
+        expected = jax.jit(scan_outputs_and_gradients("reference", mask))(_upcast(args))
         errors = relative_errors(got, expected)
     labels = ("out", "last_state", *(f"d{name}" for name in sorted(SCAN_NAMES)))
     assert max(errors) < SCAN_TOLERANCE, dict(zip(labels, errors, strict=True))

@@ -24,12 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from device_checks import relative_errors, scan_inputs
+from device_checks import relative_errors, scan_inputs, scan_outputs_and_gradients
 
 from effformer.ops.attention import dot_product_attention
 from effformer.ops.decode_attention import decode_attention
 from effformer.ops.masks import AttentionMask
-from effformer.ops.selective_scan import selective_scan
 
 pytestmark = pytest.mark.skipif(
     jax.default_backend() != "tpu", reason="compiled Mosaic kernels need a TPU"
@@ -92,23 +91,6 @@ def test_flash_attention_compiled_matches_reference(name, head_dim, dtype):
     assert max(errors) < tolerance, dict(zip(("out", "dq", "dk", "dv"), errors, strict=True))
 
 
-def _scan_run(implementation, mask):
-    def forward(args):
-        return selective_scan(
-            **args,
-            delta_softplus=True,
-            return_last_state=True,
-            mask=mask,
-            implementation=implementation,
-        )
-
-    def loss(args):
-        out, state = forward(args)
-        return jnp.sum(out * args["z"]) + jnp.sum(state * args["A"])
-
-    return lambda args: (forward(args), jax.grad(loss)(args))
-
-
 @pytest.mark.parametrize(
     "B_shape, C_shape, with_mask",
     [
@@ -121,8 +103,10 @@ def test_selective_scan_compiled_matches_reference(B_shape, C_shape, with_mask):
     # multiple of its sequence block.
     args = scan_inputs(256, 16, 300, B_shape, C_shape)
     mask = np.arange(300)[None, :] < np.array([[300], [181]]) if with_mask else None
-    got = jax.jit(_scan_run("pallas", None if mask is None else jnp.asarray(mask)))(args)
-    expected = _on_host_float64(_scan_run("reference", mask), args)
+    got = jax.jit(
+        scan_outputs_and_gradients("pallas", None if mask is None else jnp.asarray(mask))
+    )(args)
+    expected = _on_host_float64(scan_outputs_and_gradients("reference", mask), args)
     errors = relative_errors(got, expected)
     assert max(errors) < SCAN_TOLERANCE, errors
 
