@@ -78,11 +78,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from effformer.kernels import flash_attention_mosaic_gpu
+
 Array = jax.Array
 
 _LOG2_E = math.log2(math.e)
 # Triton's tl.dot needs every matmul dimension to be at least 16.
 _MIN_BLOCK = 16
+# The Mosaic GPU forward's blocks and head dim: WGMMA's 64-row tiles, 64-element swizzled rows.
+_MOSAIC_MIN_BLOCK = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +106,13 @@ class BlockSizes:
     ``fused_backward``: compute dq inside the dk/dv kernel with atomic adds
     instead of in a kernel of its own (module docstring); off until timed.
 
+    ``mosaic_forward``: run the forward pass as the Mosaic GPU kernel of
+    :mod:`effformer.kernels.flash_attention_mosaic_gpu` (TMA copies and WGMMA on
+    Hopper; the backward stays on the Triton kernels, which read its log-sum-exp).
+    It serves 16-bit inputs without windows, segment ids or given positions, with
+    blocks of at least 64 (``block_q``, ``block_k``); other calls raise. Off until
+    timed on a GPU.
+
     ``num_warps, num_stages``: Triton launch parameters of all three kernels
     (ignored in interpret mode). The defaults, 4 warps for head dims up to 64,
     else 8 (``num_warps=None``), and 2 pipeline stages, were the fastest forward +
@@ -116,6 +127,7 @@ class BlockSizes:
     num_warps: int | None = None
     num_stages: int = 2
     fused_backward: bool = False
+    mosaic_forward: bool = False
 
     def __post_init__(self):
         for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
@@ -134,9 +146,16 @@ class BlockSizes:
             raise ValueError(
                 f"BlockSizes.num_stages must be a positive int, got {self.num_stages!r}."
             )
-        if not isinstance(self.fused_backward, bool):
+        for name in ("fused_backward", "mosaic_forward"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"BlockSizes.{name} must be True or False, got {getattr(self, name)!r}."
+                )
+        if self.mosaic_forward and min(self.block_q, self.block_k) < _MOSAIC_MIN_BLOCK:
             raise ValueError(
-                f"BlockSizes.fused_backward must be True or False, got {self.fused_backward!r}."
+                f"BlockSizes(mosaic_forward=True) needs block_q and block_k of at least "
+                f"{_MOSAIC_MIN_BLOCK} (WGMMA's 64-row tiles), got {self.block_q} and "
+                f"{self.block_k}."
             )
 
 
@@ -174,6 +193,7 @@ class _Config:
     num_warps: int | None = None
     num_stages: int = 2
     fused_backward: bool = False
+    mosaic_forward: bool = False
 
     @property
     def masks_by_position(self) -> bool:
@@ -185,8 +205,8 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _clip_block(size: int, length: int) -> int:
-    return max(_MIN_BLOCK, min(size, _next_power_of_2(length)))
+def _clip_block(size: int, length: int, smallest: int = _MIN_BLOCK) -> int:
+    return max(smallest, min(size, _next_power_of_2(length)))
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -798,11 +818,32 @@ def _backward_calls(cfg: _Config, residuals, d_out):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(cfg, q, k, v, ratio, q_pos, kv_pos, q_seg, kv_seg):
-    return _forward_call(cfg, q, k, v, ratio, q_pos, kv_pos, q_seg, kv_seg)[0]
+    return _any_forward_call(cfg, q, k, v, ratio, q_pos, kv_pos, q_seg, kv_seg)[0]
+
+
+def _mosaic_forward_call(cfg: _Config, q, k, v, ratio):
+    """The forward on Mosaic GPU: the same (out, lse) as :func:`_forward_call`."""
+    mosaic_cfg = flash_attention_mosaic_gpu.MosaicForwardConfig(
+        causal=cfg.causal,
+        soft=cfg.soft,
+        scale=cfg.scale,
+        q_len=cfg.q_len,
+        kv_len=cfg.kv_len,
+        block_q=cfg.block_q,
+        block_k=cfg.block_k,
+        interpret=cfg.interpret,
+    )
+    return flash_attention_mosaic_gpu.forward(mosaic_cfg, q, k, v, ratio)
+
+
+def _any_forward_call(cfg: _Config, q, k, v, ratio, q_pos, kv_pos, q_seg, kv_seg):
+    if cfg.mosaic_forward:  # positions are the defaults and there are no segments here
+        return _mosaic_forward_call(cfg, q, k, v, ratio)
+    return _forward_call(cfg, q, k, v, ratio, q_pos, kv_pos, q_seg, kv_seg)
 
 
 def _flash_forward(cfg, q, k, v, ratio, q_pos, kv_pos, q_seg, kv_seg):
-    out, lse = _forward_call(cfg, q, k, v, ratio, q_pos, kv_pos, q_seg, kv_seg)
+    out, lse = _any_forward_call(cfg, q, k, v, ratio, q_pos, kv_pos, q_seg, kv_seg)
     return out, (q, k, v, ratio, q_pos, kv_pos, q_seg, kv_seg, out, lse)
 
 
@@ -955,6 +996,24 @@ def padded_rows(
     return q_pos, kv_pos, q_seg, kv_seg
 
 
+def _check_mosaic_forward(dtype, **unsupported) -> None:
+    """Raises unless the Mosaic GPU forward computes this call (BlockSizes.mosaic_forward)."""
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
+        raise ValueError(
+            f"flash_attention: BlockSizes(mosaic_forward=True) takes float16 or bfloat16 "
+            f"inputs (WGMMA operands), got {jnp.dtype(dtype).name}; use the Triton forward "
+            f"(mosaic_forward=False) for other dtypes."
+        )
+    given = [name for name, value in unsupported.items() if value is not None]
+    if given:
+        raise ValueError(
+            f"flash_attention: BlockSizes(mosaic_forward=True) computes the masks that need "
+            f"no position or segment rows (none, causal, soft-causal with the default "
+            f"positions), got {', '.join(given)}; use the Triton forward "
+            f"(mosaic_forward=False) for those."
+        )
+
+
 def flash_attention(
     q: Array,
     k: Array,
@@ -1018,6 +1077,18 @@ def flash_attention(
             f"flash_attention: block_sizes must be a BlockSizes or None, got {block_sizes!r}."
         )
 
+    mosaic = block_sizes.mosaic_forward
+    if mosaic:
+        _check_mosaic_forward(
+            q.dtype,
+            window_left=window_left,
+            window_right=window_right,
+            q_segment_ids=q_segment_ids,
+            kv_segment_ids=kv_segment_ids,
+            q_positions=q_positions,
+            kv_positions=kv_positions,
+        )
+    smallest = _MOSAIC_MIN_BLOCK if mosaic else _MIN_BLOCK
     cfg = _Config(
         causal=causal,
         window_left=window_left,
@@ -1026,19 +1097,20 @@ def flash_attention(
         scale=scale,
         q_len=q_len,
         kv_len=kv_len,
-        block_q=_clip_block(block_sizes.block_q, q_len),
-        block_k=_clip_block(block_sizes.block_k, kv_len),
+        block_q=_clip_block(block_sizes.block_q, q_len, smallest),
+        block_k=_clip_block(block_sizes.block_k, kv_len, smallest),
         block_q_bwd=_clip_block(block_sizes.block_q_bwd, q_len),
         block_k_bwd=_clip_block(block_sizes.block_k_bwd, kv_len),
         interpret=interpret,
         num_warps=block_sizes.num_warps,
         num_stages=block_sizes.num_stages,
         fused_backward=block_sizes.fused_backward,
+        mosaic_forward=mosaic,
     )
     q_padded, kv_padded = _padded_q_len(cfg), _padded_kv_len(cfg)
-    # Triton's dot wants a power-of-two head dim of at least 16; zero columns change no
-    # dot product and are sliced off the output.
-    head_padded = max(_MIN_BLOCK, _next_power_of_2(head_dim))
+    # Triton's dot wants a power-of-two head dim of at least 16 (Mosaic GPU's swizzled
+    # tiles at least 64); zero columns change no dot product and are sliced off the output.
+    head_padded = max(smallest, _next_power_of_2(head_dim))
 
     q_pos, kv_pos, q_seg, kv_seg = padded_rows(
         batch,

@@ -36,12 +36,17 @@ Markdown tables:
      (``BlockSizes(fused_backward=True)``: dq added by the dk/dv kernel with
      atomic adds, five block matmuls per pair instead of seven), default blocks
      otherwise, causal and soft-causal.
+  6. with ``--mosaic-forward`` (GPU): at L 4096, the Mosaic GPU forward
+     (``BlockSizes(mosaic_forward=True)``, :mod:`effformer.kernels.flash_attention_mosaic_gpu`)
+     at four block shapes against the Triton forward and cuDNN's causal and
+     unmasked attention, with its largest difference from the Triton output, and
+     forward + backward (the backward is Triton's in both).
 
 Run:
   .venv/bin/python experiments/benchmarks/kernels_flash_attention.py    # CPU, GPU or TPU
   python experiments/benchmarks/kernels_flash_attention.py --sweep       # GPU or TPU, tuning
   python experiments/benchmarks/kernels_flash_attention.py --skip-correctness --skip-speed \
-      --sweep-launch --ablate-schedules --ablate-backward                # GPU
+      --sweep-launch --ablate-schedules --ablate-backward --mosaic-forward  # GPU
 """
 
 from __future__ import annotations
@@ -412,6 +417,71 @@ def backward_ablation_table(repeats: int, batch=2, heads=16, length=4096) -> Non
     print()
 
 
+MOSAIC_BLOCKS = ((64, 64), (64, 128), (128, 64), (128, 128))
+
+
+def mosaic_forward_table(repeats: int, batch=2, heads=16, length=4096) -> None:
+    """The Mosaic GPU forward against the Triton forward and cuDNN, at L 4096."""
+    print(
+        f"Mosaic GPU forward (bfloat16, batch {batch}, {heads} heads, L {length}): "
+        "BlockSizes(mosaic_forward=True) with the forward blocks given (backward: the "
+        "default Triton kernels) against the Triton forward at the default blocks and "
+        "cuDNN; 'error' = largest |mosaic - triton| of the forward outputs over the "
+        "largest |triton|\n"
+    )
+    print(
+        "| head dim | mask | block_q x block_k | error | triton fwd ms | mosaic fwd ms | "
+        "triton / mosaic | mosaic / cudnn | mosaic / cudnn full | triton fwd+bwd ms | "
+        "mosaic fwd+bwd ms |"
+    )
+    print("| " + " | ".join(["---"] * 11) + " |")
+    for head_dim, soft in itertools.product((64, 128), (False, True)):
+        mask = AttentionMask(soft_causal_ratio=0.5) if soft else AttentionMask(causal=True)
+        name = "soft-causal r 0.5" if soft else "causal"
+        args = _inputs(batch, length, length, heads, heads, head_dim, jnp.bfloat16)
+        triton = _jitted(_op(mask, "pallas"))
+        library = {
+            full: _jitted(library_attention("gpu", not full, length, heads))[0]
+            for full in (False, True)
+        }
+        base = {
+            "fwd": _median_seconds(triton[0], args, repeats),
+            "both": _median_seconds(triton[1], args, repeats),
+            "cudnn": _median_seconds(library[False], args, repeats),
+            "cudnn full": _median_seconds(library[True], args, repeats),
+        }
+        expected = np.asarray(triton[0](*args), np.float32)
+        for block_q, block_k in MOSAIC_BLOCKS:
+            blocks = dataclasses.replace(
+                default_block_sizes(jnp.bfloat16, head_dim),
+                block_q=block_q,
+                block_k=block_k,
+                mosaic_forward=True,
+            )
+            mosaic = _jitted(_op(mask, "pallas", blocks))
+            try:
+                got = np.asarray(mosaic[0](*args), np.float32)
+                error = np.abs(got - expected).max() / np.abs(expected).max()
+                forward = _median_seconds(mosaic[0], args, repeats)
+                both = _median_seconds(mosaic[1], args, repeats)
+            except Exception as exc:  # a kernel Mosaic GPU or ptxas rejects: report it
+                cells = [failure(exc)] + [""] * 7
+            else:
+                cells = [
+                    f"{error:.1e}",
+                    f"{base['fwd'] * 1e3:.3f}",
+                    f"{forward * 1e3:.3f}",
+                    f"{base['fwd'] / forward:.2f}x",
+                    f"{forward / base['cudnn']:.2f}x",
+                    f"{forward / base['cudnn full']:.2f}x",
+                    f"{base['both'] * 1e3:.3f}",
+                    f"{both * 1e3:.3f}",
+                ]
+            row = [str(head_dim), name, f"{block_q} x {block_k}", *cells]
+            print("| " + " | ".join(row) + " |", flush=True)
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
@@ -423,6 +493,9 @@ def main() -> None:
     parser.add_argument(
         "--ablate-backward", action="store_true", help="fused against two-kernel backward (GPU)"
     )
+    parser.add_argument(
+        "--mosaic-forward", action="store_true", help="Mosaic GPU against Triton forward (GPU)"
+    )
     parser.add_argument("--skip-correctness", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     args = parser.parse_args()
@@ -430,10 +503,11 @@ def main() -> None:
     # Checked before anything runs: a flag this device cannot serve is an error, not a no-op.
     if args.sweep and not backend:
         parser.error("--sweep times the kernel: it needs a GPU or a TPU.")
-    if (args.sweep_launch or args.ablate_schedules or args.ablate_backward) and backend != "gpu":
+    gpu_only = args.sweep_launch or args.ablate_schedules or args.ablate_backward
+    if (gpu_only or args.mosaic_forward) and backend != "gpu":
         parser.error(
-            "--sweep-launch, --ablate-schedules and --ablate-backward time the Triton kernel: "
-            "they need a GPU."
+            "--sweep-launch, --ablate-schedules, --ablate-backward and --mosaic-forward time "
+            "the GPU kernels: they need a GPU."
         )
     print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind})\n")
     if not args.skip_correctness:
@@ -446,6 +520,8 @@ def main() -> None:
         schedule_ablation_table(args.repeats)
     if args.ablate_backward:
         backward_ablation_table(args.repeats)
+    if args.mosaic_forward:
+        mosaic_forward_table(args.repeats)
 
 
 if __name__ == "__main__":

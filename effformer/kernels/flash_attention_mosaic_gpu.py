@@ -1,0 +1,310 @@
+"""The flash-attention forward pass as a Mosaic GPU kernel (Hopper: TMA and WGMMA).
+
+JAX 0.11 deprecates Pallas's Triton backend, which :mod:`effformer.kernels.flash_attention`
+is written for, in favour of Mosaic GPU. This is the first kernel of that port: the
+forward pass of the same attention (module docstring there), for the masks that need
+no position or segment rows: none, causal and iLLaMA's soft-causal weights, with the
+default positions (query ``i`` at ``Lk - Lq + i``, key ``j`` at ``j``), GQA, and
+lengths that are not multiples of the blocks. It returns the output and the row
+log-sum-exp (base 2) in the Triton forward's layout, so the Triton backward kernels
+differentiate it unchanged. Everything else (windows, segment ids, given positions)
+stays on the Triton forward.
+
+One warpgroup (128 threads) per program, a grid over (query block, head, batch). The
+program copies its query block to shared memory with the TMA unit, then walks the key
+blocks it may see with two shared-memory slots for k and two for v: block ``j + 2``
+is copied into a slot as soon as the matmul reading block ``j`` from it has finished,
+so copies overlap the softmax and the other matmul. Per key block:
+
+* ``s = q k^T`` by WGMMA into a float32 accumulator (operands in shared memory);
+* the online softmax of FlashAttention-2 in registers (base 2, as the Triton kernel),
+  the normaliser over every visible key, then the soft-causal weight on ``e`` (keys
+  after the query times ``r``), as in the Triton kernel;
+* ``acc = alpha acc + e v`` by WGMMA with ``e`` (cast to the inputs' dtype) from
+  registers and v from shared memory.
+
+The key blocks are walked in up to four runs, each with its own body: blocks every
+query of the block sees entirely at or before itself (weight 1, no mask), blocks
+crossing the diagonal (element mask and weights), blocks entirely after (soft-causal:
+weight r, no mask; causal: not visited), and the last block when its keys are padded
+(element mask). The runs are computed from the program's query block index and the
+static lengths.
+
+Verified on CPU in Mosaic GPU's interpreter (``interpret=True`` here: it simulates
+shared memory, the TMA copies and the barriers) against the float64 reference, and
+lowered for CUDA from the CPU host (Mosaic GPU's lowering and layout checks); not yet
+compiled or run on a GPU (``tests/kernels/test_kernels_on_gpu.py`` checks the compiled
+kernel on one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+Array = jax.Array
+
+_LOG2_E = math.log2(math.e)
+# WGMMA computes 64-row tiles per warpgroup; a 128-byte swizzle holds 64 16-bit elements.
+_BLOCK_MULTIPLE = 64
+_SLOTS = 2  # shared-memory buffers per key / value stream
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicForwardConfig:
+    """Static description of one forward call (hashable)."""
+
+    causal: bool
+    soft: bool
+    scale: float
+    q_len: int  # unpadded
+    kv_len: int
+    block_q: int
+    block_k: int
+    interpret: bool = False
+
+
+def _interpret_params(interpret: bool):
+    if not interpret:
+        return None
+    # Mosaic GPU's interpreter: simulates shared memory, TMA copies and barriers on CPU.
+    # Private in the pinned jax (0.10.2), hence imported only when asked for.
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    return InterpretGPUParams()
+
+
+def _with_layout(cfg: MosaicForwardConfig, x: Array, layout) -> Array:
+    """x with a register layout fixed for the GPU (a loop carry needs one)."""
+    # The interpreter has no rule for layout casts and does not need them.
+    return x if cfg.interpret else plgpu.layout_cast(x, layout)
+
+
+def _iota(cfg: MosaicForwardConfig, shape: tuple[int, int], dimension: int) -> Array:
+    """int32 indices along ``dimension`` in the WGMMA accumulator's register layout."""
+    if cfg.interpret:
+        return lax.broadcasted_iota(jnp.int32, shape, dimension)
+    return plgpu.broadcasted_iota(jnp.int32, shape, dimension, layout=plgpu.Layout.WGMMA)
+
+
+def _floor_div(x: Array, d: int) -> Array:
+    """floor(x / d) for int32 x that may be negative (lax.div truncates towards 0)."""
+    return jnp.where(x >= 0, lax.div(x, d), -lax.div(d - 1 - x, d))
+
+
+def _runs(cfg: MosaicForwardConfig, q_block: Array) -> tuple[Array, Array, Array, Array]:
+    """Ends of the runs of key blocks (one, masked, after, masked) for query block ``q_block``.
+
+    Key blocks ``[0, a)`` are at or before every query of the block; ``[a, b)`` cross
+    the diagonal (masked); ``[b, c)`` are after every query (weight r; empty when causal);
+    ``[c, end)`` hold padded keys (masked). ``end`` is where the walk stops.
+    """
+    block_q, block_k = cfg.block_q, cfg.block_k
+    num_blocks = -(-cfg.kv_len // block_k)
+    padded = int(cfg.kv_len % block_k != 0)
+    full = num_blocks - padded  # blocks without padded keys
+    offset = cfg.kv_len - cfg.q_len  # position of query 0
+    first_pos = offset + q_block * block_q
+    last_pos = first_pos + block_q - 1
+    if not (cfg.causal or cfg.soft):  # every key visible with weight 1
+        a = b = c = jnp.int32(full)
+        return a, b, c, jnp.int32(num_blocks)
+    # Block j is entirely at or before the first query iff (j + 1) * block_k - 1 <= first_pos.
+    a = jnp.clip(_floor_div(first_pos + 1, block_k), 0, full)
+    # Blocks that may hold a key at or before the last query: j * block_k <= last_pos.
+    b = jnp.clip(_floor_div(last_pos, block_k) + 1, a, num_blocks)
+    if cfg.causal:
+        return a, b, b, b
+    c = jnp.maximum(b, full)
+    return a, b, c, jnp.int32(num_blocks)
+
+
+def _logits(cfg: MosaicForwardConfig, q_smem, k_smem) -> Array:
+    """q k^T ([block_q, block_k] float32) from the q and k tiles in shared memory."""
+    if cfg.interpret:
+        # The interpreter has no rule for transposed shared-memory views: the same
+        # product of the tiles' values.
+        return lax.dot_general(
+            q_smem[...], k_smem[...], (((1,), (1,)), ((), ())),
+            preferred_element_type=jnp.float32,
+        )  # fmt: skip
+
+    def product(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem, (1, 0)))
+        return acc_ref[...]
+
+    return pl.run_scoped(product, plgpu.ACC((q_smem.shape[0], k_smem.shape[0]), jnp.float32))
+
+
+def _values(cfg: MosaicForwardConfig, e: Array, v_smem) -> Array:
+    """e v ([block_q, head_dim] float32): e in registers, the v tile in shared memory."""
+    if cfg.interpret:
+        # The interpreter's WGMMA takes both operands from shared memory only.
+        return jnp.dot(e, v_smem[...], preferred_element_type=jnp.float32)
+
+    def product(acc_ref):
+        plgpu.wgmma(acc_ref, e, v_smem)
+        return acc_ref[...]
+
+    return pl.run_scoped(product, plgpu.ACC((e.shape[0], v_smem.shape[1]), jnp.float32))
+
+
+def _forward_kernel(ratio_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scratch, *, cfg, groups):
+    """One query block of one (batch, head); refs in GMEM: q [B, Lq, H, D], k, v [B, Lk, Hkv, D]."""
+    q_smem, k_smem, v_smem, lse_smem, ratio_smem, q_barrier, k_barriers, v_barriers = scratch
+    block_q, block_k = cfg.block_q, cfg.block_k
+    q_block, head, batch = lax.axis_index("q"), lax.axis_index("head"), lax.axis_index("batch")
+    kv_head = lax.div(head, groups)
+    head_dim = q_smem.shape[-1]
+    dtype = q_smem.dtype
+
+    a, b, c, end = _runs(cfg, q_block)
+
+    def copy_kv(j, slot):
+        keys = (batch, pl.ds(j * block_k, block_k), kv_head)
+        plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_barriers.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_barriers.at[slot])
+
+    plgpu.copy_gmem_to_smem(
+        q_ref.at[batch, pl.ds(q_block * block_q, block_q), head], q_smem, q_barrier.at[0]
+    )
+    plgpu.copy_gmem_to_smem(ratio_ref, ratio_smem, q_barrier.at[1])
+    for slot in range(min(_SLOTS, k_ref.shape[1] // block_k)):
+        pl.when(slot < end)(functools.partial(copy_kv, slot, slot))
+
+    plgpu.barrier_wait(q_barrier.at[0])
+    plgpu.barrier_wait(q_barrier.at[1])
+    ratio = None
+    if cfg.soft:  # [block_k], every entry r, laid out as a row of the logits
+        ratio = ratio_smem[...] if cfg.interpret else plgpu.load(
+            ratio_smem, (), layout=plgpu.Layout.WGMMA.reduce(0)
+        )  # fmt: skip
+
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
+    q_pos = (cfg.kv_len - cfg.q_len) + q_block * block_q + _iota(cfg, (block_q, block_k), 0)
+
+    def body_for(kind):
+        def body(j, carry):
+            acc, m, row_sum = carry
+            slot = lax.rem(j, _SLOTS)
+            plgpu.barrier_wait(k_barriers.at[slot])
+
+            s = _logits(cfg, q_smem, k_smem.at[slot])
+            s = s * (cfg.scale * _LOG2_E)
+            kv_pos = j * block_k + _iota(cfg, (block_q, block_k), 1)
+            if kind == "masked":
+                visible = kv_pos < cfg.kv_len
+                if cfg.causal:
+                    visible = visible & (kv_pos <= q_pos)
+                s = jnp.where(visible, s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(axis=1))
+            # A row that has seen no visible key keeps m = -inf: shift by 0 so exp2 gives 0.
+            m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            e = jnp.exp2(s - lax.broadcast_in_dim(m_shift, s.shape, [0]))
+            alpha = jnp.exp2(m - m_shift)
+            row_sum = row_sum * alpha + e.sum(axis=1)
+            if ratio is not None and kind != "one":
+                r = lax.broadcast_in_dim(ratio, s.shape, [1])
+                e = e * r if kind == "after" else jnp.where(kv_pos > q_pos, e * r, e)
+
+            @pl.when(j + _SLOTS < end)
+            def _():  # the k slot is free again (s has been read)
+                keys = (batch, pl.ds((j + _SLOTS) * block_k, block_k), kv_head)
+                plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_barriers.at[slot])
+
+            plgpu.barrier_wait(v_barriers.at[slot])
+
+            pv = _values(cfg, e.astype(dtype), v_smem.at[slot])
+
+            @pl.when(j + _SLOTS < end)
+            def _():
+                keys = (batch, pl.ds((j + _SLOTS) * block_k, block_k), kv_head)
+                plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_barriers.at[slot])
+
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv
+            return acc, m_new, row_sum
+
+        return body
+
+    carry = (
+        _with_layout(cfg, jnp.zeros((block_q, head_dim), jnp.float32), plgpu.Layout.WGMMA),
+        _with_layout(cfg, jnp.full((block_q,), -jnp.inf, jnp.float32), row_layout),
+        _with_layout(cfg, jnp.zeros((block_q,), jnp.float32), row_layout),
+    )
+    for kind, (lo, hi) in zip(
+        ("one", "masked", "after", "masked"), ((0, a), (a, b), (b, c), (c, end)), strict=True
+    ):
+        carry = lax.fori_loop(lo, hi, body_for(kind), carry)
+    acc, m, row_sum = carry
+
+    empty = row_sum == 0.0  # no visible key: output exactly 0, lse 0 (as the Triton kernel)
+    safe_sum = jnp.where(empty, 1.0, row_sum)
+    out = acc / lax.broadcast_in_dim(safe_sum, acc.shape, [0])
+    q_smem[...] = out.astype(dtype)  # the query tile is done with: it stages the output
+    lse_smem[...] = jnp.where(empty, 0.0, m + jnp.log2(safe_sum))
+    plgpu.commit_smem()
+    rows = pl.ds(q_block * block_q, block_q)
+    plgpu.copy_smem_to_gmem(q_smem, out_ref.at[batch, rows, head])
+    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, rows])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def forward(cfg: MosaicForwardConfig, q: Array, k: Array, v: Array, ratio: Array | None):
+    """Padded q [B, Lq', H, D], k, v [B, Lk', Hkv, D] -> (out like q, lse [B, H, Lq'] base 2).
+
+    ``Lq'`` and ``Lk'`` are multiples of the blocks (the caller pads; keys at or past
+    ``cfg.kv_len`` are masked here, query rows past ``cfg.q_len`` are computed and
+    dropped by the caller). ``ratio`` is the soft-causal r as a [1] float32 array or None.
+    """
+    batch, q_padded, num_heads, head_dim = q.shape
+    kv_padded, num_kv_heads = k.shape[1], k.shape[2]
+    block_q, block_k = cfg.block_q, cfg.block_k
+    if q_padded % block_q or kv_padded % block_k:
+        raise ValueError(
+            f"flash attention (Mosaic GPU): padded lengths must be multiples of the blocks "
+            f"({block_q}, {block_k}), got q {q_padded} and kv {kv_padded}."
+        )
+    swizzle = 128  # bytes: one 64-element row of 16-bit values per swizzle atom
+    elements = swizzle // jnp.dtype(q.dtype).itemsize
+    transforms = (plgpu.TilingTransform((8, elements)), plgpu.SwizzleTransform(swizzle))
+    # r reaches the kernel as a row of the key block's width (a vector load, then a
+    # broadcast over the rows); 1 without soft-causal weights, where it is not read.
+    r = jnp.ones((), jnp.float32) if ratio is None else ratio.astype(jnp.float32).reshape(())
+    ratio_row = jnp.broadcast_to(r, (block_k,))
+
+    def entry(ratio_ref, q_ref, k_ref, v_ref, out_ref, lse_ref):
+        scratch = (
+            plgpu.SMEM((block_q, head_dim), q.dtype, transforms=transforms),
+            plgpu.SMEM((_SLOTS, block_k, head_dim), k.dtype, transforms=transforms),
+            plgpu.SMEM((_SLOTS, block_k, head_dim), v.dtype, transforms=transforms),
+            plgpu.SMEM((block_q,), jnp.float32),
+            plgpu.SMEM((block_k,), jnp.float32),
+            plgpu.Barrier(num_barriers=2),
+            plgpu.Barrier(num_barriers=_SLOTS),
+            plgpu.Barrier(num_barriers=_SLOTS),
+        )
+        kernel = functools.partial(_forward_kernel, cfg=cfg, groups=num_heads // num_kv_heads)
+        pl.run_scoped(
+            lambda *refs: kernel(ratio_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, refs),
+            *scratch,
+        )
+
+    call = plgpu.kernel(
+        entry,
+        out_type=(
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((batch, num_heads, q_padded), jnp.float32),
+        ),
+        grid=(q_padded // block_q, num_heads, batch),
+        grid_names=("q", "head", "batch"),
+        compiler_params=plgpu.CompilerParams(),
+        interpret=_interpret_params(cfg.interpret),
+    )
+    return call(ratio_row, q, k, v)
