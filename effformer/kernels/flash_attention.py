@@ -63,7 +63,10 @@ Backends: written for Pallas's GPU Triton lowering (2-D ``jnp.dot`` on blocks,
 It is not written for Mosaic TPU (blocks squeeze the head axis, which Mosaic's
 (8, 128) tiling rejects): :mod:`effformer.kernels.flash_attention_tpu` is the
 TPU version, with the same contract, sharing :func:`validate_arguments`,
-:func:`padded_rows` and :func:`block_ranges` from here.
+:func:`padded_rows` and :func:`block_ranges` from here. With
+``BlockSizes(mosaic_forward=True)`` the forward runs on Mosaic GPU instead
+(:mod:`effformer.kernels.flash_attention_mosaic_gpu`, the start of the port away
+from the deprecated Triton backend; the backward stays here).
 """
 
 from __future__ import annotations
