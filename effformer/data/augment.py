@@ -24,8 +24,8 @@ def random_crop_with_padding(
 ) -> np.ndarray:
     """Zero-pads ``padding`` pixels on every side, then crops back to [H, W, C] at random."""
     _check_image(image)
-    if padding < 0:
-        raise ValueError(f"padding: expected an int >= 0, got {padding}.")
+    if isinstance(padding, bool) or not isinstance(padding, int | np.integer) or padding < 0:
+        raise ValueError(f"padding: expected an int >= 0, got {padding!r}.")
     if padding == 0:
         return image
     height, width, _ = image.shape
@@ -60,6 +60,15 @@ def random_erasing(
     _check_image(image)
     if not 0 <= probability <= 1:
         raise ValueError(f"probability: expected a value in [0, 1], got {probability}.")
+    # Checked before the coin flip, so a bad range fails on the first call, not by chance.
+    for name, (low, high), top in (
+        ("area_range", area_range, 1.0),
+        ("aspect_range", aspect_range, math.inf),
+    ):
+        if not 0 < low <= high <= top:
+            raise ValueError(
+                f"{name}: expected (low, high) with 0 < low <= high <= {top}, got {(low, high)}."
+            )
     if rng.random() >= probability:
         return image
     height, width, channels = image.shape

@@ -11,6 +11,8 @@ fraction of the image left unpasted, so the soft labels match the pixels.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -53,9 +55,12 @@ def mix_batch(
       (mixed inputs [B, ...] in inputs' dtype, soft labels [B, num_classes]) where
       soft = lam * labels + (1 - lam) * reversed labels, lam corrected for CutMix.
     """
-    if mixup_alpha < 0 or cutmix_alpha < 0:
+    # "not >= 0" rather than "< 0": a NaN alpha (a config typo) must fail here, not
+    # fall through both branches below.
+    if not (0 <= mixup_alpha < math.inf and 0 <= cutmix_alpha < math.inf):
         raise ValueError(
-            f"mixup_alpha, cutmix_alpha: expected >= 0, got {mixup_alpha}, {cutmix_alpha}."
+            f"mixup_alpha, cutmix_alpha: expected finite values >= 0, got {mixup_alpha}, "
+            f"{cutmix_alpha}."
         )
     if not 0 <= switch_prob <= 1:
         raise ValueError(f"switch_prob: expected a probability in [0, 1], got {switch_prob}.")

@@ -87,9 +87,22 @@ def _assemble(
     pad_id: int,
 ) -> dict[str, np.ndarray]:
     names = list(features[0]) if features else ["inputs"]
+    for index, example in enumerate(features):
+        # Sets, not lists: dicts that list the same features in another order are alike.
+        if set(example) != set(names):
+            raise ValueError(
+                f"pack_sequences: example {index} has keys {sorted(example)}, the first has "
+                f"{sorted(names)}; all examples need the same keys."
+            )
+    # The dtype that holds every example's values (as np.concatenate): the first
+    # example's alone could be narrower and wrap the others' values silently.
     packed = {
         name: np.full(
-            (num_rows, row_length), pad_id, features[0][name].dtype if features else np.int32
+            (num_rows, row_length),
+            pad_id,
+            np.result_type(*(example[name].dtype for example in features))
+            if features
+            else np.int32,
         )
         for name in names
     }
@@ -100,11 +113,6 @@ def _assemble(
         start = 0
         for segment, index in enumerate(members, start=1):
             example = features[index]
-            if list(example) != names:
-                raise ValueError(
-                    f"pack_sequences: example {index} has keys {sorted(example)}, the first has "
-                    f"{sorted(names)}; all examples need the same keys."
-                )
             length = len(example[names[0]])
             for name in names:
                 packed[name][row, start : start + length] = example[name]
@@ -141,6 +149,10 @@ def pack_sequences(
     """
     if not isinstance(row_length, int) or row_length < 1:
         raise ValueError(f"pack_sequences: row_length must be a positive int, got {row_length!r}.")
+    if num_rows is not None and (
+        isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 0
+    ):
+        raise ValueError(f"pack_sequences: num_rows must be an int >= 0 or None, got {num_rows!r}.")
     features = [_features(example, index) for index, example in enumerate(examples)]
     lengths = [len(next(iter(f.values()))) if f else 0 for f in features]
     rows = _first_fit(lengths, row_length)

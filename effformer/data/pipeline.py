@@ -58,9 +58,21 @@ from effformer.data.registry import DatasetInfo, dataset_info, get_dataset_spec,
 # record reads without holding hundreds of batches in memory.
 _READ_THREADS = 2
 _PREFETCH_BATCHES = 4
-_STATE_VERSION = 1
+# 2: the shuffle seed is derived from the run's seed (shuffle_seed), a different stream.
+_STATE_VERSION = 2
 # State keys that say where in the stream a pipeline is (the rest identify the stream).
 _POSITION_KEYS = ("next_batch", "next_example")
+
+
+def shuffle_seed(seed: int) -> int:
+    """The seed of the training stream's shuffle for a run's ``seed``.
+
+    grain shuffles epoch ``e`` with ``seed + e``, so shuffling with the run's seed
+    itself would give seeds s and s + 1 the same orders one epoch apart (runs meant
+    to be independent would see the same stream, shifted). A hash of the seed keeps
+    the runs' epoch seeds apart.
+    """
+    return int(np.random.SeedSequence([int(seed), 0x5EED]).generate_state(1)[0])
 
 
 class InputPipeline:
@@ -325,7 +337,7 @@ def create_input_pipeline(
         transform = ExampleTransform(spec, config, train=train, seed=int(seed))
     if train:
         # map_with_index after repeat: the index is the position in the global stream.
-        examples = grain.MapDataset.source(source).shuffle(seed=int(seed)).repeat()
+        examples = grain.MapDataset.source(source).shuffle(seed=shuffle_seed(seed)).repeat()
         examples = examples.map_with_index(transform)
         if config["teacher_store"]:
             store = _open_teacher_store(config, info, split, seed)

@@ -126,7 +126,9 @@ def stream_records(num_examples: int, seed: int, positions: np.ndarray) -> np.nd
     """The split index of the record at each training-stream position (int32)."""
     import grain
 
-    order = grain.MapDataset.range(num_examples).shuffle(seed=int(seed)).repeat()
+    from effformer.data.pipeline import shuffle_seed
+
+    order = grain.MapDataset.range(num_examples).shuffle(seed=shuffle_seed(seed)).repeat()
     return np.asarray([order[int(p)] for p in positions], np.int32)
 
 

@@ -22,6 +22,7 @@ import optax
 
 from effformer import models
 from effformer.data import create_input_pipeline, default_data_config, get_dataset_info
+from effformer.data.pipeline import shuffle_seed
 from effformer.train.sequence_eval import exact_match_by_length
 from effformer.train.tasks import create_task
 
@@ -155,7 +156,7 @@ class _TrainBatches:
     about a third of each step there. The records are the same for every seed
     (a seed only changes their order), so the train split is generated once
     per dataset and the batches gathered with numpy, in exactly the pipeline's
-    order: the same grain ``shuffle(seed).repeat()`` over indices. The first
+    order: the same grain ``shuffle(shuffle_seed(seed)).repeat()`` over indices. The first
     batch is checked against the pipeline's.
     """
 
@@ -172,7 +173,11 @@ class _TrainBatches:
                 key: np.stack([r[key] for r in records]) for key in records[0]
             }
         self.records = _TRAIN_RECORDS[dataset]
-        self.order = grain.MapDataset.range(len(self.records["inputs"])).shuffle(seed=seed).repeat()
+        self.order = (
+            grain.MapDataset.range(len(self.records["inputs"]))
+            .shuffle(seed=shuffle_seed(seed))
+            .repeat()
+        )
         self.batch_size = batch_size
         self.step = 0
         with create_input_pipeline(

@@ -152,3 +152,14 @@ def test_rand_augment_is_deterministic_per_seed():
     )
     with pytest.raises(ValueError, match=r"magnitude: expected a value in \[0, 10.0\], got 12"):
         randaugment.rand_augment(image, 2, 12, np.random.default_rng(0))
+
+
+def test_bad_padding_and_erasing_ranges_are_named():
+    image, rng = np.zeros((8, 8, 1), np.float32), np.random.default_rng(0)
+    with pytest.raises(ValueError, match=r"padding: expected an int >= 0, got 1.5"):
+        augment.random_crop_with_padding(image, 1.5, rng)
+    with pytest.raises(ValueError, match=r"area_range: expected \(low, high\) with 0 < low"):
+        augment.random_erasing(image, 1.0, rng, area_range=(0.5, 0.1))
+    # Refused even when the coin flip would have skipped erasing.
+    with pytest.raises(ValueError, match=r"aspect_range: expected \(low, high\) with 0 < low"):
+        augment.random_erasing(image, 0.0, rng, aspect_range=(0.0, 3.0))

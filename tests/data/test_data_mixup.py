@@ -76,3 +76,12 @@ def test_jit_and_bad_shapes():
         mix_batch(jax.random.key(0), inputs, labels[:5], mixup_alpha=0.8, cutmix_alpha=0.0)
     with pytest.raises(ValueError, match=r"inputs: CutMix expects shape \[B, H, W, C\]"):
         mix_batch(jax.random.key(0), inputs[:, :, :, 0], labels, mixup_alpha=0.0, cutmix_alpha=1.0)
+
+
+@pytest.mark.parametrize(
+    "alphas", [(float("nan"), 0.0), (0.0, float("nan")), (float("inf"), 0.0), (-0.1, 1.0)]
+)
+def test_non_finite_or_negative_alpha_is_named(alphas):
+    inputs, labels = _batch()
+    with pytest.raises(ValueError, match="mixup_alpha, cutmix_alpha: expected finite values >= 0"):
+        mix_batch(jax.random.key(0), inputs, labels, mixup_alpha=alphas[0], cutmix_alpha=alphas[1])

@@ -107,6 +107,18 @@ def test_each_epoch_is_a_new_permutation_of_the_split(make_config):
     assert _rows(epochs[0]) != _rows(epochs[1])
 
 
+def test_neighbouring_seeds_do_not_share_orders_an_epoch_apart(make_config):
+    # grain shuffles epoch e with its seed + e: were the run's seed passed straight
+    # through, seed 7's second epoch would be seed 8's first (the same stream, shifted).
+    config = make_config("mnist1d")
+    seven = _take(_pipeline(config, split="test", batch=100, seed=7), 20)
+    eight = _take(_pipeline(config, split="test", batch=100, seed=8), 10)
+    second_epoch_of_seven = _rows(np.concatenate([b["inputs"] for b in seven[10:]]))
+    first_epoch_of_eight = _rows(np.concatenate([b["inputs"] for b in eight]))
+    assert sorted(second_epoch_of_seven) == sorted(first_epoch_of_eight)  # both whole epochs
+    assert second_epoch_of_seven != first_epoch_of_eight
+
+
 def test_batches_straddle_epochs_without_dropping_examples(make_config):
     # 1000 examples in batches of 750: the second batch ends the first epoch.
     config = make_config("mnist1d")

@@ -91,3 +91,27 @@ def test_trim_padding_cuts_only_what_every_feature_pads():
 def test_bad_input_raises(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_examples_with_keys_in_another_order_or_wider_dtypes_pack_exactly():
+    # Dicts listing the same features in another order are the same kind of example.
+    examples = [
+        {"inputs": np.array([1, 2]), "targets": np.array([2, 3])},
+        {"targets": np.array([5, 6]), "inputs": np.array([4, 5])},
+    ]
+    packed = pack_sequences(examples, 4)
+    np.testing.assert_array_equal(packed["inputs"], [[1, 2, 4, 5]])
+    np.testing.assert_array_equal(packed["targets"], [[2, 3, 5, 6]])
+    # A first example of a narrow dtype must not wrap the values of the next ones.
+    narrow_first = [np.array([1, 2], np.int8), np.array([1000, 70000], np.int32)]
+    packed = pack_sequences(narrow_first, 4)
+    np.testing.assert_array_equal(packed["inputs"], [[1, 2, 1000, 70000]])
+    assert unpack_sequences(packed)[1].tolist() == [1000, 70000]
+    batch = next(pack_stream(iter(narrow_first), 4, rows_per_batch=1))
+    np.testing.assert_array_equal(batch["inputs"], [[1, 2, 1000, 70000]])
+
+
+@pytest.mark.parametrize("num_rows", [-1, 2.0, True])
+def test_bad_num_rows_is_named(num_rows):
+    with pytest.raises(ValueError, match=f"num_rows must be an int >= 0 or None, got {num_rows!r}"):
+        pack_sequences([], 4, num_rows=num_rows)
