@@ -478,6 +478,7 @@ class CombinerAttention(nn.Module):
             or mask.window_right is not None
             or mask.soft_causal_ratio is not None
             or mask.q_positions is not None
+            or mask.kv_positions is not None
         ):
             raise ValueError(
                 f"{owner}: the mask may only carry causal and segment ids (padding); windows, "

@@ -14,11 +14,12 @@ decoding, the two being equal. LMUFormer follows the projection with BatchNorm;
 here the residual block's own norms (pre- or post-norm) take that place, as for
 every other mixer, so no batch statistics are kept.
 
-Padding: the mask's segment ids (0 = padding) give a per-token mask. Padded
-tokens feed ``u = 0`` into the memory and output zero. Because the memory starts
-at zero and is linear, zero inputs before a sequence leave it at zero, so left
-or right padding gives the outputs of the sequences run unpadded. Segment ids only
-mark padding (no packing: a second segment would see the first one's memory).
+Padding: the mask's segment ids (0 = padding) give a per-token mask. A padded
+token is no step of the memory (the parallel pass runs it over each row's real
+tokens only; a decode step leaves the state unchanged) and outputs zero, so any
+padding (left, right or holes) gives the outputs of the sequences run unpadded,
+in both paths. Segment ids only mark padding (no packing: a second segment would
+see the first one's memory).
 The mixer is causal by construction; ``positions`` is accepted for the shared
 mixer signature and unused.
 
@@ -118,9 +119,7 @@ class LMUMixer(nn.Module):
             memory = self._step(u[:, 0], None if token_mask is None else token_mask[:, 0])
             memory = memory[:, None]  # [batch, 1, channels, order]
         else:
-            memory = legendre_memory(
-                u, order=self.order, theta=self.theta, implementation=self.implementation
-            )
+            memory = self._parallel_memory(u, token_mask)
             self.sow("intermediates", "memory_state", memory[:, -1])
         memory = memory.reshape(batch, length, self.memory_channels * self.order)
 
@@ -133,6 +132,28 @@ class LMUMixer(nn.Module):
         if token_mask is not None:
             out = jnp.where(token_mask[..., None], out, 0)
         return out
+
+    def _parallel_memory(self, u: Array, token_mask: Array | None) -> Array:
+        """The memory after every position: u [batch, L, channels] -> [batch, L, channels, order].
+
+        A padded token is no step at all, as in decoding: the memory runs over each
+        row's real tokens only, in order, and a position reads the state after the last
+        real token up to it (zero before the first). Feeding padding in as ``u = 0``
+        would still advance time (``m = Abar m``), so a padded hole, or the right
+        padding whose last state is sown, would differ from decoding.
+        """
+        run = lambda u: legendre_memory(  # noqa: E731
+            u, order=self.order, theta=self.theta, implementation=self.implementation
+        )
+        if token_mask is None:
+            return run(u)
+        # Real tokens first, in their order (u is already zero at the padding behind them).
+        order = jnp.argsort(~token_mask, axis=1, stable=True)
+        memory = run(jnp.take_along_axis(u, order[..., None], axis=1))
+        last_real = jnp.cumsum(token_mask, axis=1) - 1  # [batch, L], -1 before the first
+        index = jnp.maximum(last_real, 0)[..., None, None]
+        memory = jnp.take_along_axis(memory, index, axis=1)
+        return jnp.where((last_real >= 0)[..., None, None], memory, 0)
 
     def _step(self, u_t: Array, token_mask: Array | None) -> Array:
         """One recurrent step: u_t [batch, channels] -> the new memory [batch, channels, order]."""

@@ -206,8 +206,26 @@ class MambaMixer(nn.Module):
         # The states decoding would have after this sequence (when "intermediates" is
         # mutable): for checking decode against the parallel path, and for prefilling.
         self.sow("intermediates", "ssm_state", ssm_state)
-        self.sow("intermediates", "conv_state", channels_first(padded[:, -self.d_conv :]))
+        self.sow("intermediates", "conv_state", self._final_conv_state(padded, token_mask))
         return out_proj(channels_first(y))
+
+    def _final_conv_state(self, padded: Array, token_mask: Array | None) -> Array:
+        """The conv state decoding reaches: the last d_conv *real* conv inputs, oldest first.
+
+        padded: [batch, d_conv - 1 + L, E] (zero front padding, padded tokens zeroed);
+        token_mask: [batch, L] or None. A padded token leaves the decode conv state
+        unchanged, so after right padding the state holds the last real tokens, not
+        the trailing (zeroed) padding: slot ``d_conv - 1 - (#real tokens after t)``
+        takes real token t.
+        """
+        if token_mask is None:
+            return jnp.swapaxes(padded[:, -self.d_conv :], 1, 2)
+        x_in = padded[:, self.d_conv - 1 :]  # [batch, L, E]
+        real_after = jnp.sum(token_mask, axis=1, keepdims=True) - jnp.cumsum(token_mask, axis=1)
+        slot = self.d_conv - 1 - real_after  # [batch, L]
+        picks = token_mask[..., None] & (slot[..., None] == jnp.arange(self.d_conv))
+        # Each slot receives at most one token, so the sum is exact (a selection).
+        return jnp.einsum("blk,ble->bek", picks.astype(x_in.dtype), x_in)
 
     def _step(self, x_in, z, conv_kernel, conv_bias, x_proj, dt_kernel, dt_bias, A, D, token_mask):
         """One recurrent step. x_in, z: [batch, E]; returns y [batch, E] (before out_proj)."""

@@ -99,6 +99,9 @@ class LearnedPositionEmbedding(PositionEncoding):
             (self.max_length, x.shape[-1]),
             self.param_dtype,
         )
+        # jnp.take wraps negative indices NumPy-style even with mode="fill" (-1 would read
+        # the last row); send them past the end so they fill with NaN like the others.
+        positions = jnp.where(positions < 0, self.max_length, positions)
         rows = jnp.take(table, positions, axis=0, mode="fill", fill_value=jnp.nan)
         return x + rows.astype(x.dtype)
 

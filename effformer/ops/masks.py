@@ -145,6 +145,20 @@ def token_mask(mask: AttentionMask | None, batch: int, length: int) -> Array | N
     """
     if mask is None:
         return None
+    # A recurrent mixer is causal over the whole prefix by construction: a window or a
+    # soft-causal ratio would otherwise be dropped without a word, computing a different
+    # function from the one asked for.
+    if (
+        mask.window_left is not None
+        or mask.window_right is not None
+        or mask.soft_causal_ratio is not None
+    ):
+        raise ValueError(
+            "token_mask: a recurrent mixer reads the mask for its padding (segment ids) only; "
+            "expected window_left=None, window_right=None, soft_causal_ratio=None, got "
+            f"window_left={mask.window_left}, window_right={mask.window_right}, "
+            f"soft_causal_ratio={mask.soft_causal_ratio}."
+        )
     validate_mask(mask, batch, length, length)
     if mask.q_segment_ids is None:
         return None

@@ -215,6 +215,8 @@ def test_bad_configuration_fails_clearly(kwargs, length, message):
     [
         (dict(decode=True), "decode=True"),
         (dict(mask=AttentionMask(window_left=2)), "windows, soft-causal"),
+        # Regression: key positions alone were silently ignored (query positions raised).
+        (dict(mask=AttentionMask(kv_positions=jnp.zeros((1, 8), jnp.int32))), "explicit positions"),
         (dict(mask=AttentionMask(causal=True)), "bidirectional mixer"),
         (
             dict(

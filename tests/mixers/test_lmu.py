@@ -103,6 +103,21 @@ def test_padded_batch_equals_unpadded_sequences(x64, side):
     assert np.all(np.asarray(padded_out)[padding] == 0)
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_sown_state_of_a_padded_batch_equals_the_decode_state(x64, side):
+    # Regression: the sown memory_state was the memory at the last slot, which keeps
+    # decaying (m = Abar m) through right padding; decoding stops at the last real token.
+    params, x = _inputs()
+    mixer = _mixer()
+    real = np.ones((BATCH, LENGTH), bool)
+    real[1, slice(6, None) if side == "right" else slice(0, 5)] = False
+    mask = _mask(real.astype(np.int32))
+    _, sown = mixer.apply({"params": params}, x, mask=mask, mutable=["intermediates"])
+    _, cache = _decode_all(mixer, params, x, mask)
+    (state,) = sown["intermediates"]["memory_state"]
+    np.testing.assert_allclose(np.asarray(state), np.asarray(cache["memory_state"]), atol=1e-11)
+
+
 def test_padded_token_in_decode_leaves_the_state_unchanged(x64):
     params, x = _inputs()
     segment_ids = np.ones((BATCH, LENGTH), np.int32)
@@ -116,6 +131,19 @@ def test_padded_token_in_decode_leaves_the_state_unchanged(x64):
         np.asarray(cache["memory_state"][0]), np.asarray(alone_cache["memory_state"][0]), atol=1e-11
     )
     assert np.all(np.asarray(decoded[0, 4]) == 0)
+
+
+def test_padded_hole_in_the_parallel_pass_equals_decode(x64):
+    # Regression: the parallel pass fed a padded token in as u = 0, which still advances
+    # the memory (m = Abar m); decoding (and the sequence run without it) skip it.
+    params, x = _inputs()
+    segment_ids = np.ones((BATCH, LENGTH), np.int32)
+    segment_ids[0, 4] = 0
+    segment_ids[1, 2:4] = 0
+    mask = _mask(segment_ids)
+    parallel = _mixer().apply({"params": params}, x, mask=mask)
+    decoded, _ = _decode_all(_mixer(), params, x, mask)
+    np.testing.assert_allclose(np.asarray(parallel), np.asarray(decoded), atol=1e-11)
 
 
 def test_float32_parallel_matches_decode():
@@ -161,3 +189,14 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="implementation must be one of"):
         _mixer(implementation="conv").apply({"params": params}, x)
     assert isinstance(make_mixer("lmu", d_model=4), LMUMixer)
+
+
+def test_window_or_soft_causal_mask_is_refused_not_ignored():
+    # Regression: a sliding-window or soft-causal mask was silently dropped.
+    params, x = _inputs(np.float32)
+    for mask in (
+        AttentionMask(causal=True, window_left=2),
+        AttentionMask(soft_causal_ratio=0.5),
+    ):
+        with pytest.raises(ValueError, match=r"padding \(segment ids\) only; expected window_left"):
+            _mixer().apply({"params": params}, x, mask=mask)

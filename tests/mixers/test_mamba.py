@@ -101,6 +101,34 @@ def test_padded_batch_equals_unpadded_sequences(x64, side):
         np.testing.assert_array_equal(out[b, ~real[b]], 0.0)
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_sown_states_of_a_padded_batch_equal_the_decode_cache(x64, side):
+    # Regression: the sown conv_state was the last d_conv slots of the row, i.e. the
+    # zeroed right padding, while decoding keeps the last real tokens.
+    mixer, params, x = make(x64=True, chunk_size=4)
+    lengths = np.array([LENGTH, 3])  # row 1 shorter than d_conv + its padding
+    positions = np.arange(LENGTH)[None, :]
+    real = (
+        positions < lengths[:, None] if side == "right" else positions >= LENGTH - lengths[:, None]
+    )
+    mask = padding_mask(real.astype(np.int32))
+    _, sown = jax.jit(
+        lambda x: mixer.apply({"params": params}, x, mask=mask, mutable=["intermediates"])
+    )(x)
+    step = jax.jit(lambda cache, token, step_mask: mixer.apply(
+        {"params": params, "cache": cache}, token, mask=step_mask, decode=True, mutable=["cache"]
+    ))  # fmt: skip
+    cache = initial_cache(np.float64)
+    for t in range(LENGTH):
+        _, variables = step(
+            cache, x[:, t : t + 1], padding_mask(real[:, t : t + 1].astype(np.int32))
+        )
+        cache = variables["cache"]
+    for name in ("conv_state", "ssm_state"):
+        (state,) = sown["intermediates"][name]
+        np.testing.assert_allclose(state, cache[name], rtol=1e-10, atol=1e-12)
+
+
 def test_padded_token_in_decode_leaves_the_cache_unchanged(x64):
     mixer, params, x = make(x64=True)
 
@@ -207,3 +235,17 @@ def test_bad_inputs():
         mixer({"params": params}, x, decode=True, mutable=["cache"])
     with pytest.raises(ValueError, match=r"q_segment_ids must have shape \(2, 9\).*got \(2, 4\)"):
         mixer({"params": params}, x, mask=padding_mask(np.ones((BATCH, 4))))
+
+
+def test_window_or_soft_causal_mask_is_refused_not_ignored():
+    # Regression: a sliding-window or soft-causal mask was silently dropped (the scan
+    # always sees the whole prefix), giving a different function from the one asked for.
+    mixer, params, x = make()
+    apply = lambda **k: jax.eval_shape(lambda: mixer.apply({"params": params}, x, **k))  # noqa: E731
+    for mask in (
+        AttentionMask(causal=True, window_left=2),
+        AttentionMask(soft_causal_ratio=0.5),
+    ):
+        with pytest.raises(ValueError, match=r"padding \(segment ids\) only; expected window_left"):
+            apply(mask=mask)
+    apply(mask=AttentionMask(causal=True))  # causal is what the scan computes anyway

@@ -49,6 +49,16 @@ def test_learned_adds_table_rows_at_positions():
     assert np.isnan(out[0, 0]).all() and not np.isnan(out[1]).any()
 
 
+def test_learned_negative_position_gives_nan_not_a_wrapped_row():
+    # Regression: jnp.take wraps -1 to the last row even with mode="fill".
+    x = jnp.zeros((1, 3, 4))
+    pe = make_position_encoding("learned", max_length=8)
+    variables = pe.init(jax.random.key(1), x, jnp.zeros((1, 3), jnp.int32), method="embed")
+    out = pe.apply(variables, x, jnp.array([[0, -1, -8]]), method="embed")
+    assert not np.isnan(out[0, 0]).any()
+    assert np.isnan(out[0, 1:]).all()
+
+
 def test_learned_init_std_is_configurable():
     x, positions = jnp.zeros((1, 4, 64)), jnp.zeros((1, 4), jnp.int32)
 
