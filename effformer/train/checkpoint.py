@@ -10,6 +10,10 @@ Saves are asynchronous and atomic (orbax writes to a temporary directory and
 renames it when complete), so an interrupted save never replaces the last
 good checkpoint. A checkpoint that fails to restore is reported by name,
 moved aside to ``checkpoints/<step>.corrupt``, and the previous one is used.
+A checkpoint whose arrays (names and shapes, read from its metadata) differ
+from what the config builds is not corrupt: the config changed (e.g.
+``config.optimizer.name`` or ``config.ema_decay``), and every checkpoint would
+fail alike. That is an error naming the difference; the checkpoint stays.
 
 The train state is stored as a dict of its fields; ``model_state`` (the
 model's variables besides its parameters) only when the model has some, so
@@ -54,6 +58,12 @@ def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
+def has_checkpoint(workdir: str | Path) -> bool:
+    """Whether ``workdir`` holds a finished checkpoint (orbax's temporary ones don't count)."""
+    directory = Path(workdir) / "checkpoints"
+    return directory.is_dir() and any(path.name.isdigit() for path in directory.iterdir())
+
+
 def _field(config: Any, dotted: str) -> Any:
     value = config
     for part in dotted.split("."):
@@ -93,6 +103,41 @@ def _from_item(item: Any, like: Any) -> Any:
     if not isinstance(like, TrainState):
         return item
     return TrainState(**{"model_state": {}, **item})
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{path: shape} of ``tree``'s arrays; dict keys, attributes and indices all read as names,
+    so a state and the metadata orbax stores for it (dicts and lists) compare equal."""
+
+    def name(key: Any) -> str:
+        for attribute in ("key", "name", "idx"):
+            if hasattr(key, attribute):
+                return str(getattr(key, attribute))
+        return str(key)
+
+    return {
+        "/".join(name(key) for key in path): tuple(getattr(leaf, "shape", ()))
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def _describe_mismatch(saved: dict, expected: dict) -> str | None:
+    """What differs between two ``_leaf_shapes``, or None when they agree."""
+    missing = sorted(set(expected) - set(saved))
+    extra = sorted(set(saved) - set(expected))
+    reshaped = sorted(p for p in set(saved) & set(expected) if saved[p] != expected[p])
+    parts = []
+    if missing:
+        parts.append(f"the config expects {len(missing)} arrays it lacks (e.g. {missing[:3]})")
+    if extra:
+        parts.append(f"it holds {len(extra)} arrays the config does not (e.g. {extra[:3]})")
+    if reshaped:
+        path = reshaped[0]
+        parts.append(
+            f"{len(reshaped)} arrays differ in shape (e.g. {path}: expected {expected[path]}, "
+            f"got {saved[path]})"
+        )
+    return "; ".join(parts) or None
 
 
 class Checkpointer:
@@ -153,8 +198,10 @@ class Checkpointer:
                 raise ValueError(
                     f"No checkpoint for step {step} in {self.directory}; available: {steps}."
                 )
+            self._check_structure(step, abstract_state)
             return step, *self._restore_step(step, abstract_state)
         for candidate in reversed(steps):
+            self._check_structure(candidate, abstract_state)
             try:
                 return candidate, *self._restore_step(candidate, abstract_state)
             except Exception as error:  # noqa: BLE001 - any failure means this checkpoint is unusable.
@@ -169,6 +216,27 @@ class Checkpointer:
                 (self.directory / str(candidate)).rename(corrupt)
                 self.manager.reload()
         return None
+
+    def _check_structure(self, step: int, abstract_state: Any) -> None:
+        """Raise ValueError when checkpoint ``step`` holds other arrays than ``abstract_state``.
+
+        Only a readable metadata file is compared; one that cannot be read marks a
+        corrupt checkpoint, which ``restore`` reports and moves aside.
+        """
+        path = self.directory / str(step) / "state"
+        try:
+            saved = ocp.StandardCheckpointHandler().metadata(path).tree
+        except Exception:  # noqa: BLE001 - unreadable metadata: left to restore's fallback.
+            return
+        mismatch = _describe_mismatch(_leaf_shapes(saved), _leaf_shapes(_to_item(abstract_state)))
+        if mismatch:
+            raise ValueError(
+                f"Checkpoint {path.parent} does not hold the train state this config builds: "
+                f"{mismatch}. A config field that shapes the state changed since it was saved "
+                "(e.g. config.optimizer.name, config.optimizer.grad_clip_norm, config.ema_decay, "
+                "config.data.image_size); restore the config it was trained with, or use a new "
+                "--workdir. The checkpoint was left as it is."
+            )
 
     def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         restored = self.manager.restore(

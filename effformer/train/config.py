@@ -157,6 +157,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.optimizer.schedule must be one of {LR_SCHEDULES}, got {config.optimizer.schedule!r}."
         )
+    # Step counts the loop divides by or compares with: a negative one would be ignored
+    # (num_train_steps beside num_epochs) or change meaning (step % -n), a zero
+    # log_every_steps would fail only after the first step.
+    for field, lowest in (
+        ("num_train_steps", 0),
+        ("num_epochs", 0),
+        ("log_every_steps", 1),
+        ("eval_every_steps", 0),
+        ("eval_batch_size", 0),
+        ("checkpoint.every_steps", 0),
+    ):
+        value = _get(config, field)
+        if value is not None and not value >= lowest:
+            raise ValueError(f"config.{field} must be >= {lowest}, got {value!r}.")
     if (config.num_train_steps > 0) == (config.num_epochs > 0):
         raise ValueError(
             "Set exactly one of config.num_train_steps and config.num_epochs to a positive value, "

@@ -63,6 +63,32 @@ def run_evaluation(
     return {name: float(total / max(weight, 1.0)) for name, (total, weight) in totals.items()}
 
 
+def eval_metric_names(exp: Experiment) -> list[str]:
+    """The names of :func:`run_evaluation`'s metrics, from tracing (not running) one eval step."""
+    model_kwargs = eval_kwargs(exp.config.model_schedules, exp.steps_per_epoch, exp.num_train_steps)
+    pipeline = create_input_pipeline(
+        exp.config.data,
+        split=exp.info.eval_split,
+        global_batch_size=eval_batch_size(exp.config),
+        train=False,
+        seed=exp.config.seed,
+    )
+    try:
+        local_batch = next(pipeline)
+    finally:
+        pipeline.close()
+    # The step sees the global batch: this host's examples are 1/process_count of it.
+    batch = {
+        name: jax.ShapeDtypeStruct((eval_batch_size(exp.config), *x.shape[1:]), x.dtype)
+        for name, x in local_batch.items()
+    }
+    state = exp.abstract_state
+    metrics = jax.eval_shape(
+        make_eval_step(exp, model_kwargs), state.params, state.model_state, batch
+    )
+    return sorted(metrics)
+
+
 @dataclasses.dataclass
 class RestoredRun:
     """A trained run read back from its workdir.

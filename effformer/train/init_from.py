@@ -69,20 +69,29 @@ def rename_modules(config: ml_collections.ConfigDict) -> dict[str, str]:
 
 
 def validate_init_from(config: ml_collections.ConfigDict) -> None:
-    """Fail before any compilation when ``config.init_from`` cannot work."""
-    source = init_from_workdir(config)
-    if not source:
+    """Fail before any compilation when ``config.init_from``'s fields cannot work.
+
+    That the source workdir exists is checked by :func:`check_init_from_source`, only
+    when a run's first state is made: a run that saved a checkpoint never reads the
+    source again, and its eval or resumption must not need it.
+    """
+    if not init_from_workdir(config):
         return
     rename_modules(config)
-    if not (Path(source) / CONFIG_FILE).is_file():
-        raise ValueError(
-            f"config.init_from.workdir={source!r} holds no {CONFIG_FILE}: it must be the workdir "
-            "of an earlier `effformer train` run."
-        )
     if config.init_from.step < 0:
         raise ValueError(
             f"config.init_from.step must be >= 0 (0: the latest checkpoint), got "
             f"{config.init_from.step}."
+        )
+
+
+def check_init_from_source(config: ml_collections.ConfigDict) -> None:
+    """Raise ValueError unless ``config.init_from.workdir`` is the workdir of a training run."""
+    source = init_from_workdir(config)
+    if not (Path(source) / CONFIG_FILE).is_file():
+        raise ValueError(
+            f"config.init_from.workdir={source!r} holds no {CONFIG_FILE}: it must be the workdir "
+            "of an earlier `effformer train` run."
         )
 
 
@@ -133,6 +142,7 @@ def _load_source(config: ml_collections.ConfigDict, target_model: Any, target_pa
     # Imported here: experiment.py imports this module's caller.
     from effformer.train.experiment import build_experiment
 
+    check_init_from_source(config)
     source_dir = Path(config.init_from.workdir)
     source_config = load_config(source_dir)
     # The source's state is restored onto this run's mesh.

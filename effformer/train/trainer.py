@@ -19,11 +19,20 @@ import numpy as np
 
 from effformer.data import create_input_pipeline
 from effformer.train import sharding
-from effformer.train.checkpoint import Checkpointer, check_workdir_matches, save_config
+from effformer.train.checkpoint import (
+    Checkpointer,
+    check_workdir_matches,
+    has_checkpoint,
+    save_config,
+)
 from effformer.train.config import validate_config
-from effformer.train.evaluate import eval_params, run_evaluation
+from effformer.train.evaluate import eval_metric_names, eval_params, run_evaluation
 from effformer.train.experiment import build_experiment
-from effformer.train.init_from import init_from_workdir, load_source_state
+from effformer.train.init_from import (
+    check_init_from_source,
+    init_from_workdir,
+    load_source_state,
+)
 from effformer.train.metric_writers import MetricWriter, ProgressBar
 from effformer.train.model_state import make_model_state_update
 from effformer.train.steps import make_train_step
@@ -81,9 +90,13 @@ def train_and_evaluate(
     validate_config(config)
     workdir = Path(workdir)
     check_workdir_matches(config, workdir)
+    if init_from_workdir(config) and not has_checkpoint(workdir):
+        # Checked here, not in validate_config: only a run's first state reads the source,
+        # so resuming or evaluating a fine-tuned run must not need it to still exist.
+        check_init_from_source(config)
     exp = build_experiment(config)
     check_teacher_store(config, exp.num_train_steps)
-    save_config(config, workdir)
+    _check_best_metric(exp)
 
     checkpointer = Checkpointer(workdir, config.checkpoint)
     writer = MetricWriter(workdir)
@@ -104,6 +117,8 @@ def train_and_evaluate(
             step, state, data_state = restored
             pipeline.set_state(data_state)
             logging.info("Resumed from step %d in %s.", step, workdir)
+        # Only now: a config its checkpoints refuse must not replace the one they were saved with.
+        save_config(config, workdir)
         result = _train_loop(
             exp, state, step, pipeline, checkpointer, writer, stop_after_steps, on_step
         )
@@ -111,6 +126,18 @@ def train_and_evaluate(
         checkpointer.close()
         writer.close()
     return result
+
+
+def _check_best_metric(exp) -> None:
+    """An unknown config.checkpoint.best_metric would fail only at the first evaluation's save."""
+    best = exp.config.checkpoint.best_metric
+    if best:
+        names = eval_metric_names(exp)
+        if best not in names:
+            raise ValueError(
+                f"config.checkpoint.best_metric must be one of the eval metrics {names} of "
+                f"config.task.name={exp.config.task.name!r}, got {best!r}."
+            )
 
 
 def _train_loop(exp, state, step, pipeline, checkpointer, writer, stop_after_steps, on_step):

@@ -1,5 +1,7 @@
 """Starting a run from another run's parameters (config.init_from), and restore(workdir)."""
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -7,7 +9,7 @@ import numpy as np
 import pytest
 
 from effformer import models
-from effformer.train import train_and_evaluate
+from effformer.train import evaluate, train_and_evaluate
 from effformer.train.checkpoint import Checkpointer
 from effformer.train.experiment import build_experiment
 from effformer.train.init_from import adapt_params
@@ -53,6 +55,19 @@ def test_bad_init_from_fails_before_training(make_config, tmp_path):
     with pytest.raises(ValueError, match="config.init_from.workdir.*holds no config.json"):
         train_and_evaluate(make_config(init_from__workdir=str(tmp_path / "nothing")), tmp_path)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_fine_tuned_run_evaluates_and_resumes_without_its_source(
+    baseline_run, make_config, tmp_path
+):
+    _, baseline_dir, _ = baseline_run
+    source = tmp_path / "source"
+    shutil.copytree(baseline_dir, source)
+    config = make_config(num_train_steps=2, init_from__workdir=str(source))
+    train_and_evaluate(config, tmp_path / "tuned", stop_after_steps=1)
+    shutil.rmtree(source)  # Its checkpoint holds everything the fine-tuned run needs.
+    assert evaluate(tmp_path / "tuned")["step"] == 1
+    assert train_and_evaluate(config, tmp_path / "tuned")["step"] == 2
 
 
 def _random_params(model, seed):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from effformer.train import NonFiniteLossError, evaluate, train_and_evaluate
-from effformer.train.checkpoint import Checkpointer
+from effformer.train.checkpoint import Checkpointer, load_config
 from effformer.train.experiment import build_experiment
 from effformer.train.metric_writers import read_metrics
 
@@ -122,6 +122,18 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(make_config, tmp_path,
     assert (tmp_path / "checkpoints" / "4.corrupt").is_dir()
 
 
+def test_resume_with_a_config_that_changes_the_state_is_refused(make_config, tmp_path):
+    # Not corruption: the checkpoints must stay, and training must not restart from step 0.
+    train_and_evaluate(make_config(num_train_steps=2), tmp_path)
+    changed = make_config(num_train_steps=4)
+    changed.optimizer.name = "sgd"  # Another optimizer state.
+    with pytest.raises(ValueError, match=r"checkpoints/2 does not hold the train state.*opt_state"):
+        train_and_evaluate(changed, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
+    assert load_config(tmp_path).optimizer.name == "adamw"
+    assert evaluate(tmp_path)["step"] == 2
+
+
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(make_config, tmp_path):
     config = make_config(num_train_steps=40)
     config.checkpoint.every_steps = 1
@@ -154,6 +166,14 @@ def test_model_schedule_reaches_the_model(make_config, tmp_path):
         (dict(global_batch_size=30), "divisible by the 8 devices"),
         (dict(global_batch_size=0), "config.global_batch_size is required"),
         (dict(num_epochs=1.0), "exactly one of"),
+        (dict(log_every_steps=0), r"config.log_every_steps must be >= 1, got 0"),
+        (dict(eval_batch_size=-8), r"config.eval_batch_size must be >= 0, got -8"),
+        (dict(checkpoint__every_steps=-2), r"config.checkpoint.every_steps must be >= 0"),
+        (dict(num_epochs=1.0, num_train_steps=-1), r"config.num_train_steps must be >= 0"),
+        (
+            dict(checkpoint__best_metric="acc"),
+            r"best_metric must be one of the eval metrics \['accuracy', 'loss'\].*got 'acc'",
+        ),
     ],
 )
 def test_bad_config_fails_before_training(make_config, tmp_path, changes, message):
