@@ -477,14 +477,16 @@ def test_experiment_configs_validate_and_build_their_model(path, arg, image_shap
     from pathlib import Path
 
     from effformer.train.config import validate_config
+    from effformer.train.init_from import check_init_from_source
 
     root = Path(__file__).resolve().parents[2]
     config = _load(str(root / path), arg)
     if config.init_from.workdir:
-        # A fine-tuning config names its source run, which does not exist here: the check
-        # that it must exist is itself tested in tests/train/test_init_from.py.
+        # A fine-tuning config names its source run, which does not exist here; the trainer
+        # checks it when the run makes its first state (tests/train/test_init_from.py).
+        validate_config(config)
         with pytest.raises(ValueError, match="config.init_from.workdir"):
-            validate_config(config)
+            check_init_from_source(config)
         config.init_from.workdir = ""
     validate_config(config)
     # The task passes what the data decides; the datasets themselves need not be prepared.
