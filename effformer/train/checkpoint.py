@@ -200,12 +200,13 @@ class Checkpointer:
                 )
             self._check_structure(step, abstract_state)
             return step, *self._restore_step(step, abstract_state)
+        failures = []
         for candidate in reversed(steps):
             self._check_structure(candidate, abstract_state)
             try:
                 return candidate, *self._restore_step(candidate, abstract_state)
             except Exception as error:  # noqa: BLE001 - any failure means this checkpoint is unusable.
-                corrupt = self.directory / f"{candidate}.corrupt"
+                corrupt = self._corrupt_path(candidate)
                 logging.error(
                     "Checkpoint %s failed to restore (%s: %s); moved it to %s and trying the previous one.",
                     self.directory / str(candidate),
@@ -215,7 +216,25 @@ class Checkpointer:
                 )
                 (self.directory / str(candidate)).rename(corrupt)
                 self.manager.reload()
+                failures.append(f"step {candidate} ({type(error).__name__}: {error})")
+        if failures:
+            # Every checkpoint failed: returning None would restart training from step 0
+            # without a word beyond the log (e.g. on a transient filesystem error).
+            raise RuntimeError(
+                f"Every checkpoint in {self.directory} failed to restore: "
+                f"{'; '.join(failures)}. They were moved aside as <step>.corrupt*; rerun to "
+                "start again from step 0, or move them back if the failure was transient."
+            )
         return None
+
+    def _corrupt_path(self, step: int) -> Path:
+        """Where a failed checkpoint is moved: ``<step>.corrupt``, numbered if that exists."""
+        path = self.directory / f"{step}.corrupt"
+        number = 1
+        while path.exists():  # the same step failed before (e.g. saved again, then broken)
+            path = self.directory / f"{step}.corrupt.{number}"
+            number += 1
+        return path
 
     def _check_structure(self, step: int, abstract_state: Any) -> None:
         """Raise ValueError when checkpoint ``step`` holds other arrays than ``abstract_state``.

@@ -122,6 +122,23 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(make_config, tmp_path,
     assert (tmp_path / "checkpoints" / "4.corrupt").is_dir()
 
 
+def test_every_checkpoint_corrupt_is_an_error_not_a_silent_restart(make_config, tmp_path):
+    config = make_config(num_train_steps=4)
+    config.checkpoint.every_steps = 2
+    config.checkpoint.keep = 3
+    train_and_evaluate(config, tmp_path)
+    (tmp_path / "checkpoints" / "2.corrupt").mkdir()  # step 2 failed once before
+    for path in (tmp_path / "checkpoints").glob("[0-9]*/state/**/*"):
+        if path.is_file():
+            path.write_bytes(b"garbage")
+    with pytest.raises(
+        RuntimeError, match=r"Every checkpoint .* failed to restore: step 4 .*step 2"
+    ):
+        train_and_evaluate(make_config(num_train_steps=6), tmp_path)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["2.corrupt", "2.corrupt.1", "4.corrupt"]
+
+
 def test_resume_with_a_config_that_changes_the_state_is_refused(make_config, tmp_path):
     # Not corruption: the checkpoints must stay, and training must not restart from step 0.
     train_and_evaluate(make_config(num_train_steps=2), tmp_path)
