@@ -91,7 +91,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 0  # 0: only at the end (and on SIGTERM).
     config.checkpoint.keep = 2  # The latest ones kept ...
-    config.checkpoint.best_metric = ""  # ... plus the best by this eval metric, e.g. "accuracy".
+    # ... plus the best by this eval metric, e.g. "accuracy" (every evaluation is then saved).
+    config.checkpoint.best_metric = ""
     config.checkpoint.best_mode = "max"
     config.checkpoint.async_save = True
 

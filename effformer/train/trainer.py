@@ -192,6 +192,9 @@ def _train_loop(exp, state, step, pipeline, checkpointer, writer, stop_after_ste
                 is_last
                 or stopping
                 or (config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0)
+                # The best checkpoint is chosen among those saved with eval metrics: with a
+                # best_metric every evaluation is a candidate, whatever every_steps says.
+                or (eval_now and bool(config.checkpoint.best_metric))
             )
             if save_now:
                 checkpointer.save(

@@ -122,6 +122,25 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(make_config, tmp_path,
     assert (tmp_path / "checkpoints" / "4.corrupt").is_dir()
 
 
+def test_with_a_best_metric_every_evaluation_is_saved_as_a_candidate(
+    make_config, tmp_path, monkeypatch
+):
+    config = make_config(num_train_steps=6, eval_every_steps=2)
+    config.checkpoint.every_steps = 3  # not a multiple of eval_every_steps
+    config.checkpoint.best_metric = "accuracy"
+    saves = []
+    original = Checkpointer.save
+
+    def record(self, step, state, data_state, metrics=None):
+        saves.append((step, metrics is not None))
+        return original(self, step, state, data_state, metrics)
+
+    monkeypatch.setattr(Checkpointer, "save", record)
+    train_and_evaluate(config, tmp_path)
+    # Every evaluation (2, 4, 6) is saved with its metrics; 3 is a plain periodic save.
+    assert saves == [(2, True), (3, False), (4, True), (6, True)]
+
+
 def test_every_checkpoint_corrupt_is_an_error_not_a_silent_restart(make_config, tmp_path):
     config = make_config(num_train_steps=4)
     config.checkpoint.every_steps = 2
