@@ -109,12 +109,14 @@ class BlockSizes:
     ``fused_backward``: compute dq inside the dk/dv kernel with atomic adds
     instead of in a kernel of its own (module docstring); off until timed.
 
-    ``mosaic_forward``: run the forward pass as the Mosaic GPU kernel of
+    ``mosaic_forward``, ``mosaic_backward``: run the forward pass, the backward
+    pass, or both as the Mosaic GPU kernels of
     :mod:`effformer.kernels.flash_attention_mosaic_gpu` (TMA copies and WGMMA on
-    Hopper; the backward stays on the Triton kernels, which read its log-sum-exp).
-    It serves 16-bit inputs without windows, segment ids or given positions, with
-    blocks of at least 64 (``block_q``, ``block_k``); other calls raise. Off until
-    timed on a GPU.
+    Hopper) instead of the Triton ones; either mixes with the other's Triton
+    kernels (they share the residuals: the output and the base-2 log-sum-exp). They
+    serve 16-bit inputs without windows, segment ids or given positions, with
+    blocks of at least 64 (``block_q, block_k`` for the forward, ``block_q_bwd,
+    block_k_bwd`` for the backward); other calls raise. Off until timed on a GPU.
 
     ``num_warps, num_stages``: Triton launch parameters of all three kernels
     (ignored in interpret mode). The defaults, 4 warps for head dims up to 64,
@@ -131,6 +133,7 @@ class BlockSizes:
     num_stages: int = 2
     fused_backward: bool = False
     mosaic_forward: bool = False
+    mosaic_backward: bool = False
 
     def __post_init__(self):
         for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
@@ -149,16 +152,25 @@ class BlockSizes:
             raise ValueError(
                 f"BlockSizes.num_stages must be a positive int, got {self.num_stages!r}."
             )
-        for name in ("fused_backward", "mosaic_forward"):
+        for name in ("fused_backward", "mosaic_forward", "mosaic_backward"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(
                     f"BlockSizes.{name} must be True or False, got {getattr(self, name)!r}."
                 )
-        if self.mosaic_forward and min(self.block_q, self.block_k) < _MOSAIC_MIN_BLOCK:
+        for flag, names in (
+            ("mosaic_forward", ("block_q", "block_k")),
+            ("mosaic_backward", ("block_q_bwd", "block_k_bwd")),
+        ):
+            sizes = [getattr(self, name) for name in names]
+            if getattr(self, flag) and min(sizes) < _MOSAIC_MIN_BLOCK:
+                raise ValueError(
+                    f"BlockSizes({flag}=True) needs {names[0]} and {names[1]} of at least "
+                    f"{_MOSAIC_MIN_BLOCK} (WGMMA's 64-row tiles), got {sizes[0]} and {sizes[1]}."
+                )
+        if self.fused_backward and self.mosaic_backward:
             raise ValueError(
-                f"BlockSizes(mosaic_forward=True) needs block_q and block_k of at least "
-                f"{_MOSAIC_MIN_BLOCK} (WGMMA's 64-row tiles), got {self.block_q} and "
-                f"{self.block_k}."
+                "BlockSizes: fused_backward is a Triton backward; it cannot be combined with "
+                "mosaic_backward=True."
             )
 
 
@@ -197,6 +209,7 @@ class _Config:
     num_stages: int = 2
     fused_backward: bool = False
     mosaic_forward: bool = False
+    mosaic_backward: bool = False
 
     @property
     def masks_by_position(self) -> bool:
@@ -824,18 +837,22 @@ def _flash(cfg, q, k, v, ratio, q_pos, kv_pos, q_seg, kv_seg):
     return _any_forward_call(cfg, q, k, v, ratio, q_pos, kv_pos, q_seg, kv_seg)[0]
 
 
-def _mosaic_forward_call(cfg: _Config, q, k, v, ratio):
-    """The forward on Mosaic GPU: the same (out, lse) as :func:`_forward_call`."""
-    mosaic_cfg = flash_attention_mosaic_gpu.MosaicForwardConfig(
+def _mosaic_config(cfg: _Config, block_q: int, block_k: int):
+    return flash_attention_mosaic_gpu.MosaicConfig(
         causal=cfg.causal,
         soft=cfg.soft,
         scale=cfg.scale,
         q_len=cfg.q_len,
         kv_len=cfg.kv_len,
-        block_q=cfg.block_q,
-        block_k=cfg.block_k,
+        block_q=block_q,
+        block_k=block_k,
         interpret=cfg.interpret,
     )
+
+
+def _mosaic_forward_call(cfg: _Config, q, k, v, ratio):
+    """The forward on Mosaic GPU: the same (out, lse) as :func:`_forward_call`."""
+    mosaic_cfg = _mosaic_config(cfg, cfg.block_q, cfg.block_k)
     return flash_attention_mosaic_gpu.forward(mosaic_cfg, q, k, v, ratio)
 
 
@@ -851,7 +868,14 @@ def _flash_forward(cfg, q, k, v, ratio, q_pos, kv_pos, q_seg, kv_seg):
 
 
 def _flash_backward(cfg, residuals, d_out):
-    dq, dk, dv = _backward_calls(cfg, residuals, d_out)
+    if cfg.mosaic_backward:  # positions are the defaults and there are no segments here
+        q, k, v, ratio, _, _, _, _, out, lse = residuals
+        mosaic_cfg = _mosaic_config(cfg, cfg.block_q_bwd, cfg.block_k_bwd)
+        dq, dk, dv = flash_attention_mosaic_gpu.backward(
+            mosaic_cfg, q, k, v, ratio, out, lse, d_out
+        )
+    else:
+        dq, dk, dv = _backward_calls(cfg, residuals, d_out)
     # The ratio is a schedule value: zero cotangent; positions and segment ids are integers.
     return dq, dk, dv, None, None, None, None, None
 
@@ -999,21 +1023,21 @@ def padded_rows(
     return q_pos, kv_pos, q_seg, kv_seg
 
 
-def _check_mosaic_forward(dtype, **unsupported) -> None:
-    """Raises unless the Mosaic GPU forward computes this call (BlockSizes.mosaic_forward)."""
+def _check_mosaic(dtype, **unsupported) -> None:
+    """Raises unless the Mosaic GPU kernels compute this call (BlockSizes.mosaic_*)."""
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
         raise ValueError(
-            f"flash_attention: BlockSizes(mosaic_forward=True) takes float16 or bfloat16 "
-            f"inputs (WGMMA operands), got {jnp.dtype(dtype).name}; use the Triton forward "
-            f"(mosaic_forward=False) for other dtypes."
+            f"flash_attention: the Mosaic GPU kernels (BlockSizes.mosaic_forward / "
+            f"mosaic_backward) take float16 or bfloat16 inputs (WGMMA operands), got "
+            f"{jnp.dtype(dtype).name}; use the Triton kernels for other dtypes."
         )
     given = [name for name, value in unsupported.items() if value is not None]
     if given:
         raise ValueError(
-            f"flash_attention: BlockSizes(mosaic_forward=True) computes the masks that need "
-            f"no position or segment rows (none, causal, soft-causal with the default "
-            f"positions), got {', '.join(given)}; use the Triton forward "
-            f"(mosaic_forward=False) for those."
+            f"flash_attention: the Mosaic GPU kernels (BlockSizes.mosaic_forward / "
+            f"mosaic_backward) compute the masks that need no position or segment rows "
+            f"(none, causal, soft-causal with the default positions), got {', '.join(given)}; "
+            f"use the Triton kernels for those."
         )
 
 
@@ -1080,9 +1104,9 @@ def flash_attention(
             f"flash_attention: block_sizes must be a BlockSizes or None, got {block_sizes!r}."
         )
 
-    mosaic = block_sizes.mosaic_forward
+    mosaic = block_sizes.mosaic_forward or block_sizes.mosaic_backward
     if mosaic:
-        _check_mosaic_forward(
+        _check_mosaic(
             q.dtype,
             window_left=window_left,
             window_right=window_right,
@@ -1091,7 +1115,9 @@ def flash_attention(
             q_positions=q_positions,
             kv_positions=kv_positions,
         )
-    smallest = _MOSAIC_MIN_BLOCK if mosaic else _MIN_BLOCK
+    # Mosaic blocks are at least 64; the Triton side of a mixed call may use its own.
+    smallest = _MOSAIC_MIN_BLOCK if block_sizes.mosaic_forward else _MIN_BLOCK
+    smallest_bwd = _MOSAIC_MIN_BLOCK if block_sizes.mosaic_backward else _MIN_BLOCK
     cfg = _Config(
         causal=causal,
         window_left=window_left,
@@ -1102,18 +1128,19 @@ def flash_attention(
         kv_len=kv_len,
         block_q=_clip_block(block_sizes.block_q, q_len, smallest),
         block_k=_clip_block(block_sizes.block_k, kv_len, smallest),
-        block_q_bwd=_clip_block(block_sizes.block_q_bwd, q_len),
-        block_k_bwd=_clip_block(block_sizes.block_k_bwd, kv_len),
+        block_q_bwd=_clip_block(block_sizes.block_q_bwd, q_len, smallest_bwd),
+        block_k_bwd=_clip_block(block_sizes.block_k_bwd, kv_len, smallest_bwd),
         interpret=interpret,
         num_warps=block_sizes.num_warps,
         num_stages=block_sizes.num_stages,
         fused_backward=block_sizes.fused_backward,
-        mosaic_forward=mosaic,
+        mosaic_forward=block_sizes.mosaic_forward,
+        mosaic_backward=block_sizes.mosaic_backward,
     )
     q_padded, kv_padded = _padded_q_len(cfg), _padded_kv_len(cfg)
     # Triton's dot wants a power-of-two head dim of at least 16 (Mosaic GPU's swizzled
     # tiles at least 64); zero columns change no dot product and are sliced off the output.
-    head_padded = max(smallest, _next_power_of_2(head_dim))
+    head_padded = max(_MOSAIC_MIN_BLOCK if mosaic else _MIN_BLOCK, _next_power_of_2(head_dim))
 
     q_pos, kv_pos, q_seg, kv_seg = padded_rows(
         batch,

@@ -58,7 +58,7 @@ _SLOTS = 2  # shared-memory buffers per key / value stream
 
 
 @dataclasses.dataclass(frozen=True)
-class MosaicForwardConfig:
+class MosaicConfig:
     """Static description of one forward call (hashable)."""
 
     causal: bool
@@ -81,13 +81,13 @@ def _interpret_params(interpret: bool):
     return InterpretGPUParams()
 
 
-def _with_layout(cfg: MosaicForwardConfig, x: Array, layout) -> Array:
+def _with_layout(cfg: MosaicConfig, x: Array, layout) -> Array:
     """x with a register layout fixed for the GPU (a loop carry needs one)."""
     # The interpreter has no rule for layout casts and does not need them.
     return x if cfg.interpret else plgpu.layout_cast(x, layout)
 
 
-def _iota(cfg: MosaicForwardConfig, shape: tuple[int, int], dimension: int) -> Array:
+def _iota(cfg: MosaicConfig, shape: tuple[int, int], dimension: int) -> Array:
     """int32 indices along ``dimension`` in the WGMMA accumulator's register layout."""
     if cfg.interpret:
         return lax.broadcasted_iota(jnp.int32, shape, dimension)
@@ -99,7 +99,7 @@ def _floor_div(x: Array, d: int) -> Array:
     return jnp.where(x >= 0, lax.div(x, d), -lax.div(d - 1 - x, d))
 
 
-def _runs(cfg: MosaicForwardConfig, q_block: Array) -> tuple[Array, Array, Array, Array]:
+def _runs(cfg: MosaicConfig, q_block: Array) -> tuple[Array, Array, Array, Array]:
     """Ends of the runs of key blocks (one, masked, after, masked) for query block ``q_block``.
 
     Key blocks ``[0, a)`` are at or before every query of the block; ``[a, b)`` cross
@@ -126,7 +126,7 @@ def _runs(cfg: MosaicForwardConfig, q_block: Array) -> tuple[Array, Array, Array
     return a, b, c, jnp.int32(num_blocks)
 
 
-def _logits(cfg: MosaicForwardConfig, q_smem, k_smem) -> Array:
+def _logits(cfg: MosaicConfig, q_smem, k_smem) -> Array:
     """q k^T ([block_q, block_k] float32) from the q and k tiles in shared memory."""
     if cfg.interpret:
         # The interpreter has no rule for transposed shared-memory views: the same
@@ -143,7 +143,7 @@ def _logits(cfg: MosaicForwardConfig, q_smem, k_smem) -> Array:
     return pl.run_scoped(product, plgpu.ACC((q_smem.shape[0], k_smem.shape[0]), jnp.float32))
 
 
-def _values(cfg: MosaicForwardConfig, e: Array, v_smem) -> Array:
+def _values(cfg: MosaicConfig, e: Array, v_smem) -> Array:
     """e v ([block_q, head_dim] float32): e in registers, the v tile in shared memory."""
     if cfg.interpret:
         # The interpreter's WGMMA takes both operands from shared memory only.
@@ -256,7 +256,7 @@ def _forward_kernel(ratio_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scratch, *
     plgpu.wait_smem_to_gmem(0)
 
 
-def forward(cfg: MosaicForwardConfig, q: Array, k: Array, v: Array, ratio: Array | None):
+def forward(cfg: MosaicConfig, q: Array, k: Array, v: Array, ratio: Array | None):
     """Padded q [B, Lq', H, D], k, v [B, Lk', Hkv, D] -> (out like q, lse [B, H, Lq'] base 2).
 
     ``Lq'`` and ``Lk'`` are multiples of the blocks (the caller pads; keys at or past
@@ -308,3 +308,315 @@ def forward(cfg: MosaicForwardConfig, q: Array, k: Array, v: Array, ratio: Array
         interpret=_interpret_params(cfg.interpret),
     )
     return call(ratio_row, q, k, v)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _vector(cfg: MosaicConfig, vector_smem, layout) -> Array:
+    """A float32 vector from shared memory in the register layout it is broadcast from."""
+    return vector_smem[...] if cfg.interpret else plgpu.load(vector_smem, (), layout=layout)
+
+
+def _tile_transforms(dtype) -> tuple:
+    """Tiling and 128-byte swizzle of a [rows, head_dim] tile (what WGMMA reads)."""
+    swizzle = 128
+    elements = swizzle // jnp.dtype(dtype).itemsize
+    return (plgpu.TilingTransform((8, elements)), plgpu.SwizzleTransform(swizzle))
+
+
+def _ceil_div(x: Array, d: int) -> Array:
+    return -_floor_div(-x, d)
+
+
+def _query_runs(cfg: MosaicConfig, kv_block: Array, num_q_blocks: int):
+    """Runs of query blocks (before, masked, one) for key block ``kv_block`` in the dk/dv kernel.
+
+    Returns ``(start, e0, e1, end)``: query blocks ``[start, e0)`` lie entirely before
+    every key of the block (soft-causal weight r), ``[e0, e1)`` cross the diagonal or
+    meet padded keys (masked), ``[e1, end)`` see every key with weight 1.
+    """
+    block_q, block_k = cfg.block_q, cfg.block_k
+    offset = cfg.kv_len - cfg.q_len
+    end = jnp.int32(num_q_blocks)
+    zero = jnp.int32(0)
+    padded_block = (cfg.kv_len % block_k != 0) & (kv_block == -(-cfg.kv_len // block_k) - 1)
+    if not (cfg.causal or cfg.soft):
+        return zero, zero, jnp.where(padded_block, end, zero), end
+    first_key, last_key = kv_block * block_k, kv_block * block_k + block_k - 1
+    # Block i lies before the keys iff its last query, offset + (i + 1) bq - 1, < first_key.
+    before = jnp.clip(_floor_div(first_key - offset, block_q), 0, end)
+    # Block i sees every key iff its first query, offset + i bq, >= last_key.
+    after = jnp.clip(_ceil_div(last_key - offset, block_q), before, end)
+    e1 = jnp.where(padded_block, end, after)
+    if cfg.causal:
+        return before, before, e1, end
+    return zero, jnp.where(padded_block, zero, before), e1, end
+
+
+def _dkdv_kernel(ratio_ref, q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+                 scratch, *, cfg, groups, num_q_blocks):  # fmt: skip
+    """One key block of one (batch, query head): dk, dv partials [bk, D] over its query blocks."""
+    (k_smem, v_smem, q_smem, d_out_smem, lse_smem, delta_smem, ratio_smem, out_smem,
+     kv_barrier, q_barriers, d_out_barriers, lse_barriers, delta_barriers) = scratch  # fmt: skip
+    block_q, block_k = cfg.block_q, cfg.block_k
+    kv_block, head, batch = lax.axis_index("kv"), lax.axis_index("head"), lax.axis_index("batch")
+    kv_head = lax.div(head, groups)
+    head_dim = k_smem.shape[-1]
+    dtype = k_smem.dtype
+    start, e0, e1, end = _query_runs(cfg, kv_block, num_q_blocks)
+
+    keys = (batch, pl.ds(kv_block * block_k, block_k), kv_head)
+    plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem, kv_barrier.at[0])
+    plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem, kv_barrier.at[1])
+    plgpu.copy_gmem_to_smem(ratio_ref, ratio_smem, kv_barrier.at[2])
+
+    def copy_queries(i, slot):
+        rows = pl.ds(i * block_q, block_q)
+        plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem.at[slot], q_barriers.at[slot])
+        plgpu.copy_gmem_to_smem(
+            d_out_ref.at[batch, rows, head], d_out_smem.at[slot], d_out_barriers.at[slot]
+        )
+        plgpu.copy_gmem_to_smem(
+            lse_ref.at[batch, head, rows], lse_smem.at[slot], lse_barriers.at[slot]
+        )
+        plgpu.copy_gmem_to_smem(
+            delta_ref.at[batch, head, rows], delta_smem.at[slot], delta_barriers.at[slot]
+        )
+
+    for slot in range(min(_SLOTS, num_q_blocks)):
+        pl.when(start + slot < end)(functools.partial(copy_queries, start + slot, slot))
+    for index in range(3):
+        plgpu.barrier_wait(kv_barrier.at[index])
+    column = plgpu.Layout.WGMMA.reduce(0)  # a vector over the query axis of [bk, bq] tiles
+    ratio = _vector(cfg, ratio_smem, column) if cfg.soft else None
+    kv_pos = kv_block * block_k + _iota(cfg, (block_k, block_q), 0)
+
+    def body_for(kind):
+        def body(i, carry):
+            dk, dv = carry
+            slot = lax.rem(i - start, _SLOTS)
+            for barriers in (q_barriers, d_out_barriers, lse_barriers, delta_barriers):
+                plgpu.barrier_wait(barriers.at[slot])
+            lse = lax.broadcast_in_dim(
+                _vector(cfg, lse_smem.at[slot], column), (block_k, block_q), [1]
+            )
+            delta = lax.broadcast_in_dim(
+                _vector(cfg, delta_smem.at[slot], column), (block_k, block_q), [1]
+            )
+            # Transposed blocks, keys along the rows: p^T and dp^T are [bk, bq].
+            p = jnp.exp2(_logits(cfg, k_smem, q_smem.at[slot]) * (cfg.scale * _LOG2_E) - lse)
+            q_pos = (cfg.kv_len - cfg.q_len) + i * block_q + _iota(cfg, (block_k, block_q), 1)
+            if kind == "masked":
+                visible = kv_pos < cfg.kv_len
+                if cfg.causal:
+                    visible = visible & (kv_pos <= q_pos)
+                p = jnp.where(visible, p, 0.0)
+            weight = None
+            if ratio is not None and kind != "one":
+                r = lax.broadcast_in_dim(ratio, (block_k, block_q), [1])
+                weight = r if kind == "before" else jnp.where(kv_pos > q_pos, r, 1.0)
+            weighted_p = p if weight is None else p * weight
+            dv = dv + _values(cfg, weighted_p.astype(dtype), d_out_smem.at[slot])
+            dp = _logits(cfg, v_smem, d_out_smem.at[slot])
+            ds = p * ((dp if weight is None else dp * weight) - delta)
+            dk = dk + _values(cfg, ds.astype(dtype), q_smem.at[slot])
+            # The slot's tiles have been read by every matmul: fetch block i + 2 into it.
+            pl.when(i + _SLOTS < end)(functools.partial(copy_queries, i + _SLOTS, slot))
+            return dk, dv
+
+        return body
+
+    zeros = _with_layout(cfg, jnp.zeros((block_k, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+    carry = (zeros, zeros)
+    for kind, (lo, hi) in zip(
+        ("before", "masked", "one"), ((start, e0), (e0, e1), (e1, end)), strict=True
+    ):
+        carry = lax.fori_loop(lo, hi, body_for(kind), carry)
+    dk, dv = carry
+    rows = pl.ds(kv_block * block_k, block_k)
+    # One staging tile for both (float32 partials at head dim 128 would not fit twice).
+    for result, result_ref in ((dk * cfg.scale, dk_ref), (dv, dv_ref)):
+        out_smem[...] = result.astype(out_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem, result_ref.at[batch, rows, head])
+        plgpu.wait_smem_to_gmem(0)  # the tile is read before it is overwritten
+
+
+def _dq_kernel(ratio_ref, q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dq_ref, scratch, *,
+               cfg, groups):  # fmt: skip
+    """One query block of one (batch, head): dq [bq, D] over the key blocks it may see."""
+    (q_smem, d_out_smem, lse_smem, delta_smem, ratio_smem, dq_smem, k_smem, v_smem,
+     q_barrier, k_barriers, v_barriers) = scratch  # fmt: skip
+    block_q, block_k = cfg.block_q, cfg.block_k
+    q_block, head, batch = lax.axis_index("q"), lax.axis_index("head"), lax.axis_index("batch")
+    kv_head = lax.div(head, groups)
+    head_dim = q_smem.shape[-1]
+    dtype = q_smem.dtype
+    a, b, c, end = _runs(cfg, q_block)
+
+    rows = pl.ds(q_block * block_q, block_q)
+    plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem, q_barrier.at[0])
+    plgpu.copy_gmem_to_smem(d_out_ref.at[batch, rows, head], d_out_smem, q_barrier.at[1])
+    plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem, q_barrier.at[2])
+    plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem, q_barrier.at[3])
+    plgpu.copy_gmem_to_smem(ratio_ref, ratio_smem, q_barrier.at[4])
+
+    def copy_kv(j, slot):
+        keys = (batch, pl.ds(j * block_k, block_k), kv_head)
+        plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_barriers.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_barriers.at[slot])
+
+    for slot in range(min(_SLOTS, k_ref.shape[1] // block_k)):
+        pl.when(slot < end)(functools.partial(copy_kv, slot, slot))
+    for index in range(5):
+        plgpu.barrier_wait(q_barrier.at[index])
+    row = plgpu.Layout.WGMMA.reduce(1)  # a vector over the query axis of [bq, bk] tiles
+    lse = lax.broadcast_in_dim(_vector(cfg, lse_smem, row), (block_q, block_k), [0])
+    delta = lax.broadcast_in_dim(_vector(cfg, delta_smem, row), (block_q, block_k), [0])
+    ratio = _vector(cfg, ratio_smem, plgpu.Layout.WGMMA.reduce(0)) if cfg.soft else None
+    q_pos = (cfg.kv_len - cfg.q_len) + q_block * block_q + _iota(cfg, (block_q, block_k), 0)
+
+    def body_for(kind):
+        def body(j, dq):
+            slot = lax.rem(j, _SLOTS)
+            plgpu.barrier_wait(k_barriers.at[slot])
+            p = jnp.exp2(_logits(cfg, q_smem, k_smem.at[slot]) * (cfg.scale * _LOG2_E) - lse)
+            kv_pos = j * block_k + _iota(cfg, (block_q, block_k), 1)
+            if kind == "masked":
+                visible = kv_pos < cfg.kv_len
+                if cfg.causal:
+                    visible = visible & (kv_pos <= q_pos)
+                p = jnp.where(visible, p, 0.0)
+            plgpu.barrier_wait(v_barriers.at[slot])
+            dp = _logits(cfg, d_out_smem, v_smem.at[slot])
+            pl.when(j + _SLOTS < end)(  # v's slot is free: fetch block j + 2's values
+                lambda: plgpu.copy_gmem_to_smem(
+                    v_ref.at[batch, pl.ds((j + _SLOTS) * block_k, block_k), kv_head],
+                    v_smem.at[slot],
+                    v_barriers.at[slot],
+                )
+            )
+            if ratio is not None and kind != "one":
+                r = lax.broadcast_in_dim(ratio, (block_q, block_k), [1])
+                dp = dp * r if kind == "after" else jnp.where(kv_pos > q_pos, dp * r, dp)
+            ds = p * (dp - delta)
+            dq = dq + _values(cfg, ds.astype(dtype), k_smem.at[slot])
+            pl.when(j + _SLOTS < end)(
+                lambda: plgpu.copy_gmem_to_smem(
+                    k_ref.at[batch, pl.ds((j + _SLOTS) * block_k, block_k), kv_head],
+                    k_smem.at[slot],
+                    k_barriers.at[slot],
+                )
+            )
+            return dq
+
+        return body
+
+    dq = _with_layout(cfg, jnp.zeros((block_q, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+    for kind, (lo, hi) in zip(
+        ("one", "masked", "after", "masked"), ((0, a), (a, b), (b, c), (c, end)), strict=True
+    ):
+        dq = lax.fori_loop(lo, hi, body_for(kind), dq)
+    dq_smem[...] = (dq * cfg.scale).astype(dq_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[batch, rows, head])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def backward(
+    cfg: MosaicConfig,
+    q: Array,
+    k: Array,
+    v: Array,
+    ratio: Array | None,
+    out: Array,
+    lse: Array,
+    d_out: Array,
+) -> tuple[Array, Array, Array]:
+    """dq, dk, dv of the padded inputs (shapes as :func:`forward`'s), from its (out, lse).
+
+    Two kernels recompute the probabilities from the base-2 log-sum-exp, as the Triton
+    backward (:mod:`effformer.kernels.flash_attention`, which derives the gradients): a
+    grid over (key block, query head, batch) for dk, dv, one partial per query head
+    summed over each kv head's group afterwards, and a grid over (query block, head,
+    batch) for dq. ``cfg``'s blocks are the backward's.
+    """
+    batch, q_padded, num_heads, head_dim = q.shape
+    kv_padded, num_kv_heads = k.shape[1], k.shape[2]
+    groups = num_heads // num_kv_heads
+    block_q, block_k = cfg.block_q, cfg.block_k
+    if q_padded % block_q or kv_padded % block_k:
+        raise ValueError(
+            f"flash attention backward (Mosaic GPU): padded lengths must be multiples of the "
+            f"blocks ({block_q}, {block_k}), got q {q_padded} and kv {kv_padded}."
+        )
+    # FlashAttention-2's row term D_i = dO_i . o_i, [B, H, Lq], as the Triton backward.
+    delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    lse = lse.astype(jnp.float32)
+    r = jnp.ones((), jnp.float32) if ratio is None else ratio.astype(jnp.float32).reshape(())
+    tiles = _tile_transforms(q.dtype)
+    interpret = _interpret_params(cfg.interpret)
+    inputs = (q, k, v, d_out, lse, delta)
+    # Only the query blocks that hold a real query contribute (the rest have dO = 0).
+    num_q_blocks = -(-cfg.q_len // block_q)
+
+    # One partial per query head when grouped (summed below), so no two programs share a tile.
+    partial_dtype = k.dtype if groups == 1 else jnp.float32
+
+    def dkdv_entry(ratio_ref, *refs):
+        scratch = (
+            plgpu.SMEM((block_k, head_dim), k.dtype, transforms=tiles),
+            plgpu.SMEM((block_k, head_dim), v.dtype, transforms=tiles),
+            plgpu.SMEM((_SLOTS, block_q, head_dim), q.dtype, transforms=tiles),
+            plgpu.SMEM((_SLOTS, block_q, head_dim), d_out.dtype, transforms=tiles),
+            plgpu.SMEM((_SLOTS, block_q), jnp.float32),
+            plgpu.SMEM((_SLOTS, block_q), jnp.float32),
+            plgpu.SMEM((block_q,), jnp.float32),
+            plgpu.SMEM((block_k, head_dim), partial_dtype, transforms=_tile_transforms(partial_dtype)),
+            plgpu.Barrier(num_barriers=3),
+            *(plgpu.Barrier(num_barriers=_SLOTS) for _ in range(4)),
+        )  # fmt: skip
+        kernel = functools.partial(_dkdv_kernel, cfg=cfg, groups=groups, num_q_blocks=num_q_blocks)
+        pl.run_scoped(lambda *scoped: kernel(ratio_ref, *refs, scoped), *scratch)
+
+    partial_shape = jax.ShapeDtypeStruct((batch, kv_padded, num_heads, head_dim), partial_dtype)
+    dk, dv = plgpu.kernel(
+        dkdv_entry,
+        out_type=(partial_shape, partial_shape),
+        grid=(kv_padded // block_k, num_heads, batch),
+        grid_names=("kv", "head", "batch"),
+        compiler_params=plgpu.CompilerParams(),
+        interpret=interpret,
+    )(jnp.broadcast_to(r, (block_q,)), *inputs)
+    if groups > 1:
+        grouped = (batch, kv_padded, num_kv_heads, groups, head_dim)
+        dk = dk.reshape(grouped).sum(axis=3).astype(k.dtype)
+        dv = dv.reshape(grouped).sum(axis=3).astype(v.dtype)
+
+    def dq_entry(ratio_ref, *refs):
+        scratch = (
+            plgpu.SMEM((block_q, head_dim), q.dtype, transforms=tiles),
+            plgpu.SMEM((block_q, head_dim), d_out.dtype, transforms=tiles),
+            plgpu.SMEM((block_q,), jnp.float32),
+            plgpu.SMEM((block_q,), jnp.float32),
+            plgpu.SMEM((block_k,), jnp.float32),
+            plgpu.SMEM((block_q, head_dim), q.dtype, transforms=tiles),
+            plgpu.SMEM((_SLOTS, block_k, head_dim), k.dtype, transforms=tiles),
+            plgpu.SMEM((_SLOTS, block_k, head_dim), v.dtype, transforms=tiles),
+            plgpu.Barrier(num_barriers=5),
+            plgpu.Barrier(num_barriers=_SLOTS),
+            plgpu.Barrier(num_barriers=_SLOTS),
+        )
+        kernel = functools.partial(_dq_kernel, cfg=cfg, groups=groups)
+        pl.run_scoped(lambda *scoped: kernel(ratio_ref, *refs, scoped), *scratch)
+
+    dq = plgpu.kernel(
+        dq_entry,
+        out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        grid=(q_padded // block_q, num_heads, batch),
+        grid_names=("q", "head", "batch"),
+        compiler_params=plgpu.CompilerParams(),
+        interpret=interpret,
+    )(jnp.broadcast_to(r, (block_k,)), *inputs)
+    return dq, dk, dv

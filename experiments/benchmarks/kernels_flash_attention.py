@@ -40,7 +40,8 @@ Markdown tables:
      (``BlockSizes(mosaic_forward=True)``, :mod:`effformer.kernels.flash_attention_mosaic_gpu`)
      at four block shapes against the Triton forward and cuDNN's causal and
      unmasked attention, with its largest difference from the Triton output, and
-     forward + backward (the backward is Triton's in both).
+     forward + backward with the Triton backward and with the Mosaic GPU backward
+     (``BlockSizes(mosaic_backward=True)``).
 
 Run:
   .venv/bin/python experiments/benchmarks/kernels_flash_attention.py    # CPU, GPU or TPU
@@ -427,14 +428,15 @@ def mosaic_forward_table(repeats: int, batch=2, heads=16, length=4096) -> None:
         "BlockSizes(mosaic_forward=True) with the forward blocks given (backward: the "
         "default Triton kernels) against the Triton forward at the default blocks and "
         "cuDNN; 'error' = largest |mosaic - triton| of the forward outputs over the "
-        "largest |triton|\n"
+        "largest |triton|; the last column also runs the backward on Mosaic GPU "
+        "(BlockSizes(mosaic_backward=True), default backward blocks)\n"
     )
     print(
         "| head dim | mask | block_q x block_k | error | triton fwd ms | mosaic fwd ms | "
         "triton / mosaic | mosaic / cudnn | mosaic / cudnn full | triton fwd+bwd ms | "
-        "mosaic fwd+bwd ms |"
+        "mosaic fwd + triton bwd ms | mosaic fwd + mosaic bwd ms |"
     )
-    print("| " + " | ".join(["---"] * 11) + " |")
+    print("| " + " | ".join(["---"] * 12) + " |")
     for head_dim, soft in itertools.product((64, 128), (False, True)):
         mask = AttentionMask(soft_causal_ratio=0.5) if soft else AttentionMask(causal=True)
         name = "soft-causal r 0.5" if soft else "causal"
@@ -459,14 +461,21 @@ def mosaic_forward_table(repeats: int, batch=2, heads=16, length=4096) -> None:
                 mosaic_forward=True,
             )
             mosaic = _jitted(_op(mask, "pallas", blocks))
+            all_mosaic = _jitted(
+                _op(mask, "pallas", dataclasses.replace(blocks, mosaic_backward=True))
+            )[1]
             try:
                 got = np.asarray(mosaic[0](*args), np.float32)
                 error = np.abs(got - expected).max() / np.abs(expected).max()
                 forward = _median_seconds(mosaic[0], args, repeats)
                 both = _median_seconds(mosaic[1], args, repeats)
             except Exception as exc:  # a kernel Mosaic GPU or ptxas rejects: report it
-                cells = [failure(exc)] + [""] * 7
+                cells = [failure(exc)] + [""] * 8
             else:
+                try:
+                    mosaic_backward = f"{_median_seconds(all_mosaic, args, repeats) * 1e3:.3f}"
+                except Exception as exc:
+                    mosaic_backward = failure(exc)
                 cells = [
                     f"{error:.1e}",
                     f"{base['fwd'] * 1e3:.3f}",
@@ -476,6 +485,7 @@ def mosaic_forward_table(repeats: int, batch=2, heads=16, length=4096) -> None:
                     f"{forward / base['cudnn full']:.2f}x",
                     f"{base['both'] * 1e3:.3f}",
                     f"{both * 1e3:.3f}",
+                    mosaic_backward,
                 ]
             row = [str(head_dim), name, f"{block_q} x {block_k}", *cells]
             print("| " + " | ".join(row) + " |", flush=True)

@@ -153,25 +153,35 @@ MOSAIC_CASES = {
 }
 
 
+# (forward blocks, Mosaic backward too): the backward at the default 128 x 64 tiles.
+MOSAIC_VARIANTS = {
+    "forward_64x64": ((64, 64), False),
+    "forward_128x128": ((128, 128), False),
+    "forward_64x128_and_backward": ((64, 128), True),
+}
+
+
 @pytest.mark.parametrize("name", list(MOSAIC_CASES))
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("blocks", [(64, 64), (64, 128), (128, 128)])
-def test_flash_attention_mosaic_forward_compiled_matches_reference(name, head_dim, blocks):
-    # The Mosaic GPU forward (TMA, WGMMA) with the Triton backward; on CPU only its
-    # interpreted form (plain dots instead of WGMMA) and its lowering were checked.
-    # bfloat16 as the tuned-tiles test above, and for the same reasons 2e-2.
+@pytest.mark.parametrize("variant", list(MOSAIC_VARIANTS))
+def test_flash_attention_mosaic_kernels_compiled_match_reference(name, head_dim, variant):
+    # The Mosaic GPU kernels (TMA, WGMMA), the forward with the Triton backward or both
+    # on Mosaic; on CPU only their interpreted form (plain dots instead of WGMMA) and
+    # their lowering were checked. bfloat16 as the tuned-tiles test above, and for the
+    # same reasons 2e-2.
     q_len, mask = MOSAIC_CASES[name]
     rng = np.random.default_rng(5)
     shapes = [(2, q_len, 4, head_dim), (2, 300, 2, head_dim), (2, 300, 2, head_dim)]
     q, k, v, d_out = (
         jnp.asarray(rng.normal(size=shape), jnp.bfloat16) for shape in [*shapes, shapes[0]]
     )
-    block_q, block_k = blocks
+    (block_q, block_k), mosaic_backward = MOSAIC_VARIANTS[variant]
     tiles = dataclasses.replace(
         default_block_sizes(jnp.bfloat16, head_dim),
         block_q=block_q,
         block_k=block_k,
         mosaic_forward=True,
+        mosaic_backward=mosaic_backward,
     )
 
     errors = _attention_errors(mask, q, k, v, d_out, tiles)
