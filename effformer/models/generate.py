@@ -127,15 +127,22 @@ def check_prompts(prompts: Array, prompt_lengths: Any) -> np.ndarray:
             f"{tuple(prompts.shape)} and dtype {prompts.dtype}."
         )
     batch, width = prompts.shape
-    lengths = (
-        np.full((batch,), width, np.int32)
-        if prompt_lengths is None
-        else np.asarray(prompt_lengths, np.int32)
-    )
-    if lengths.shape != (batch,) or lengths.min(initial=1) < 1 or lengths.max(initial=1) > width:
+    if prompt_lengths is None:
+        return np.full((batch,), width, np.int32)
+    given = np.asarray(prompt_lengths)
+    # A cast alone would turn 2.7 into 2 and True into 1: only whole numbers are lengths.
+    numeric = given.dtype != bool and np.issubdtype(given.dtype, np.number)
+    lengths = given.astype(np.int32) if numeric else np.zeros(given.shape, np.int32)
+    if (
+        not numeric
+        or np.any(lengths != given)
+        or lengths.shape != (batch,)
+        or lengths.min(initial=1) < 1
+        or lengths.max(initial=1) > width
+    ):
         raise ValueError(
             f"generate: prompt_lengths must be [B={batch}] ints in [1, {width}] (every prompt "
-            f"needs at least one token, e.g. BOS), got {lengths.tolist()}."
+            f"needs at least one token, e.g. BOS), got {given.tolist()}."
         )
     return lengths
 

@@ -18,7 +18,8 @@ each layer is data: a **layer spec** string, one of
   of the cached positions (:class:`BlockLocalAttention`);
 * any other mixer name known to :func:`available_mixers` (``"mamba"``, ``"lmu"``; the
   mixers added to ``effformer.mixers.MIXERS`` later), built with the stack's
-  ``mixer_kwargs[name]``.
+  ``mixer_kwargs[name]``. A mixer with a ``causal`` field (Combiner, EcoFormer) gets
+  the stack's causality: the stack gives non-attention mixers no causal mask.
 
 A **layer pattern** turns specs into one spec per layer
 (:func:`expand_layer_pattern`):
@@ -473,6 +474,16 @@ class LayerStack(nn.Module):
             kwargs.setdefault("d_model", dim)
         if "dtype" in field_names:
             kwargs.setdefault("dtype", self.dtype)
+        if "causal" in field_names:
+            # Non-attention mixers get no causal mask from the stack (_masks), and those with
+            # a `causal` field default to True: without this an encoder's Combiner or
+            # EcoFormer layers would silently be causal.
+            kwargs.setdefault("causal", self.causal)
+            if self.causal and not kwargs["causal"]:
+                raise ValueError(
+                    f"LayerStack: layer {index} ({spec.kind!r}) has causal=False in mixer_kwargs "
+                    "inside a causal stack, where it would see later tokens; leave it unset."
+                )
         return cls(name=f"layer_{index}_{spec.kind}", **kwargs)
 
     def _masks(self, specs, positions, segment_ids, mask_positions, decode):

@@ -192,6 +192,14 @@ def test_bad_generation_requests_raise(decoder):
         generate(model, params, PROMPTS, LENGTHS, max_new_tokens=NEW, model_state=variables)
 
 
+@pytest.mark.parametrize("lengths", [[4, 2.5, 1], [True, True, True], ["4", "2", "1"]])
+def test_prompt_lengths_that_are_not_whole_numbers_are_refused(lengths):
+    # A cast to int32 alone would run 2.5 as 2 and True as 1 without a word.
+    with pytest.raises(ValueError, match=r"prompt_lengths must be \[B=3\] ints in \[1, 4\]"):
+        generate_module.check_prompts(PROMPTS, lengths)
+    np.testing.assert_array_equal(generate_module.check_prompts(PROMPTS, [4.0, 2, 1]), [4, 2, 1])
+
+
 # Prefix LM: the same layers as the "rope_local_block" decoder. The local window is measured
 # on mask positions (the whole prefix counts as one place), so it needs the cache's record of
 # each key's mask position; the blocks follow the tokens' own positions.

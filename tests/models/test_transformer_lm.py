@@ -154,6 +154,30 @@ def test_encoder_sees_both_sides_and_prefix_lm_sees_its_prefix():
     np.testing.assert_array_equal(after, np.arange(8) <= 5)  # prefix + causal
 
 
+@pytest.mark.parametrize(
+    "mixer, mixer_kwargs",
+    [
+        ("ecoformer", {"num_heads": 2, "num_bits": 4, "num_anchors": 3}),
+        ("combiner", {"num_heads": 2, "variant": "fixed", "segment_length": 4}),
+    ],
+)
+def test_mixers_with_a_causal_field_follow_the_stack(mixer, mixer_kwargs):
+    # Both mixers default to causal=True; an encoder stack must make them bidirectional
+    # (it passes non-attention mixers no causal mask), and a decoder must stay causal.
+    inputs = jax.random.randint(jax.random.PRNGKey(3), (1, 8), 0, 32)
+    fields = dict(TINY, num_layers=1, layer_pattern=mixer, position_encoding="learned")
+    fields["mixer_kwargs"] = {mixer: mixer_kwargs}
+    encoder = TransformerLM(kind="encoder", **fields)
+    assert np.all(_embedding_jacobian(encoder, _init(encoder, inputs=inputs), inputs, [2]) > 0)
+    decoder = TransformerLM(kind="decoder", **fields)
+    reach = _embedding_jacobian(decoder, _init(decoder, inputs=inputs), inputs, [2])[0] > 0
+    np.testing.assert_array_equal(reach, np.arange(8) <= 2)
+    leaky = TransformerLM(kind="decoder", **{**fields, "mixer_kwargs": {
+        mixer: {**mixer_kwargs, "causal": False}}})  # fmt: skip
+    with pytest.raises(ValueError, match="causal=False in mixer_kwargs inside a causal stack"):
+        _init(leaky, inputs=inputs)
+
+
 def test_encoder_decoder_cross_attention_sees_the_whole_source_and_no_padding():
     model = models.create("lm_encoder_decoder", tiny=True, num_decoder_layers=2)
     source = jnp.array([[5, 6, 7, 8, 9, 0, 0]], jnp.int32)  # 0 = padding
