@@ -150,6 +150,12 @@ def layer_gate_losses(
         raise ValueError(
             f"layer_gate_losses: the run's model must be a TransformerLM, got {type(model)}."
         )
+    if getattr(task, "granularities", ()):
+        # The model would run once per granularity and the loss be their SUM.
+        raise ValueError(
+            "layer_gate_losses: the run's task must train one width (config.task."
+            f"matformer_widths=()), got matformer_widths={task.granularities!r}."
+        )
     gate_sets = np.asarray(gate_sets, np.float32)
     if gate_sets.ndim != 2 or gate_sets.shape[1] != model.num_layers:
         raise ValueError(

@@ -14,6 +14,7 @@ decay) and gradient clipping sees only the trainable ones.
 from __future__ import annotations
 
 import fnmatch
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,6 +25,27 @@ import optax
 
 OPTIMIZERS = ("adamw", "sgd", "lamb")
 LR_SCHEDULES = ("cosine", "linear", "constant")
+
+
+def _checked_number(
+    config: ml_collections.ConfigDict, field: str, high: float | None = None
+) -> float:
+    """``config.<field>`` as a float, refused unless a number in [0, high] (no bound: >= 0).
+
+    A negative learning rate, decay or clipping norm would not fail: it would
+    silently turn the update around.
+    """
+    value = config[field]
+    in_range = (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and value >= 0
+        and (high is None or value <= high)
+    )
+    if not in_range:
+        bounds = f"in [0, {high}]" if high is not None else ">= 0"
+        raise ValueError(f"config.optimizer.{field} must be a number {bounds}, got {value!r}.")
+    return float(value)
 
 
 def create_learning_rate_schedule(
@@ -42,8 +64,8 @@ def create_learning_rate_schedule(
         raise ValueError(
             f"config.optimizer.warmup_steps must be in [0, num_train_steps={num_train_steps}), got {warmup}."
         )
-    peak = float(config.learning_rate)
-    end = peak * float(config.min_lr_ratio)
+    peak = _checked_number(config, "learning_rate")
+    end = peak * _checked_number(config, "min_lr_ratio", high=1.0)
     decay_steps = max(num_train_steps - warmup, 1)
     if config.schedule == "cosine":
         decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=float(config.min_lr_ratio))
@@ -60,14 +82,18 @@ def weight_decay_mask(params: Any, no_decay_names: Sequence[str]) -> Any:
     """True where weight decay applies.
 
     Excluded: every parameter with fewer than 2 dimensions (norm scales and
-    biases) and every parameter whose name is in ``no_decay_names`` (for
-    example Mamba's ``A_log`` and ``D``, or position embeddings a model marks).
+    biases), every ``bias`` whatever its rank, and every parameter whose name is
+    in ``no_decay_names`` (for example Mamba's ``A_log`` and ``D``, or position
+    embeddings a model marks).
     """
     excluded = set(no_decay_names)
 
     def decays(path: tuple[Any, ...], leaf: Any) -> bool:
         name = getattr(path[-1], "key", getattr(path[-1], "name", str(path[-1])))
-        return jnp.ndim(leaf) >= 2 and name not in excluded
+        # Attention's per-head projections (DenseGeneral) have biases [heads, head_dim]:
+        # 2-D here, but the one bias vector of the papers' PyTorch code (timm excludes
+        # `ndim <= 1 or name.endswith(".bias")`), so the rank alone would decay them.
+        return jnp.ndim(leaf) >= 2 and name != "bias" and name not in excluded
 
     return jax.tree_util.tree_map_with_path(decays, params)
 
@@ -101,7 +127,8 @@ def create_optimizer(
     mask: Callable[[Any], Any] = lambda params: weight_decay_mask(
         params, tuple(config.no_decay_names)
     )
-    wd = float(config.weight_decay)
+    wd = _checked_number(config, "weight_decay")
+    clip = _checked_number(config, "grad_clip_norm")
     if config.name == "adamw":
         tx = optax.adamw(
             schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=wd, mask=mask
@@ -116,8 +143,8 @@ def create_optimizer(
             optax.add_decayed_weights(wd, mask=mask),
             optax.sgd(schedule, momentum=config.momentum or None, nesterov=bool(config.nesterov)),
         )
-    if config.grad_clip_norm:
-        tx = optax.chain(optax.clip_by_global_norm(float(config.grad_clip_norm)), tx)
+    if clip:
+        tx = optax.chain(optax.clip_by_global_norm(clip), tx)
     patterns = [p.strip() for p in config.get("trainable_modules", "").split(",") if p.strip()]
     if patterns:
         tx = optax.multi_transform(

@@ -117,9 +117,9 @@ def sample_continuations(
             f"sample_continuations: split must be one of {sorted(data.num_examples)}, "
             f"got {split!r}."
         )
-    if isinstance(num_examples, bool) or not isinstance(num_examples, int):
-        num_examples = -1
-    if not 1 <= num_examples <= available:
+    # A bool or a non-int is refused as out of range, and the message shows what was given.
+    is_int = isinstance(num_examples, int) and not isinstance(num_examples, bool)
+    if not (is_int and 1 <= num_examples <= available):
         raise ValueError(
             f"sample_continuations: num_examples must be an int in [1, {available}] (the size "
             f"of split {split!r}), got {num_examples!r}."

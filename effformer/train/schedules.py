@@ -60,10 +60,11 @@ def make_schedule(spec: ml_collections.ConfigDict, steps_per_epoch: float) -> Ca
     start, end = float(spec.start), float(spec.end)
     if spec.kind == "constant":
         return lambda step: jnp.where(step < cutoff, start, end).astype(jnp.float32)
-    cutoff = max(cutoff, 1.0)
 
     def linear(step):
-        fraction = jnp.clip(step / cutoff, 0.0, 1.0)
+        # At or past the cutoff the value is ``end``; a cutoff of 0 therefore gives
+        # ``end`` from step 0, as the "constant" kind does (no division by zero).
+        fraction = jnp.where(step >= cutoff, 1.0, jnp.clip(step / max(cutoff, 1.0), 0.0, 1.0))
         return (start + (end - start) * fraction).astype(jnp.float32)
 
     return linear

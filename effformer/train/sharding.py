@@ -21,6 +21,12 @@ BATCH_AXES = ("data", "fsdp")
 def create_mesh(config: ml_collections.ConfigDict) -> Mesh:
     """A ('data', 'fsdp') mesh over the devices the config selects (``config`` is ``config.mesh``)."""
     devices = jax.devices()
+    count = config.num_devices
+    # A negative count would slice from the end (devices[:-1]: all but one) without a word.
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(
+            f"config.mesh.num_devices must be an int >= 0 (0: every device), got {count!r}."
+        )
     if config.num_devices:
         if config.num_devices > len(devices):
             raise ValueError(

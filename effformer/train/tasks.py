@@ -131,8 +131,9 @@ def config_number(
     if (
         isinstance(value, bool)
         or not isinstance(value, expected)
-        or value < low
-        or (high is not None and value > high)
+        # Written as "not inside" so that NaN, for which every comparison is False, fails.
+        or not value >= low
+        or (high is not None and not value <= high)
     ):
         kind = "an int" if integer else "a number"
         bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
@@ -223,6 +224,11 @@ class ClassificationTask(MatFormerTask):
 
     name = "image_classification"
     required_keys = ("inputs", "label")
+
+    def __init__(self, config: ml_collections.ConfigDict, dataset_info: Any):
+        super().__init__(config, dataset_info)
+        # Outside [0, 1] the targets get negative entries and the loss is no cross-entropy.
+        config_number(config, "label_smoothing", 0.0, low=0.0, high=1.0)
 
     @property
     def num_classes(self) -> int:
@@ -316,6 +322,17 @@ class DistillationTask(ClassificationTask):
 
     name = "distillation"
     required_keys = ("inputs", "label")
+
+    def __init__(self, config: ml_collections.ConfigDict, dataset_info: Any):
+        super().__init__(config, dataset_info)
+        # T = 0 would divide the logits by zero (a NaN loss), w outside [0, 1] would
+        # give one of the two terms a negative weight: refuse both before training.
+        config_number(config, "distill_weight", 1.0, low=0.0, high=1.0)
+        temperature = config_number(config, "distill_temperature", 1.0, low=0.0)
+        if temperature == 0:
+            raise ValueError(
+                f"config.task.distill_temperature must be a number > 0, got {temperature!r}."
+            )
 
     def _mixing(self) -> bool:
         return False  # Mixed inputs would no longer match the stored teacher logits.
@@ -643,6 +660,10 @@ class MaskedLMTask(LanguageModelTask):
                 f"config.task.mask_token_id must be a token id in [0, {self.vocab_size}) (the "
                 f"model's vocabulary; config.task.vocab_size enlarges it), got {mask_token!r}."
             )
+        # At 0 no position is chosen and every batch scores nothing (loss 0, weight 0).
+        rate = config_number(config, "mask_rate", 0.15, low=0.0, high=1.0)
+        if rate == 0:
+            raise ValueError(f"config.task.mask_rate must be in (0, 1], got {rate!r}.")
 
     def prepare_batch(self, batch: Batch, rng: Array, train: bool) -> Batch:
         cfg = self.config

@@ -267,3 +267,17 @@ def test_training_steps_update_the_mask_logits_and_lora_only():
 
     got, expected = evaluation(new, jnp.asarray(gates))
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_layer_gate_losses_refuses_a_matformer_task():
+    # Its outputs are stacked over the granularities and the loss is their sum, so the
+    # "mean loss" would be G times the one-width loss.
+    import types
+
+    from effformer.train.depth_pruning import layer_gate_losses
+
+    config = ml_collections.ConfigDict(dict(name="causal_lm", matformer_widths=(0.5, 1.0)))
+    info = types.SimpleNamespace(vocab_size=16)
+    exp = types.SimpleNamespace(model=_decoder(), task=create_task(config, info))
+    with pytest.raises(ValueError, match=r"one width .*got matformer_widths=\(0.5, 1.0\)"):
+        layer_gate_losses(exp, {}, np.ones((1, 4)), "test")

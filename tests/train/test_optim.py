@@ -33,6 +33,28 @@ def test_weight_decay_mask_excludes_norms_biases_and_named_params():
     assert mask["mixer"] == {"A_log": False, "D": False, "in_proj": {"kernel": True}}
 
 
+def test_weight_decay_mask_excludes_per_head_attention_biases():
+    # DenseGeneral's query/key/value biases are [heads, head_dim]: a bias, though 2-D.
+    params = {"query": {"kernel": jnp.ones((8, 2, 4)), "bias": jnp.ones((2, 4))}}
+    assert weight_decay_mask(params, ()) == {"query": {"kernel": True, "bias": False}}
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("learning_rate", -1e-3),
+        ("min_lr_ratio", -0.1),
+        ("min_lr_ratio", 1.5),
+        ("weight_decay", -0.05),
+        ("grad_clip_norm", -1.0),
+        ("weight_decay", float("nan")),
+    ],
+)
+def test_optimizer_numbers_out_of_range_are_refused(field, value):
+    with pytest.raises(ValueError, match=f"config.optimizer.{field} must be a number"):
+        create_optimizer(_optimizer_config(**{field: value}), 10)
+
+
 def test_adamw_decays_only_masked_parameters():
     config = _optimizer_config(learning_rate=0.1, weight_decay=0.5, schedule="constant")
     tx, _ = create_optimizer(config, num_train_steps=10)
@@ -95,6 +117,20 @@ def test_model_schedules_illama_constant_and_linear():
         )
     )
     assert eval_kwargs(schedules, 5, 100) == {"soft_mask_ratio": 0.0}
+
+
+def test_linear_model_schedule_with_cutoff_zero_is_at_its_end_from_the_start():
+    # As the "constant" kind: past the cutoff (here every step) the value is ``end``.
+    linear = ml_collections.ConfigDict(dict(kind="linear", start=1.0, end=0.0, cutoff_steps=0))
+    constant = ml_collections.ConfigDict(dict(kind="constant", start=1.0, end=0.0, cutoff_steps=0))
+    assert [float(make_schedule(linear, 5)(s)) for s in (0, 1)] == [0.0, 0.0]
+    assert [float(make_schedule(constant, 5)(s)) for s in (0, 1)] == [0.0, 0.0]
+    # A fractional cutoff (epochs x steps per epoch) still interpolates over the steps.
+    fractional = ml_collections.ConfigDict(
+        dict(kind="linear", start=1.0, end=0.0, cutoff_epochs=0.5)
+    )
+    np.testing.assert_allclose([float(make_schedule(fractional, 5)(s)) for s in (0, 1, 2, 3)],
+                               [1.0, 0.6, 0.2, 0.0], atol=1e-6)  # fmt: skip
 
 
 def test_bad_model_schedules():

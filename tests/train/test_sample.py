@@ -104,6 +104,9 @@ def test_bad_runs_and_arguments_are_refused(runs):
     exp, variables = runs("reverse")
     with pytest.raises(ValueError, match=r"num_examples must be an int in \[1, 512\]"):
         sample_continuations(exp, variables, num_examples=0)
+    # The message names the value received, not a stand-in for it.
+    with pytest.raises(ValueError, match=r"\[1, 512\] \(the size of split 'test'\), got 2.5"):
+        sample_continuations(exp, variables, num_examples=2.5)
     with pytest.raises(ValueError, match="split must be one of"):
         sample_continuations(exp, variables, split="validation")
     image_run = types.SimpleNamespace(

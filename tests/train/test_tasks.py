@@ -215,3 +215,28 @@ def test_config_number_and_flag_read_checked_task_fields():
         config_number(config, "on", 1.0, low=0)
     with pytest.raises(ValueError, match=r"config.task.flag must be True or False, got 1"):
         config_flag(config, "flag", True)
+
+
+def test_config_number_refuses_nan():
+    config = ml_collections.ConfigDict({"rate": float("nan")})
+    with pytest.raises(ValueError, match=r"config.task.rate must be a number in \[0, 1\], got nan"):
+        config_number(config, "rate", 0.5, low=0, high=1)
+
+
+@pytest.mark.parametrize(
+    "name, fields, field",
+    [
+        ("image_classification", dict(label_smoothing=-0.1), "label_smoothing"),
+        ("image_classification", dict(label_smoothing=1.5), "label_smoothing"),
+        ("distillation", dict(distill_temperature=0.0), "distill_temperature"),
+        ("distillation", dict(distill_temperature=-2.0), "distill_temperature"),
+        ("distillation", dict(distill_weight=1.5), "distill_weight"),
+        ("masked_lm", dict(mask_token_id=4, mask_rate=0.0), "mask_rate"),
+        ("masked_lm", dict(mask_token_id=4, mask_rate=1.5), "mask_rate"),
+    ],
+)
+def test_task_numbers_out_of_range_are_refused(name, fields, field):
+    # Each would otherwise train silently: negative targets, a NaN loss (T = 0), a
+    # negatively weighted term, or batches with nothing scored.
+    with pytest.raises(ValueError, match=f"config.task.{field} must be"):
+        _task(name, **fields)
