@@ -64,9 +64,9 @@ It is not written for Mosaic TPU (blocks squeeze the head axis, which Mosaic's
 (8, 128) tiling rejects): :mod:`effformer.kernels.flash_attention_tpu` is the
 TPU version, with the same contract, sharing :func:`validate_arguments`,
 :func:`padded_rows` and :func:`block_ranges` from here. With
-``BlockSizes(mosaic_forward=True)`` the forward runs on Mosaic GPU instead
-(:mod:`effformer.kernels.flash_attention_mosaic_gpu`, the start of the port away
-from the deprecated Triton backend; the backward stays here).
+``BlockSizes(mosaic_forward=True)`` / ``mosaic_backward=True`` the forward / the
+backward run on Mosaic GPU instead (:mod:`effformer.kernels.flash_attention_mosaic_gpu`,
+the port away from the deprecated Triton backend).
 """
 
 from __future__ import annotations

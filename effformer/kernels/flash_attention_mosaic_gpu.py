@@ -1,20 +1,20 @@
-"""The flash-attention forward pass as a Mosaic GPU kernel (Hopper: TMA and WGMMA).
+"""Flash attention, forward and backward, as Mosaic GPU kernels (Hopper: TMA and WGMMA).
 
 JAX 0.11 deprecates Pallas's Triton backend, which :mod:`effformer.kernels.flash_attention`
-is written for, in favour of Mosaic GPU. This is the first kernel of that port: the
-forward pass of the same attention (module docstring there), for the masks that need
-no position or segment rows: none, causal and iLLaMA's soft-causal weights, with the
-default positions (query ``i`` at ``Lk - Lq + i``, key ``j`` at ``j``), GQA, and
-lengths that are not multiples of the blocks. It returns the output and the row
-log-sum-exp (base 2) in the Triton forward's layout, so the Triton backward kernels
-differentiate it unchanged. Everything else (windows, segment ids, given positions)
-stays on the Triton forward.
+is written for, in favour of Mosaic GPU. These are that port's kernels for the same
+attention (module docstring there, which also derives the gradients), for the masks
+that need no position or segment rows: none, causal and iLLaMA's soft-causal weights,
+with the default positions (query ``i`` at ``Lk - Lq + i``, key ``j`` at ``j``), GQA,
+and lengths that are not multiples of the blocks. The forward returns the output and
+the row log-sum-exp (base 2) in the Triton forward's layout and the backward reads
+them, so either pass mixes with the other's Triton kernels. Windows, segment ids and
+given positions stay on the Triton kernels.
 
-One warpgroup (128 threads) per program, a grid over (query block, head, batch). The
-program copies its query block to shared memory with the TMA unit, then walks the key
-blocks it may see with two shared-memory slots for k and two for v: block ``j + 2``
-is copied into a slot as soon as the matmul reading block ``j`` from it has finished,
-so copies overlap the softmax and the other matmul. Per key block:
+Forward: one warpgroup (128 threads) per program, a grid over (query block, head,
+batch). The program copies its query block to shared memory with the TMA unit, then
+walks the key blocks it may see with two shared-memory slots for k and two for v:
+block ``j + 2`` is copied into a slot as soon as the matmul reading block ``j`` from
+it has finished, so copies overlap the softmax and the other matmul. Per key block:
 
 * ``s = q k^T`` by WGMMA into a float32 accumulator (operands in shared memory);
 * the online softmax of FlashAttention-2 in registers (base 2, as the Triton kernel),
@@ -27,14 +27,23 @@ The key blocks are walked in up to four runs, each with its own body: blocks eve
 query of the block sees entirely at or before itself (weight 1, no mask), blocks
 crossing the diagonal (element mask and weights), blocks entirely after (soft-causal:
 weight r, no mask; causal: not visited), and the last block when its keys are padded
-(element mask). The runs are computed from the program's query block index and the
-static lengths.
+(element mask). The runs are computed from the program's block index and the static
+lengths.
+
+Backward: two kernels recompute the probabilities from the log-sum-exp. The dk / dv
+kernel (grid over key block, query head, batch) keeps its k and v tiles in shared
+memory and streams the query blocks (q, dO, lse, D) through two slots; it computes
+transposed ``[bk, bq]`` tiles, so ``dv += (w p)^T dO`` and ``dk += ds^T q`` take their
+left operand from registers, and writes one partial per query head (float32 under
+GQA, summed afterwards). The dq kernel (grid over query block, head, batch) streams k
+and v like the forward. Both walk their blocks in runs as the forward does.
 
 Verified on CPU in Mosaic GPU's interpreter (``interpret=True`` here: it simulates
-shared memory, the TMA copies and the barriers) against the float64 reference, and
-lowered for CUDA from the CPU host (Mosaic GPU's lowering and layout checks); not yet
-compiled or run on a GPU (``tests/kernels/test_kernels_on_gpu.py`` checks the compiled
-kernel on one).
+shared memory, the TMA copies and the barriers; the matmuls run as plain dots there,
+since it has no WGMMA with a register operand nor transposed views) against float64
+references, and lowered for CUDA from the CPU host (Mosaic GPU's lowering, layout and
+shared-memory checks); not yet compiled or run on a GPU
+(``tests/kernels/test_kernels_on_gpu.py`` checks the compiled kernels on one).
 """
 
 from __future__ import annotations
