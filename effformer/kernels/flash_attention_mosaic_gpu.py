@@ -58,11 +58,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from effformer.kernels import mosaic_gpu_tiles as tiles
+
 Array = jax.Array
 
 _LOG2_E = math.log2(math.e)
-# WGMMA computes 64-row tiles per warpgroup; a 128-byte swizzle holds 64 16-bit elements.
-_BLOCK_MULTIPLE = 64
 _SLOTS = 2  # shared-memory buffers per key / value stream
 
 
@@ -78,29 +78,6 @@ class MosaicConfig:
     block_q: int
     block_k: int
     interpret: bool = False
-
-
-def _interpret_params(interpret: bool):
-    if not interpret:
-        return None
-    # Mosaic GPU's interpreter: simulates shared memory, TMA copies and barriers on CPU.
-    # Private in the pinned jax (0.10.2), hence imported only when asked for.
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-    return InterpretGPUParams()
-
-
-def _with_layout(cfg: MosaicConfig, x: Array, layout) -> Array:
-    """x with a register layout fixed for the GPU (a loop carry needs one)."""
-    # The interpreter has no rule for layout casts and does not need them.
-    return x if cfg.interpret else plgpu.layout_cast(x, layout)
-
-
-def _iota(cfg: MosaicConfig, shape: tuple[int, int], dimension: int) -> Array:
-    """int32 indices along ``dimension`` in the WGMMA accumulator's register layout."""
-    if cfg.interpret:
-        return lax.broadcasted_iota(jnp.int32, shape, dimension)
-    return plgpu.broadcasted_iota(jnp.int32, shape, dimension, layout=plgpu.Layout.WGMMA)
 
 
 def _floor_div(x: Array, d: int) -> Array:
@@ -135,36 +112,6 @@ def _runs(cfg: MosaicConfig, q_block: Array) -> tuple[Array, Array, Array, Array
     return a, b, c, jnp.int32(num_blocks)
 
 
-def _logits(cfg: MosaicConfig, q_smem, k_smem) -> Array:
-    """q k^T ([block_q, block_k] float32) from the q and k tiles in shared memory."""
-    if cfg.interpret:
-        # The interpreter has no rule for transposed shared-memory views: the same
-        # product of the tiles' values.
-        return lax.dot_general(
-            q_smem[...], k_smem[...], (((1,), (1,)), ((), ())),
-            preferred_element_type=jnp.float32,
-        )  # fmt: skip
-
-    def product(acc_ref):
-        plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem, (1, 0)))
-        return acc_ref[...]
-
-    return pl.run_scoped(product, plgpu.ACC((q_smem.shape[0], k_smem.shape[0]), jnp.float32))
-
-
-def _values(cfg: MosaicConfig, e: Array, v_smem) -> Array:
-    """e v ([block_q, head_dim] float32): e in registers, the v tile in shared memory."""
-    if cfg.interpret:
-        # The interpreter's WGMMA takes both operands from shared memory only.
-        return jnp.dot(e, v_smem[...], preferred_element_type=jnp.float32)
-
-    def product(acc_ref):
-        plgpu.wgmma(acc_ref, e, v_smem)
-        return acc_ref[...]
-
-    return pl.run_scoped(product, plgpu.ACC((e.shape[0], v_smem.shape[1]), jnp.float32))
-
-
 def _forward_kernel(ratio_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scratch, *, cfg, groups):
     """One query block of one (batch, head); refs in GMEM: q [B, Lq, H, D], k, v [B, Lk, Hkv, D]."""
     q_smem, k_smem, v_smem, lse_smem, ratio_smem, q_barrier, k_barriers, v_barriers = scratch
@@ -197,7 +144,11 @@ def _forward_kernel(ratio_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scratch, *
         )  # fmt: skip
 
     row_layout = plgpu.Layout.WGMMA.reduce(1)
-    q_pos = (cfg.kv_len - cfg.q_len) + q_block * block_q + _iota(cfg, (block_q, block_k), 0)
+    q_pos = (
+        (cfg.kv_len - cfg.q_len)
+        + q_block * block_q
+        + tiles.iota(cfg.interpret, (block_q, block_k), 0)
+    )
 
     def body_for(kind):
         def body(j, carry):
@@ -205,9 +156,9 @@ def _forward_kernel(ratio_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scratch, *
             slot = lax.rem(j, _SLOTS)
             plgpu.barrier_wait(k_barriers.at[slot])
 
-            s = _logits(cfg, q_smem, k_smem.at[slot])
+            s = tiles.matmul_transposed(cfg.interpret, q_smem, k_smem.at[slot])
             s = s * (cfg.scale * _LOG2_E)
-            kv_pos = j * block_k + _iota(cfg, (block_q, block_k), 1)
+            kv_pos = j * block_k + tiles.iota(cfg.interpret, (block_q, block_k), 1)
             if kind == "masked":
                 visible = kv_pos < cfg.kv_len
                 if cfg.causal:
@@ -230,7 +181,7 @@ def _forward_kernel(ratio_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scratch, *
 
             plgpu.barrier_wait(v_barriers.at[slot])
 
-            pv = _values(cfg, e.astype(dtype), v_smem.at[slot])
+            pv = tiles.matmul_registers(cfg.interpret, e.astype(dtype), v_smem.at[slot])
 
             @pl.when(j + _SLOTS < end)
             def _():
@@ -243,9 +194,11 @@ def _forward_kernel(ratio_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scratch, *
         return body
 
     carry = (
-        _with_layout(cfg, jnp.zeros((block_q, head_dim), jnp.float32), plgpu.Layout.WGMMA),
-        _with_layout(cfg, jnp.full((block_q,), -jnp.inf, jnp.float32), row_layout),
-        _with_layout(cfg, jnp.zeros((block_q,), jnp.float32), row_layout),
+        tiles.with_layout(
+            cfg.interpret, jnp.zeros((block_q, head_dim), jnp.float32), plgpu.Layout.WGMMA
+        ),
+        tiles.with_layout(cfg.interpret, jnp.full((block_q,), -jnp.inf, jnp.float32), row_layout),
+        tiles.with_layout(cfg.interpret, jnp.zeros((block_q,), jnp.float32), row_layout),
     )
     for kind, (lo, hi) in zip(
         ("one", "masked", "after", "masked"), ((0, a), (a, b), (b, c), (c, end)), strict=True
@@ -280,9 +233,7 @@ def forward(cfg: MosaicConfig, q: Array, k: Array, v: Array, ratio: Array | None
             f"flash attention (Mosaic GPU): padded lengths must be multiples of the blocks "
             f"({block_q}, {block_k}), got q {q_padded} and kv {kv_padded}."
         )
-    swizzle = 128  # bytes: one 64-element row of 16-bit values per swizzle atom
-    elements = swizzle // jnp.dtype(q.dtype).itemsize
-    transforms = (plgpu.TilingTransform((8, elements)), plgpu.SwizzleTransform(swizzle))
+    transforms = tiles.tile_transforms(q.dtype)
     # r reaches the kernel as a row of the key block's width (a vector load, then a
     # broadcast over the rows); 1 without soft-causal weights, where it is not read.
     r = jnp.ones((), jnp.float32) if ratio is None else ratio.astype(jnp.float32).reshape(())
@@ -314,24 +265,12 @@ def forward(cfg: MosaicConfig, q: Array, k: Array, v: Array, ratio: Array | None
         grid=(q_padded // block_q, num_heads, batch),
         grid_names=("q", "head", "batch"),
         compiler_params=plgpu.CompilerParams(),
-        interpret=_interpret_params(cfg.interpret),
+        interpret=tiles.interpret_params(cfg.interpret),
     )
     return call(ratio_row, q, k, v)
 
 
 # ----------------------------------------------------------------------------- backward
-
-
-def _vector(cfg: MosaicConfig, vector_smem, layout) -> Array:
-    """A float32 vector from shared memory in the register layout it is broadcast from."""
-    return vector_smem[...] if cfg.interpret else plgpu.load(vector_smem, (), layout=layout)
-
-
-def _tile_transforms(dtype) -> tuple:
-    """Tiling and 128-byte swizzle of a [rows, head_dim] tile (what WGMMA reads)."""
-    swizzle = 128
-    elements = swizzle // jnp.dtype(dtype).itemsize
-    return (plgpu.TilingTransform((8, elements)), plgpu.SwizzleTransform(swizzle))
 
 
 def _ceil_div(x: Array, d: int) -> Array:
@@ -398,8 +337,8 @@ def _dkdv_kernel(ratio_ref, q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, 
     for index in range(3):
         plgpu.barrier_wait(kv_barrier.at[index])
     column = plgpu.Layout.WGMMA.reduce(0)  # a vector over the query axis of [bk, bq] tiles
-    ratio = _vector(cfg, ratio_smem, column) if cfg.soft else None
-    kv_pos = kv_block * block_k + _iota(cfg, (block_k, block_q), 0)
+    ratio = tiles.vector(cfg.interpret, ratio_smem, column) if cfg.soft else None
+    kv_pos = kv_block * block_k + tiles.iota(cfg.interpret, (block_k, block_q), 0)
 
     def body_for(kind):
         def body(i, carry):
@@ -408,14 +347,22 @@ def _dkdv_kernel(ratio_ref, q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, 
             for barriers in (q_barriers, d_out_barriers, lse_barriers, delta_barriers):
                 plgpu.barrier_wait(barriers.at[slot])
             lse = lax.broadcast_in_dim(
-                _vector(cfg, lse_smem.at[slot], column), (block_k, block_q), [1]
+                tiles.vector(cfg.interpret, lse_smem.at[slot], column), (block_k, block_q), [1]
             )
             delta = lax.broadcast_in_dim(
-                _vector(cfg, delta_smem.at[slot], column), (block_k, block_q), [1]
+                tiles.vector(cfg.interpret, delta_smem.at[slot], column), (block_k, block_q), [1]
             )
             # Transposed blocks, keys along the rows: p^T and dp^T are [bk, bq].
-            p = jnp.exp2(_logits(cfg, k_smem, q_smem.at[slot]) * (cfg.scale * _LOG2_E) - lse)
-            q_pos = (cfg.kv_len - cfg.q_len) + i * block_q + _iota(cfg, (block_k, block_q), 1)
+            p = jnp.exp2(
+                tiles.matmul_transposed(cfg.interpret, k_smem, q_smem.at[slot])
+                * (cfg.scale * _LOG2_E)
+                - lse
+            )
+            q_pos = (
+                (cfg.kv_len - cfg.q_len)
+                + i * block_q
+                + tiles.iota(cfg.interpret, (block_k, block_q), 1)
+            )
             if kind == "masked":
                 visible = kv_pos < cfg.kv_len
                 if cfg.causal:
@@ -426,17 +373,21 @@ def _dkdv_kernel(ratio_ref, q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, 
                 r = lax.broadcast_in_dim(ratio, (block_k, block_q), [1])
                 weight = r if kind == "before" else jnp.where(kv_pos > q_pos, r, 1.0)
             weighted_p = p if weight is None else p * weight
-            dv = dv + _values(cfg, weighted_p.astype(dtype), d_out_smem.at[slot])
-            dp = _logits(cfg, v_smem, d_out_smem.at[slot])
+            dv = dv + tiles.matmul_registers(
+                cfg.interpret, weighted_p.astype(dtype), d_out_smem.at[slot]
+            )
+            dp = tiles.matmul_transposed(cfg.interpret, v_smem, d_out_smem.at[slot])
             ds = p * ((dp if weight is None else dp * weight) - delta)
-            dk = dk + _values(cfg, ds.astype(dtype), q_smem.at[slot])
+            dk = dk + tiles.matmul_registers(cfg.interpret, ds.astype(dtype), q_smem.at[slot])
             # The slot's tiles have been read by every matmul: fetch block i + 2 into it.
             pl.when(i + _SLOTS < end)(functools.partial(copy_queries, i + _SLOTS, slot))
             return dk, dv
 
         return body
 
-    zeros = _with_layout(cfg, jnp.zeros((block_k, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+    zeros = tiles.with_layout(
+        cfg.interpret, jnp.zeros((block_k, head_dim), jnp.float32), plgpu.Layout.WGMMA
+    )
     carry = (zeros, zeros)
     for kind, (lo, hi) in zip(
         ("before", "masked", "one"), ((start, e0), (e0, e1), (e1, end)), strict=True
@@ -481,24 +432,36 @@ def _dq_kernel(ratio_ref, q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dq
     for index in range(5):
         plgpu.barrier_wait(q_barrier.at[index])
     row = plgpu.Layout.WGMMA.reduce(1)  # a vector over the query axis of [bq, bk] tiles
-    lse = lax.broadcast_in_dim(_vector(cfg, lse_smem, row), (block_q, block_k), [0])
-    delta = lax.broadcast_in_dim(_vector(cfg, delta_smem, row), (block_q, block_k), [0])
-    ratio = _vector(cfg, ratio_smem, plgpu.Layout.WGMMA.reduce(0)) if cfg.soft else None
-    q_pos = (cfg.kv_len - cfg.q_len) + q_block * block_q + _iota(cfg, (block_q, block_k), 0)
+    lse = lax.broadcast_in_dim(tiles.vector(cfg.interpret, lse_smem, row), (block_q, block_k), [0])
+    delta = lax.broadcast_in_dim(
+        tiles.vector(cfg.interpret, delta_smem, row), (block_q, block_k), [0]
+    )
+    ratio = (
+        tiles.vector(cfg.interpret, ratio_smem, plgpu.Layout.WGMMA.reduce(0)) if cfg.soft else None
+    )
+    q_pos = (
+        (cfg.kv_len - cfg.q_len)
+        + q_block * block_q
+        + tiles.iota(cfg.interpret, (block_q, block_k), 0)
+    )
 
     def body_for(kind):
         def body(j, dq):
             slot = lax.rem(j, _SLOTS)
             plgpu.barrier_wait(k_barriers.at[slot])
-            p = jnp.exp2(_logits(cfg, q_smem, k_smem.at[slot]) * (cfg.scale * _LOG2_E) - lse)
-            kv_pos = j * block_k + _iota(cfg, (block_q, block_k), 1)
+            p = jnp.exp2(
+                tiles.matmul_transposed(cfg.interpret, q_smem, k_smem.at[slot])
+                * (cfg.scale * _LOG2_E)
+                - lse
+            )
+            kv_pos = j * block_k + tiles.iota(cfg.interpret, (block_q, block_k), 1)
             if kind == "masked":
                 visible = kv_pos < cfg.kv_len
                 if cfg.causal:
                     visible = visible & (kv_pos <= q_pos)
                 p = jnp.where(visible, p, 0.0)
             plgpu.barrier_wait(v_barriers.at[slot])
-            dp = _logits(cfg, d_out_smem, v_smem.at[slot])
+            dp = tiles.matmul_transposed(cfg.interpret, d_out_smem, v_smem.at[slot])
             pl.when(j + _SLOTS < end)(  # v's slot is free: fetch block j + 2's values
                 lambda: plgpu.copy_gmem_to_smem(
                     v_ref.at[batch, pl.ds((j + _SLOTS) * block_k, block_k), kv_head],
@@ -510,7 +473,7 @@ def _dq_kernel(ratio_ref, q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dq
                 r = lax.broadcast_in_dim(ratio, (block_q, block_k), [1])
                 dp = dp * r if kind == "after" else jnp.where(kv_pos > q_pos, dp * r, dp)
             ds = p * (dp - delta)
-            dq = dq + _values(cfg, ds.astype(dtype), k_smem.at[slot])
+            dq = dq + tiles.matmul_registers(cfg.interpret, ds.astype(dtype), k_smem.at[slot])
             pl.when(j + _SLOTS < end)(
                 lambda: plgpu.copy_gmem_to_smem(
                     k_ref.at[batch, pl.ds((j + _SLOTS) * block_k, block_k), kv_head],
@@ -522,7 +485,9 @@ def _dq_kernel(ratio_ref, q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dq
 
         return body
 
-    dq = _with_layout(cfg, jnp.zeros((block_q, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+    dq = tiles.with_layout(
+        cfg.interpret, jnp.zeros((block_q, head_dim), jnp.float32), plgpu.Layout.WGMMA
+    )
     for kind, (lo, hi) in zip(
         ("one", "masked", "after", "masked"), ((0, a), (a, b), (b, c), (c, end)), strict=True
     ):
@@ -564,8 +529,8 @@ def backward(
     delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
     lse = lse.astype(jnp.float32)
     r = jnp.ones((), jnp.float32) if ratio is None else ratio.astype(jnp.float32).reshape(())
-    tiles = _tile_transforms(q.dtype)
-    interpret = _interpret_params(cfg.interpret)
+    transforms = tiles.tile_transforms(q.dtype)
+    interpret = tiles.interpret_params(cfg.interpret)
     inputs = (q, k, v, d_out, lse, delta)
     # Only the query blocks that hold a real query contribute (the rest have dO = 0).
     num_q_blocks = -(-cfg.q_len // block_q)
@@ -575,14 +540,14 @@ def backward(
 
     def dkdv_entry(ratio_ref, *refs):
         scratch = (
-            plgpu.SMEM((block_k, head_dim), k.dtype, transforms=tiles),
-            plgpu.SMEM((block_k, head_dim), v.dtype, transforms=tiles),
-            plgpu.SMEM((_SLOTS, block_q, head_dim), q.dtype, transforms=tiles),
-            plgpu.SMEM((_SLOTS, block_q, head_dim), d_out.dtype, transforms=tiles),
+            plgpu.SMEM((block_k, head_dim), k.dtype, transforms=transforms),
+            plgpu.SMEM((block_k, head_dim), v.dtype, transforms=transforms),
+            plgpu.SMEM((_SLOTS, block_q, head_dim), q.dtype, transforms=transforms),
+            plgpu.SMEM((_SLOTS, block_q, head_dim), d_out.dtype, transforms=transforms),
             plgpu.SMEM((_SLOTS, block_q), jnp.float32),
             plgpu.SMEM((_SLOTS, block_q), jnp.float32),
             plgpu.SMEM((block_q,), jnp.float32),
-            plgpu.SMEM((block_k, head_dim), partial_dtype, transforms=_tile_transforms(partial_dtype)),
+            plgpu.SMEM((block_k, head_dim), partial_dtype, transforms=tiles.tile_transforms(partial_dtype)),
             plgpu.Barrier(num_barriers=3),
             *(plgpu.Barrier(num_barriers=_SLOTS) for _ in range(4)),
         )  # fmt: skip
@@ -605,14 +570,14 @@ def backward(
 
     def dq_entry(ratio_ref, *refs):
         scratch = (
-            plgpu.SMEM((block_q, head_dim), q.dtype, transforms=tiles),
-            plgpu.SMEM((block_q, head_dim), d_out.dtype, transforms=tiles),
+            plgpu.SMEM((block_q, head_dim), q.dtype, transforms=transforms),
+            plgpu.SMEM((block_q, head_dim), d_out.dtype, transforms=transforms),
             plgpu.SMEM((block_q,), jnp.float32),
             plgpu.SMEM((block_q,), jnp.float32),
             plgpu.SMEM((block_k,), jnp.float32),
-            plgpu.SMEM((block_q, head_dim), q.dtype, transforms=tiles),
-            plgpu.SMEM((_SLOTS, block_k, head_dim), k.dtype, transforms=tiles),
-            plgpu.SMEM((_SLOTS, block_k, head_dim), v.dtype, transforms=tiles),
+            plgpu.SMEM((block_q, head_dim), q.dtype, transforms=transforms),
+            plgpu.SMEM((_SLOTS, block_k, head_dim), k.dtype, transforms=transforms),
+            plgpu.SMEM((_SLOTS, block_k, head_dim), v.dtype, transforms=transforms),
             plgpu.Barrier(num_barriers=5),
             plgpu.Barrier(num_barriers=_SLOTS),
             plgpu.Barrier(num_barriers=_SLOTS),
