@@ -20,7 +20,8 @@ dropout's ``keep / p_keep`` (``p_keep`` is ``1 - rate`` to 2^-16). Implementatio
 ``"cudnn"``
     GPU only: ``jax.nn.dot_product_attention(implementation="cudnn")``, for
     float16/bfloat16 with no mask, causal, or causal sliding window, with
-    ``Lq == Lk`` and default positions (cuDNN aligns causal masks top-left).
+    ``Lq == Lk`` and default positions (cuDNN aligns causal masks top-left), and a
+    head dim that is a multiple of 8, at most 128 (256 from Hopper on).
 ``"pallas"``
     A Pallas flash-attention kernel (forward and backward) for every mask
     here, soft-causal included: :mod:`effformer.kernels.flash_attention`
@@ -141,12 +142,30 @@ def _xla(q, k, v, mask, bias, scale, keep) -> Array:
     return out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)
 
 
+def _cudnn_max_head_dim() -> int:
+    """cuDNN flash attention's largest head dim: 256 from Hopper (compute capability 9) on, else 128.
+
+    The limits of jax's own check (``check_is_flash_attention`` in
+    jax/_src/cudnn/fused_attention_stablehlo.py), which raises NotImplementedError past them.
+    """
+    try:
+        major = int(str(jax.devices()[0].compute_capability).split(".")[0])
+    except (AttributeError, ValueError):  # not a CUDA device
+        return 128
+    return 256 if major >= 9 else 128
+
+
 def _cudnn_unsupported_reason(q, k, mask, dropout_rate) -> str | None:
     """Why cuDNN cannot compute this call exactly, or None if it can."""
     if q.dtype not in _CUDNN_DTYPES:
         return f"cuDNN attention needs float16 or bfloat16 inputs, got {q.dtype}"
     if dropout_rate > 0.0:
         return "cuDNN attention is not used with dropout"
+    # Past these jax's cuDNN call raises NotImplementedError; implementation=None must
+    # pick another path instead.
+    head_dim, max_head_dim = q.shape[-1], _cudnn_max_head_dim()
+    if head_dim % 8 or head_dim > max_head_dim:
+        return f"cuDNN attention needs a head dim <= {max_head_dim} and a multiple of 8, got {head_dim}"
     if mask is None:
         return None
     if mask.q_segment_ids is not None:

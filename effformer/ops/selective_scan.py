@@ -62,6 +62,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from effformer.kernels import selective_scan as pallas_kernel
 from effformer.kernels import selective_scan_tpu as tpu_kernel
@@ -121,12 +122,14 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias, mask) -> None:
             raise _shape_error(name, f"[d={d}]", value.shape)
     if mask is not None and mask.shape != (batch, length):
         raise _shape_error("mask", f"[batch={batch}, L={length}]", mask.shape)
-    if not isinstance(A, jax.core.Tracer) and bool(jnp.any(A > 0)):
-        # Under jit A is abstract and this cannot be checked; the Mamba block builds
-        # A = -exp(A_log), which is negative by construction.
+    # Under jit a traced A is abstract and this cannot be checked; the Mamba block builds
+    # A = -exp(A_log), which is negative by construction. A concrete A is read in NumPy:
+    # jnp ops on a concrete array captured by a jitted function are staged out as
+    # tracers, and bool() of them would raise instead of checking.
+    if not isinstance(A, jax.core.Tracer) and bool(np.any(np.asarray(A) > 0)):
         raise ValueError(
             "selective_scan: A must be <= 0 everywhere (a decaying state, |exp(delta * A)| <= 1); "
-            f"got max(A) = {float(jnp.max(A))}."
+            f"got max(A) = {float(np.max(np.asarray(A)))}."
         )
 
 

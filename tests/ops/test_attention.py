@@ -492,6 +492,20 @@ def test_cudnn_rejects_what_it_cannot_compute(mask, q_len):
     assert attention._cudnn_unsupported_reason(q, k, mask, 0.0) is not None
 
 
+def test_choice_on_gpu_skips_cudnn_for_head_dims_it_refuses(monkeypatch):
+    """jax's cuDNN call raises NotImplementedError for a head dim that is not a multiple
+    of 8 or above 128 (256 from Hopper): implementation=None must pick another path."""
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(attention.jax, "device_count", lambda: 1)
+    causal = AttentionMask(causal=True)
+    for head_dim, expected in ((64, "cudnn"), (12, "xla"), (264, "xla")):
+        q = jax.ShapeDtypeStruct((1, 16, 2, head_dim), jnp.bfloat16)
+        assert attention._choose_implementation(q, q, causal, None, 0.0) == expected, head_dim
+    q = jax.ShapeDtypeStruct((1, 16, 2, 12), jnp.bfloat16)
+    reason = attention._cudnn_unsupported_reason(q, q, causal, 0.0)
+    assert reason is not None and "multiple of 8, got 12" in reason
+
+
 def test_cudnn_on_cpu_raises():
     q, k, v, _, _ = _inputs(13, 13, None, jnp.float32)
     with pytest.raises(ValueError, match="implementation='cudnn' needs a GPU backend, got 'cpu'"):

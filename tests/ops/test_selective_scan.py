@@ -313,6 +313,19 @@ def test_positive_A_is_rejected_when_concrete():
         selective_scan(**args)
 
 
+def test_concrete_A_captured_by_jit_is_checked_not_traced():
+    # Under jit, jnp ops on a captured concrete A are staged out: the sign check must
+    # read A in NumPy, not raise a TracerBoolConversionError.
+    args = {k: jnp.asarray(v, jnp.float32) for k, v in random_inputs(13).items()}
+    A = args.pop("A")
+    got = jax.jit(lambda a: selective_scan(**a, A=A, delta_softplus=True))(args)
+    want = numpy_selective_scan(**args, A=A, delta_softplus=True)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    positive_A = -A  # concrete, captured as A is
+    with pytest.raises(ValueError, match=r"A must be <= 0"):
+        jax.jit(lambda a: selective_scan(**a, A=positive_A))(args)
+
+
 @pytest.mark.parametrize(
     ("backend", "expected"), [("gpu", "pallas"), ("cpu", "chunked"), ("tpu", "chunked")]
 )
