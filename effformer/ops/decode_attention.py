@@ -45,6 +45,15 @@ Implementations:
     back to ``"xla"`` and logs why once. Inference only: gradients are those
     of the ``"xla"`` path (a ``custom_vjp`` recomputes it), which computes the
     same function.
+``"pallas_mosaic_gpu"``
+    :mod:`effformer.kernels.decode_attention_mosaic_gpu`: the same schedule and
+    combination as a Mosaic GPU kernel (TMA copies, WGMMA products), the port away
+    from Pallas's Triton backend (deprecated from jax 0.11). GPU; on CPU it runs in
+    Mosaic GPU's interpreter (logged once). It takes float16 / bfloat16 caches, at
+    most 64 query heads per kv head and ``block_k`` a multiple of 64; otherwise, and
+    on other backends, it falls back to ``"xla"`` and logs why once. Checked in the
+    interpreter and by lowering for CUDA, not yet run on a GPU; never chosen by
+    ``implementation=None``. Gradients as ``"pallas"``.
 
 ``implementation=None`` (:func:`default_implementation`) picks ``"pallas"`` on GPU
 for float16 / bfloat16 caches the Triton kernel takes, else ``"xla"``. On an H200
@@ -70,12 +79,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from effformer.kernels import decode_attention as kernel
+from effformer.kernels import decode_attention_mosaic_gpu as mosaic_kernel
 from effformer.kernels import decode_attention_tpu as tpu_kernel
 from effformer.ops import kernel_sharding
 
 Array = jax.Array
 
-IMPLEMENTATIONS = ("reference", "xla", "pallas")
+IMPLEMENTATIONS = ("reference", "xla", "pallas", "pallas_mosaic_gpu")
 
 # Keys per block of the "xla" path when num_splits is not given. Not tuned: on the shared
 # 2-core CPU the split count made no difference beyond the noise (and splitting did not
@@ -143,9 +153,21 @@ def _xla(q: Array, k: Array, v: Array, lengths: Array, scale: float, num_splits:
     return out.reshape(batch, num_heads, head_dim)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _pallas(q, k, v, lengths, scale, num_programs, block_k, backend):
-    """The kernel for `backend`: Mosaic on "tpu", Triton on "gpu", interpreted on "cpu"."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _pallas(q, k, v, lengths, scale, num_programs, block_k, backend, mosaic_gpu):
+    """The kernel for `backend`: Mosaic on "tpu", Triton (or, with ``mosaic_gpu``, Mosaic
+    GPU) on "gpu", interpreted on "cpu"."""
+    if mosaic_gpu:
+        return mosaic_kernel.split_k_decode_attention(
+            q,
+            k,
+            v,
+            lengths,
+            scale=scale,
+            num_programs=num_programs,
+            block_k=block_k,
+            interpret=backend == "cpu",
+        )
     if backend == "tpu":
         return tpu_kernel.split_k_decode_attention_tpu(
             q,
@@ -169,8 +191,8 @@ def _pallas(q, k, v, lengths, scale, num_programs, block_k, backend):
     )
 
 
-def _pallas_forward(q, k, v, lengths, scale, num_programs, block_k, backend):
-    out = _pallas(q, k, v, lengths, scale, num_programs, block_k, backend)
+def _pallas_forward(q, k, v, lengths, scale, num_programs, block_k, backend, mosaic_gpu):
+    out = _pallas(q, k, v, lengths, scale, num_programs, block_k, backend, mosaic_gpu)
     return out, (q, k, v, lengths)
 
 
@@ -181,7 +203,7 @@ def _xla_vjp(q, k, v, lengths, cotangent, *, scale):
     return vjp(cotangent)
 
 
-def _pallas_backward(scale, num_programs, block_k, backend, residuals, cotangent):
+def _pallas_backward(scale, num_programs, block_k, backend, mosaic_gpu, residuals, cotangent):
     # The kernel has no backward pass: differentiate the XLA split-K path, the same function.
     q, k, v, lengths = residuals
     dq, dk, dv = _xla_vjp(q, k, v, lengths, cotangent, scale=scale)
@@ -189,6 +211,21 @@ def _pallas_backward(scale, num_programs, block_k, backend, residuals, cotangent
 
 
 _pallas.defvjp(_pallas_forward, _pallas_backward)
+
+
+def _mosaic_gpu_unsupported_reason(q: Array, k_cache: Array, block_k: int, backend: str):
+    if backend not in ("gpu", "cpu"):
+        return f"the Mosaic GPU kernel runs on a GPU (or interpreted on CPU), not {backend!r}"
+    if k_cache.dtype not in (jnp.float16, jnp.bfloat16):
+        return f"the Mosaic GPU kernel takes float16 or bfloat16 caches, got {k_cache.dtype}"
+    group = q.shape[2] // k_cache.shape[2]
+    if group > mosaic_kernel.ROWS:
+        return f"the Mosaic GPU kernel takes at most {mosaic_kernel.ROWS} query heads per kv head, got {group}"
+    if block_k % mosaic_kernel.ROWS:
+        return (
+            f"the Mosaic GPU kernel needs block_k a multiple of {mosaic_kernel.ROWS}, got {block_k}"
+        )
+    return None
 
 
 def _pallas_unsupported_reason(q: Array, backend: str) -> str | None:
@@ -364,6 +401,16 @@ def decode_attention(
         if reason is not None:
             _log_once(f"decode_attention: using 'xla' instead of 'pallas': {reason}.")
             implementation = "xla"
+    mosaic_gpu = implementation == "pallas_mosaic_gpu"
+    if mosaic_gpu:
+        backend = jax.default_backend()
+        reason = _mosaic_gpu_unsupported_reason(
+            q, k_cache, block_k or kernel.DEFAULT_BLOCK_K, backend
+        )
+        if reason is not None:
+            _log_once(f"decode_attention: using 'xla' instead of 'pallas_mosaic_gpu': {reason}.")
+            implementation = "xla"
+            mosaic_gpu = False
     if implementation == "reference":
         out = _reference(query, k_cache, v_cache, lengths, scale)
     elif implementation == "xla":
@@ -391,7 +438,9 @@ def decode_attention(
                 programs = num_splits * local_batch * num_kv_heads
 
         def run(query, k_cache, v_cache, lengths):
-            return _pallas(query, k_cache, v_cache, lengths, scale, programs, block, backend)
+            return _pallas(
+                query, k_cache, v_cache, lengths, scale, programs, block, backend, mosaic_gpu
+            )
 
         out = kernel_sharding.call_over_batch(
             run, (query, k_cache, v_cache, lengths), (), placement.batch_axes

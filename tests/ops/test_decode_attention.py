@@ -310,3 +310,46 @@ def _bad(**changes):
 def test_bad_input_is_rejected(arguments, message):
     with pytest.raises(ValueError, match=message):
         decode_attention(**arguments)
+
+
+def test_mosaic_gpu_kernel_through_the_op_matches_and_differentiates(caplog):
+    # "pallas_mosaic_gpu" runs the Mosaic GPU kernel (interpreted here) on float16 caches
+    # (64-key tiles: the 40-slot cache is shorter than one); its gradient is the "xla"
+    # path's, as for "pallas".
+    q, k, v = _inputs(seed=3, dtype=np.float16)
+    lengths = jnp.asarray((0, 1, 40, 23), jnp.int32)
+    decode_module._logged.clear()
+    with caplog.at_level(logging.INFO, logger=decode_module.__name__):
+        out = decode_attention(q, k, v, lengths, implementation="pallas_mosaic_gpu", block_k=64)
+    assert "instead of" not in caplog.text
+    expected = _attention_over_valid_keys(q, k, v, (0, 1, 40, 23))
+    # float16 probabilities and output: 3e-3 of the largest output.
+    np.testing.assert_allclose(np.asarray(out, np.float64), expected, atol=3e-3, rtol=0)
+    grads = jax.grad(
+        lambda q: (
+            decode_attention(q, k, v, lengths, implementation="pallas_mosaic_gpu", block_k=64)
+            .astype(jnp.float32)
+            .sum()
+        )
+    )(q)
+    xla_grads = jax.grad(
+        lambda q: decode_attention(q, k, v, lengths, implementation="xla").astype(jnp.float32).sum()
+    )(q)
+    np.testing.assert_array_equal(np.asarray(grads), np.asarray(xla_grads))
+
+
+def test_mosaic_gpu_kernel_falls_back_to_xla_where_it_cannot_run(caplog):
+    q, k, v = _inputs(seed=4)  # float32 caches: no WGMMA operands
+    lengths = (5, 40, 0, 12)
+    decode_module._logged.clear()
+    with caplog.at_level(logging.INFO, logger=decode_module.__name__):
+        out = decode_attention(q, k, v, jnp.asarray(lengths), implementation="pallas_mosaic_gpu")
+    assert "instead of 'pallas_mosaic_gpu'" in caplog.text and "float32" in caplog.text
+    np.testing.assert_allclose(
+        np.asarray(out), _attention_over_valid_keys(q, k, v, lengths), atol=2e-6, rtol=2e-5
+    )
+    reason = decode_module._mosaic_gpu_unsupported_reason
+    half = jnp.zeros((1, 8, 2, 64), jnp.float16)
+    assert "not 'tpu'" in reason(jnp.zeros((1, 1, 4, 64)), half, 128, "tpu")
+    assert "multiple of 64" in reason(jnp.zeros((1, 1, 4, 64)), half, 32, "gpu")
+    assert reason(jnp.zeros((1, 1, 4, 64)), half, 128, "gpu") is None
