@@ -15,6 +15,8 @@ column is measured, including JAX's own Pallas decode kernel
 (``jax.experimental.pallas.ops.gpu.decode_attention.gqa``) for comparison; on
 a TPU every column but that one (the kernel is the Mosaic TPU one). On CPU
 only XLA and the reference are timed; the kernel's columns read "not measured".
+``--mosaic`` (GPU) adds the Mosaic GPU kernel (``implementation="pallas_mosaic_gpu"``,
+the port from the deprecated Triton backend), which the compiled tests check first.
 
     .venv/bin/python experiments/benchmarks/kernels_decode_attention.py            # CPU defaults
     python experiments/benchmarks/kernels_decode_attention.py --caches 4096,8192,16384,32768 \\
@@ -120,7 +122,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16" if backend else "float32")
     parser.add_argument("--ragged", action="store_true")
     parser.add_argument("--repeats", type=int, default=20 if backend else 5)
+    parser.add_argument(
+        "--mosaic", action="store_true", help="also time the Mosaic GPU kernel (GPU)"
+    )
     args = parser.parse_args()
+    if args.mosaic and backend != "gpu":
+        parser.error("--mosaic times the Mosaic GPU kernel: it needs a GPU.")
     dtype = jnp.dtype(args.dtype)
     device = jax.devices()[0]
     print(
@@ -150,7 +157,7 @@ def main() -> None:
         "pallas GB/s",
         "pallas % of read bw",
         "jax gqa ms",
-    ]
+    ] + (["mosaic ms", "mosaic GB/s"] if args.mosaic else [])
     print("| " + " | ".join(header) + " |")
     print("|" + " ---: |" * len(header))
     for batch in map(int, args.batches.split(",")):
@@ -198,6 +205,13 @@ def main() -> None:
                         cells.append(f"{seconds * 1e3:.3f}")
                     else:
                         cells.append(NOT_MEASURED)
+                    if args.mosaic:
+                        try:
+                            mosaic = timed("pallas_mosaic_gpu")
+                        except Exception as error:  # first runs on new hardware: report it
+                            cells += [failure(error), ""]
+                        else:
+                            cells += [f"{mosaic * 1e3:.3f}", f"{valid_bytes / mosaic / 1e9:.1f}"]
                 else:
                     cells += [NOT_MEASURED] * 4
                 print("| " + " | ".join(map(str, cells)) + " |")
