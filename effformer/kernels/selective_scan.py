@@ -84,6 +84,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from effformer.kernels import selective_scan_mosaic_gpu
+
 Array = jax.Array
 
 # Block sizes for a GPU, from experiments/benchmarks/kernels_selective_scan.py --sweep
@@ -436,17 +438,22 @@ def _forward_pass(args, init, layout: _Layout, num_warps, interpret, write_y, sa
     return y, last, starts
 
 
-def _forward(args, layout: _Layout, num_warps, interpret, save_starts):
+def _forward(args, layout: _Layout, num_warps, interpret, save_starts, mosaic=False):
     """Padded kernel-layout inputs -> y [batch, d, L_pad], last [batch, d, n_pad], starts.
 
     With several chunks: a first pass finds the state each chunk produces from
     a zero start, XLA carries the true chunk-entering states across chunks
     (``x_in[c + 1] = decay[c] * x_in[c] + local[c]``), and a second pass reruns
-    every chunk from its true start, writing y.
+    every chunk from its true start, writing y. ``mosaic``: both passes on the Mosaic
+    GPU kernel (:mod:`effformer.kernels.selective_scan_mosaic_gpu`, same contract).
     """
+    if mosaic:
+        forward_pass = functools.partial(_mosaic_forward_pass, interpret=interpret)
+    else:
+        forward_pass = functools.partial(_forward_pass, num_warps=num_warps, interpret=interpret)
     init = None
     if layout.num_chunks > 1:
-        _, local, _ = _forward_pass(args, None, layout, num_warps, interpret, False, False)
+        _, local, _ = forward_pass(args, None, layout, write_y=False, save_starts=False)
         decay = layout.chunk_decay(args[1], args[2])
 
         def step(x, decay_and_local):
@@ -458,8 +465,14 @@ def _forward(args, layout: _Layout, num_warps, interpret, save_starts):
             step, jnp.zeros_like(local[:, 0]), (to_chunk_major(decay), to_chunk_major(local))
         )
         init = jnp.moveaxis(init, 0, 1)
-    y, last, starts = _forward_pass(args, init, layout, num_warps, interpret, True, save_starts)
+    y, last, starts = forward_pass(args, init, layout, write_y=True, save_starts=save_starts)
     return y, last[:, -1], starts
+
+
+def _mosaic_forward_pass(args, init, layout, *, interpret, write_y, save_starts):
+    return selective_scan_mosaic_gpu.forward_pass(
+        args, init, layout, interpret, write_y, save_starts
+    )
 
 
 def _adjoint_carries(dt, A, C, gy, glast, layout: _Layout, num_warps, interpret):
@@ -568,24 +581,33 @@ def _to_kernel_layout(u, dt, A, B, C, layout: _Layout):
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def _scan(u, dt, A, B, C, seq_block, channel_block, chunk_size, num_warps, interpret):
-    layout = _Layout(u.shape, A.shape[1], B, C, seq_block, channel_block, chunk_size)
+def _forward_layout(u, A, B, C, seq_block, channel_block, chunk_size, mosaic):
+    # The Mosaic GPU forward runs 64 channels per program; the backward keeps its own
+    # channel block (its residuals, the block-entering states, do not depend on it).
+    channels = selective_scan_mosaic_gpu.CHANNELS if mosaic else channel_block
+    return _Layout(u.shape, A.shape[1], B, C, seq_block, channels, chunk_size)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+def _scan(u, dt, A, B, C, seq_block, channel_block, chunk_size, num_warps, interpret, mosaic):
+    layout = _forward_layout(u, A, B, C, seq_block, channel_block, chunk_size, mosaic)
     args = _to_kernel_layout(u, dt, A, B, C, layout)
-    y, last, _ = _forward(args, layout, num_warps, interpret, save_starts=False)
+    y, last, _ = _forward(args, layout, num_warps, interpret, save_starts=False, mosaic=mosaic)
     return y[..., : layout.length], last[..., : layout.n]
 
 
-def _scan_fwd(u, dt, A, B, C, seq_block, channel_block, chunk_size, num_warps, interpret):
-    layout = _Layout(u.shape, A.shape[1], B, C, seq_block, channel_block, chunk_size)
+def _scan_fwd(u, dt, A, B, C, seq_block, channel_block, chunk_size, num_warps, interpret, mosaic):
+    layout = _forward_layout(u, A, B, C, seq_block, channel_block, chunk_size, mosaic)
     args = _to_kernel_layout(u, dt, A, B, C, layout)
-    y, last, starts = _forward(args, layout, num_warps, interpret, save_starts=True)
+    y, last, starts = _forward(args, layout, num_warps, interpret, True, mosaic)
     # Residuals: the (padded) inputs, the original B and C (for their layout),
     # and the states entering each sequence block; nothing of size L * n per channel.
     return (y[..., : layout.length], last[..., : layout.n]), (args, starts, B, C)
 
 
-def _scan_bwd(seq_block, channel_block, chunk_size, num_warps, interpret, residuals, cotangents):
+def _scan_bwd(
+    seq_block, channel_block, chunk_size, num_warps, interpret, mosaic, residuals, cotangents
+):
     args, starts, B, C = residuals
     gy, glast = cotangents
     # The cotangents have the unpadded shapes of y [batch, d, L] and the state [batch, d, n].
@@ -623,6 +645,7 @@ def selective_scan_pallas(
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     num_warps: int | None = None,
     interpret: bool | None = None,
+    mosaic_forward: bool = False,
 ) -> tuple[Array, Array]:
     """The core recurrence of the selective scan as a Pallas kernel, differentiable.
 
@@ -644,6 +667,11 @@ def selective_scan_pallas(
       num_warps: Triton warps per program (GPU only); None: ``DEFAULT_NUM_WARPS_CHUNKED``
         when the sequence is cut into chunks, else ``DEFAULT_NUM_WARPS``.
       interpret: run in Pallas interpret mode; None: on CPU only (logged once).
+      mosaic_forward: run the forward passes on the Mosaic GPU kernel
+        (:mod:`effformer.kernels.selective_scan_mosaic_gpu`, 64 channels per program;
+        Mosaic GPU's interpreter on CPU); the backward stays on the Triton kernels.
+        float32, ``n`` of at least 5 (padded to a power of two >= 8), the channels
+        of each B/C group a multiple of 64.
     Returns:
       y [batch, d, L] (= sum_n C_t x_t, before D and z) and the last state
       [batch, d, n], both in the inputs' dtype (float32 or float64).
@@ -687,6 +715,17 @@ def selective_scan_pallas(
         "a power of two",
         channel_block,
     )
+    if mosaic_forward:
+        _check("u.dtype", dtype == jnp.float32, "float32 with mosaic_forward=True", dtype)
+        _check("A", _next_power_of_2(n) % 8 == 0, "[d, n] with n >= 5 with mosaic_forward=True",
+               tuple(A.shape))  # fmt: skip
+        groups = max(BC.shape[1] if BC.ndim == 4 else 1 for BC in (B, C))
+        _check(
+            "the channels per B/C group",
+            (d // groups) % selective_scan_mosaic_gpu.CHANNELS == 0,
+            f"a multiple of {selective_scan_mosaic_gpu.CHANNELS} with mosaic_forward=True",
+            d // groups,
+        )
     if interpret is None:
         # interpret=False stays allowed on CPU: lowering for a GPU from a CPU host
         # (``.lower(lowering_platforms=("cuda",))``) checks the Triton lowering.
@@ -698,4 +737,7 @@ def selective_scan_pallas(
     if num_warps is None:
         chunked = chunk_size is not None and chunk_size < length
         num_warps = DEFAULT_NUM_WARPS_CHUNKED if chunked else DEFAULT_NUM_WARPS
-    return _scan(u, dt, A, B, C, seq_block, channel_block, chunk_size, num_warps, bool(interpret))
+    return _scan(
+        u, dt, A, B, C, seq_block, channel_block, chunk_size, num_warps, bool(interpret),
+        bool(mosaic_forward),
+    )  # fmt: skip

@@ -52,6 +52,13 @@ in how the recurrence over time is evaluated):
     backward; its forward alone 0.73 ms against 1.87 and 31.0;
     experiments/benchmarks/README.md, "Pallas kernels on an NVIDIA H200:
     second session").
+  * ``"pallas_mosaic_gpu"``: the same, with the forward passes on the Mosaic GPU
+    kernel of effformer/kernels/selective_scan_mosaic_gpu.py (the port away from
+    Pallas's Triton backend, deprecated from jax 0.11; the backward stays Triton);
+    Mosaic GPU's interpreter on CPU. For float32 with n >= 5 and channels per B/C
+    group a multiple of 64; otherwise, and off GPU / CPU, it runs ``"pallas"``
+    (logged once). Interpreted and lowered on CPU, not yet run on a GPU; never
+    chosen by ``implementation=None``.
 """
 
 from __future__ import annotations
@@ -72,7 +79,7 @@ Array = jax.Array
 
 # The XLA implementations, which run on every backend.
 IMPLEMENTATIONS = ("reference", "associative", "chunked")
-KERNEL_IMPLEMENTATIONS = ("pallas",)
+KERNEL_IMPLEMENTATIONS = ("pallas", "pallas_mosaic_gpu")
 # Chosen by measurement on a 2-core CPU (experiments/benchmarks/selective_scan.py);
 # on GPU the kernel is (default_implementation).
 DEFAULT_IMPLEMENTATION = "chunked"
@@ -207,6 +214,14 @@ def _selective_scan(
         dt = jnp.where(mask[:, None, :], dt, 0)
     A, B, C = A.astype(dtype), B.astype(dtype), C.astype(dtype)
 
+    if implementation == "pallas_mosaic_gpu":
+        reason = _mosaic_gpu_unsupported_reason(dt, A, B, C, _backend())
+        if reason is not None:
+            logging.getLogger(__name__).warning(
+                "selective_scan: using implementation='pallas' instead of 'pallas_mosaic_gpu': %s.",
+                reason,
+            )
+            implementation = "pallas"
     if implementation == "pallas":
         backend = _backend()
         if tpu_kernel.supported_backend(backend):
@@ -222,6 +237,9 @@ def _selective_scan(
         y, last_state = _kernel_over_batch(tpu_kernel.selective_scan_tpu, u_c, dt, A, B, C)
     elif implementation == "pallas":  # GPU (Triton), or CPU in interpret mode
         y, last_state = _kernel_over_batch(pallas_kernel.selective_scan_pallas, u_c, dt, A, B, C)
+    elif implementation == "pallas_mosaic_gpu":  # the forward on Mosaic GPU (or interpreted)
+        mosaic = functools.partial(pallas_kernel.selective_scan_pallas, mosaic_forward=True)
+        y, last_state = _kernel_over_batch(mosaic, u_c, dt, A, B, C)
     else:
         y, last_state = _scan_chunked(u_c, dt, A, B, C, chunk_size)
 
@@ -272,6 +290,22 @@ def _kernel_over_batch(kernel, u, dt, A, B, C):
 def _backend() -> str:
     """The backend the op dispatches ``implementation="pallas"`` for (patched in tests)."""
     return jax.default_backend()
+
+
+def _mosaic_gpu_unsupported_reason(dt, A, B, C, backend: str) -> str | None:
+    if backend not in ("gpu", "cpu"):
+        return f"the Mosaic GPU kernel runs on a GPU (or interpreted on CPU), not {backend!r}"
+    if dt.dtype != jnp.float32:
+        return f"the Mosaic GPU kernel takes float32, got {dt.dtype}"
+    if A.shape[1] < 5:
+        return f"the Mosaic GPU kernel needs n >= 5 (padded to a multiple of 8), got {A.shape[1]}"
+    groups = max(BC.shape[1] if BC.ndim == 4 else 1 for BC in (B, C))
+    if (A.shape[0] // groups) % 64:
+        return (
+            "the Mosaic GPU kernel needs the channels of each B/C group to be a multiple of 64, "
+            f"got {A.shape[0] // groups}"
+        )
+    return None
 
 
 @functools.cache

@@ -1,0 +1,238 @@
+"""The selective scan's forward pass as a Mosaic GPU kernel (the Triton kernel's port, forward only).
+
+The Mosaic GPU counterpart of :func:`effformer.kernels.selective_scan._forward_pass`
+(Pallas's Triton backend is deprecated from jax 0.11), with its contract: the same
+inputs in the Triton kernel's layout, the same outputs (y, the state leaving each
+chunk, the states entering each sequence block), so the Triton wrapper's chunking (a
+pass from zero, the carry across chunks in XLA, a pass from the true starts) and its
+backward kernels use it unchanged (``selective_scan_pallas(..., mosaic_forward=True)``).
+
+One warpgroup per (batch row, block of 64 channels, sequence chunk). The state, a
+[64, n] float32 array, lives in registers in WGMMA's accumulator layout (64 rows over
+the warpgroup's 128 threads), so a channel vector ([64], one per step: dt_t, u_t) is
+that layout reduced over the state axis and broadcasts along it, and a state vector
+([n]: B_t, C_t) is the layout reduced over the channels. Each step is
+
+    x = exp(dt_t A) * x + (dt_t u_t) B_t,     y_t = sum_n C_t x
+
+with ``y_t`` stored as a row of a [seq_block, 64] shared-memory tile. u and dt are
+read time-major ([batch, L, d], transposed by the wrapper) so that a step's 64
+channels are one contiguous row; their tiles of ``seq_block`` steps, and those of
+time-varying B and C, stream through two shared-memory slots by TMA (block ``k + 2``
+is copied into a slot when block ``k`` is done with it); the steps of a block are
+unrolled. No matmul: the kernel is elementwise work and exps, as the Triton one.
+
+Constraints of this first version: float32 (the Triton kernel also takes float64,
+which Mosaic GPU does not), channels per B/C group a multiple of 64, ``n`` padded to a
+multiple of 8 (zero A, B, C columns keep the padded state at 0).
+
+Verified on CPU in Mosaic GPU's interpreter (``interpret=True``) against the float64
+reference, and lowered for CUDA from the host; not yet compiled or run on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from effformer.kernels import mosaic_gpu_tiles as tiles
+
+Array = jax.Array
+
+CHANNELS = tiles.TILE_ROWS  # channels per program: the rows of one WGMMA-layout array
+_SLOTS = 2
+
+
+def _load(interpret: bool, ref, index, layout) -> Array:
+    """Row ``index`` of a [rows, width] shared-memory tile (or the whole tile, index None)."""
+    if interpret:
+        return ref[...] if index is None else ref[index]
+    return plgpu.load(ref, () if index is None else (index,), layout=layout)
+
+
+def _kernel(*refs, layout, has_init, write_y, save_starts, interpret):
+    """One (batch row, channel block, chunk) program; see :func:`forward_pass`."""
+    refs = list(refs)
+    u_ref, dt_ref, A_ref, B_ref, C_ref = refs[:5]
+    rest = refs[5:]
+    init_ref = rest.pop(0) if has_init else None
+    y_ref = rest.pop(0) if write_y else None
+    last_ref = rest.pop(0)
+    starts_ref = rest.pop(0) if save_starts else None
+    (u_smem, dt_smem, B_smem, C_smem, y_smem, state_smem, barriers, *block_barriers) = rest[0]
+    seq_block, blocks = layout.seq_block, layout.blocks_per_chunk
+    varying = layout.varying
+    b, j, c = lax.axis_index("b"), lax.axis_index("j"), lax.axis_index("c")
+    channels = pl.ds(j * CHANNELS, CHANNELS)
+    chunk_start = c * layout.chunk_len
+    wgmma = plgpu.Layout.WGMMA
+    channel_vector, state_vector = wgmma.reduce(1), wgmma.reduce(0)
+
+    def group_of(name):
+        return lax.div(j * CHANNELS, layout.d // layout.groups[name])
+
+    def streams():
+        """(source ref, its [.., L, width] view for a step range, tile, barriers) per stream."""
+        yield u_ref, lambda steps: u_ref.at[b, steps, channels], u_smem, block_barriers[0]
+        yield dt_ref, lambda steps: dt_ref.at[b, steps, channels], dt_smem, block_barriers[1]
+        for index, (name, ref, smem) in enumerate((("B", B_ref, B_smem), ("C", C_ref, C_smem))):
+            if varying[name]:
+                view = functools.partial(lambda ref, name, steps: ref.at[b, group_of(name), steps],
+                                         ref, name)  # fmt: skip
+                yield ref, view, smem, block_barriers[2 + index]
+
+    def copy_block(k, slot):
+        steps = pl.ds(chunk_start + k * seq_block, seq_block)
+        for _, view, smem, stream_barriers in streams():
+            plgpu.copy_gmem_to_smem(view(steps), smem.at[slot], stream_barriers.at[slot])
+
+    def wait_block(slot):
+        for _, _, _, stream_barriers in streams():
+            plgpu.barrier_wait(stream_barriers.at[slot])
+
+    def read_matrix(ref_at, index):
+        # A [64, n] tile of a [.., d, n] array into registers, through the state tile.
+        plgpu.copy_gmem_to_smem(ref_at, state_smem, barriers.at[index])
+        plgpu.barrier_wait(barriers.at[index])
+        value = _load(interpret, state_smem, None, wgmma)
+        return value
+
+    for slot in range(min(_SLOTS, blocks)):
+        copy_block(slot, slot)
+    A = read_matrix(A_ref.at[channels], 0)
+    fixed = {}
+    for index, (name, ref) in enumerate((("B", B_ref), ("C", C_ref)), start=1):
+        if not varying[name]:
+            fixed[name] = read_matrix(ref.at[channels], index)
+    if has_init:
+        x = read_matrix(init_ref.at[b, c, channels], 3)
+    else:
+        x = tiles.with_layout(interpret, jnp.zeros(A.shape, jnp.float32), wgmma)
+
+    def run_block(k, x):
+        slot = lax.rem(k, _SLOTS)
+        if starts_ref is not None:
+            plgpu.wait_smem_to_gmem(0)  # the state tile's last copy out has been read
+            state_smem[...] = x
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(state_smem, starts_ref.at[b, c * blocks + k, channels])
+        wait_block(slot)
+        if y_ref is not None:
+            plgpu.wait_smem_to_gmem(0)  # y's staging tile has been copied out
+        for i in range(seq_block):
+            dt_t = _load(interpret, dt_smem.at[slot], i, channel_vector)
+            u_t = _load(interpret, u_smem.at[slot], i, channel_vector)
+            if varying["B"]:
+                B_t = lax.broadcast_in_dim(
+                    _load(interpret, B_smem.at[slot], i, state_vector), x.shape, [1]
+                )
+            else:
+                B_t = fixed["B"]
+            decay = jnp.exp(lax.broadcast_in_dim(dt_t, x.shape, [0]) * A)
+            x = decay * x + lax.broadcast_in_dim(dt_t * u_t, x.shape, [0]) * B_t
+            if y_ref is not None:
+                if varying["C"]:
+                    C_t = lax.broadcast_in_dim(
+                        _load(interpret, C_smem.at[slot], i, state_vector), x.shape, [1]
+                    )
+                else:
+                    C_t = fixed["C"]
+                y_smem[i] = (x * C_t).sum(axis=1)
+        if y_ref is not None:
+            plgpu.commit_smem()
+            steps = pl.ds(chunk_start + k * seq_block, seq_block)
+            plgpu.copy_smem_to_gmem(y_smem, y_ref.at[b, steps, channels])
+        # The slot's tiles have been read: fetch block k + 2 into it.
+        pl.when(k + _SLOTS < blocks)(functools.partial(copy_block, k + _SLOTS, slot))
+        return x
+
+    x = lax.fori_loop(0, blocks, run_block, x)
+    plgpu.wait_smem_to_gmem(0)
+    state_smem[...] = x
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(state_smem, last_ref.at[b, c, channels])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def supported_reason(layout) -> str | None:
+    """Why this kernel cannot run a call of ``layout`` (a selective_scan._Layout), or None."""
+    group_size = layout.d // max(layout.groups.values())
+    if group_size % CHANNELS:
+        return (
+            f"the Mosaic GPU scan needs the channels of each B/C group ({group_size}) to be a "
+            f"multiple of {CHANNELS}"
+        )
+    return None
+
+
+def forward_pass(args, init, layout, interpret: bool, write_y: bool, save_starts: bool):
+    """Mosaic GPU version of ``selective_scan._forward_pass`` (same arguments and results).
+
+    ``args``: padded kernel-layout u, dt [batch, d, L_pad], A [d, n_pad], B, C
+    ([d, n_pad] or [batch, groups, L_pad, n_pad]); ``init`` [batch, num_chunks, d, n_pad]
+    or None. ``layout.n_pad`` must be a multiple of 8 and the channels of a B/C group a
+    multiple of 64 (:func:`supported_reason`).
+    Returns y [batch, d, L_pad] (or None), the state leaving each chunk and the states
+    entering each sequence block (or None).
+    """
+    u, dt, A, B, C = args
+    if u.dtype != jnp.float32:
+        raise ValueError(f"selective scan (Mosaic GPU): float32 inputs only, got {u.dtype}.")
+    reason = supported_reason(layout)
+    if reason is not None or layout.n_pad % 8:
+        raise ValueError(
+            f"selective scan (Mosaic GPU): {reason or 'n_pad must be a multiple of 8'}."
+        )
+    batch, d, n_pad, seq_block = layout.batch, layout.d, layout.n_pad, layout.seq_block
+    # Time-major, so that one step of 64 channels is a contiguous row of a tile.
+    inputs = [jnp.swapaxes(u, 1, 2), jnp.swapaxes(dt, 1, 2), A, B, C]
+    if init is not None:
+        inputs.append(init)
+    state_shape = (batch, layout.num_chunks, d, n_pad)
+    out_type = []
+    if write_y:
+        out_type.append(jax.ShapeDtypeStruct((batch, layout.length_pad, d), jnp.float32))
+    out_type.append(jax.ShapeDtypeStruct(state_shape, jnp.float32))
+    if save_starts:
+        out_type.append(jax.ShapeDtypeStruct((batch, layout.num_seq_blocks, d, n_pad), jnp.float32))
+
+    def entry(*refs):
+        scratch = (
+            plgpu.SMEM((_SLOTS, seq_block, CHANNELS), jnp.float32),
+            plgpu.SMEM((_SLOTS, seq_block, CHANNELS), jnp.float32),
+            plgpu.SMEM((_SLOTS, seq_block, n_pad), jnp.float32),
+            plgpu.SMEM((_SLOTS, seq_block, n_pad), jnp.float32),
+            plgpu.SMEM((seq_block, CHANNELS), jnp.float32),
+            plgpu.SMEM((CHANNELS, n_pad), jnp.float32),
+            plgpu.Barrier(num_barriers=4),
+            *(plgpu.Barrier(num_barriers=_SLOTS) for _ in range(4)),  # u, dt, B, C slots
+        )
+        kernel = functools.partial(
+            _kernel,
+            layout=layout,
+            has_init=init is not None,
+            write_y=write_y,
+            save_starts=save_starts,
+            interpret=interpret,
+        )
+        pl.run_scoped(lambda *scoped: kernel(*refs, scoped), *scratch)
+
+    outs = list(
+        plgpu.kernel(
+            entry,
+            out_type=tuple(out_type),
+            grid=(batch, d // CHANNELS, layout.num_chunks),
+            grid_names=("b", "j", "c"),
+            compiler_params=plgpu.CompilerParams(),
+            interpret=tiles.interpret_params(interpret),
+        )(*inputs)
+    )
+    y = jnp.swapaxes(outs.pop(0), 1, 2) if write_y else None
+    last = outs.pop(0)
+    starts = outs.pop(0) if save_starts else None
+    return y, last, starts
