@@ -4,9 +4,9 @@
 #   OUT=runs/kernels_gpu DEADLINE=400 bash experiments/benchmarks/kernels_gpu_session.sh
 #   OUT=... bash experiments/benchmarks/kernels_gpu_session.sh flash_sweep scan_sweep
 #
-# Stages (default: env gpu_tests flash_mosaic decode_mosaic flash_backward flash_speed scan_sweep
-# flash_sweep scan decode flash_ablation flash_launch decode_gqa decode_f32, what the last run
-# left unmeasured first):
+# Stages (default: env gpu_tests flash_mosaic decode_mosaic scan_mosaic flash_backward flash_speed
+# scan_sweep flash_sweep scan decode flash_ablation flash_launch decode_gqa decode_f32, what the
+# last run left unmeasured first):
 #   env          GPU, driver, jax / jaxlib / Triton versions
 #   gpu_tests    tests/kernels/test_kernels_on_gpu.py: compiled kernels vs float64 references
 #   flash        kernels_flash_attention.py: correctness and the speed table vs XLA and cuDNN
@@ -21,6 +21,7 @@
 #   flash_backward  forward + backward with the fused backward (atomic dq) against the default
 #   flash_mosaic the Mosaic GPU forward (four block shapes) against the Triton forward and cuDNN
 #   decode_mosaic the Mosaic GPU decode kernel beside the Triton one, full caches
+#   scan_mosaic  the selective scan with its forward on Mosaic GPU beside the Triton kernel
 #   scan_sweep   selective-scan defaults and their untimed neighbours (blocks, chunks, warps)
 # Each stage runs in its own process under `timeout` (a failure or hang in one does not
 # stop the others), writes $OUT/<stage>.log and prints its status and the log's tail
@@ -70,6 +71,8 @@ assert jax.default_backend() == \"gpu\", \"JAX fell back to \" + jax.default_bac
     --skip-correctness --skip-speed --mosaic-forward ;;
   decode_mosaic) stage decode_mosaic 90 "$PY" $BENCH/kernels_decode_attention.py --caches 4096,32768 \
     --batches 1,8 --heads 8,32 --repeats 10 --mosaic ;;
+  scan_mosaic) stage scan_mosaic 90 "$PY" $BENCH/kernels_selective_scan.py --reps 10 \
+    --skip-correctness --implementations pallas pallas_mosaic_gpu associative ;;
   scan_sweep) stage scan_sweep 150 "$PY" $BENCH/kernels_selective_scan.py --reps 5 \
     --skip-correctness --skip-speed --sweep ;;
   *) echo "unknown stage $1" >&2 && exit 2 ;;
@@ -79,7 +82,7 @@ assert jax.default_backend() == \"gpu\", \"JAX fell back to \" + jax.default_bac
 STAGES=("$@")
 # What the last GPU run (experiments/benchmarks/README.md) left unmeasured first.
 ((${#STAGES[@]})) ||
-  STAGES=(env gpu_tests flash_mosaic decode_mosaic flash_backward flash_speed scan_sweep
-    flash_sweep scan decode flash_ablation flash_launch decode_gqa decode_f32)
+  STAGES=(env gpu_tests flash_mosaic decode_mosaic scan_mosaic flash_backward flash_speed
+    scan_sweep flash_sweep scan decode flash_ablation flash_launch decode_gqa decode_f32)
 for name in "${STAGES[@]}"; do run_stage "$name"; done
 echo "=== total $(($(date +%s) - START))s"

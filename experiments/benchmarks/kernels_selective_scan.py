@@ -171,12 +171,16 @@ def speed_table(batch, d, n, length, implementations, reps, backend: str | None)
                       "not measured | not measured |")  # fmt: skip
                 continue
             fn = op_functions(implementation)[int(backward)]
-            seconds[implementation] = median_seconds(fn, args, repeats=reps)
+            try:
+                seconds[implementation] = median_seconds(fn, args, repeats=reps)
+            except Exception as error:  # e.g. a new kernel the compiler rejects: report it
+                print(f"| {implementation} | {label} | {failure(error)} | | | |", flush=True)
         if not backend:
             continue
         xla = [s for impl, s in seconds.items() if impl in XLA_IMPLEMENTATIONS]
         for implementation, s in seconds.items():
-            speedup = f"{min(xla) / s:.1f}x" if implementation == "pallas" and xla else ""
+            is_kernel = implementation in ("pallas", "pallas_mosaic_gpu")
+            speedup = f"{min(xla) / s:.1f}x" if is_kernel and xla else ""
             print(f"| {implementation} | {label} | {s * 1e3:.2f} | {moved / s / 1e9:.0f} | "
                   f"{moved / s / bandwidth:.0%} | {speedup} |", flush=True)  # fmt: skip
     print()

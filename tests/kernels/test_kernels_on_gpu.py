@@ -210,6 +210,30 @@ def test_selective_scan_compiled_matches_reference(B_shape, C_shape, with_mask):
     assert max(errors) < SCAN_TOLERANCE, dict(zip(labels, errors, strict=True))
 
 
+@pytest.mark.parametrize(
+    "B_shape, C_shape, with_mask",
+    [
+        ((2, 16, 300), (2, 16, 300), True),
+        ((128, 16), (2, 2, 16, 300), False),  # two groups of 64 channels: whole programs
+    ],
+)
+def test_selective_scan_mosaic_forward_compiled_matches_reference(
+    B_shape, C_shape, with_mask, caplog
+):
+    # The forward passes on Mosaic GPU, the backward on Triton; on CPU only the
+    # interpreted kernel and its lowering were checked. 128 channels: two programs.
+    args = scan_inputs(128, 16, 300, B_shape, C_shape)
+    mask = (jnp.arange(300)[None, :] < jnp.array([[300], [181]])) if with_mask else None
+
+    got = jax.jit(scan_outputs_and_gradients("pallas_mosaic_gpu", mask))(args)
+    assert "instead of 'pallas_mosaic_gpu'" not in caplog.text
+    with jax.enable_x64(True):
+        expected = jax.jit(scan_outputs_and_gradients("reference", mask))(_upcast(args))
+        errors = relative_errors(got, expected)
+    labels = ("out", "last_state", *(f"d{name}" for name in sorted(SCAN_NAMES)))
+    assert max(errors) < SCAN_TOLERANCE, dict(zip(labels, errors, strict=True))
+
+
 @pytest.mark.parametrize("chunk_size", [64, 100])
 def test_selective_scan_chunks_compiled_match_reference(chunk_size):
     # The kernel itself (dt already positive), its sequence cut into chunks of
