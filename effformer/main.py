@@ -61,6 +61,38 @@ _VALUES_DTYPE = flags.DEFINE_enum(
 )
 
 
+# The flags each command reads. Any other of this module's flags given on the command line
+# is refused rather than silently ignored (``generate --top_k 5`` is not ``--sample_top_k``;
+# ``eval --config ...`` does not override the workdir's saved config).
+_COMMAND_FLAGS = {
+    "train": (_CONFIG, _WORKDIR),
+    "eval": (_WORKDIR, _STEP, _SPLIT),
+    "generate": (
+        _WORKDIR,
+        _STEP,
+        _SPLIT,
+        _NUM_EXAMPLES,
+        _MAX_NEW_TOKENS,
+        _TEMPERATURE,
+        _SAMPLE_TOP_K,
+        _SEED,
+    ),
+    "save-teacher-logits": (_CONFIG, _TEACHER_WORKDIR, _OUT, _TOP_K, _EPOCHS, _STEP, _VALUES_DTYPE),
+}
+
+
+def _check_flags_used(command: str) -> None:
+    """Raise a UsageError naming each flag given that ``command`` does not read."""
+    used = {holder.name for holder in _COMMAND_FLAGS[command]}
+    every = {holder.name for holders in _COMMAND_FLAGS.values() for holder in holders}
+    ignored = sorted(name for name in every - used if flags.FLAGS[name].present)
+    if ignored:
+        raise app.UsageError(
+            f"{command} does not read {', '.join('--' + name for name in ignored)}; its flags "
+            f"are {', '.join('--' + name for name in sorted(used))}."
+        )
+
+
 def _save_teacher_logits() -> None:
     if _CONFIG.value is None or not _TEACHER_WORKDIR.value or not _OUT.value:
         raise app.UsageError(
@@ -109,6 +141,7 @@ def main(argv: list[str]) -> None:
     commands = argv[1:]
     if len(commands) != 1 or commands[0] not in COMMANDS:
         raise app.UsageError(f"Give one command, one of {COMMANDS}; got {commands}.")
+    _check_flags_used(commands[0])
     logging.set_verbosity(logging.WARNING)
     if commands[0] == "save-teacher-logits":
         _save_teacher_logits()

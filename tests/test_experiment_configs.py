@@ -46,3 +46,35 @@ def test_default_config_validates_and_builds(path):
     model = experiment.model
     variables = jax.eval_shape(model.init, jax.random.key(0), **model.dummy_inputs(1))
     assert jax.tree.leaves(variables["params"])
+
+
+@pytest.mark.parametrize(
+    "argv, ignored",
+    [
+        (["eval", "--workdir", "w", "--top_k", "3"], "--top_k"),
+        (["generate", "--workdir", "w", "--top_k", "3"], "--top_k"),
+        (["train", "--workdir", "w", "--step", "5"], "--step"),
+        (
+            ["eval", "--workdir", "w", "--config", str(EXPERIMENTS / "digits" / "vit.py")],
+            "--config",
+        ),
+    ],
+)
+def test_cli_refuses_a_flag_its_command_does_not_read(argv, ignored):
+    from absl import app, flags
+
+    from effformer import main
+
+    remaining = flags.FLAGS(["effformer", *argv])  # absl's parse, as app.run does
+    try:
+        with pytest.raises(app.UsageError, match=f"{argv[0]} does not read {ignored};"):
+            main.main(remaining)
+    finally:
+        flags.FLAGS.unparse_flags()
+
+
+def test_local_learning_schedule_can_be_overridden_from_the_command_line():
+    # experiments/local_learning/README.md: `effformer train` runs either schedule through
+    # config.task.local_schedule; a --config.FIELD override needs the field in the config.
+    config = _load(EXPERIMENTS / "local_learning" / "digits.py").get_config("k2_features")
+    assert config.task.local_schedule == "joint"

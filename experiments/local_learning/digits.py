@@ -67,4 +67,7 @@ def get_config(arg: str = "k2_features"):
     config.task.name = "local_learning"
     config.task.local_reconstruction_weight = 1.0
     config.task.local_classification_weight = 1.0
+    # "joint" (one jax.grad) or "sequential" (module by module, README): present here so that
+    # --config.task.local_schedule=sequential can override it from the command line.
+    config.task.local_schedule = "joint"
     return config

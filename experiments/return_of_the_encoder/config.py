@@ -14,9 +14,9 @@ decoder (``lis_direct_seq2seq``); one vocabulary (14 tokens).
 Arms (``get_config(arm)``; width 64, 4 heads, RoPE, pre-norm):
 
 * ``teacher``: decoder-only, 4 layers x 128, FFN 256, learning rate 1e-3;
-* ``decoder``: decoder-only, 3 layers, FFN 171 (118,209 parameters);
+* ``decoder``: decoder-only, 3 layers, FFN 171 (118,081 parameters);
 * ``encoder_decoder``: 2 encoder + 1 decoder layers (the paper's 2/3-1/3
-  split), FFN 128 (118,464 parameters: the cross-attention's weights are what
+  split), FFN 128 (118,336 parameters: the cross-attention's weights are what
   the decoder-only arm has in its wider FFN);
 * ``encoder_decoder_kd``: the same, task ``seq2seq_distillation`` from the teacher
   run (``config.task.teacher_workdir``, set by ``run.py``);
