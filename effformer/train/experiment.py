@@ -44,6 +44,12 @@ class Experiment:
     abstract_state: Any  # TrainState of ShapeDtypeStructs carrying their shardings.
     state_shardings: Any
     init_state: Callable[[], TrainState]
+    # Jitted eval steps by their model keyword arguments (effformer.train.evaluate): built
+    # once per run, so periodic evaluations do not retrace and recompile. Not an __init__
+    # field, so dataclasses.replace (another task or model) starts with an empty cache.
+    eval_steps: dict = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @property
     def batch_sharding(self) -> NamedSharding:

@@ -242,6 +242,29 @@ def test_ema_parameters_are_kept_and_used_for_eval(make_config, tmp_path):
     assert run_evaluation(exp, state.ema_params) == result["eval"]
 
 
+def test_evaluation_reuses_its_jitted_step_and_a_replaced_experiment_does_not(
+    make_config, monkeypatch
+):
+    import dataclasses
+    import importlib
+
+    # The module (effformer.train re-exports a function under its name).
+    evaluate = importlib.import_module("effformer.train.evaluate")
+    built = []
+    make = evaluate.make_eval_step
+    monkeypatch.setattr(evaluate, "make_eval_step", lambda *args: built.append(1) or make(*args))
+    exp = build_experiment(make_config(num_train_steps=4))
+    state = exp.init_state()
+    first = evaluate.run_evaluation(exp, state.params)
+    assert evaluate.run_evaluation(exp, state.params) == first
+    assert len(built) == 1  # periodic evaluations do not rebuild (and recompile) the step
+    # Another task or model must not reuse a step built for this one.
+    other = dataclasses.replace(exp, task=exp.task)
+    assert other.eval_steps == {}
+    evaluate.run_evaluation(other, state.params)
+    assert len(built) == 2
+
+
 def test_bfloat16_compute_trains(make_config, tmp_path):
     config = make_config(num_train_steps=8, log_every_steps=1, compute_dtype="bfloat16")
     config.optimizer.learning_rate = 1e-2
