@@ -254,7 +254,8 @@ class VisionTransformer(nn.Module):
                 raise ValueError(f"{name}: {field} must be one of {allowed}, got {value!r}.")
         if self.mixer not in MIXERS:
             raise ValueError(f"{name}: mixer must be one of {sorted(MIXERS)}, got {self.mixer!r}.")
-        for field in ("num_classes", "image_size", "num_channels", "embed_dim", "num_layers"):
+        positive = ("num_classes", "image_size", "num_channels", "embed_dim", "num_layers")
+        for field in (*positive, "num_heads"):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: {field} must be a positive int, got {value!r}.")

@@ -379,6 +379,12 @@ def test_image_size_must_be_positive():
         _init(model)
 
 
+def test_zero_heads_is_named_not_a_division_by_zero():
+    model = models.create("cct_14_7x2", tiny=True, num_heads=0)
+    with pytest.raises(ValueError, match=r"num_heads must be a positive int, got 0"):
+        _init(model)
+
+
 def test_input_of_another_size_or_channel_count():
     model = models.create("cct_7_3x1", tiny=True)
     variables = jax.eval_shape(lambda: _init(model))  # the check runs at trace time
