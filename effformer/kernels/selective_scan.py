@@ -475,7 +475,7 @@ def _mosaic_forward_pass(args, init, layout, *, interpret, write_y, save_starts)
     )
 
 
-def _adjoint_carries(dt, A, C, gy, glast, layout: _Layout, num_warps, interpret):
+def _adjoint_carries(dt, A, C, gy, glast, layout: _Layout, num_warps, interpret, mosaic=False):
     """The adjoint entering each chunk from its right, [batch, num_chunks, d, n_pad].
 
     The last chunk gets the last state's cotangent. Each other chunk c gets
@@ -484,27 +484,10 @@ def _adjoint_carries(dt, A, C, gy, glast, layout: _Layout, num_warps, interpret)
     """
     if layout.num_chunks == 1:
         return glast[:, None]
-    kernel = functools.partial(
-        _adjoint_carry_kernel,
-        seq_block=layout.seq_block,
-        num_seq_blocks=layout.blocks_per_chunk,
-        C_varying=layout.varying["C"],
-    )
-    local = pl.pallas_call(
-        kernel,
-        out_shape=layout.chunk_state_shape(dt.dtype),
-        grid=layout.grid,
-        in_specs=[
-            layout.per_channel(),
-            layout.channel_matrix(),
-            layout.coefficient("C"),
-            layout.per_channel(),
-        ],
-        out_specs=layout.chunk_state(),
-        interpret=interpret,
-        compiler_params=_compiler_params(num_warps, interpret),
-        name="selective_scan_adjoint_carries",
-    )(dt, A, C, gy)
+    if mosaic:
+        local = selective_scan_mosaic_gpu.adjoint_carry_pass(dt, A, C, gy, layout, interpret)
+    else:
+        local = _adjoint_carry_locals(dt, A, C, gy, layout, num_warps, interpret)
     decay = layout.chunk_decay(dt, A)
 
     def step(h, decay_and_local):  # h enters chunk c + 1; returns what enters chunk c
@@ -520,10 +503,44 @@ def _adjoint_carries(dt, A, C, gy, glast, layout: _Layout, num_warps, interpret)
     return jnp.concatenate([jnp.moveaxis(carries, 0, 1), glast[:, None]], axis=1)
 
 
-def _backward(u, dt, A, B, C, starts, gy, glast, layout: _Layout, num_warps, interpret):
-    """Padded kernel-layout inputs and cotangents -> du, ddt, dA, dB, dC partials."""
+def _adjoint_carry_locals(dt, A, C, gy, layout: _Layout, num_warps, interpret):
+    """One launch of the carry kernel: the adjoint each chunk passes on when none enters it."""
+    kernel = functools.partial(
+        _adjoint_carry_kernel,
+        seq_block=layout.seq_block,
+        num_seq_blocks=layout.blocks_per_chunk,
+        C_varying=layout.varying["C"],
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=layout.chunk_state_shape(dt.dtype),
+        grid=layout.grid,
+        in_specs=[
+            layout.per_channel(),
+            layout.channel_matrix(),
+            layout.coefficient("C"),
+            layout.per_channel(),
+        ],
+        out_specs=layout.chunk_state(),
+        interpret=interpret,
+        compiler_params=_compiler_params(num_warps, interpret),
+        name="selective_scan_adjoint_carries",
+    )(dt, A, C, gy)
+
+
+def _backward(
+    u, dt, A, B, C, starts, gy, glast, layout: _Layout, num_warps, interpret, mosaic=False
+):
+    """Padded kernel-layout inputs and cotangents -> du, ddt, dA, dB, dC partials.
+
+    ``mosaic``: both kernels on Mosaic GPU (``layout.cb`` 64; same contract).
+    """
     dtype = u.dtype
-    carries = _adjoint_carries(dt, A, C, gy, glast, layout, num_warps, interpret)
+    carries = _adjoint_carries(dt, A, C, gy, glast, layout, num_warps, interpret, mosaic)
+    if mosaic:
+        return selective_scan_mosaic_gpu.backward_pass(
+            u, dt, A, B, C, starts, gy, carries, layout, interpret
+        )
 
     def coefficient_grad_shape(name):
         if layout.varying[name]:
@@ -581,25 +598,27 @@ def _to_kernel_layout(u, dt, A, B, C, layout: _Layout):
     )
 
 
-def _forward_layout(u, A, B, C, seq_block, channel_block, chunk_size, mosaic):
-    # The Mosaic GPU forward runs 64 channels per program; the backward keeps its own
-    # channel block (its residuals, the block-entering states, do not depend on it).
+def _mosaic_layout(u, A, B, C, seq_block, channel_block, chunk_size, mosaic: bool):
+    # The Mosaic GPU kernels run 64 channels per program. The forward's residuals (the
+    # block-entering states) do not depend on the channel block, so the forward and the
+    # backward may each use their own.
     channels = selective_scan_mosaic_gpu.CHANNELS if mosaic else channel_block
     return _Layout(u.shape, A.shape[1], B, C, seq_block, channels, chunk_size)
 
 
+# ``mosaic``: (forward, backward) on the Mosaic GPU kernels (selective_scan_mosaic_gpu.py).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
 def _scan(u, dt, A, B, C, seq_block, channel_block, chunk_size, num_warps, interpret, mosaic):
-    layout = _forward_layout(u, A, B, C, seq_block, channel_block, chunk_size, mosaic)
+    layout = _mosaic_layout(u, A, B, C, seq_block, channel_block, chunk_size, mosaic[0])
     args = _to_kernel_layout(u, dt, A, B, C, layout)
-    y, last, _ = _forward(args, layout, num_warps, interpret, save_starts=False, mosaic=mosaic)
+    y, last, _ = _forward(args, layout, num_warps, interpret, False, mosaic[0])
     return y[..., : layout.length], last[..., : layout.n]
 
 
 def _scan_fwd(u, dt, A, B, C, seq_block, channel_block, chunk_size, num_warps, interpret, mosaic):
-    layout = _forward_layout(u, A, B, C, seq_block, channel_block, chunk_size, mosaic)
+    layout = _mosaic_layout(u, A, B, C, seq_block, channel_block, chunk_size, mosaic[0])
     args = _to_kernel_layout(u, dt, A, B, C, layout)
-    y, last, starts = _forward(args, layout, num_warps, interpret, True, mosaic)
+    y, last, starts = _forward(args, layout, num_warps, interpret, True, mosaic[0])
     # Residuals: the (padded) inputs, the original B and C (for their layout),
     # and the states entering each sequence block; nothing of size L * n per channel.
     return (y[..., : layout.length], last[..., : layout.n]), (args, starts, B, C)
@@ -611,11 +630,14 @@ def _scan_bwd(
     args, starts, B, C = residuals
     gy, glast = cotangents
     # The cotangents have the unpadded shapes of y [batch, d, L] and the state [batch, d, n].
-    layout = _Layout(gy.shape, glast.shape[-1], B, C, seq_block, channel_block, chunk_size)
+    n = glast.shape[-1]
+    A_like = jax.ShapeDtypeStruct((gy.shape[1], n), gy.dtype)
+    layout = _mosaic_layout(gy, A_like, B, C, seq_block, channel_block, chunk_size, mosaic[1])
     du, ddt, dA, dB, dC = _backward(
-        *args, starts, layout.pad_time(gy), layout.pad_state(glast), layout, num_warps, interpret
-    )
-    length, n = layout.length, layout.n
+        *args, starts, layout.pad_time(gy), layout.pad_state(glast), layout, num_warps,
+        interpret, mosaic[1],
+    )  # fmt: skip
+    length = layout.length
     return (
         du[..., :length],
         ddt[..., :length],
@@ -646,6 +668,7 @@ def selective_scan_pallas(
     num_warps: int | None = None,
     interpret: bool | None = None,
     mosaic_forward: bool = False,
+    mosaic_backward: bool = False,
 ) -> tuple[Array, Array]:
     """The core recurrence of the selective scan as a Pallas kernel, differentiable.
 
@@ -667,11 +690,11 @@ def selective_scan_pallas(
       num_warps: Triton warps per program (GPU only); None: ``DEFAULT_NUM_WARPS_CHUNKED``
         when the sequence is cut into chunks, else ``DEFAULT_NUM_WARPS``.
       interpret: run in Pallas interpret mode; None: on CPU only (logged once).
-      mosaic_forward: run the forward passes on the Mosaic GPU kernel
-        (:mod:`effformer.kernels.selective_scan_mosaic_gpu`, 64 channels per program;
-        Mosaic GPU's interpreter on CPU); the backward stays on the Triton kernels.
-        float32, ``n`` of at least 5 (padded to a power of two >= 8), the channels
-        of each B/C group a multiple of 64.
+      mosaic_forward, mosaic_backward: run the forward passes, the backward's two
+        kernels, or both on Mosaic GPU (:mod:`effformer.kernels.selective_scan_mosaic_gpu`,
+        64 channels per program; Mosaic GPU's interpreter on CPU) instead of Triton;
+        they mix (same residuals). float32, ``n`` of at least 5 (padded to a power
+        of two >= 8), the channels of each B/C group a multiple of 64.
     Returns:
       y [batch, d, L] (= sum_n C_t x_t, before D and z) and the last state
       [batch, d, n], both in the inputs' dtype (float32 or float64).
@@ -715,15 +738,16 @@ def selective_scan_pallas(
         "a power of two",
         channel_block,
     )
-    if mosaic_forward:
-        _check("u.dtype", dtype == jnp.float32, "float32 with mosaic_forward=True", dtype)
-        _check("A", _next_power_of_2(n) % 8 == 0, "[d, n] with n >= 5 with mosaic_forward=True",
+    if mosaic_forward or mosaic_backward:
+        flags = "mosaic_forward / mosaic_backward"
+        _check("u.dtype", dtype == jnp.float32, f"float32 with {flags}", dtype)
+        _check("A", _next_power_of_2(n) % 8 == 0, f"[d, n] with n >= 5 with {flags}",
                tuple(A.shape))  # fmt: skip
         groups = max(BC.shape[1] if BC.ndim == 4 else 1 for BC in (B, C))
         _check(
             "the channels per B/C group",
             (d // groups) % selective_scan_mosaic_gpu.CHANNELS == 0,
-            f"a multiple of {selective_scan_mosaic_gpu.CHANNELS} with mosaic_forward=True",
+            f"a multiple of {selective_scan_mosaic_gpu.CHANNELS} with {flags}",
             d // groups,
         )
     if interpret is None:
@@ -739,5 +763,5 @@ def selective_scan_pallas(
         num_warps = DEFAULT_NUM_WARPS_CHUNKED if chunked else DEFAULT_NUM_WARPS
     return _scan(
         u, dt, A, B, C, seq_block, channel_block, chunk_size, num_warps, bool(interpret),
-        bool(mosaic_forward),
+        (bool(mosaic_forward), bool(mosaic_backward)),
     )  # fmt: skip

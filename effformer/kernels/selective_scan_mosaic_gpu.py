@@ -236,3 +236,264 @@ def forward_pass(args, init, layout, interpret: bool, write_y: bool, save_starts
     last = outs.pop(0)
     starts = outs.pop(0) if save_starts else None
     return y, last, starts
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _stream_views(refs: dict, b, j, layout, varying_names):
+    """(view of a step range, tile, barriers) per streamed input of the backward kernels."""
+    channels = pl.ds(j * CHANNELS, CHANNELS)
+    for name, (ref, smem, barriers) in refs.items():
+        if name in ("B", "C"):
+            if name not in varying_names:
+                continue
+            group = lax.div(j * CHANNELS, layout.d // layout.groups[name])
+            yield (functools.partial(lambda ref, g, s: ref.at[b, g, s], ref, group), smem, barriers)
+        else:
+            yield (functools.partial(lambda ref, s: ref.at[b, s, channels], ref), smem, barriers)
+
+
+def _adjoint_carry_kernel(dt_ref, A_ref, C_ref, gy_ref, carry_ref, scratch, *, layout, interpret):
+    """The adjoint a chunk passes to its left from a zero right end (see selective_scan.py)."""
+    dt_smem, gy_smem, C_smem, state_smem, barriers, *stream_barriers = scratch
+    seq_block, blocks = layout.seq_block, layout.blocks_per_chunk
+    b, j, c = lax.axis_index("b"), lax.axis_index("j"), lax.axis_index("c")
+    channels = pl.ds(j * CHANNELS, CHANNELS)
+    wgmma = plgpu.Layout.WGMMA
+    channel_vector, state_vector = wgmma.reduce(1), wgmma.reduce(0)
+    C_varying = layout.varying["C"]
+    streams = {"dt": (dt_ref, dt_smem, stream_barriers[0]), "gy": (gy_ref, gy_smem, stream_barriers[1]),
+               "C": (C_ref, C_smem, stream_barriers[2])}  # fmt: skip
+    views = list(_stream_views(streams, b, j, layout, ("C",) if C_varying else ()))
+
+    def copy_block(k, slot):  # block k of the chunk, walked from the last one
+        steps = pl.ds(c * layout.chunk_len + k * seq_block, seq_block)
+        for view, smem, barrier in views:
+            plgpu.copy_gmem_to_smem(view(steps), smem.at[slot], barrier.at[slot])
+
+    def read_matrix(ref_at, index):
+        plgpu.copy_gmem_to_smem(ref_at, state_smem, barriers.at[index])
+        plgpu.barrier_wait(barriers.at[index])
+        return _load(interpret, state_smem, None, wgmma)
+
+    for slot in range(min(_SLOTS, blocks)):
+        copy_block(blocks - 1 - slot, slot)
+    A = read_matrix(A_ref.at[channels], 0)
+    C_fixed = None if C_varying else read_matrix(C_ref.at[channels], 1)
+
+    def run_block(step, h):
+        k, slot = blocks - 1 - step, lax.rem(step, _SLOTS)
+        for _, _, barrier in views:
+            plgpu.barrier_wait(barrier.at[slot])
+        for i in reversed(range(seq_block)):
+            gy_t = _load(interpret, gy_smem.at[slot], i, channel_vector)
+            C_t = C_fixed if not C_varying else lax.broadcast_in_dim(
+                _load(interpret, C_smem.at[slot], i, state_vector), h.shape, [1]
+            )  # fmt: skip
+            h = h + lax.broadcast_in_dim(gy_t, h.shape, [0]) * C_t
+            dt_t = _load(interpret, dt_smem.at[slot], i, channel_vector)
+            h = jnp.exp(lax.broadcast_in_dim(dt_t, h.shape, [0]) * A) * h
+        pl.when(step + _SLOTS < blocks)(functools.partial(copy_block, k - _SLOTS, slot))
+        return h
+
+    h = tiles.with_layout(interpret, jnp.zeros(A.shape, jnp.float32), wgmma)
+    h = lax.fori_loop(0, blocks, run_block, h)
+    state_smem[...] = h
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(state_smem, carry_ref.at[b, c, channels])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _backward_kernel(u_ref, dt_ref, A_ref, B_ref, C_ref, starts_ref, gy_ref, carry_ref,
+                     du_ref, ddt_ref, dA_ref, dB_ref, dC_ref, scratch, *, layout, interpret):  # fmt: skip
+    """The adjoint recurrence over one chunk, blocks in reverse (see selective_scan.py).
+
+    Same computation as the Triton ``_backward_kernel``: per block the states are
+    recomputed from the saved block-entering state, then the adjoint ``h`` steps back
+    through the block emitting du, ddt (rows of [seq_block, 64] tiles), dB, dC (summed
+    over the program's channels: rows of [seq_block, n] tiles, or accumulated when
+    time-invariant) and dA (accumulated).
+    """
+    (u_smem, dt_smem, gy_smem, B_smem, C_smem, state_smem, du_smem, ddt_smem, dB_smem,
+     dC_smem, barriers, *stream_barriers) = scratch  # fmt: skip
+    seq_block, blocks = layout.seq_block, layout.blocks_per_chunk
+    b, j, c = lax.axis_index("b"), lax.axis_index("j"), lax.axis_index("c")
+    channels = pl.ds(j * CHANNELS, CHANNELS)
+    wgmma = plgpu.Layout.WGMMA
+    channel_vector, state_vector = wgmma.reduce(1), wgmma.reduce(0)
+    varying = layout.varying
+    streams = {
+        "u": (u_ref, u_smem, stream_barriers[0]),
+        "dt": (dt_ref, dt_smem, stream_barriers[1]),
+        "gy": (gy_ref, gy_smem, stream_barriers[2]),
+        "B": (B_ref, B_smem, stream_barriers[3]),
+        "C": (C_ref, C_smem, stream_barriers[4]),
+    }
+    varying_names = tuple(name for name in ("B", "C") if varying[name])
+    views = list(_stream_views(streams, b, j, layout, varying_names))
+
+    def copy_block(k, slot):
+        steps = pl.ds(c * layout.chunk_len + k * seq_block, seq_block)
+        for view, smem, barrier in views:
+            plgpu.copy_gmem_to_smem(view(steps), smem.at[slot], barrier.at[slot])
+        plgpu.copy_gmem_to_smem(  # the state entering block k
+            starts_ref.at[b, c * blocks + k, channels], state_smem.at[slot],
+            stream_barriers[5].at[slot],
+        )  # fmt: skip
+
+    def read_matrix(ref_at, index):
+        plgpu.copy_gmem_to_smem(ref_at, state_smem.at[0], barriers.at[index])
+        plgpu.barrier_wait(barriers.at[index])
+        return _load(interpret, state_smem.at[0], None, wgmma)
+
+    A = read_matrix(A_ref.at[channels], 0)
+    fixed = {}
+    for index, (name, ref) in enumerate((("B", B_ref), ("C", C_ref)), start=1):
+        if not varying[name]:
+            fixed[name] = read_matrix(ref.at[channels], index)
+    h = read_matrix(carry_ref.at[b, c, channels], 3)
+    for slot in range(min(_SLOTS, blocks)):
+        copy_block(blocks - 1 - slot, slot)
+
+    def coefficient(name, slot, i, shape):
+        if not varying[name]:
+            return fixed[name]
+        smem = B_smem if name == "B" else C_smem
+        return lax.broadcast_in_dim(_load(interpret, smem.at[slot], i, state_vector), shape, [1])
+
+    def run_block(step, carry):
+        h, dA_acc, dB_acc, dC_acc = carry
+        k, slot = blocks - 1 - step, lax.rem(step, _SLOTS)
+        for _, _, barrier in views:
+            plgpu.barrier_wait(barrier.at[slot])
+        plgpu.barrier_wait(stream_barriers[5].at[slot])
+        plgpu.wait_smem_to_gmem(0)  # the previous block's gradient tiles have been copied out
+        shape = h.shape
+        broadcast = functools.partial(lax.broadcast_in_dim, shape=shape, broadcast_dimensions=[0])
+        states = [_load(interpret, state_smem.at[slot], None, wgmma)]
+        steps = []
+        for i in range(seq_block):
+            dt_t = _load(interpret, dt_smem.at[slot], i, channel_vector)
+            u_t = _load(interpret, u_smem.at[slot], i, channel_vector)
+            B_t = coefficient("B", slot, i, shape)
+            a_t = jnp.exp(broadcast(dt_t) * A)
+            states.append(a_t * states[-1] + broadcast(dt_t * u_t) * B_t)
+            steps.append((dt_t, u_t, B_t, a_t))
+        for i in reversed(range(seq_block)):
+            dt_t, u_t, B_t, a_t = steps[i]
+            gy_t = broadcast(_load(interpret, gy_smem.at[slot], i, channel_vector))
+            h = h + gy_t * coefficient("C", slot, i, shape)  # lambda_t
+            x_prev, x_t = states[i], states[i + 1]
+            da_a = h * x_prev * a_t
+            hB_sum = (h * B_t).sum(axis=1)
+            ddt_smem[i] = (da_a * A).sum(axis=1) + u_t * hB_sum
+            du_smem[i] = dt_t * hB_sum
+            dA_acc = dA_acc + da_a * broadcast(dt_t)
+            dB_t = h * broadcast(dt_t * u_t)
+            dC_t = gy_t * x_t
+            if varying["B"]:
+                dB_smem[i] = dB_t.sum(axis=0)
+            else:
+                dB_acc = dB_acc + dB_t
+            if varying["C"]:
+                dC_smem[i] = dC_t.sum(axis=0)
+            else:
+                dC_acc = dC_acc + dC_t
+            h = a_t * h
+        plgpu.commit_smem()
+        steps_out = pl.ds(c * layout.chunk_len + k * seq_block, seq_block)
+        plgpu.copy_smem_to_gmem(du_smem, du_ref.at[b, steps_out, channels])
+        plgpu.copy_smem_to_gmem(ddt_smem, ddt_ref.at[b, steps_out, channels])
+        if varying["B"]:
+            plgpu.copy_smem_to_gmem(dB_smem, dB_ref.at[b, j, steps_out])
+        if varying["C"]:
+            plgpu.copy_smem_to_gmem(dC_smem, dC_ref.at[b, j, steps_out])
+        pl.when(step + _SLOTS < blocks)(functools.partial(copy_block, k - _SLOTS, slot))
+        return h, dA_acc, dB_acc, dC_acc
+
+    zeros = tiles.with_layout(interpret, jnp.zeros(A.shape, jnp.float32), wgmma)
+    _, dA_acc, dB_acc, dC_acc = lax.fori_loop(0, blocks, run_block, (h, zeros, zeros, zeros))
+    plgpu.wait_smem_to_gmem(0)
+    outputs = [(dA_acc, dA_ref)]
+    outputs += [(acc, ref) for name, acc, ref in (("B", dB_acc, dB_ref), ("C", dC_acc, dC_ref))
+                if not varying[name]]  # fmt: skip
+    for value, ref in outputs:
+        state_smem.at[0][...] = value
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(state_smem.at[0], ref.at[b, c, channels])
+        plgpu.wait_smem_to_gmem(0)
+
+
+def adjoint_carry_pass(dt, A, C, gy, layout, interpret: bool) -> Array:
+    """Mosaic GPU version of the Triton adjoint-carry launch: [batch, num_chunks, d, n_pad]."""
+    batch, d, n_pad, seq_block = layout.batch, layout.d, layout.n_pad, layout.seq_block
+
+    def entry(*refs):
+        scratch = (
+            plgpu.SMEM((_SLOTS, seq_block, CHANNELS), jnp.float32),
+            plgpu.SMEM((_SLOTS, seq_block, CHANNELS), jnp.float32),
+            plgpu.SMEM((_SLOTS, seq_block, n_pad), jnp.float32),
+            plgpu.SMEM((CHANNELS, n_pad), jnp.float32),
+            plgpu.Barrier(num_barriers=2),
+            *(plgpu.Barrier(num_barriers=_SLOTS) for _ in range(3)),
+        )
+        kernel = functools.partial(_adjoint_carry_kernel, layout=layout, interpret=interpret)
+        pl.run_scoped(lambda *scoped: kernel(*refs, scoped), *scratch)
+
+    return plgpu.kernel(
+        entry,
+        out_type=jax.ShapeDtypeStruct((batch, layout.num_chunks, d, n_pad), jnp.float32),
+        grid=(batch, d // CHANNELS, layout.num_chunks),
+        grid_names=("b", "j", "c"),
+        compiler_params=plgpu.CompilerParams(),
+        interpret=tiles.interpret_params(interpret),
+    )(jnp.swapaxes(dt, 1, 2), A, C, jnp.swapaxes(gy, 1, 2))
+
+
+def backward_pass(u, dt, A, B, C, starts, gy, carries, layout, interpret: bool):
+    """Mosaic GPU version of the Triton backward launch: du, ddt, dA, dB, dC partials.
+
+    Inputs and outputs in the Triton kernel's layouts (``layout.cb`` must be 64, so dB
+    and dC partials come per 64-channel block).
+    """
+    batch, d, n_pad, seq_block = layout.batch, layout.d, layout.n_pad, layout.seq_block
+    chunk_shape = (batch, layout.num_chunks, d, n_pad)
+    time_major = (batch, layout.length_pad, d)
+
+    def coefficient_grad_shape(name):
+        if layout.varying[name]:
+            return (batch, d // CHANNELS, layout.length_pad, n_pad)
+        return chunk_shape
+
+    def entry(*refs):
+        scratch = (
+            *(plgpu.SMEM((_SLOTS, seq_block, CHANNELS), jnp.float32) for _ in range(3)),
+            *(plgpu.SMEM((_SLOTS, seq_block, n_pad), jnp.float32) for _ in range(2)),
+            plgpu.SMEM((_SLOTS, CHANNELS, n_pad), jnp.float32),
+            *(plgpu.SMEM((seq_block, CHANNELS), jnp.float32) for _ in range(2)),
+            *(plgpu.SMEM((seq_block, n_pad), jnp.float32) for _ in range(2)),
+            plgpu.Barrier(num_barriers=4),
+            *(plgpu.Barrier(num_barriers=_SLOTS) for _ in range(6)),  # u dt gy B C starts
+        )
+        kernel = functools.partial(_backward_kernel, layout=layout, interpret=interpret)
+        pl.run_scoped(lambda *scoped: kernel(*refs, scoped), *scratch)
+
+    du, ddt, dA, dB, dC = plgpu.kernel(
+        entry,
+        out_type=(
+            jax.ShapeDtypeStruct(time_major, jnp.float32),
+            jax.ShapeDtypeStruct(time_major, jnp.float32),
+            jax.ShapeDtypeStruct(chunk_shape, jnp.float32),
+            jax.ShapeDtypeStruct(coefficient_grad_shape("B"), jnp.float32),
+            jax.ShapeDtypeStruct(coefficient_grad_shape("C"), jnp.float32),
+        ),
+        grid=(batch, d // CHANNELS, layout.num_chunks),
+        grid_names=("b", "j", "c"),
+        compiler_params=plgpu.CompilerParams(),
+        interpret=tiles.interpret_params(interpret),
+    )(
+        jnp.swapaxes(u, 1, 2), jnp.swapaxes(dt, 1, 2), A, B, C, starts,
+        jnp.swapaxes(gy, 1, 2), carries,
+    )  # fmt: skip
+    return jnp.swapaxes(du, 1, 2), jnp.swapaxes(ddt, 1, 2), dA, dB, dC

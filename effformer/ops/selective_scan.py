@@ -52,10 +52,10 @@ in how the recurrence over time is evaluated):
     backward; its forward alone 0.73 ms against 1.87 and 31.0;
     experiments/benchmarks/README.md, "Pallas kernels on an NVIDIA H200:
     second session").
-  * ``"pallas_mosaic_gpu"``: the same, with the forward passes on the Mosaic GPU
-    kernel of effformer/kernels/selective_scan_mosaic_gpu.py (the port away from
-    Pallas's Triton backend, deprecated from jax 0.11; the backward stays Triton);
-    Mosaic GPU's interpreter on CPU. For float32 with n >= 5 and channels per B/C
+  * ``"pallas_mosaic_gpu"``: the same schedule with every kernel, forward and
+    backward, on Mosaic GPU (effformer/kernels/selective_scan_mosaic_gpu.py, the
+    port away from Pallas's Triton backend, deprecated from jax 0.11); Mosaic GPU's
+    interpreter on CPU. For float32 with n >= 5 and channels per B/C
     group a multiple of 64; otherwise, and off GPU / CPU, it runs ``"pallas"``
     (logged once). Interpreted and lowered on CPU, not yet run on a GPU; never
     chosen by ``implementation=None``.
@@ -237,8 +237,10 @@ def _selective_scan(
         y, last_state = _kernel_over_batch(tpu_kernel.selective_scan_tpu, u_c, dt, A, B, C)
     elif implementation == "pallas":  # GPU (Triton), or CPU in interpret mode
         y, last_state = _kernel_over_batch(pallas_kernel.selective_scan_pallas, u_c, dt, A, B, C)
-    elif implementation == "pallas_mosaic_gpu":  # the forward on Mosaic GPU (or interpreted)
-        mosaic = functools.partial(pallas_kernel.selective_scan_pallas, mosaic_forward=True)
+    elif implementation == "pallas_mosaic_gpu":  # on Mosaic GPU (or interpreted)
+        mosaic = functools.partial(
+            pallas_kernel.selective_scan_pallas, mosaic_forward=True, mosaic_backward=True
+        )
         y, last_state = _kernel_over_batch(mosaic, u_c, dt, A, B, C)
     else:
         y, last_state = _scan_chunked(u_c, dt, A, B, C, chunk_size)

@@ -217,11 +217,9 @@ def test_selective_scan_compiled_matches_reference(B_shape, C_shape, with_mask):
         ((128, 16), (2, 2, 16, 300), False),  # two groups of 64 channels: whole programs
     ],
 )
-def test_selective_scan_mosaic_forward_compiled_matches_reference(
-    B_shape, C_shape, with_mask, caplog
-):
-    # The forward passes on Mosaic GPU, the backward on Triton; on CPU only the
-    # interpreted kernel and its lowering were checked. 128 channels: two programs.
+def test_selective_scan_mosaic_compiled_matches_reference(B_shape, C_shape, with_mask, caplog):
+    # Every scan kernel on Mosaic GPU (implementation="pallas_mosaic_gpu"); on CPU only
+    # the interpreted kernels and their lowering were checked. 128 channels: two programs.
     args = scan_inputs(128, 16, 300, B_shape, C_shape)
     mask = (jnp.arange(300)[None, :] < jnp.array([[300], [181]])) if with_mask else None
 

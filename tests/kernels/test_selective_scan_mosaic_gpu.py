@@ -1,9 +1,10 @@
-"""The Mosaic GPU selective-scan forward in Mosaic GPU's interpreter on CPU, and its lowering.
+"""The Mosaic GPU selective-scan kernels in Mosaic GPU's interpreter on CPU, and their lowering.
 
-The kernel (``selective_scan_pallas(mosaic_forward=True)``; the backward stays on the
-Triton kernels, which read its block-entering states) against the float64 reference
-of the op, forward and gradients, and its three outputs against the Triton forward
-pass's (its contract). float32 kernel against float64: a step is a handful of float32
+``selective_scan_pallas(mosaic_forward=..., mosaic_backward=...)``: the forward passes,
+the backward's two kernels (adjoint carry, backward), or both on Mosaic GPU, the rest
+on the Triton kernels (they share the block-entering states), against the float64
+reference of the op, forward and gradients; and the forward's three outputs against
+the Triton forward pass's (its contract). float32 kernel against float64: a step is a handful of float32
 operations and the state decays, so errors stay near float32 rounding of the largest
 values (~1e-6 relative at these sizes); 1e-5 of the largest value is the bound, and
 one step of dt or B read at the wrong time moves outputs by more than 1e-2.
@@ -48,7 +49,12 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_forward_and_gradients_match_float64_reference(name):
+@pytest.mark.parametrize(
+    "mosaic_forward, mosaic_backward",
+    [(True, False), (False, True), (True, True)],
+    ids=["forward", "backward", "both"],
+)
+def test_forward_and_gradients_match_float64_reference(name, mosaic_forward, mosaic_backward):
     u, dt, A, B, C = _inputs(*LAYOUTS[name])
     cotangents = [
         jnp.asarray(np.random.default_rng(1).normal(size=shape), jnp.float32)
@@ -62,7 +68,7 @@ def test_forward_and_gradients_match_float64_reference(name):
     def kernel(u, dt, A, B, C):
         return selective_scan_pallas(
             u, dt, A, B, C, seq_block=SEQ_BLOCK, chunk_size=CHUNK, interpret=True,
-            mosaic_forward=True,
+            mosaic_forward=mosaic_forward, mosaic_backward=mosaic_backward,
         )  # fmt: skip
 
     def reference(u, dt, A, B, C):
@@ -79,7 +85,9 @@ def test_forward_and_gradients_match_float64_reference(name):
         grads_ref = [np.asarray(g) for g in grads_ref]
     assert _relative(y, y_ref) < TOLERANCE and _relative(last, last_ref) < TOLERANCE
     for arg, grad, grad_ref in zip(["u", "dt", "A", "B", "C"], grads, grads_ref, strict=True):
-        assert _relative(grad, grad_ref) < 1e-4, arg  # the Triton backward's float32 sums
+        assert _relative(grad, grad_ref) < 1e-4, arg  # float32 sums over time and channels
+    # The gradients of dt shifted by one step are far outside the tolerance too.
+    assert _relative(np.roll(np.asarray(grads[1]), 1, axis=2), grads_ref[1]) > 1e-2
     # dt shifted by one step (a tile read at the wrong time) is far outside the tolerance.
     shifted = selective_scan(
         u, jnp.roll(dt, 1, axis=2), A, B, C, return_last_state=True, delta_softplus=False,
@@ -137,19 +145,22 @@ def test_bad_arguments_are_named():
         )
 
 
-def test_forward_lowers_for_cuda_beside_the_triton_backward():
+@pytest.mark.parametrize("mosaic_backward", [False, True])
+def test_kernels_lower_for_cuda(mosaic_backward):
     # No GPU here: lowering for CUDA from the CPU host runs Mosaic GPU's lowering of the
     # two forward passes (chunk states, then y and the block starts) at the issue's size,
-    # and the Triton lowering of the adjoint-carry and backward kernels.
+    # and of the adjoint-carry and backward kernels, or their Triton lowering.
     u = jax.ShapeDtypeStruct((2, 1536, 4096), jnp.float32)
     A = jax.ShapeDtypeStruct((1536, 16), jnp.float32)
     BC = jax.ShapeDtypeStruct((2, 16, 4096), jnp.float32)
 
     def loss(u, dt, A, B, C):
-        y, last = selective_scan_pallas(u, dt, A, B, C, interpret=False, mosaic_forward=True)
+        y, last = selective_scan_pallas(
+            u, dt, A, B, C, interpret=False, mosaic_forward=True, mosaic_backward=mosaic_backward
+        )
         return jnp.sum(y) + jnp.sum(last)
 
     lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).trace(u, u, A, BC, BC)
     text = lowered.lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("custom_call @mosaic_gpu_v2") == 2
-    assert text.count("custom_call @__gpu$xla.gpu.triton") == 2
+    assert text.count("custom_call @mosaic_gpu_v2") == (4 if mosaic_backward else 2)
+    assert text.count("custom_call @__gpu$xla.gpu.triton") == (0 if mosaic_backward else 2)
