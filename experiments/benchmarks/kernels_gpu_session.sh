@@ -21,7 +21,7 @@
 #   flash_backward  forward + backward with the fused backward (atomic dq) against the default
 #   flash_mosaic the Mosaic GPU forward (four block shapes) against the Triton forward and cuDNN
 #   decode_mosaic the Mosaic GPU decode kernel beside the Triton one, full caches
-#   scan_mosaic  the selective scan with its forward on Mosaic GPU beside the Triton kernel
+#   scan_mosaic  the selective scan with every kernel on Mosaic GPU beside the Triton kernel
 #   scan_sweep   selective-scan defaults and their untimed neighbours (blocks, chunks, warps)
 # Each stage runs in its own process under `timeout` (a failure or hang in one does not
 # stop the others), writes $OUT/<stage>.log and prints its status and the log's tail
