@@ -1,30 +1,38 @@
-"""The selective scan's forward pass as a Mosaic GPU kernel (the Triton kernel's port, forward only).
+"""The selective scan's kernels on Mosaic GPU (the Triton kernels' port, forward and backward).
 
-The Mosaic GPU counterpart of :func:`effformer.kernels.selective_scan._forward_pass`
-(Pallas's Triton backend is deprecated from jax 0.11), with its contract: the same
-inputs in the Triton kernel's layout, the same outputs (y, the state leaving each
-chunk, the states entering each sequence block), so the Triton wrapper's chunking (a
-pass from zero, the carry across chunks in XLA, a pass from the true starts) and its
-backward kernels use it unchanged (``selective_scan_pallas(..., mosaic_forward=True)``).
+The Mosaic GPU counterparts of the four launches of :mod:`effformer.kernels.selective_scan`
+(Pallas's Triton backend is deprecated from jax 0.11), each with its Triton launch's
+contract: the forward pass (:func:`forward_pass`: y, the state leaving each chunk, the
+states entering each sequence block), the adjoint carry (:func:`adjoint_carry_pass`)
+and the backward (:func:`backward_pass`: du, ddt, dA, dB, dC partials), in the Triton
+kernels' layouts. The Triton wrapper's chunking (a pass from zero, the carry across
+chunks in XLA, a pass from the true starts; the same for the adjoint) and its
+``custom_vjp`` use them unchanged (``selective_scan_pallas(mosaic_forward=...,
+mosaic_backward=...)``); each pass may run on either backend.
 
 One warpgroup per (batch row, block of 64 channels, sequence chunk). The state, a
 [64, n] float32 array, lives in registers in WGMMA's accumulator layout (64 rows over
-the warpgroup's 128 threads), so a channel vector ([64], one per step: dt_t, u_t) is
-that layout reduced over the state axis and broadcasts along it, and a state vector
-([n]: B_t, C_t) is the layout reduced over the channels. Each step is
+the warpgroup's 128 threads), so a channel vector ([64], one per step: dt_t, u_t, gy_t
+and the per-step du_t, ddt_t) is that layout reduced over the state axis and
+broadcasts along it, and a state vector ([n]: B_t, C_t, and dB_t, dC_t summed over the
+program's channels) is the layout reduced over the channels. A forward step is
 
     x = exp(dt_t A) * x + (dt_t u_t) B_t,     y_t = sum_n C_t x
 
-with ``y_t`` stored as a row of a [seq_block, 64] shared-memory tile. u and dt are
-read time-major ([batch, L, d], transposed by the wrapper) so that a step's 64
-channels are one contiguous row; their tiles of ``seq_block`` steps, and those of
-time-varying B and C, stream through two shared-memory slots by TMA (block ``k + 2``
-is copied into a slot when block ``k`` is done with it); the steps of a block are
-unrolled. No matmul: the kernel is elementwise work and exps, as the Triton one.
+with ``y_t`` stored as a row of a [seq_block, 64] shared-memory tile; the backward
+recomputes a block's states from the saved block-entering state, then steps the
+adjoint back through the block as the Triton kernel does (its module docstring gives
+the equations). u, dt and gy are read time-major ([batch, L, d], transposed by the
+wrapper) so that a step's 64 channels are one contiguous row; their tiles of
+``seq_block`` steps, those of time-varying B and C and the block-entering states stream
+through two shared-memory slots by TMA (block ``k + 2``, or ``k - 2`` walking
+backwards, is copied into a slot when block ``k`` is done with it); the steps of a
+block are unrolled. No matmul: the kernels are elementwise work, exps and reductions,
+as the Triton ones.
 
-Constraints of this first version: float32 (the Triton kernel also takes float64,
-which Mosaic GPU does not), channels per B/C group a multiple of 64, ``n`` padded to a
-multiple of 8 (zero A, B, C columns keep the padded state at 0).
+Constraints: float32 (the Triton kernels also take float64, which Mosaic GPU does
+not), channels per B/C group a multiple of 64, ``n`` padded to a multiple of 8 (zero A,
+B, C columns keep the padded state at 0).
 
 Verified on CPU in Mosaic GPU's interpreter (``interpret=True``) against the float64
 reference, and lowered for CUDA from the host; not yet compiled or run on a GPU.
