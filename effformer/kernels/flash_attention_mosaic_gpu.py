@@ -112,6 +112,18 @@ def _runs(cfg: MosaicConfig, q_block: Array) -> tuple[Array, Array, Array, Array
     return a, b, c, jnp.int32(num_blocks)
 
 
+def _visible(cfg: MosaicConfig, q_pos: Array, kv_pos: Array) -> Array:
+    """bool, like the position tiles: the key is not padding and, when causal, not after the query."""
+    visible = kv_pos < cfg.kv_len
+    return visible & (kv_pos <= q_pos) if cfg.causal else visible
+
+
+def _query_positions(cfg: MosaicConfig, q_block: Array, shape: tuple[int, int], axis: int):
+    """Positions of the query block's rows (query i sits at Lk - Lq + i) along ``axis``."""
+    offset = (cfg.kv_len - cfg.q_len) + q_block * cfg.block_q
+    return offset + tiles.iota(cfg.interpret, shape, axis)
+
+
 def _forward_kernel(ratio_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scratch, *, cfg, groups):
     """One query block of one (batch, head); refs in GMEM: q [B, Lq, H, D], k, v [B, Lk, Hkv, D]."""
     q_smem, k_smem, v_smem, lse_smem, ratio_smem, q_barrier, k_barriers, v_barriers = scratch
@@ -137,18 +149,13 @@ def _forward_kernel(ratio_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scratch, *
 
     plgpu.barrier_wait(q_barrier.at[0])
     plgpu.barrier_wait(q_barrier.at[1])
-    ratio = None
-    if cfg.soft:  # [block_k], every entry r, laid out as a row of the logits
-        ratio = ratio_smem[...] if cfg.interpret else plgpu.load(
-            ratio_smem, (), layout=plgpu.Layout.WGMMA.reduce(0)
-        )  # fmt: skip
+    # [block_k], every entry r, laid out as a row of the logits.
+    ratio = (
+        tiles.vector(cfg.interpret, ratio_smem, plgpu.Layout.WGMMA.reduce(0)) if cfg.soft else None
+    )
 
     row_layout = plgpu.Layout.WGMMA.reduce(1)
-    q_pos = (
-        (cfg.kv_len - cfg.q_len)
-        + q_block * block_q
-        + tiles.iota(cfg.interpret, (block_q, block_k), 0)
-    )
+    q_pos = _query_positions(cfg, q_block, (block_q, block_k), 0)
 
     def body_for(kind):
         def body(j, carry):
@@ -160,10 +167,7 @@ def _forward_kernel(ratio_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scratch, *
             s = s * (cfg.scale * _LOG2_E)
             kv_pos = j * block_k + tiles.iota(cfg.interpret, (block_q, block_k), 1)
             if kind == "masked":
-                visible = kv_pos < cfg.kv_len
-                if cfg.causal:
-                    visible = visible & (kv_pos <= q_pos)
-                s = jnp.where(visible, s, -jnp.inf)
+                s = jnp.where(_visible(cfg, q_pos, kv_pos), s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(axis=1))
             # A row that has seen no visible key keeps m = -inf: shift by 0 so exp2 gives 0.
             m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -358,16 +362,9 @@ def _dkdv_kernel(ratio_ref, q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, 
                 * (cfg.scale * _LOG2_E)
                 - lse
             )
-            q_pos = (
-                (cfg.kv_len - cfg.q_len)
-                + i * block_q
-                + tiles.iota(cfg.interpret, (block_k, block_q), 1)
-            )
+            q_pos = _query_positions(cfg, i, (block_k, block_q), 1)
             if kind == "masked":
-                visible = kv_pos < cfg.kv_len
-                if cfg.causal:
-                    visible = visible & (kv_pos <= q_pos)
-                p = jnp.where(visible, p, 0.0)
+                p = jnp.where(_visible(cfg, q_pos, kv_pos), p, 0.0)
             weight = None
             if ratio is not None and kind != "one":
                 r = lax.broadcast_in_dim(ratio, (block_k, block_q), [1])
@@ -439,11 +436,7 @@ def _dq_kernel(ratio_ref, q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dq
     ratio = (
         tiles.vector(cfg.interpret, ratio_smem, plgpu.Layout.WGMMA.reduce(0)) if cfg.soft else None
     )
-    q_pos = (
-        (cfg.kv_len - cfg.q_len)
-        + q_block * block_q
-        + tiles.iota(cfg.interpret, (block_q, block_k), 0)
-    )
+    q_pos = _query_positions(cfg, q_block, (block_q, block_k), 0)
 
     def body_for(kind):
         def body(j, dq):
@@ -456,10 +449,7 @@ def _dq_kernel(ratio_ref, q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dq
             )
             kv_pos = j * block_k + tiles.iota(cfg.interpret, (block_q, block_k), 1)
             if kind == "masked":
-                visible = kv_pos < cfg.kv_len
-                if cfg.causal:
-                    visible = visible & (kv_pos <= q_pos)
-                p = jnp.where(visible, p, 0.0)
+                p = jnp.where(_visible(cfg, q_pos, kv_pos), p, 0.0)
             plgpu.barrier_wait(v_barriers.at[slot])
             dp = tiles.matmul_transposed(cfg.interpret, d_out_smem, v_smem.at[slot])
             pl.when(j + _SLOTS < end)(  # v's slot is free: fetch block j + 2's values

@@ -76,9 +76,8 @@ def _pad(x, block):
     return jnp.pad(x, ((0, 0), (0, -x.shape[1] % block), (0, 0), (0, 0)))
 
 
-def _kernel(q, k, v, causal=False, ratio=None, block_q=64, block_k=64):
-    """The kernel on padded inputs, sliced back: (out, lse) as float64 numpy."""
-    cfg = mosaic.MosaicConfig(
+def _config(q, k, causal, ratio, block_q, block_k):
+    return mosaic.MosaicConfig(
         causal=causal,
         soft=ratio is not None,
         scale=q.shape[-1] ** -0.5,
@@ -88,6 +87,11 @@ def _kernel(q, k, v, causal=False, ratio=None, block_q=64, block_k=64):
         block_k=block_k,
         interpret=True,
     )
+
+
+def _kernel(q, k, v, causal=False, ratio=None, block_q=64, block_k=64):
+    """The kernel on padded inputs, sliced back: (out, lse) as float64 numpy."""
+    cfg = _config(q, k, causal, ratio, block_q, block_k)
     r = None if ratio is None else jnp.asarray([ratio], jnp.float32)
     out, lse = mosaic.forward(cfg, _pad(q, block_q), _pad(k, block_k), _pad(v, block_k), r)
     q_len = q.shape[1]
@@ -126,19 +130,6 @@ def test_forward_matches_float64_reference(name):
         assert np.abs(out - shifted).max() > 3 * bound
     if name == "causal_rows_without_keys":
         assert np.all(out[:, :30] == 0.0) and np.all(lse[:, :, :30] == 0.0)
-
-
-def _config(q, k, causal, ratio, block_q, block_k):
-    return mosaic.MosaicConfig(
-        causal=causal,
-        soft=ratio is not None,
-        scale=q.shape[-1] ** -0.5,
-        q_len=q.shape[1],
-        kv_len=k.shape[1],
-        block_q=block_q,
-        block_k=block_k,
-        interpret=True,
-    )
 
 
 def _reference_gradients(q, k, v, d_out, causal, ratio, shift=0):
