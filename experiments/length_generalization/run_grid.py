@@ -170,7 +170,9 @@ def write_report(results: list[dict], out: Path) -> None:
                 continue
             sizes = sorted({int(s) for sp in enc_runs[0]["scores"].values() for s in sp})
             values = np.array([[_seed_accuracy(r, [s]) for s in sizes] for r in enc_runs])
-            mean, std = values.mean(0), values.std(0)
+            # ddof=1 like the table; a single seed has no spread to shade.
+            mean = values.mean(0)
+            std = values.std(0, ddof=1) if len(values) > 1 else np.zeros_like(mean)
             (line,) = ax.plot(sizes, mean, marker="o", markersize=3, label=encoding)
             ax.fill_between(sizes, mean - std, mean + std, color=line.get_color(), alpha=0.15)
         ax.axvline(train_high + 0.5, color="gray", linestyle="--")
