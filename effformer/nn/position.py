@@ -39,6 +39,28 @@ def _check_positions(owner: str, name: str, positions: Array, batch: int, length
         raise ValueError(f"{owner}: {name} must have shape {expected} (or batch 1), got {shape}.")
 
 
+def _check_base(owner: str, base: float) -> None:
+    # base ** (-2i / d) is inf or NaN for base <= 0: every angle would be NaN, silently.
+    if isinstance(base, bool) or not isinstance(base, int | float | np.number) or not base > 0:
+        raise ValueError(f"{owner}: base must be a positive number, got {base!r}.")
+
+
+def _check_bias_positions(owner: str, q_positions: Array, k_positions: Array, num_heads: int):
+    """q_positions [B, Lq] and k_positions [B, Lk] (either batch may be 1); num_heads >= 1."""
+    q_shape, k_shape = tuple(jnp.shape(q_positions)), tuple(jnp.shape(k_positions))
+    if (
+        len(q_shape) != 2
+        or len(k_shape) != 2
+        or (q_shape[0] != k_shape[0] and 1 not in (q_shape[0], k_shape[0]))
+    ):
+        raise ValueError(
+            f"{owner}: q_positions and k_positions must have shapes [B, Lq] and [B, Lk] (or batch "
+            f"1), got {q_shape} and {k_shape}."
+        )
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int | np.integer) or num_heads < 1:
+        raise ValueError(f"{owner}: num_heads must be an int >= 1, got {num_heads!r}.")
+
+
 class PositionEncoding(nn.Module):
     """NoPE, and the base of every encoding: all three hooks are identities / None.
 
@@ -79,7 +101,10 @@ class LearnedPositionEmbedding(PositionEncoding):
 
     Attributes:
       max_length: number of positions in the table.
-      init_std: truncated-normal init std (CCT uses 0.2, ViT 0.02).
+      init_std: std of the truncated-normal init (CCT uses 0.2, ViT 0.02), cut at
+        +-2 in absolute value as PyTorch's ``trunc_normal_(std=init_std)`` in the
+        papers' code does (flax's default cut at +-2 std would shrink the std to
+        0.88 * init_std).
       param_dtype: dtype of the table.
 
     A position outside ``[0, max_length)`` gives NaN rather than a silently
@@ -93,9 +118,20 @@ class LearnedPositionEmbedding(PositionEncoding):
     @nn.compact
     def embed(self, x: Array, positions: Array) -> Array:
         _check_positions("LearnedPositionEmbedding", "positions", positions, *x.shape[:2], 1)
+        length = self.max_length
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ValueError(
+                f"LearnedPositionEmbedding: max_length must be an int >= 1, got {self.max_length!r}."
+            )
+        if not self.init_std > 0:
+            raise ValueError(
+                f"LearnedPositionEmbedding: init_std must be positive, got {self.init_std!r}."
+            )
+        # lower/upper are in units of the std: +-2 / init_std is +-2 in value, as in torch.
+        bound = 2.0 / self.init_std
         table = self.param(
             "embedding",
-            nn.initializers.truncated_normal(stddev=self.init_std),
+            nn.initializers.truncated_normal(stddev=self.init_std, lower=-bound, upper=bound),
             (self.max_length, x.shape[-1]),
             self.param_dtype,
         )
@@ -117,6 +153,7 @@ def sinusoidal_table(
     """
     if dim % 2:
         raise ValueError(f"sinusoidal encoding: dim must be even, got {dim}.")
+    _check_base("sinusoidal encoding", base)
     inv_freq = base ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     sin, cos = jnp.sin(angles), jnp.cos(angles)
@@ -166,6 +203,7 @@ def _rotate_pairs(x: Array, angles: Array) -> Array:
 
 
 def _rotary_inv_freq(rotary_dim: int, base: float) -> Array:
+    _check_base("rotary encoding", base)
     return base ** (-jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim)
 
 
@@ -217,7 +255,9 @@ class Rotary2DPositionEncoding(RotaryPositionEncoding):
 
     The first half of the rotary channels is rotated by the row, the second
     half by the column, each half as 1-D RoPE of its own width, so scores
-    depend only on the (row, column) offset between tokens.
+    depend only on the (row, column) offset between tokens. The rotated
+    channels, ``rotary_fraction * head_dim``, are rounded down to a multiple of
+    4 (two halves of channel pairs); the rest pass through.
     """
 
     position_axes: ClassVar[int] = 2
@@ -267,6 +307,7 @@ class ALiBi(PositionEncoding):
     causal: bool = False
 
     def attention_bias(self, q_positions, k_positions, num_heads):
+        _check_bias_positions("ALiBi", q_positions, k_positions, num_heads)
         distance = (q_positions[:, None, :, None] - k_positions[:, None, None, :]).astype(
             jnp.float32
         )
@@ -289,6 +330,22 @@ def t5_relative_position_bucket(
     offsets share the last bucket. Bidirectional uses separate halves for keys
     after the query. Causal maps keys after the query to bucket 0.
     """
+    # Each direction needs max_exact = buckets // 2 >= 1 exact buckets and a log range
+    # max_distance / max_exact > 1; otherwise the log scale divides by zero (a Python
+    # error) or by log(<= 1), giving negative "buckets" that a table lookup wraps silently.
+    valid_int = isinstance(num_buckets, int) and not isinstance(num_buckets, bool)
+    per_direction = (num_buckets // 2 if bidirectional else num_buckets) if valid_int else 0
+    if per_direction < 2:
+        raise ValueError(
+            f"t5_relative_position_bucket: num_buckets must be an int >= "
+            f"{4 if bidirectional else 2} (bidirectional={bidirectional}), got {num_buckets!r}."
+        )
+    if not max_distance > per_direction // 2:
+        raise ValueError(
+            f"t5_relative_position_bucket: max_distance must exceed the exact buckets per "
+            f"direction ({per_direction // 2} for num_buckets={num_buckets}, "
+            f"bidirectional={bidirectional}), got {max_distance!r}."
+        )
     n = -relative_position.astype(jnp.int32)
     bucket = jnp.zeros_like(n)
     if bidirectional:
@@ -326,6 +383,7 @@ class T5RelativeBias(PositionEncoding):
 
     @nn.compact
     def attention_bias(self, q_positions, k_positions, num_heads):
+        _check_bias_positions("T5RelativeBias", q_positions, k_positions, num_heads)
         table = self.param(
             "relative_attention_bias",
             nn.initializers.normal(stddev=self.init_std),

@@ -68,9 +68,21 @@ def test_learned_init_std_is_configurable():
             pe.init(jax.random.key(0), x, positions, method="embed")["params"]["embedding"]
         )
 
-    # Truncated at two standard deviations: the sample std is ~0.88 of init_std.
-    assert 0.15 < std(0.2) < 0.2
-    assert 0.015 < std(0.02) < 0.02
+    # PyTorch's trunc_normal_(std=s) (CCT, timm) cuts at +-2 in value, so the table's std
+    # is s for s << 2; flax's default cut at +-2 std gave 0.88 s (0.176 for CCT's 0.2).
+    assert 0.19 < std(0.2) < 0.21
+    assert 0.019 < std(0.02) < 0.021
+    # A std of 1 is cut at +-2 std as in torch: 0.88.
+    assert 0.85 < std(1.0) < 0.91
+
+
+@pytest.mark.parametrize("field, value", [("max_length", 0), ("init_std", 0.0)])
+def test_learned_bad_fields_are_named(field, value):
+    pe = make_position_encoding("learned", **{field: value})
+    with pytest.raises(ValueError, match=f"{field} must be"):
+        pe.init(
+            jax.random.key(0), jnp.zeros((1, 4, 8)), jnp.zeros((1, 4), jnp.int32), method="embed"
+        )
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
@@ -313,3 +325,63 @@ def test_every_encoding_has_all_hooks(name):
 def test_unknown_encoding_name_lists_known_ones():
     with pytest.raises(ValueError, match="'xpos'.*alibi.*learned.*none.*rope.*rope2d.*t5"):
         make_position_encoding("xpos")
+
+
+@pytest.mark.parametrize(
+    "bidirectional, num_buckets, max_distance, message",
+    [
+        # max_distance at or below the exact range: the log scale gave negative buckets.
+        (True, 32, 8, "max_distance must exceed the exact buckets per direction \\(8"),
+        (True, 32, 4, "max_distance must exceed"),
+        (False, 32, 16, "max_distance must exceed the exact buckets per direction \\(16"),
+        # Fewer than two buckets per direction: a ZeroDivisionError before.
+        (True, 2, 128, "num_buckets must be an int >= 4 \\(bidirectional=True\\), got 2"),
+        (False, 1, 128, "num_buckets must be an int >= 2 \\(bidirectional=False\\), got 1"),
+    ],
+)
+def test_t5_bad_bucket_settings_are_refused(bidirectional, num_buckets, max_distance, message):
+    relative = jnp.arange(-20, 21)
+    with pytest.raises(ValueError, match=message):
+        t5_relative_position_bucket(
+            relative,
+            bidirectional=bidirectional,
+            num_buckets=num_buckets,
+            max_distance=max_distance,
+        )
+    # The smallest valid settings give buckets in range.
+    buckets = t5_relative_position_bucket(
+        relative, bidirectional=bidirectional, num_buckets=4 if bidirectional else 2, max_distance=2
+    )
+    assert int(buckets.min()) >= 0 and int(buckets.max()) < (4 if bidirectional else 2)
+
+
+@pytest.mark.parametrize("name", ["alibi", "t5"])
+def test_relative_bias_checks_positions_and_heads(name):
+    pe = make_position_encoding(name)
+    qp, kp = _positions(5), _positions(L)
+    variables = pe.init(jax.random.key(0), qp, kp, H, method="attention_bias")
+    # Batch 1 on either side broadcasts.
+    assert pe.apply(variables, qp[:1], kp, H, method="attention_bias").shape == (B, H, 5, L)
+    # 2-D (row, column) positions gave a broadcasting error (ALiBi) or a 5-D bias (T5).
+    grid = jnp.zeros((B, L, 2), jnp.int32)
+    with pytest.raises(ValueError, match=r"shapes \[B, Lq\] and \[B, Lk\].*got \(2, 7, 2\)"):
+        pe.apply(variables, grid, grid, H, method="attention_bias")
+    with pytest.raises(ValueError, match=r"got \(2, 5\) and \(3, 7\)"):
+        pe.apply(variables, qp, jnp.zeros((3, L), jnp.int32), H, method="attention_bias")
+    with pytest.raises(ValueError, match="num_heads must be an int >= 1, got 0"):
+        pe.apply(variables, qp, kp, 0, method="attention_bias")
+
+
+@pytest.mark.parametrize("name", ["sinusoidal", "rope", "rope2d"])
+@pytest.mark.parametrize("base", [0.0, -10000.0])
+def test_non_positive_base_is_refused_not_nan(name, base):
+    # base ** (-2i / d) is inf or NaN for base <= 0, so every encoding came out NaN.
+    pe = make_position_encoding(name, base=base)
+    x = jnp.ones((B, L, DH))
+    q, k = _qk()
+    positions = _grid_positions(1) if name == "rope2d" else _positions()
+    with pytest.raises(ValueError, match=f"base must be a positive number, got {base}"):
+        if name == "sinusoidal":
+            pe.apply({}, x, positions, method="embed")
+        else:
+            pe.apply({}, q, k, positions, positions, method="rotate")
