@@ -47,7 +47,10 @@ class AttentionMask:
     def __post_init__(self):
         for name in ("window_left", "window_right"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 0):
+            # bool is an int to Python; window_left=True is a config slip, not a window of 1.
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 0
+            ):
                 raise ValueError(
                     f"AttentionMask.{name} must be a non-negative int or None, got {value!r}."
                 )
@@ -55,6 +58,13 @@ class AttentionMask:
             raise ValueError(
                 "AttentionMask: causal=True and soft_causal_ratio are exclusive; the soft-causal "
                 "mask already applies the causal structure (ratio 0 is fully causal)."
+            )
+        ratio = self.soft_causal_ratio
+        # A ratio outside [0, 1] scales probabilities up or makes them negative (iLLaMA's
+        # r runs from 1, bidirectional, to 0, causal). Traced ratios are checked by callers.
+        if isinstance(ratio, int | float) and not 0.0 <= ratio <= 1.0:
+            raise ValueError(
+                f"AttentionMask.soft_causal_ratio must be in [0, 1] (or None), got {ratio!r}."
             )
         if (self.q_segment_ids is None) != (self.kv_segment_ids is None):
             raise ValueError(
