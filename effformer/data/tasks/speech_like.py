@@ -70,7 +70,9 @@ class SpeechLikeFrames:
       frames_per_token: inclusive (low, high) range of frames per token.
       feature_dim: F, channels per frame.
       noise_std: standard deviation of the added Gaussian noise (>= 0).
-      smoothing: a kernel convolved over time with the clean frames (odd length, or () for none).
+      smoothing: weights over time (odd length, or () for none): clean frame t becomes
+        ``sum_k smoothing[k] * clean[t + k - len(smoothing) // 2]`` (a correlation; the
+        same as a convolution for the symmetric default), edge frames repeated outward.
       seed: the seed everything derives from.
       num_examples: examples per split, ``{"train": ..., "test": ...}``.
       token_end_frames: add the ``token_ends`` field to the records.
@@ -159,7 +161,8 @@ class SpeechLikeFrames:
         low, high = self.frames_per_token
         durations = rng.integers(low, high + 1, size=length)
         clean = np.repeat(self.prototypes[tokens], durations, axis=0)
-        if self.smoothing.size > 1:  # edge frames repeat outward, so the ends keep their level
+        # Any kernel, one tap included ((2.0,) doubles the frames; skipping size 1 ignored it).
+        if self.smoothing.size:  # edge frames repeat outward, so the ends keep their level
             pad = self.smoothing.size // 2
             padded = np.pad(clean, ((pad, pad), (0, 0)), mode="edge")
             clean = sum(

@@ -31,6 +31,19 @@ def test_records_are_deterministic_and_hold_the_tokens_as_frames():
     assert DATASET.info.input_shape == (72, 16) and DATASET.info.vocab_size == 15
 
 
+def test_smoothing_weights_neighbouring_frames_as_documented():
+    # A one-tap kernel was skipped (only kernels longer than 1 were applied).
+    sizes = {"train": 2, "test": 1}
+    plain = SpeechLikeFrames(noise_std=0.0, smoothing=(), num_examples=sizes)
+    doubled = SpeechLikeFrames(noise_std=0.0, smoothing=(2.0,), num_examples=sizes)
+    skewed = SpeechLikeFrames(noise_std=0.0, smoothing=(0.0, 0.25, 0.75), num_examples=sizes)
+    _, _, clean = plain.utterance("train", 0)
+    np.testing.assert_allclose(doubled.utterance("train", 0)[2], 2.0 * clean)
+    # Frame t = 0.25 * clean[t] + 0.75 * clean[t + 1], the last frame repeated outward.
+    following = np.concatenate([clean[1:], clean[-1:]])
+    np.testing.assert_allclose(skewed.utterance("train", 0)[2], 0.25 * clean + 0.75 * following)
+
+
 def test_bad_arguments_name_the_field():
     with pytest.raises(ValueError, match="smoothing: expected a 1-D kernel of odd length"):
         SpeechLikeFrames(smoothing=(0.5, 0.5))
