@@ -2,7 +2,7 @@
 
 Train pipelines form one global stream of examples: the split shuffled with
 ``seed`` (grain's index shuffle, a new permutation each epoch, seeded with
-seed + epoch), repeated forever. The stream is cut into global batches of
+``shuffle_seed(seed) + epoch``), repeated forever. The stream is cut into global batches of
 ``global_batch_size`` consecutive examples; host p of P takes the examples at
 stream positions congruent to p mod P, so its k-th batch holds its share of
 global batch k. The hosts' batches are therefore disjoint, and together they

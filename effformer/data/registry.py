@@ -35,9 +35,12 @@ class DatasetInfo:
     """What a trainer needs to know about a dataset after preprocessing."""
 
     name: str
-    task: str  # "image_classification" or "sequence_classification"
+    # The trainer task that reads the records: "image_classification",
+    # "sequence_classification", "causal_lm", "seq2seq" or "solo_vqa".
+    task: str
     num_classes: int
-    input_shape: tuple[int, ...]  # (H, W, C) for images, (L, C) for 1-D signals
+    # (H, W, C) for images, (L, C) for 1-D signals and frames, (R,) for token rows.
+    input_shape: tuple[int, ...]
     splits: dict[str, int]  # split name -> number of examples
     train_split: str
     eval_split: str

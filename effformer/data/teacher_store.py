@@ -13,7 +13,7 @@ official ``train_one_epoch_distill_using_saved_logits``).
 Here the augmentation of the example at position ``p`` of the training stream
 is already fixed by ``(pipeline seed, p)`` (``effformer.data.preprocess``), and
 so is its record (grain's per-epoch shuffle of the split, seeded with
-seed + epoch). Replay is therefore the same pipeline config: the store is keyed
+``shuffle_seed(seed) + epoch``, ``effformer.data.pipeline``). Replay is therefore the same pipeline config: the store is keyed
 by stream position, row ``p - e * N`` of epoch ``e``'s shard (``N`` examples per
 epoch), and holds the pipeline seed once, in its manifest, rather than a seed
 per image. Whatever batch size or number of hosts the student uses, position

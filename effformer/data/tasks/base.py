@@ -7,7 +7,8 @@ from a numpy generator: a prompt and an answer, both lists of symbols (strings).
 * splits ``train`` (sizes drawn uniformly from ``train_lengths``), ``test``
   (the training sizes) and ``test_long`` (``test_lengths``, longer than
   training when the task extrapolates); the test splits cycle through their
-  sizes so that every size gets the same number of examples. A task whose
+  sizes so that every size gets the same number of examples (within one, when
+  the split's size is not a multiple of the number of sizes). A task whose
   sizes have gaps (SCAN: no command has 23 actions) lists the sizes it can
   make in :meth:`SequenceTask.sizes`; the splits draw from those only;
 * example ``i`` of split ``s`` is computed from ``numpy.random.default_rng(

@@ -8,8 +8,8 @@ programme), each in a direct-answer and a step-by-step format.
   equations are separated by ``;`` (positional, not the paper's ``a x_1 + ...``
   writing: it keeps a 3-unknown chain under 60 tokens). Direct: the answer is
   the solution ``x_1 .. x_n``. Step by step: Gauss-Jordan elimination, one
-  unknown per step: step k moves the first equation (from the k-th on) whose
-  coefficient of ``x_k`` is not 0 to row k, scales it so that coefficient is 1
+  unknown per step: step k swaps row k with the first equation (from the k-th
+  on) whose coefficient of ``x_k`` is not 0, scales it so that coefficient is 1
   and subtracts it from every other equation so ``x_k`` leaves them; the system
   after each step is written, steps separated by ``|``, then ``|`` and the
   solution (after step n the system reads ``x_k = s_k``).
