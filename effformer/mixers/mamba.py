@@ -15,12 +15,14 @@ Parameters named ``A_log`` and ``D`` (the S4D-real state matrix and the skip
 connection) must get no weight decay, as in the original: the trainer's
 weight-decay mask excludes parameters with exactly these names.
 
-Padding: the mask's segment ids (0 = padding) give a per-token mask. Padded
-tokens are zeroed before the convolution (so they contribute what the conv's
-own zero padding would), pass the SSM state through unchanged and output zero;
-a padded batch (left or right padding) therefore equals its sequences run
-unpadded. Segment ids only mark padding: tokens of different non-zero segments
-in one row are not separated (no packing). Causality is inherent; ``positions``
+Padding: the mask's segment ids (0 = padding) give a per-token mask. A padded
+token is no step at all, as in decoding: the convolution runs over each row's
+real tokens only, in order (so a real token's window holds the real tokens
+before it, or the conv's own zero padding), the SSM state passes through it
+unchanged, and it outputs zero; any padding (left, right or holes) therefore
+equals its sequences run unpadded, in both paths. Segment ids only mark
+padding: tokens of different non-zero segments in one row are not separated
+(no packing). Causality is inherent; ``positions``
 is accepted for the shared mixer signature and unused.
 
 Decoding (``decode=True``): the ``cache`` collection holds ``conv_state``
@@ -117,6 +119,27 @@ class MambaMixer(nn.Module):
     def resolved_dt_rank(self) -> int:
         return math.ceil(self.d_model / 16) if self.dt_rank is None else self.dt_rank
 
+    def _check_config(self) -> None:
+        """Fail at once on sizes or a dt range that would build a broken block (a zero
+        size gave a ZeroDivisionError inside an initialiser, d_state=0 a block with no
+        state at all, and dt_min > dt_max a silently swapped range)."""
+        for name in ("d_model", "d_state", "d_conv", "expand", "dt_rank"):
+            value = getattr(self, name)
+            if name == "dt_rank" and value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"MambaMixer: {name} must be a positive int, got {value!r}.")
+        if not 0 < self.dt_min <= self.dt_max:
+            raise ValueError(
+                "MambaMixer: the dt range must satisfy 0 < dt_min <= dt_max, got "
+                f"dt_min={self.dt_min!r}, dt_max={self.dt_max!r}."
+            )
+        if not self.dt_init_floor >= 0 or not self.dt_scale >= 0:
+            raise ValueError(
+                "MambaMixer: dt_init_floor and dt_scale must be >= 0, got "
+                f"dt_init_floor={self.dt_init_floor!r}, dt_scale={self.dt_scale!r}."
+            )
+
     @nn.compact
     def __call__(
         self,
@@ -129,6 +152,7 @@ class MambaMixer(nn.Module):
     ) -> Array:
         """x: [batch, L, d_model] (L = 1 when decoding) -> [batch, L, d_model]."""
         del positions, deterministic  # causal by construction; no dropout in the block
+        self._check_config()
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(
                 f"MambaMixer: x must have shape [batch, L, d_model={self.d_model}], "
@@ -186,10 +210,24 @@ class MambaMixer(nn.Module):
             return out_proj(y[:, None, :].astype(dtype))
 
         # Causal depthwise conv as d_conv shifted multiply-adds (the same sum as the step).
-        padded = jnp.pad(x_in, ((0, 0), (self.d_conv - 1, 0), (0, 0)))
+        front = ((0, 0), (self.d_conv - 1, 0), (0, 0))
+        padded = jnp.pad(x_in, front)
+        conv_input = padded
+        if token_mask is not None:
+            # A padded token is no step of the conv, as in decoding (where it leaves the conv
+            # state unchanged): convolve each row's real tokens moved to its front, in order
+            # (the zeroed padding behind them), then give every real token its output back.
+            # Zeroing padding in place would put a zero inside the window after a hole.
+            order = jnp.argsort(~token_mask, axis=1, stable=True)
+            conv_input = jnp.pad(jnp.take_along_axis(x_in, order[..., None], axis=1), front)
         conv = sum(
-            padded[:, k : k + length] * conv_kernel[k].astype(dtype) for k in range(self.d_conv)
+            conv_input[:, k : k + length] * conv_kernel[k].astype(dtype) for k in range(self.d_conv)
         )
+        if token_mask is not None:
+            # Real token t is real token number cumsum - 1; a padded position gets some real
+            # token's output, which the scan ignores (dt = 0 there) and its output masks.
+            real_index = jnp.maximum(jnp.cumsum(token_mask, axis=1) - 1, 0)
+            conv = jnp.take_along_axis(conv, real_index[..., None], axis=1)
         if conv_bias is not None:
             conv = conv + conv_bias.astype(dtype)
         x_conv = nn.silu(conv)

@@ -83,15 +83,32 @@ def test_output_never_depends_on_later_inputs(x64):
     assert np.all(influence[~future] > 0)  # every earlier token reaches the output
 
 
-@pytest.mark.parametrize("side", ["right", "left"])
-def test_padded_batch_equals_unpadded_sequences(x64, side):
-    mixer, params, x = make(x64=True, chunk_size=4)
-    lengths = [LENGTH, 5]
+def real_tokens(side: str, lengths) -> np.ndarray:
+    """[BATCH, LENGTH] bool: row b has lengths[b] real tokens, padded on ``side``; "holes"
+    puts its padding inside the row (one, then two padded tokens among real ones)."""
+    lengths = np.asarray(lengths)
     positions = np.arange(LENGTH)[None, :]
     if side == "right":
-        real = positions < np.array(lengths)[:, None]
-    else:
-        real = positions >= LENGTH - np.array(lengths)[:, None]
+        return positions < lengths[:, None]
+    if side == "left":
+        return positions >= LENGTH - lengths[:, None]
+    real = np.ones((BATCH, LENGTH), bool)
+    for row, length in enumerate(lengths):
+        holes = LENGTH - length
+        real[row, 2 : 2 + min(holes, 1)] = False  # a single padded token at position 2
+        real[row, 5 : 5 + holes - min(holes, 1)] = False  # the rest from position 5
+    return real
+
+
+# "holes": regression; the parallel conv saw a zero at a padded token inside the row
+# while decoding skips it, so the outputs after a hole differed from both decoding
+# and the sequence run unpadded.
+@pytest.mark.parametrize("side", ["right", "left", "holes"])
+def test_padded_batch_equals_unpadded_sequences(x64, side):
+    mixer, params, x = make(x64=True, chunk_size=4)
+    lengths = [LENGTH - 1, 5]
+    real = real_tokens(side, lengths)
+    assert real.sum(axis=1).tolist() == lengths
     x = jnp.where(real[..., None], x, 7.0)  # garbage in the padding
     apply = jax.jit(lambda x, mask=None: mixer.apply({"params": params}, x, mask=mask))
     out = apply(x, padding_mask(real.astype(np.int32)))
@@ -101,16 +118,12 @@ def test_padded_batch_equals_unpadded_sequences(x64, side):
         np.testing.assert_array_equal(out[b, ~real[b]], 0.0)
 
 
-@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("side", ["right", "left", "holes"])
 def test_sown_states_of_a_padded_batch_equal_the_decode_cache(x64, side):
     # Regression: the sown conv_state was the last d_conv slots of the row, i.e. the
     # zeroed right padding, while decoding keeps the last real tokens.
     mixer, params, x = make(x64=True, chunk_size=4)
-    lengths = np.array([LENGTH, 3])  # row 1 shorter than d_conv + its padding
-    positions = np.arange(LENGTH)[None, :]
-    real = (
-        positions < lengths[:, None] if side == "right" else positions >= LENGTH - lengths[:, None]
-    )
+    real = real_tokens(side, [LENGTH - 2, 3])  # row 1 shorter than d_conv + its padding
     mask = padding_mask(real.astype(np.int32))
     _, sown = jax.jit(
         lambda x: mixer.apply({"params": params}, x, mask=mask, mutable=["intermediates"])
@@ -235,6 +248,23 @@ def test_bad_inputs():
         mixer({"params": params}, x, decode=True, mutable=["cache"])
     with pytest.raises(ValueError, match=r"q_segment_ids must have shape \(2, 9\).*got \(2, 4\)"):
         mixer({"params": params}, x, mask=padding_mask(np.ones((BATCH, 4))))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("d_state", 0, "d_state must be a positive int, got 0"),  # was a stateless block
+        ("d_conv", 0, "d_conv must be a positive int, got 0"),  # was a ZeroDivisionError
+        ("expand", 0, "expand must be a positive int, got 0"),
+        ("dt_rank", 0, "dt_rank must be a positive int, got 0"),
+        ("dt_min", 0.5, r"0 < dt_min <= dt_max, got dt_min=0.5, dt_max=0.1"),  # was swapped
+        ("dt_scale", -1.0, "dt_init_floor and dt_scale must be >= 0"),
+    ],
+)
+def test_bad_configuration_is_named(field, value, message):
+    x = jnp.zeros((1, 3, D_MODEL))
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(MambaMixer(d_model=D_MODEL, **{field: value}).init, jax.random.key(0), x)
 
 
 def test_window_or_soft_causal_mask_is_refused_not_ignored():
