@@ -46,8 +46,9 @@ vectors). :func:`fit_hash_functions` is the pure KSH fit of one layer and
 :func:`refit_hashing` refits every layer of a model from the normalised
 queries each layer sows (``intermediates``/``hash_inputs``) in an
 ``apply(..., mutable=["intermediates"])`` call. A training loop calls it every N
-steps (``experiments/ecoformer/run.py`` does); effformer's trainer keeps only
-``params`` and has no such hook, so it refuses EcoFormer models.
+steps: effformer's trainer carries the ``"hashing"`` collection and refits it as
+``config.model_state.hashing`` asks (:mod:`effformer.train.model_state`), and
+``experiments/ecoformer/run.py`` has its own loop that does the same.
 
 Where this differs from the official code, and why:
 
@@ -71,8 +72,9 @@ Where this differs from the official code, and why:
 Mask contract (shared mixer signature): ``mask.causal`` or the mixer's own
 ``causal`` attribute (True by default: language-model stacks pass
 non-attention mixers no causal mask; encoders set it False) makes it causal; segment ids mark padding (0) and packed
-sequences, which must be contiguous runs (as packing and padding make them):
-each run attends only within itself, and padded tokens are seen by nothing and
+sequences, which must be contiguous runs (as packing and padding make them;
+padded tokens inside a run, holes, do not split it): each run attends only
+within itself, and padded tokens are seen by nothing and
 output zero before the output projection. Sliding windows, soft-causal ratios
 and explicit mask positions are refused; ``positions`` is unused (tokens are
 ordered by index). No attention dropout (there is no probability matrix to
@@ -237,17 +239,32 @@ def _segmented_sums(terms: dict[str, Array], segment_ids: Array, causal: bool) -
     """Sums of each [B, L, ...] term over the tokens of the same contiguous segment run,
     per position: up to and including the token (causal) or over the whole run.
 
-    Both are differences of one cumulative sum along the row, ``C[i or run end] -
+    Runs are runs of the *real* tokens (id != 0): padding inside a run does not split
+    it (its terms are zero), so a padded hole is no boundary, as in the mask that
+    segment ids define. (Padded positions get sums too; their outputs are zeroed.)
+    Both sums are differences of one cumulative sum along the row, ``C[i or run end] -
     C[run start - 1]``: the rounding is that of a cumulative sum over the row, as in
     the causal path without segments; the counts and code sums are integers, exact.
     """
     batch, length = segment_ids.shape
     index = jnp.broadcast_to(jnp.arange(length), (batch, length))
-    changes = segment_ids[:, 1:] != segment_ids[:, :-1]
-    starts = jnp.concatenate([jnp.ones((batch, 1), bool), changes], axis=1)
-    ends = jnp.concatenate([changes, jnp.ones((batch, 1), bool)], axis=1)
+    real = segment_ids != 0
+
+    def neighbour_real_id(reverse: bool) -> Array:
+        """Id of the previous (next, if ``reverse``) real token, -1 where there is none."""
+        if reverse:  # the first real position after i, or L
+            nearest = lax.cummin(jnp.where(real, index, length), axis=1, reverse=True)
+            nearest = jnp.pad(nearest[:, 1:], ((0, 0), (0, 1)), constant_values=length)
+        else:  # the last real position before i, or -1
+            nearest = lax.cummax(jnp.where(real, index, -1), axis=1)
+            nearest = jnp.pad(nearest[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+        ids = jnp.take_along_axis(segment_ids, jnp.clip(nearest, 0, length - 1), axis=1)
+        return jnp.where((nearest >= 0) & (nearest < length), ids, -1)
+
+    starts = real & (segment_ids != neighbour_real_id(reverse=False))
+    ends = real & (segment_ids != neighbour_real_id(reverse=True))
     run_start = lax.cummax(jnp.where(starts, index, 0), axis=1)
-    last = index if causal else lax.cummin(jnp.where(ends, index, length), axis=1, reverse=True)
+    last = index if causal else lax.cummin(jnp.where(ends, index, length - 1), axis=1, reverse=True)
     gather = jax.vmap(lambda row, positions: row[positions])
 
     def sums(term: Array) -> Array:
@@ -609,6 +626,12 @@ class EcoFormerAttention(nn.Module):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}.")
+        # 0 would silently have meant the default, D // num_heads.
+        if self.head_dim is not None and not self.head_dim >= 1:
+            raise ValueError(
+                f"{owner}: head_dim must be a positive int or None (D // num_heads), "
+                f"got {self.head_dim!r}."
+            )
         if self.head_dim is None and x.shape[-1] % self.num_heads:
             raise ValueError(
                 f"{owner}: num_heads must divide the model width {x.shape[-1]} (or give "

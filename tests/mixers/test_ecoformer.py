@@ -225,6 +225,20 @@ def test_codes_are_plus_minus_one_with_b_bits():
     assert np.all(results["zero_codes"] == -1.0)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_padded_holes_do_not_split_a_sequence(causal):
+    """Regression: a padded token inside a sequence (segment ids 1, 1, 0, 1) split it in two
+    runs, so its tokens after the hole did not see those before it, unlike the mask the
+    segment ids define (and the dense reference, which applies that mask)."""
+    rng = np.random.default_rng(3)
+    segment_ids = jnp.asarray([[1, 1, 0, 1, 1, 2, 0, 0, 2], [0, 3, 3, 0, 3, 0, 0, 4, 4]])
+    codes = jnp.asarray(rng.choice([-1.0, 1.0], size=(2, 9, HEADS, BITS)), jnp.float32)
+    values = jnp.asarray(rng.normal(size=(2, 9, HEADS, 3)), jnp.float32)
+    fast = hamming_attention(codes, values, causal=causal, segment_ids=segment_ids)
+    dense = hamming_attention_reference(codes, values, causal=causal, segment_ids=segment_ids)
+    np.testing.assert_allclose(fast, dense, rtol=1e-5, atol=1e-6)
+
+
 def test_padding_and_packing_are_exact():
     """Each real sequence's outputs equal those of the sequence alone; padded inputs
     change nothing; padded outputs are the output projection's bias."""
@@ -397,6 +411,8 @@ def test_make_mixer_builds_it():
         ({}, dict(x=jnp.zeros((2, 1, 8)), decode=True), "decode=True needs causal attention"),
         ({"num_bits": 0}, {}, "num_bits must be a positive int, got 0"),
         ({"num_heads": 3}, {}, "num_heads must divide the model width 8"),
+        # Regression: head_dim=0 silently meant D // num_heads.
+        ({"head_dim": 0}, {}, r"head_dim must be a positive int or None .*got 0"),
         ({}, dict(mask=AttentionMask(window_left=2)), "may only carry causal and segment ids"),
         (
             {},
