@@ -8,6 +8,11 @@ projection), on a sequence ``x [batch, L, D]``:
     h   = relu(W_h [m; x] + b_h)                    -> hidden_dim (LMUFormer: D)
     out = W_o h + b_o                               -> D (LMUFormer's 1x1 conv)
 
+Initialisation as LMUFormer's (its ``ConvLMU._init_weights``, applied to every
+``nn.Linear``, the cell's ``W_u`` and ``W_h`` among them): W_u and W_h truncated
+N(0, 0.02) with zero biases; the output projection, a 1x1 ``Conv1d`` there, keeps
+PyTorch's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
+
 The memory is the LMU's linear, time-invariant system (effformer.ops.legendre_memory):
 computed for the whole sequence by FFT in training, and one step at a time when
 decoding, the two being equal. LMUFormer follows the projection with BatchNorm;
@@ -36,6 +41,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from effformer.mixers.mamba import symmetric_uniform, torch_default_init
 from effformer.ops.legendre_memory import (
     IMPLEMENTATIONS,
     discretised_state_space,
@@ -46,6 +52,9 @@ from effformer.ops.masks import AttentionMask
 from effformer.ops.masks import token_mask as padding_token_mask
 
 Array = jax.Array
+
+# LMUFormer's init of its nn.Linear layers (timm's trunc_normal_(std=.02), zero bias).
+linear_init = nn.initializers.truncated_normal(stddev=0.02)
 
 
 class LMUMixer(nn.Module):
@@ -99,6 +108,13 @@ class LMUMixer(nn.Module):
             raise ValueError(
                 f"LMUMixer: memory_channels must be a positive int, got {self.memory_channels!r}."
             )
+        hidden_dim = self.hidden_dim
+        if hidden_dim is not None and (
+            not isinstance(hidden_dim, int) or isinstance(hidden_dim, bool) or hidden_dim < 1
+        ):  # 0 would silently have meant d_model
+            raise ValueError(
+                f"LMUMixer: hidden_dim must be a positive int or None (d_model), got {hidden_dim!r}."
+            )
         batch, length, _ = x.shape
         if decode and length != 1:
             raise ValueError(
@@ -109,7 +125,7 @@ class LMUMixer(nn.Module):
 
         dtype = x.dtype if self.dtype is None else self.dtype
         dense = lambda features, name: nn.Dense(  # noqa: E731
-            features, dtype=dtype, param_dtype=self.param_dtype, name=name
+            features, dtype=dtype, param_dtype=self.param_dtype, kernel_init=linear_init, name=name
         )
         u = nn.relu(dense(self.memory_channels, "memory_input")(x))  # [batch, L, channels]
         if token_mask is not None:
@@ -128,7 +144,15 @@ class LMUMixer(nn.Module):
                 jnp.concatenate([memory.astype(dtype), x], axis=-1)
             )
         )
-        out = dense(self.d_model, "out_proj")(hidden)
+        hidden_dim = hidden.shape[-1]
+        out = nn.Dense(  # LMUFormer's 1x1 Conv1d, with PyTorch's default init
+            self.d_model,
+            dtype=dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=torch_default_init,
+            bias_init=symmetric_uniform(hidden_dim**-0.5),
+            name="out_proj",
+        )(hidden)
         if token_mask is not None:
             out = jnp.where(token_mask[..., None], out, 0)
         return out

@@ -69,6 +69,11 @@ What these models are not:
   kernel; here membranes are float32 at least. As there, they start at 0 for every
   sequence (the original calls ``reset_net`` after each batch).
 
+Initialisation as the original's: its ``ConvLMU._init_weights`` gives every ``nn.Linear``
+(the LMU cells' ``W_u`` and ``W_h``, the head) truncated N(0, 0.02) weights and zero biases;
+the convolutions (patch embedding, the LMU's 1x1 output projection, the ConvFFN's 1x1
+layers) keep PyTorch's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases.
+
 Inputs come as in :class:`~effformer.models.mamba_classifier.MambaClassifier`:
 signals ``[B, L, input_dim]`` (``sequence_classification``) or images
 ``[B, H, W, num_channels]`` read pixel by pixel in raster order.
@@ -84,7 +89,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effformer.mixers.lmu import LMUMixer
+from effformer.mixers.lmu import LMUMixer, linear_init
+from effformer.mixers.mamba import symmetric_uniform, torch_default_init
 from effformer.models.mamba_classifier import as_step_sequence, step_sequence_dummy
 from effformer.models.registry import register
 from effformer.ops.legendre_memory import legendre_memory
@@ -92,6 +98,17 @@ from effformer.ops.lif import multi_step_lif
 
 Array = jax.Array
 Dtype = Any
+
+
+def _conv1x1(features: int, fan_in: int, dtype: Dtype | None, name: str) -> nn.Dense:
+    """A 1x1 ``Conv1d`` of the original (with bias), as a Dense with PyTorch's default init."""
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        kernel_init=torch_default_init,
+        bias_init=symmetric_uniform(fan_in**-0.5),
+        name=name,
+    )
 
 
 def _batch_norm(deterministic: bool, name: str) -> nn.BatchNorm:
@@ -185,6 +202,7 @@ class ConvTokenizer(nn.Module):
                 (3,),
                 padding=((1, 1),),
                 use_bias=False,
+                kernel_init=torch_default_init,
                 dtype=self.dtype,
                 name=f"conv_{i}",
             )(x)
@@ -194,6 +212,7 @@ class ConvTokenizer(nn.Module):
             (3,),
             padding=((1, 1),),
             use_bias=False,
+            kernel_init=torch_default_init,
             dtype=self.dtype,
             name="position_conv",
         )(x)
@@ -209,10 +228,10 @@ class ConvFFN(nn.Module):
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
         width = x.shape[-1]
-        y = nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1")(x)
+        y = _conv1x1(self.hidden_dim, width, self.dtype, "fc1")(x)
         y = _batch_norm(deterministic, "norm1")(y).astype(x.dtype)
         # PyTorch's GELU is the exact one.
-        y = nn.Dense(width, dtype=self.dtype, name="fc2")(nn.gelu(y, approximate=False))
+        y = _conv1x1(width, self.hidden_dim, self.dtype, "fc2")(nn.gelu(y, approximate=False))
         return nn.relu(_batch_norm(deterministic, "norm2")(y)).astype(x.dtype)
 
 
@@ -231,7 +250,13 @@ class SpikingConvTokenizer(nn.Module):
     def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
         def conv(name: str) -> nn.Conv:
             return nn.Conv(
-                self.embed_dim, (3,), padding=((1, 1),), use_bias=False, dtype=self.dtype, name=name
+                self.embed_dim,
+                (3,),
+                padding=((1, 1),),
+                use_bias=False,
+                kernel_init=torch_default_init,
+                dtype=self.dtype,
+                name=name,
             )
 
         x = conv("conv_0")(x)
@@ -257,8 +282,8 @@ class SpikingLMU(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
-        def dense(features: int, name: str) -> nn.Dense:
-            return nn.Dense(features, dtype=self.dtype, name=name)
+        def dense(features: int, name: str) -> nn.Dense:  # the cell's nn.Linear layers
+            return nn.Dense(features, dtype=self.dtype, kernel_init=linear_init, name=name)
 
         s = _norm_and_fire(x, deterministic, "input_norm", "input_lif", v_threshold=0.5)
         u = _norm_and_fire(
@@ -269,7 +294,7 @@ class SpikingLMU(nn.Module):
         m = _norm_and_fire(memory, deterministic, "memory_norm", "memory_lif").astype(s.dtype)
         hidden = dense(self.d_model, "hidden")(jnp.concatenate([m, s], axis=-1))
         h = _norm_and_fire(hidden, deterministic, "hidden_norm", "hidden_lif")
-        out = dense(self.d_model, "out_proj")(h)
+        out = _conv1x1(self.d_model, self.d_model, self.dtype, "out_proj")(h)
         return _batch_norm(deterministic, "out_norm")(out).astype(x.dtype)
 
 
@@ -282,10 +307,10 @@ class SpikingConvFFN(nn.Module):
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
         width = x.shape[-1]
-        y = nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1")(
+        y = _conv1x1(self.hidden_dim, width, self.dtype, "fc1")(
             _norm_and_fire(x, deterministic, "norm1", "lif1")
         )
-        return nn.Dense(width, dtype=self.dtype, name="fc2")(
+        return _conv1x1(width, self.hidden_dim, self.dtype, "fc2")(
             _norm_and_fire(y, deterministic, "norm2", "lif2")
         )
 
@@ -337,6 +362,17 @@ class LMUFormer(nn.Module):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"LMUFormer: {field} must be a positive int, got {value!r}.")
+        if self.order is not None and (not isinstance(self.order, int) or self.order < 1):
+            # 0 would silently mean the default order (D, or 2D when spiking).
+            raise ValueError(
+                f"LMUFormer: order must be a positive int or None (the original's), "
+                f"got {self.order!r}."
+            )
+        if not int(self.embed_dim * self.mlp_ratio) >= 1:
+            raise ValueError(
+                f"LMUFormer: mlp_ratio must give the FFN at least one hidden unit "
+                f"(int(embed_dim * mlp_ratio) >= 1), got mlp_ratio={self.mlp_ratio!r}."
+            )
         return as_step_sequence("LMUFormer", inputs, self.image_size, self.channels)
 
     @nn.compact
@@ -383,12 +419,13 @@ class LMUFormer(nn.Module):
                 x = x + ConvFFN(hidden, dtype=self.dtype, name=f"block_{i}_ffn")(
                     x, deterministic=deterministic
                 )
+        head = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=linear_init, name="head")
         if per_position:
-            return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+            return head(x)
         # Per-position logits averaged over L (the original) = the head of the average.
         pooled = jnp.mean(x, axis=1, dtype=jnp.promote_types(x.dtype, jnp.float32))
         pooled = pooled.astype(x.dtype)
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(pooled)
+        return head(pooled)
 
 
 @register(

@@ -189,6 +189,9 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="implementation must be one of"):
         _mixer(implementation="conv").apply({"params": params}, x)
     assert isinstance(make_mixer("lmu", d_model=4), LMUMixer)
+    # Regression: hidden_dim=0 silently meant d_model.
+    with pytest.raises(ValueError, match="hidden_dim must be a positive int or None.*got 0"):
+        jax.eval_shape(_mixer(hidden_dim=0).init, jax.random.key(0), x)
 
 
 def test_window_or_soft_causal_mask_is_refused_not_ignored():

@@ -54,6 +54,42 @@ def test_spiking_parameter_count_follows_the_official_layers():
     assert set(variables) == {"params", "batch_stats"}
 
 
+@pytest.mark.parametrize("spiking", [False, True])
+def test_initialisation_follows_the_original(spiking):
+    """Regression: every layer had Flax's default init (LeCun normal, zero biases). The
+    original's ConvLMU._init_weights gives its nn.Linear layers (the LMU cell's W_u and W_h,
+    the head) truncated N(0, 0.02) and zero biases; its Conv1d layers keep PyTorch's
+    default U(-1/sqrt(fan_in), 1/sqrt(fan_in)), biases included."""
+    width, channels, hidden = 16, 4, 64
+    model = models.create(
+        "spiking_lmuformer" if spiking else "lmuformer", tiny=True, num_conv_layers=2
+    )
+    assert (model.embed_dim, model.input_dim, int(width * model.mlp_ratio)) == (
+        width,
+        channels,
+        hidden,
+    )
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), **model.dummy_inputs(2))["params"]
+    lmu, ffn, tokenizer = params["block_0_lmu"], params["block_0_ffn"], params["tokenizer"]
+    for layer in (lmu["memory_input"], lmu["hidden"], params["head"]):
+        assert 0 < np.max(np.abs(layer["kernel"])) <= 2 * 0.02 + 1e-7  # truncated at 2 std
+        np.testing.assert_array_equal(layer["bias"], 0.0)
+    convs = {  # kernel, fan_in (in_channels * kernel size)
+        "tokenizer conv_0": (tokenizer["conv_0"], 3 * channels),
+        "tokenizer conv_1": (tokenizer["conv_1"], 3 * width),
+        "position_conv": (tokenizer["position_conv"], 3 * width),
+        "lmu out_proj": (lmu["out_proj"], width),
+        "ffn fc1": (ffn["fc1"], width),
+        "ffn fc2": (ffn["fc2"], hidden),
+    }
+    for name, (layer, fan_in) in convs.items():
+        for value in layer.values():  # kernel, and bias where the layer has one
+            bound = fan_in**-0.5
+            assert np.max(np.abs(value)) <= bound, name
+            assert np.max(np.abs(value)) > bound / 2, name  # uniform over the whole range
+    assert set(convs["lmu out_proj"][0]) == set(convs["ffn fc1"][0]) == {"kernel", "bias"}
+
+
 def _conv1d_reference(x, kernel):
     """Centred kernel-3 convolution with zero padding, by loops: x [B, L, C], kernel [3, C, D]."""
     batch, length, _ = x.shape
@@ -152,6 +188,10 @@ def test_tiny_model_trains_and_reads_images_pixel_by_pixel():
         (dict(), (2, 16, 3), r"signals \[B, L, input_dim=4\], got \(2, 16, 3\)"),
         (dict(image_size=4, num_channels=1), (2, 4, 5, 1), r"images \[B, 4, 4, 1\]"),
         (dict(num_layers=0), (2, 16, 4), "num_layers must be a positive int, got 0"),
+        # Regressions: order=0 silently meant the default order; mlp_ratio=0 built an FFN
+        # without hidden units.
+        (dict(order=0), (2, 16, 4), r"order must be a positive int or None .*got 0"),
+        (dict(mlp_ratio=0.0), (2, 16, 4), "mlp_ratio must give the FFN at least one hidden"),
     ],
 )
 def test_bad_inputs_and_configs_are_named(overrides, shape, message):
