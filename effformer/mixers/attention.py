@@ -64,6 +64,12 @@ class _AttentionProjections(nn.Module):
                 f"{owner}: num_kv_heads must divide num_heads={self.num_heads}, "
                 f"got num_kv_heads={num_kv_heads}."
             )
+        # 0 would silently have meant the default, D // num_heads.
+        if self.head_dim is not None and not self.head_dim >= 1:
+            raise ValueError(
+                f"{owner}: head_dim must be a positive int or None (D // num_heads), "
+                f"got {self.head_dim!r}."
+            )
         if self.head_dim is None and dim % self.num_heads:
             raise ValueError(
                 f"{owner}: num_heads must divide the model width {dim} (or give head_dim), "

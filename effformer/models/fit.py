@@ -343,6 +343,19 @@ class _FITFields(nn.Module):
         parse_layer_plan(self.layer_plan)
         if not isinstance(self.num_latents, int) or self.num_latents < 1:
             raise ValueError(f"{name}: num_latents must be an int >= 1, got {self.num_latents!r}.")
+        for field in ("embed_dim", "num_heads"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: {field} must be a positive int, got {value!r}.")
+        if self.latent_dim is not None and (
+            not isinstance(self.latent_dim, int) or self.latent_dim < 1
+        ):  # 0 would silently mean embed_dim
+            raise ValueError(
+                f"{name}: latent_dim must be a positive int or None (embed_dim), "
+                f"got {self.latent_dim!r}."
+            )
+        if not self.mlp_ratio > 0:  # 0 would build MLPs of no hidden units
+            raise ValueError(f"{name}: mlp_ratio must be > 0, got {self.mlp_ratio!r}.")
         latent_dim = self.latent_dim or self.embed_dim
         for field, width in (("embed_dim", self.embed_dim), ("latent_dim", latent_dim)):
             if width % self.num_heads:

@@ -13,7 +13,8 @@ token is scored. Solving it takes two hops: a value token must learn its
 preceding key (a short span suffices), then the query must find that value
 ~L tokens back (a span reaching the start is needed). With ``--pairs 1`` it is
 one hop (the query need only reach position 1). A model whose layers all
-have span s cannot see the pairs from the query at all when 4 (s - 1) < L - 2P.
+have span s cannot see the pairs from the query at all when 4 (s - 1) < L - 2P - 1
+(the query sits at position L - 2, the last pair's value at 2P - 1).
 
 4-layer decoders of identical size (width 64, 4 heads, RoPE) and training
 budget (same steps, batch, optimiser, data), chosen with ``--models``

@@ -373,6 +373,9 @@ def test_bad_configuration_errors():
         MultiHeadAttention(num_heads=3).init(jax.random.key(0), x[0])
     with pytest.raises(ValueError, match="make_mixer: unknown name 'lstm'"):
         make_mixer("lstm")
+    # Regression: head_dim=0 silently meant D // num_heads.
+    with pytest.raises(ValueError, match=r"head_dim must be a positive int or None .*got 0"):
+        MultiHeadAttention(num_heads=3, head_dim=0).init(jax.random.key(0), x)
 
 
 def test_mask_takes_explicit_positions():

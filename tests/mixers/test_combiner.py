@@ -202,6 +202,8 @@ def test_default_segment_length_is_ceil_sqrt():
         (dict(variant="logsparse", causal=False), 8, "causal attention only"),
         (dict(variant="logsparse", segment_length=2), 8, "takes no segment_length"),
         (dict(num_heads=3), 8, "num_heads must divide the model width"),
+        # Regression: head_dim=0 silently meant D // num_heads.
+        (dict(head_dim=0), 8, r"head_dim must be a positive int or None .*got 0"),
     ],
 )
 def test_bad_configuration_fails_clearly(kwargs, length, message):

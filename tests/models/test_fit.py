@@ -143,6 +143,11 @@ def test_registered_tiny_presets_build():
         (dict(num_latents=0), None, "num_latents must be an int >= 1, got 0"),
         (dict(layer_plan="(1)1"), None, "last block has 1 global layers"),
         (dict(latent_dim=5), None, "num_heads=2 must divide latent_dim, got latent_dim=5"),
+        # Regressions: a ZeroDivisionError; latent_dim=0 silently meant embed_dim; mlp_ratio=0
+        # built MLPs without hidden units.
+        (dict(num_heads=0), None, "num_heads must be a positive int, got 0"),
+        (dict(latent_dim=0), None, r"latent_dim must be a positive int or None \(embed_dim\)"),
+        (dict(mlp_ratio=0.0), None, "mlp_ratio must be > 0, got 0.0"),
         (dict(max_length=8), jnp.ones((1, 9), jnp.int32), "<= max_length=8, got 9"),
         (dict(), jnp.ones((1, 4)), "integer token ids"),
     ],
