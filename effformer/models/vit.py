@@ -81,12 +81,17 @@ import jax.numpy as jnp
 from flax.core import FrozenDict
 
 from effformer.mixers import MIXERS
-from effformer.nn.block import ResidualBlock
+from effformer.nn.block import ORDERINGS, ResidualBlock
 from effformer.nn.ffn_widths import FfnWidths, granularity_runs, resolve_ffn_widths
 from effformer.nn.norms import LayerNorm
 from effformer.nn.pooling import ClassToken, SeqPool, mean_pool
 from effformer.nn.position import LearnedPositionEmbedding, SinusoidalPositionEncoding
-from effformer.nn.tokenizers import ConvTokenizer, PatchEmbed
+from effformer.nn.tokenizers import (
+    ConvTokenizer,
+    PatchEmbed,
+    kaiming_normal_relu,
+    torch_default_bias_init,
+)
 from effformer.ops.masks import AttentionMask
 from effformer.reducers.ia_red import (
     MultiHeadInterpreter,
@@ -109,6 +114,7 @@ Array = jax.Array
 Dtype = Any
 
 TOKENIZERS = ("patch", "conv")
+PATCH_INITS = ("lecun_normal", "kaiming_normal")
 POOLINGS = ("class_token", "seq_pool", "mean")
 POSITION_EMBEDDINGS = ("learned", "sinusoidal", "none")
 
@@ -138,6 +144,10 @@ class VisionTransformer(nn.Module):
       tokenizer: ``"patch"`` (non-overlapping ``patch_size`` patches, any
         divisor of ``image_size`` down to 1) or ``"conv"`` (CCT's
         ``conv_layers`` blocks of ``conv_kernel_size`` convolutions).
+      patch_init: the patch projection's initialisation: ``"lecun_normal"``
+        (ViT, zero bias) or ``"kaiming_normal"`` (CVT and ViT-Lite: Compact-Transformers'
+        ``Tokenizer`` applies ``kaiming_normal_`` to the weight and leaves the bias at
+        PyTorch's default, uniform in +-1/sqrt(fan_in)).
       embed_dim, num_layers, num_heads, mlp_ratio: encoder shape; the FFN is
         ``int(embed_dim * mlp_ratio)`` wide.
       pooling: ``"class_token"`` (first token), ``"seq_pool"`` (CCT) or ``"mean"``.
@@ -200,6 +210,7 @@ class VisionTransformer(nn.Module):
     num_channels: int = 3
     tokenizer: str = "patch"
     patch_size: int = 16
+    patch_init: str = "lecun_normal"
     conv_kernel_size: int = 3
     conv_layers: int = 1
     conv_planes: int = 64
@@ -248,29 +259,48 @@ class VisionTransformer(nn.Module):
             ("tokenizer", self.tokenizer, TOKENIZERS),
             ("pooling", self.pooling, POOLINGS),
             ("position_embedding", self.position_embedding, POSITION_EMBEDDINGS),
+            ("patch_init", self.patch_init, PATCH_INITS),
         )
         for field, value, allowed in choices:
             if value not in allowed:
                 raise ValueError(f"{name}: {field} must be one of {allowed}, got {value!r}.")
         if self.mixer not in MIXERS:
             raise ValueError(f"{name}: mixer must be one of {sorted(MIXERS)}, got {self.mixer!r}.")
+        if self.block_ordering not in ORDERINGS:
+            raise ValueError(
+                f"{name}: block_ordering must be one of {ORDERINGS}, got {self.block_ordering!r}."
+            )
         positive = ("num_classes", "image_size", "num_channels", "embed_dim", "num_layers")
-        for field in (*positive, "num_heads"):
+        tokenizer = ("patch_size",) if self.tokenizer == "patch" else ("conv_kernel_size",)
+        if self.tokenizer == "conv" and self.conv_layers != 1:  # 1 block: no planes between
+            tokenizer += ("conv_layers", "conv_planes")
+        for field in (*positive, "num_heads", *tokenizer):
             value = getattr(self, field)
-            if not isinstance(value, int) or value < 1:
+            # bool is an int to Python; True as a head count is a config slip, not 1.
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: {field} must be a positive int, got {value!r}.")
+        ratio = self.mlp_ratio
+        number = isinstance(ratio, int | float) and not isinstance(ratio, bool)
+        # "not > 0" also refuses NaN; the width check then needs a finite ratio.
+        if not number or not ratio > 0 or ratio == float("inf") or self.ffn_hidden_dim < 1:
+            raise ValueError(
+                f"{name}: mlp_ratio must give an FFN at least 1 wide (int(embed_dim * "
+                f"mlp_ratio) >= 1 with embed_dim={self.embed_dim}), got {ratio!r}."
+            )
+        for field in ("dropout_rate", "attention_dropout_rate", "drop_path_rate"):
+            value = getattr(self, field)
+            if not 0.0 <= value < 1.0:  # NaN-safe
+                raise ValueError(f"{name}: {field} must be in [0, 1), got {value!r}.")
         if self.embed_dim % self.num_heads:
             raise ValueError(
                 f"{name}: num_heads must divide embed_dim={self.embed_dim}, "
                 f"got num_heads={self.num_heads}."
             )
-        if self.tokenizer == "patch" and (self.patch_size < 1 or self.image_size % self.patch_size):
+        if self.tokenizer == "patch" and self.image_size % self.patch_size:
             raise ValueError(
                 f"{name}: patch_size must be a positive divisor of image_size={self.image_size}, "
                 f"got patch_size={self.patch_size}."
             )
-        if self.tokenizer == "conv" and self.conv_layers < 1:
-            raise ValueError(f"{name}: conv_layers must be >= 1, got {self.conv_layers}.")
         # With padding max(1, k//2) every conv and pool keeps at least one row, so any
         # positive image_size gives a non-empty grid for the conv tokenizer.
         try:
@@ -399,8 +429,19 @@ class VisionTransformer(nn.Module):
 
     def _tokenize(self, inputs: Array) -> Array:
         if self.tokenizer == "patch":
+            inits = {}
+            if self.patch_init == "kaiming_normal":
+                fan_in = self.patch_size**2 * self.num_channels
+                inits = dict(
+                    kernel_init=kaiming_normal_relu, bias_init=torch_default_bias_init(fan_in)
+                )
             tokens, _ = PatchEmbed(
-                self.patch_size, self.embed_dim, use_bias=True, dtype=self.dtype, name="tokenizer"
+                self.patch_size,
+                self.embed_dim,
+                use_bias=True,
+                dtype=self.dtype,
+                name="tokenizer",
+                **inits,
             )(inputs)
         else:
             tokens, _ = ConvTokenizer(

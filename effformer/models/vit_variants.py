@@ -7,8 +7,10 @@ use PxP patches. Widths: L = 2, 4 -> dim 128, 2 heads, MLP ratio 1; L = 6, 7
 -> 256, 4 heads, ratio 2; L = 14 -> 384, 6 heads, ratio 3. All of them:
 attention dropout 0.1, stochastic depth 0.1, no other dropout, learned
 position table initialised with std 0.2, LayerNorm epsilon 1e-5, no q/k/v
-bias, the CCT layer ordering. Defaults (image size, classes) are the
-original's; ``create(name, num_classes=..., image_size=...)`` builds any other.
+bias, the CCT layer ordering; CVT's and ViT-Lite's patch projection
+initialised as the original's ``Tokenizer`` (``patch_init="kaiming_normal"``).
+Defaults (image size, classes) are the original's; ``create(name,
+num_classes=..., image_size=...)`` builds any other.
 ``position_embedding="sinusoidal"`` gives the original's ``*_sine`` variants
 (a fixed table, no parameters: fewer parameters than the learned ones by
 the table's size).
@@ -49,6 +51,9 @@ _COMPACT_COMMON = dict(
     attention_dropout_rate=0.1,
     drop_path_rate=0.1,
 )
+
+# CVT and ViT-Lite: the patch conv is Compact-Transformers' Tokenizer (kaiming-normal weight).
+_COMPACT_PATCHES = dict(image_size=32, num_classes=10, patch_init="kaiming_normal")
 
 _CCT_TINY = dict(num_layers=1, embed_dim=16, num_heads=2, mlp_ratio=1.0, conv_planes=8)
 _PATCH_TINY = dict(num_layers=1, embed_dim=16, num_heads=2, mlp_ratio=1.0)
@@ -123,18 +128,14 @@ def cct_14_7x2(**overrides: Any) -> VisionTransformer:
 @register("cvt_7_4", tiny=_PATCH_TINY)
 def cvt_7_4(**overrides: Any) -> VisionTransformer:
     """CVT-7/4, 32x32x3, 10 classes: 3,716,619 parameters (64 tokens, SeqPool)."""
-    family = dict(
-        tokenizer="patch", patch_size=4, pooling="seq_pool", image_size=32, num_classes=10
-    )
+    family = dict(tokenizer="patch", patch_size=4, pooling="seq_pool", **_COMPACT_PATCHES)
     return _compact(7, overrides, **family)
 
 
 @register("vit_lite_7_4", tiny=_PATCH_TINY)
 def vit_lite_7_4(**overrides: Any) -> VisionTransformer:
     """ViT-Lite-7/4, 32x32x3, 10 classes: 3,716,874 parameters (64 tokens + class token)."""
-    family = dict(
-        tokenizer="patch", patch_size=4, pooling="class_token", image_size=32, num_classes=10
-    )
+    family = dict(tokenizer="patch", patch_size=4, pooling="class_token", **_COMPACT_PATCHES)
     return _compact(7, overrides, **family)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -17,8 +18,18 @@ Initializer = Callable[..., Array]
 kaiming_normal_relu = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
-def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)
+def torch_default_bias_init(fan_in: int) -> Initializer:
+    """PyTorch's default ``Conv2d`` / ``Linear`` bias init: uniform in +-1/sqrt(fan_in)."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+        key, shape, dtype, -bound, bound
+    )
+
+
+def _check_positive_int(owner: str, name: str, value: Any) -> None:
+    # bool is an int to Python; True as a width is a config slip, not 1.
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}.")
 
 
 class PatchEmbed(nn.Module):
@@ -48,9 +59,18 @@ class PatchEmbed(nn.Module):
         """images: [B, H, W, C] -> (tokens [B, (H/ph)*(W/pw), D], grid (H/ph, W/pw))."""
         if images.ndim != 4:
             raise ValueError(f"PatchEmbed: images must be [B, H, W, C], got shape {images.shape}.")
-        ph, pw = _pair(self.patch_size)
+        patch = self.patch_size
+        sides = tuple(patch) if isinstance(patch, tuple | list) else (patch, patch)
+        if len(sides) != 2 or any(
+            not isinstance(p, int) or isinstance(p, bool) or p < 1 for p in sides
+        ):
+            raise ValueError(
+                f"PatchEmbed: patch_size must be a positive int or a pair of them, got {patch!r}."
+            )
+        _check_positive_int("PatchEmbed", "embed_dim", self.embed_dim)
+        ph, pw = sides
         batch, height, width, channels = images.shape
-        if ph < 1 or pw < 1 or height % ph or width % pw:
+        if height % ph or width % pw:
             raise ValueError(
                 f"PatchEmbed: patch_size {(ph, pw)} must divide the image size; got image "
                 f"(H, W) = {(height, width)}."
@@ -113,6 +133,10 @@ class ConvTokenizer(nn.Module):
             raise ValueError(
                 f"ConvTokenizer: num_conv_layers must be >= 1, got {self.num_conv_layers}."
             )
+        _check_positive_int("ConvTokenizer", "embed_dim", self.embed_dim)
+        _check_positive_int("ConvTokenizer", "kernel_size", self.kernel_size)
+        if self.num_conv_layers > 1:  # the widths between the conv blocks
+            _check_positive_int("ConvTokenizer", "in_planes", self.in_planes)
         k = self.kernel_size
         stride, padding = max(1, k // 2 - 1), max(1, k // 2)
         widths = [self.in_planes] * (self.num_conv_layers - 1) + [self.embed_dim]

@@ -138,6 +138,18 @@ def test_sinusoidal_option_has_no_table_parameters():
     assert learned - sine == 256 * 256
 
 
+def test_compact_patch_projection_is_initialised_as_the_originals_tokenizer():
+    """CVT / ViT-Lite: Compact-Transformers' Tokenizer inits the patch conv with
+    kaiming_normal_ (std sqrt(2 / fan_in)) and leaves PyTorch's default bias, uniform in
+    +-1/sqrt(fan_in); ViT's lecun normal (std sqrt(1 / fan_in)) and zero bias were used."""
+    fan_in = 4 * 4 * 3  # 4x4 patches of 3 channels; 4x4 images: one token, a cheap model
+    model = models.create("cvt_7_4", tiny=True, embed_dim=64, image_size=4)
+    params = jax.jit(_init_jit, static_argnums=0)(model)["params"]["tokenizer"]
+    assert np.std(params["kernel"]) == pytest.approx(np.sqrt(2 / fan_in), rel=0.08)  # 3,072
+    bias = np.asarray(params["bias"])
+    assert np.all(np.abs(bias) <= 1 / np.sqrt(fan_in)) and np.std(bias) > 0.05
+
+
 def test_sinusoidal_option_adds_the_interleaved_table():
     # The table is CCT's sinusoidal_embedding: sin at even, cos at odd channels.
     positions = np.arange(4, dtype=np.float64)[:, None]
@@ -385,6 +397,30 @@ def test_zero_heads_is_named_not_a_division_by_zero():
         _init(model)
 
 
+@pytest.mark.parametrize(
+    "name, overrides, message",
+    [
+        # Each of these crashed deep inside (a division by zero, an MLIR error) or built a
+        # model that silently did something else (an FFN 0 wide, dropout that zeroes all).
+        ("cct_7_3x1", dict(conv_kernel_size=0), r"conv_kernel_size must be a positive int, got 0"),
+        ("cct_7_3x2", dict(conv_planes=0), r"conv_planes must be a positive int, got 0"),
+        ("cct_7_3x1", dict(conv_layers=0), r"conv_layers must be a positive int, got 0"),
+        ("vit_tiny", dict(patch_size=2.0), r"patch_size must be a positive int, got 2.0"),
+        ("vit_tiny", dict(num_heads=True), r"num_heads must be a positive int, got True"),
+        ("vit_tiny", dict(mlp_ratio=0.0), r"mlp_ratio must give an FFN at least 1 wide.*got 0.0"),
+        ("vit_tiny", dict(mlp_ratio=-1.0), r"mlp_ratio must give .* got -1.0"),
+        ("vit_tiny", dict(mlp_ratio=float("nan")), r"mlp_ratio must give .* got nan"),
+        ("vit_tiny", dict(dropout_rate=1.5), r"dropout_rate must be in \[0, 1\), got 1.5"),
+        ("vit_tiny", dict(attention_dropout_rate=-0.1), r"attention_dropout_rate must be in"),
+        ("vit_tiny", dict(drop_path_rate=1.0), r"drop_path_rate must be in \[0, 1\), got 1.0"),
+        ("vit_tiny", dict(block_ordering="post"), r"block_ordering must be one of .* got 'post'"),
+    ],
+)
+def test_bad_fields_are_named(name, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        models.create(name, tiny=True, **overrides).check_config()
+
+
 def test_input_of_another_size_or_channel_count():
     model = models.create("cct_7_3x1", tiny=True)
     variables = jax.eval_shape(lambda: _init(model))  # the check runs at trace time
@@ -508,3 +544,35 @@ def test_experiment_configs_validate_and_build_their_model(path, arg, image_shap
         lambda: model.init_with_output(jax.random.PRNGKey(0), **model.dummy_inputs(2))[0]
     )
     assert logits.shape == (2, classes)
+
+
+# The original's ymls (SHI-Labs/Compact-Transformers configs/pretrained, configs/finetuned):
+# lr, weight decay, batch, warm-up epochs, min lr, random erasing, position embedding. The
+# configs had copied the CIFAR-10/300 recipe into every run and guessed ImageNet's.
+@pytest.mark.parametrize(
+    "path, arg, train_examples, expected",
+    [
+        ("cifar.py", "cifar10_300", 50_000, (5.5e-4, 6e-2, 128, 10, 1e-5, 0.0, "learned")),
+        ("cifar.py", "cifar10_5000", 50_000, (5e-4, 5e-2, 128, 10, 1e-5, 0.25, "sinusoidal")),
+        ("cifar.py", "cifar100_300", 50_000, (6e-4, 6e-2, 128, 10, 1e-5, 0.25, "learned")),
+        ("cifar.py", "cifar100_5000", 50_000, (5e-4, 5e-2, 128, 10, 1e-5, 0.25, "sinusoidal")),
+        ("flowers102.py", None, 1020, (5e-4, 6e-2, 96, 10, 1e-5, 0.25, "sinusoidal")),
+        ("imagenet.py", "224", 1_281_167, (5e-4, 5e-2, 1024, 10, 1e-5, 0.25, "learned")),
+        ("imagenet.py", "finetune384", 1_281_167, (1e-5, 0.0, 768, 0, 0.0, 0.25, "learned")),
+    ],
+)
+def test_cct_recipe_configs_follow_the_original_ymls(path, arg, train_examples, expected):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    config = _load(str(root / "experiments" / "cct" / path), arg)
+    lr, decay, batch, warmup_epochs, min_lr, erasing, positions = expected
+    optimizer = config.optimizer
+    assert (optimizer.learning_rate, optimizer.weight_decay) == pytest.approx((lr, decay))
+    assert config.global_batch_size == batch
+    assert optimizer.warmup_steps == warmup_epochs * train_examples // batch
+    assert optimizer.learning_rate * optimizer.min_lr_ratio == pytest.approx(min_lr)
+    assert config.data.random_erasing == erasing
+    kwargs = config.model.kwargs.to_dict()
+    assert kwargs.get("position_embedding", "learned") == positions
+    assert (config.task.mixup_alpha, config.task.cutmix_alpha) == (0.8, 1.0)

@@ -43,6 +43,24 @@ def test_patch_size_must_divide_image():
 
 
 @pytest.mark.parametrize(
+    "module, message",
+    [
+        # Each crashed with a division by zero (or a TypeError) inside the initialiser.
+        (PatchEmbed(0, 8), r"patch_size must be a positive int or a pair of them, got 0"),
+        (PatchEmbed(2.0, 8), r"patch_size must be a positive int or a pair of them, got 2.0"),
+        (PatchEmbed((2, 2, 2), 8), r"patch_size must be .* got \(2, 2, 2\)"),
+        (PatchEmbed(2, 0), r"PatchEmbed: embed_dim must be a positive int, got 0"),
+        (ConvTokenizer(8, kernel_size=0), r"kernel_size must be a positive int, got 0"),
+        (ConvTokenizer(0), r"ConvTokenizer: embed_dim must be a positive int, got 0"),
+        (ConvTokenizer(8, num_conv_layers=2, in_planes=0), r"in_planes must be a positive int"),
+    ],
+)
+def test_bad_sizes_are_named(module, message):
+    with pytest.raises(ValueError, match=message):
+        module.init(jax.random.key(0), jnp.ones((1, 8, 8, 1)))
+
+
+@pytest.mark.parametrize(
     "size, kernel, layers, tokens",
     [(32, 3, 1, 256), (32, 3, 2, 64), (224, 7, 2, 196)],
 )
