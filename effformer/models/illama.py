@@ -72,19 +72,22 @@ def _torch_conv_bias_init(fan_in: int):
 
 
 def check_soft_mask_ratio(owner: str, soft_mask_ratio: Any) -> None:
-    """A Python number must lie in [0, 1]; an array must be a scalar (its value is traced)."""
+    """A number or a concrete scalar array must lie in [0, 1]; a traced one must be a
+    scalar (its value is unknown until run)."""
     if isinstance(soft_mask_ratio, bool) or soft_mask_ratio is None:
         raise ValueError(
             f"{owner}: soft_mask_ratio must be a number in [0, 1] or a scalar array, "
             f"got {soft_mask_ratio!r}."
         )
-    if isinstance(soft_mask_ratio, int | float):
-        if not 0.0 <= soft_mask_ratio <= 1.0:
-            raise ValueError(f"{owner}: soft_mask_ratio must be in [0, 1], got {soft_mask_ratio}.")
-    elif jnp.ndim(soft_mask_ratio) != 0:
+    if not isinstance(soft_mask_ratio, int | float) and jnp.ndim(soft_mask_ratio) != 0:
         raise ValueError(
             f"{owner}: soft_mask_ratio must be a scalar, got shape {jnp.shape(soft_mask_ratio)}."
         )
+    if isinstance(soft_mask_ratio, jax.core.Tracer):
+        return
+    # A NumPy or JAX scalar outside [0, 1] would otherwise pass as a traced value.
+    if not 0.0 <= float(soft_mask_ratio) <= 1.0:  # NaN-safe
+        raise ValueError(f"{owner}: soft_mask_ratio must be in [0, 1], got {soft_mask_ratio}.")
 
 
 class ILlama(nn.Module):
@@ -152,7 +155,13 @@ class ILlama(nn.Module):
             )
         if self.mask not in MASK_MODES:
             raise ValueError(f"ILlama: mask must be one of {MASK_MODES}, got {self.mask!r}.")
-        if self.patch_size < 1 or self.image_size % self.patch_size:
+        positive = ("num_classes", "image_size", "num_channels", "patch_size", "embed_dim")
+        for field in (*positive, "num_layers", "num_heads", "ffn_multiple_of"):
+            value = getattr(self, field)
+            # bool is an int to Python; True as a head count is a config slip, not 1.
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ILlama: {field} must be a positive int, got {value!r}.")
+        if self.image_size % self.patch_size:
             raise ValueError(
                 f"ILlama: patch_size must divide image_size={self.image_size}, "
                 f"got patch_size={self.patch_size}."
@@ -162,10 +171,10 @@ class ILlama(nn.Module):
                 f"ILlama: num_heads must divide embed_dim={self.embed_dim} into an even head "
                 f"dim (RoPE rotates channel pairs), got num_heads={self.num_heads}."
             )
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(
-                f"ILlama: drop_path_rate must be in [0, 1), got {self.drop_path_rate}."
-            )
+        for field in ("drop_path_rate", "dropout_rate"):
+            value = getattr(self, field)
+            if not 0.0 <= value < 1.0:  # NaN-safe
+                raise ValueError(f"ILlama: {field} must be in [0, 1), got {value!r}.")
 
     def attention_mask(self, soft_mask_ratio: float | Array) -> AttentionMask | None:
         """The structural mask of every block for this ``mask`` mode and ratio."""

@@ -429,7 +429,8 @@ class TinyViT(nn.Module):
                     f"{self.depths}), got {value!r}."
                 )
         for field in ("embed_dims", "depths"):
-            if any(not isinstance(v, int) or v < 1 for v in getattr(self, field)):
+            values = getattr(self, field)
+            if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in values):
                 raise ValueError(
                     f"{name}: {field} must be positive ints, got {getattr(self, field)!r}."
                 )
@@ -440,7 +441,9 @@ class TinyViT(nn.Module):
             )
         for i in range(1, stages):
             heads, window = self.num_heads[i], self.window_sizes[i]
-            if not isinstance(heads, int) or heads < 1 or self.embed_dims[i] % heads:
+            # bool is an int to Python; True as a head count is a config slip, not 1.
+            is_int = isinstance(heads, int) and not isinstance(heads, bool)
+            if not is_int or heads < 1 or self.embed_dims[i] % heads:
                 raise ValueError(
                     f"{name}: num_heads[{i}] must be a positive divisor of embed_dims[{i}]="
                     f"{self.embed_dims[i]}, got {heads!r}."
@@ -449,6 +452,30 @@ class TinyViT(nn.Module):
                 raise ValueError(
                     f"{name}: window_sizes[{i}] must be a positive int, got {window!r}."
                 )
+        # Each ratio must give a hidden layer at least 1 wide in every stage that uses it.
+        ratios = (("mbconv_expand_ratio", self.embed_dims[:1]), ("mlp_ratio", self.embed_dims[1:]))
+        for field, widths in ratios:
+            ratio = getattr(self, field)
+            number = isinstance(ratio, int | float) and not isinstance(ratio, bool)
+            # "not > 0" also refuses NaN.
+            if (
+                not number
+                or not 0 < ratio < float("inf")
+                or any(int(w * ratio) < 1 for w in widths)
+            ):
+                raise ValueError(
+                    f"{name}: {field} must be a positive number giving hidden layers at least 1 "
+                    f"wide (int(width * {field}) >= 1 for the widths {tuple(widths)}), "
+                    f"got {ratio!r}."
+                )
+        size = self.local_conv_size
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1 or size % 2 == 0:
+            # Padding size // 2 keeps the grid only for an odd kernel (an even one grows it).
+            raise ValueError(f"{name}: local_conv_size must be a positive odd int, got {size!r}.")
+        for field in ("dropout_rate", "drop_path_rate"):
+            value = getattr(self, field)
+            if not 0.0 <= value < 1.0:  # NaN-safe
+                raise ValueError(f"{name}: {field} must be in [0, 1), got {value!r}.")
         multiple = 4 * 2 ** (stages - 1)
         if self.image_size % multiple:
             raise ValueError(

@@ -475,7 +475,11 @@ def test_position_interpolation_refuses_mismatched_models(small_params):
 # ---------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("ratio", [1.5, -0.1, True])
+@pytest.mark.parametrize(
+    # NumPy / JAX scalars outside [0, 1] passed as if traced.
+    "ratio",
+    [1.5, -0.1, True, float("nan"), np.float32(1.5), jnp.float32(-0.5), jnp.array(2.0)],
+)
 def test_soft_mask_ratio_outside_unit_interval_is_refused(small_params, ratio):
     model = ILlama(**SMALL)
     variables = {"params": small_params}
@@ -501,6 +505,16 @@ def test_other_bad_inputs(small_params):
         ("class_token", "middle", "class_token must be one of"),
         ("patch_size", 3, "patch_size must divide image_size=8"),
         ("num_heads", 3, "num_heads must divide embed_dim=16"),
+        # These crashed with a division by zero, or built a model without blocks, without
+        # classes or with dropout that zeroes every token.
+        ("num_heads", 0, "num_heads must be a positive int, got 0"),
+        ("embed_dim", 0, "embed_dim must be a positive int, got 0"),
+        ("ffn_multiple_of", 0, "ffn_multiple_of must be a positive int, got 0"),
+        ("num_layers", 0, "num_layers must be a positive int, got 0"),
+        ("num_classes", 0, "num_classes must be a positive int, got 0"),
+        ("image_size", 0, "image_size must be a positive int, got 0"),
+        ("num_heads", True, "num_heads must be a positive int, got True"),
+        ("dropout_rate", 1.5, r"dropout_rate must be in \[0, 1\), got 1.5"),
     ]:
         with pytest.raises(ValueError, match=message):
             _init(model.clone(**{field: value}))

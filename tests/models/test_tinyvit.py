@@ -333,6 +333,16 @@ def test_tiny_model_trains_one_step_on_digits():
         (dict(window_sizes=(1, 0, 2, 2)), r"window_sizes\[1\] must be a positive int, got 0"),
         (dict(embed_dims=(7, 16, 16, 16)), r"embed_dims\[0\] must be even"),
         (dict(conv_norm="group_norm"), r"conv_norm must be one of \('layer_norm', 'batch_norm'\)"),
+        # These built a model with an MLP 0 wide, dropout that zeroes all, a local conv
+        # that grows the grid by one (even kernel), or crashed with a division by zero.
+        (dict(mlp_ratio=0.0), r"mlp_ratio must be a positive number .* got 0.0"),
+        (dict(mbconv_expand_ratio=0.0), r"mbconv_expand_ratio must be a positive .* got 0.0"),
+        (dict(mlp_ratio=float("nan")), r"mlp_ratio must be a positive number .* got nan"),
+        (dict(local_conv_size=2), r"local_conv_size must be a positive odd int, got 2"),
+        (dict(local_conv_size=0), r"local_conv_size must be a positive odd int, got 0"),
+        (dict(dropout_rate=1.5), r"dropout_rate must be in \[0, 1\), got 1.5"),
+        (dict(drop_path_rate=1.0), r"drop_path_rate must be in \[0, 1\), got 1.0"),
+        (dict(num_heads=(1, True, 2, 2)), r"num_heads\[1\] must be a positive divisor"),
     ],
 )
 def test_bad_configurations_name_the_field(overrides, message):
