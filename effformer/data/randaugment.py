@@ -8,16 +8,22 @@ TranslateX, TranslateY. Each op follows PIL's definition (as used by the
 paper's and timm's code), transcribed to floats in [0, 1]; ops defined on
 8-bit levels (Equalize, Posterize, Solarize) quantise to 256 levels first.
 
-Magnitude m maps to an op's strength as in timm's "increasing" variants,
-so larger m is always stronger: rotate 30 m/10 degrees; shear 0.3 m/10;
-translate 0.45 m/10 of the side; solarize pixels at or above the 8-bit level
-256 (1 - m/10); posterize to 8 - int(4 m/10) bits; colour, contrast,
-brightness and sharpness blend with factor 1 +/- 0.9 m/10. Signed ops pick
-the sign at random. Geometric ops sample bilinearly and fill with grey (0.5).
+Magnitude m maps to an op's strength as in timm's "increasing" variants
+(posterize excepted, below), so larger m is always stronger: rotate 30 m/10
+degrees; shear 0.3 m/10; translate 0.45 m/10 of the side; solarize pixels at
+or above the 8-bit level 256 (1 - m/10); posterize to 8 - int(4 m/10) bits;
+colour, contrast, brightness and sharpness blend with factor 1 +/- 0.9 m/10.
+Signed ops pick the sign at random. Geometric ops sample bilinearly and fill
+with grey (0.5).
 
 Differences from the references, deliberately: ops are always applied (the
-paper's form; timm applies each with probability 0.5 by default), and
-intermediate results are not rounded to 8 bits between ops.
+paper's form; timm applies each with probability 0.5 by default); the
+magnitude is the same for every op (timm's ``mstd0.5`` in the recipes' policy
+``rand-m9-mstd0.5-inc1`` draws it per op around m with std 0.5); posterize keeps
+8 - int(4 m/10) bits, 8 to 4, so that m = 0 is the identity (timm's
+``PosterizeIncreasing`` keeps 4 - int(4 m/10), 4 to 0: 1 bit at the recipes'
+m = 9 where this keeps 5); and intermediate results are not rounded to 8 bits
+between ops.
 """
 
 from __future__ import annotations
@@ -231,8 +237,9 @@ def rand_augment(
         raise ValueError(f"image: expected shape [H, W, C], got {image.shape}.")
     if not 0 <= magnitude <= MAX_MAGNITUDE:
         raise ValueError(f"magnitude: expected a value in [0, {MAX_MAGNITUDE}], got {magnitude}.")
-    if num_layers < 0:
-        raise ValueError(f"num_layers: expected an int >= 0, got {num_layers}.")
+    is_int = isinstance(num_layers, int | np.integer) and not isinstance(num_layers, bool)
+    if not is_int or num_layers < 0:
+        raise ValueError(f"num_layers: expected an int >= 0, got {num_layers!r}.")
     image = image.astype(np.float32, copy=False)
     for op_index in rng.integers(0, len(_OP_LIST), size=num_layers):
         image = _OP_LIST[op_index](image, magnitude, rng)

@@ -15,10 +15,18 @@ Initializer = Callable[..., Array]
 
 
 def _check_token_mask(owner: str, token_mask: Array | None, x: Array) -> None:
-    if token_mask is not None and tuple(token_mask.shape) != tuple(x.shape[:2]):
+    if token_mask is None:
+        return
+    if tuple(token_mask.shape) != tuple(x.shape[:2]):
         raise ValueError(
             f"{owner}: token_mask must have shape {tuple(x.shape[:2])}, "
             f"got {tuple(token_mask.shape)}."
+        )
+    # A 0/1 int mask crashed SeqPool's softmax, and mean_pool read a float mask as weights.
+    if token_mask.dtype != jnp.bool_:
+        raise ValueError(
+            f"{owner}: token_mask must be boolean (True = real token), got dtype "
+            f"{token_mask.dtype}; pass mask.astype(bool) for a 0/1 mask."
         )
 
 

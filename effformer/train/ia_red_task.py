@@ -19,7 +19,10 @@ would still move the backbone).
 Config fields (``config.task``; read with defaults, so older configs need none):
 
 * ``ia_red_error_penalty`` (tau, default 1.0): a wrong prediction's reward is ``-tau``;
-* ``ia_red_baseline`` (``"leave_one_out"``, the default, or ``"none"``).
+* ``ia_red_baseline`` (``"leave_one_out"``, the default, or ``"none"``);
+* ``mixup_alpha``, ``cutmix_alpha`` and ``label_smoothing`` must be 0: the reward
+  needs each image's own label and the loss is no cross-entropy, so the task never
+  mixes images nor smooths targets (a non-zero value is refused, not ignored).
 
 Metrics: ``loss`` (the surrogate), ``reward``, ``accuracy``, ``kept_fraction``
 (the ``c`` of the reward), ``final_kept_fraction`` (patch tokens kept after the
@@ -75,6 +78,15 @@ class IaRedPolicyTask(ClassificationTask):
                 f"config.task.ia_red_error_penalty (tau; a wrong prediction's reward is -tau) "
                 f"must be >= 0, got {self.error_penalty}."
             )
+        # The reward needs each image's own label and its loss is REINFORCE's, not a
+        # cross-entropy: Mixup, CutMix and label smoothing would be ignored without a word.
+        for field in ("mixup_alpha", "cutmix_alpha", "label_smoothing"):
+            value = get(field, 0.0)
+            if value != 0:
+                raise ValueError(
+                    f"Task {self.name!r} rewards each image's own prediction (no mixed images, "
+                    f"no smoothed targets): config.task.{field} must be 0, got {value!r}."
+                )
         self.baseline = get("ia_red_baseline", BASELINES[0])
         if self.baseline not in BASELINES:
             raise ValueError(

@@ -152,6 +152,10 @@ def test_rand_augment_is_deterministic_per_seed():
     )
     with pytest.raises(ValueError, match=r"magnitude: expected a value in \[0, 10.0\], got 12"):
         randaugment.rand_augment(image, 2, 12, np.random.default_rng(0))
+    # These failed inside numpy with a TypeError that named no argument.
+    for layers in (2.0, True, None):
+        with pytest.raises(ValueError, match=rf"num_layers: expected an int >= 0, got {layers}"):
+            randaugment.rand_augment(image, layers, 9.0, np.random.default_rng(0))
 
 
 def test_bad_padding_and_erasing_ranges_are_named():

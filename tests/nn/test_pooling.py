@@ -62,3 +62,17 @@ def test_mean_pool_with_and_without_mask():
     np.testing.assert_array_equal(got[1], 0.0)  # no real token: zeros, not NaN
     with pytest.raises(ValueError, match=r"token_mask must have shape \(2, 5\), got \(2, 4\)"):
         mean_pool(x, mask[:, :4])
+
+
+def test_a_non_boolean_token_mask_is_named():
+    # An int 0/1 mask crashed SeqPool inside jnp.max; mean_pool took a float one as weights.
+    x = _tokens()
+    mask = jnp.array([[1, 0, 1, 0, 0], [1] * 5])
+    pool = SeqPool()
+    variables = pool.init(jax.random.key(0), x)
+    for dtype in (jnp.int32, jnp.float32):
+        message = rf"token_mask must be boolean \(True = real token\), got dtype {dtype.dtype}"
+        with pytest.raises(ValueError, match=message):
+            pool.apply(variables, x, mask.astype(dtype))
+        with pytest.raises(ValueError, match=message):
+            mean_pool(x, mask.astype(dtype))

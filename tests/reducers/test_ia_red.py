@@ -339,6 +339,13 @@ def test_bad_settings_are_refused():
         _task(ia_red_error_penalty=-1.0)
     with pytest.raises(ValueError, match="ia_red_baseline must be one of"):
         _task(ia_red_baseline="greedy")
+    # Mixup/CutMix and label smoothing were silently not applied.
+    with pytest.raises(ValueError, match=r"config.task.mixup_alpha must be 0, got 0.8"):
+        _task(mixup_alpha=0.8)
+    with pytest.raises(ValueError, match=r"config.task.cutmix_alpha must be 0, got 1.0"):
+        _task(cutmix_alpha=1.0)
+    with pytest.raises(ValueError, match=r"config.task.label_smoothing must be 0, got 0.1"):
+        _task(label_smoothing=0.1)
     with pytest.raises(ValueError, match="needs a model with IA-RED"):
         _task().loss_and_metrics(jnp.zeros((2, 3)), {"label": jnp.zeros(2, jnp.int32)})
     config = default_config().optimizer
