@@ -21,7 +21,9 @@ this library's scale, on frames instead of log-mel spectrograms:
   for every frame when bidirectional), the prefix LM's mechanism, so the same
   parameters serve both and a chunk encoded against the KV cache
   (:meth:`CarelessWhisper.encode_chunk`) computes only its own rows. Padding
-  frames get a mask position after every chunk: no real frame sees them.
+  frames get a mask position after every chunk, and the stem reads them as
+  its zero padding: no real frame sees them, so a row's encoding does not
+  depend on the batch's padding.
   ``extra_first_chunks = e`` (the official ``extra_gran_blocks``) merges the
   first ``1 + e`` chunks into one larger first chunk, bidirectional inside
   (mask position ``max(j // C - e, 0)``), as the official streaming encoder
@@ -120,6 +122,20 @@ def check_extra_first_chunks(extra_first_chunks: Any, chunk_size: int | None) ->
     return int(value)
 
 
+def check_max_tokens(owner: str, max_tokens: Any, max_target_length: int) -> None:
+    """Refuse a ``max_tokens`` that is not an int in [1, max_target_length - 1] (the start
+    token takes one position of the decoder's learned table)."""
+    if (
+        isinstance(max_tokens, bool)
+        or not isinstance(max_tokens, int | np.integer)
+        or not 1 <= max_tokens < max_target_length
+    ):
+        raise ValueError(
+            f"{owner}: max_tokens must be an int in [1, max_target_length - 1 = "
+            f"{max_target_length - 1}], got {max_tokens!r}."
+        )
+
+
 def check_chunk_size(chunk_size: Any) -> int | None:
     """``chunk_size`` validated: None (bidirectional encoder) or an int >= 1."""
     if chunk_size is None:
@@ -208,6 +224,8 @@ def merge_lora(params: Mapping, rank: int, alpha: float | None = None) -> dict:
         raise ValueError(
             f"merge_lora: params must hold the top-level 'lora' factors, got {sorted(params)}."
         )
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"merge_lora: rank must be an int >= 1, got {rank!r}.")
     scale = (rank if alpha is None else alpha) / rank
     flat = traverse_util.flatten_dict({k: v for k, v in params.items() if k != "lora"})
     lora = params["lora"]
@@ -218,6 +236,12 @@ def merge_lora(params: Mapping, rank: int, alpha: float | None = None) -> dict:
         path = (*key.split("."), "kernel")
         if path not in flat:
             raise ValueError(f"merge_lora: no kernel {'/'.join(path)} for LoRA factors {key!r}.")
+        if lora[name].shape[-1] != rank:
+            # The scale alpha / rank would silently be that of another rank.
+            raise ValueError(
+                f"merge_lora: rank must be the factors' rank {lora[name].shape[-1]} (A of "
+                f"{key!r} is {tuple(lora[name].shape)}), got rank={rank!r}."
+            )
         kernel = flat[path]
         delta = (lora[name] @ lora[f"{key}.b"]).reshape(kernel.shape)
         flat[path] = kernel + scale * delta.astype(kernel.dtype)
@@ -362,21 +386,35 @@ class CarelessWhisper(nn.Module):
             )
         return frame_mask.astype(bool)
 
-    def stem_rows(self, inputs: Array, start: Array | int, num_rows: int) -> Array:
+    def stem_rows(
+        self,
+        inputs: Array,
+        start: Array | int,
+        num_rows: int,
+        frame_mask: Array | None = None,
+    ) -> Array:
         """Stem output rows ``start .. start + num_rows - 1`` [B, num_rows, D] of frames [B, T, F].
 
         Reads only the input frames ``s * start - 2 .. s * (start + num_rows - 1) + 2``
         (zero outside ``0 .. T - 1``); ``start`` may be traced. The whole stem is
         ``stem_rows(inputs, 0, ceil(T / s))``: Whisper's two convolutions with padding 1.
+        frame_mask [B, T] (True: real): padding frames and their first-layer rows are
+        zeros, as outside the input, so a row computes what it computes unpadded
+        whatever the padding holds; None: every frame is real.
         """
-        s, length = self.stem_stride, inputs.shape[1]
+        s = self.stem_stride
+        if frame_mask is None:
+            frame_mask = jnp.ones(inputs.shape[:2], bool)
+        inputs = jnp.where(frame_mask[..., None], inputs, jnp.zeros((), inputs.dtype))
         padded = jnp.pad(inputs, ((0, 0), (2, s + 3), (0, 0)))
+        real = jnp.pad(frame_mask.astype(bool), ((0, 0), (2, s + 3)))  # False outside the input
         width = s * (num_rows - 1) + 5
         window = jax.lax.dynamic_slice_in_dim(padded, s * start, width, axis=1)
         hidden = nn.gelu(self.stem_conv1(window), approximate=False)
-        # Global index of each first-layer row; outside the input it is the second conv's padding.
-        index = s * start - 1 + jnp.arange(width - 2)
-        hidden = jnp.where(((index >= 0) & (index < length))[None, :, None], hidden, 0)
+        # First-layer row k is centred on input frame s * start - 1 + k (window slot k + 1);
+        # outside the input or on padding it is the second conv's zero padding.
+        centred = jax.lax.dynamic_slice_in_dim(real, s * start + 1, width - 2, axis=1)
+        hidden = jnp.where(centred[..., None], hidden, 0)
         return nn.gelu(self.stem_conv2(hidden), approximate=False)
 
     def _mask_positions(
@@ -418,7 +456,7 @@ class CarelessWhisper(nn.Module):
         positions = jnp.broadcast_to(rows, (inputs.shape[0], num_rows))
         with self._adapted(use_lora):
             encoded = self.encoder(
-                self.stem_rows(inputs, 0, num_rows),
+                self.stem_rows(inputs, 0, num_rows, frame_mask),
                 positions=positions,
                 mask_positions=self._mask_positions(
                     encoder_mask, rows, chunk_size, extra_first_chunks
@@ -499,7 +537,7 @@ class CarelessWhisper(nn.Module):
         )
         with self._adapted(use_lora):
             return self.encoder(
-                self.stem_rows(inputs, start, num_rows),
+                self.stem_rows(inputs, start, num_rows, frame_mask),
                 positions=jnp.broadcast_to(rows, (inputs.shape[0], num_rows)),
                 mask_positions=self._mask_positions(
                     encoder_mask, rows, chunk_size, extra_first_chunks
@@ -1143,11 +1181,7 @@ def stream_transcribe(
     extra_first_chunks = check_extra_first_chunks(extra_first_chunks, chunk_size)
     if isinstance(look_back, bool) or not isinstance(look_back, int) or look_back < 0:
         raise ValueError(f"stream_transcribe: look_back must be an int >= 0, got {look_back!r}.")
-    if not 1 <= max_tokens < model.max_target_length:
-        raise ValueError(
-            f"stream_transcribe: max_tokens must be in [1, max_target_length - 1 = "
-            f"{model.max_target_length - 1}], got {max_tokens}."
-        )
+    check_max_tokens("stream_transcribe", max_tokens, model.max_target_length)
     if beam_size is not None and (
         isinstance(beam_size, bool)
         or not isinstance(beam_size, int)
@@ -1252,6 +1286,7 @@ def greedy_transcribe(
     ``chunk_size``; -1: the model's); the decoder appends the argmax until
     ``eos_id`` or ``max_tokens`` tokens.
     """
+    check_max_tokens("greedy_transcribe", max_tokens, model.max_target_length)
     return _greedy(model, params, jnp.asarray(inputs, jnp.float32), jnp.asarray(frame_mask, bool),
                    max_tokens=max_tokens, eos_id=eos_id, chunk_size=chunk_size, bos_id=bos_id,
                    use_lora=use_lora)  # fmt: skip

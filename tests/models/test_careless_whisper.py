@@ -94,7 +94,7 @@ def _reference_encoder(params, frames, mask, chunk_size, extra=0):
     the dense block-causal mask (row i sees real row j iff j // C <= i // C; with a larger first
     chunk of 1 + extra chunks, iff max(j // C - extra, 0) <= max(i // C - extra, 0))."""
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
-    x = np.asarray(frames, np.float64)
+    x = np.asarray(frames, np.float64) * np.asarray(mask)[..., None]  # padding reads as zeros
     batch, length, _ = x.shape
     stride = _MODEL.stem_stride
     h1 = np.zeros((batch, length, 16))
@@ -103,6 +103,7 @@ def _reference_encoder(params, frames, mask, chunk_size, extra=0):
             if 0 <= t + offset - 1 < length:
                 h1[:, t] += x[:, t + offset - 1] @ p["stem_conv1"]["kernel"][offset]
     h1 = _gelu(h1 + p["stem_conv1"]["bias"])
+    h1 = h1 * np.asarray(mask)[..., None]  # padding is the second conv's zero padding
     rows = -(-length // stride)
     h = np.zeros((batch, rows, 16))
     for j in range(rows):  # Conv1d(k=3, stride, padding=1)
@@ -203,13 +204,15 @@ def test_padding_frames_get_a_mask_position_after_every_chunk():
     frames, mask = _frames(4, lengths=(16, 9))
     garbage = frames.copy()
     garbage[1, 9:] = 50.0
-    clean, encoder_mask = _encode(2)(_params(), frames, mask)
-    dirty, _ = _encode(2)(_params(), garbage, mask)
-    # Padding is unseen except through the stem's one-frame lookahead at the boundary row.
-    last_real = int(np.asarray(encoder_mask[1]).sum())
-    np.testing.assert_allclose(
-        clean[1, : last_real - 1], dirty[1, : last_real - 1], rtol=1e-5, atol=1e-6
-    )
+    for chunk in (2, None):
+        clean, encoder_mask = _encode(chunk)(_params(), frames, mask)
+        dirty, _ = _encode(chunk)(_params(), garbage, mask)
+        # Padding is unseen, also through the stem at the boundary row (9 frames: odd).
+        real = np.asarray(encoder_mask)
+        np.testing.assert_allclose(clean[real], dirty[real], rtol=1e-5, atol=1e-6)
+        # ... so a row computes what it computes alone and unpadded.
+        alone, _ = _encode(chunk)(_params(), frames[1:, :9], mask[1:, :9])
+        np.testing.assert_allclose(clean[1, real[1]], alone[0], rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------- LoRA
@@ -249,6 +252,11 @@ def test_lora_zero_b_is_the_base_model_and_merged_weights_equal_the_adapters():
         else:
             assert np.all(np.abs(value) <= bound) and np.std(value) > 0.3 * bound, key
     assert _MODEL.clone(lora_alpha=3.0 * _MODEL.lora_rank).lora_scale == 3.0
+    # Another rank would silently scale the update by alpha / (that rank).
+    with pytest.raises(ValueError, match=r"merge_lora: rank must be the factors' rank 2"):
+        merge_lora(trained, 2 * _MODEL.lora_rank, 2.0)
+    with pytest.raises(ValueError, match=r"merge_lora: rank must be an int >= 1, got 0"):
+        merge_lora(trained, 0)
     once = traverse_util.flatten_dict(merge_lora(trained, _MODEL.lora_rank))
     twice = traverse_util.flatten_dict(
         merge_lora(trained, _MODEL.lora_rank, 2.0 * _MODEL.lora_rank)
@@ -281,6 +289,12 @@ def test_bad_arguments_fail_naming_them():
     with pytest.raises(ValueError, match="look_back"):
         stream_transcribe(_MODEL, _params(), frames, mask, chunk_size=2, max_tokens=6,
                           eos_id=_EOS, look_back=-1)  # fmt: skip
+    # The offline decoder failed later on decoder_inputs, a reduction or a shape instead.
+    for max_tokens in (_MODEL.max_target_length, 0, 2.5):
+        for transcribe, kwargs in ((greedy_transcribe, {}), (stream_transcribe, {"chunk_size": 2})):
+            with pytest.raises(ValueError, match=r"max_tokens must be an int in \[1, "):
+                transcribe(_MODEL, _params(), frames, mask, max_tokens=max_tokens, eos_id=_EOS,
+                           **kwargs)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- streaming

@@ -89,10 +89,13 @@ def test_cut_decoding_equals_decoding_the_heard_prefix_and_the_loss_scores_weak_
     def run(params, inputs):
         cut = model.apply({"params": params}, **inputs)
         # The lookahead frame is read by the stem but its own encoder row is not heard.
-        heard_mask = inputs["frame_mask"][:, :prefix].at[:, prefix - 1].set(False)
+        encoded, encoder_mask = model.apply(
+            {"params": params}, inputs["inputs"][:, :prefix], inputs["frame_mask"][:, :prefix],
+            method="encode",
+        )  # fmt: skip
         heard = model.apply(
-            {"params": params}, inputs["inputs"][:, :prefix], inputs["decoder_inputs"],
-            frame_mask=heard_mask,
+            {"params": params}, inputs["decoder_inputs"], encoded,
+            encoder_mask.at[:, -1].set(False), method="decode",
         )  # fmt: skip
         return cut, heard
 
