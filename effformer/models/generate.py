@@ -54,6 +54,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -81,7 +83,7 @@ class GenerateOutput:
     new_tokens: [B, N] the first N tokens generated after each row's prompt.
     logits: [B, P + N, V] (when asked for) ``logits[:, t]`` are the logits
       from which token t was chosen or, inside the prompt, that predicted it;
-      row 0 is zeros.
+      ``logits[:, 0]`` is zeros.
     """
 
     sequences: Array
@@ -92,7 +94,14 @@ class GenerateOutput:
 def sample_logits(
     logits: Array, rng: Array, *, temperature: float = 0.0, top_k: int | None = None
 ) -> Array:
-    """logits [B, V] -> tokens [B] int32: argmax when temperature is 0, else a sample."""
+    """logits [B, V] -> tokens [B] int32: argmax when temperature is 0, else a sample.
+
+    temperature: a finite number >= 0; top_k: None or an int in [1, V] (checked
+    here too: a negative temperature would silently favour the least likely tokens).
+    """
+    if logits.ndim != 2:
+        raise ValueError(f"sample_logits: logits must be [B, V], got shape {tuple(logits.shape)}.")
+    check_sampling(temperature, top_k, logits.shape[-1], owner="sample_logits")
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / temperature
@@ -105,12 +114,24 @@ def sample_logits(
 # ------------------------------------------------------------------------- argument checks
 
 
-def check_sampling(temperature: float, top_k: int | None, vocab_size: int) -> None:
-    """Refuse a negative temperature or a ``top_k`` outside [1, vocab_size]."""
-    if not isinstance(temperature, int | float) or temperature < 0:
-        raise ValueError(f"generate: temperature must be a float >= 0, got {temperature!r}.")
-    if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= vocab_size):
-        raise ValueError(f"generate: top_k must be None or in [1, {vocab_size}], got {top_k!r}.")
+def check_sampling(
+    temperature: float, top_k: int | None, vocab_size: int, *, owner: str = "generate"
+) -> None:
+    """Refuse a temperature that is not a finite number >= 0 (a bool, NaN, inf, negative)
+    or a ``top_k`` outside [1, vocab_size]."""
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, numbers.Real)
+        or not math.isfinite(temperature)
+        or temperature < 0
+    ):
+        raise ValueError(f"{owner}: temperature must be a finite float >= 0, got {temperature!r}.")
+    if top_k is not None and not (
+        isinstance(top_k, numbers.Integral)
+        and not isinstance(top_k, bool)
+        and 1 <= top_k <= vocab_size
+    ):
+        raise ValueError(f"{owner}: top_k must be None or in [1, {vocab_size}], got {top_k!r}.")
 
 
 def check_max_new_tokens(owner: str, max_new_tokens: Any) -> None:
@@ -127,6 +148,11 @@ def check_prompts(prompts: Array, prompt_lengths: Any) -> np.ndarray:
             f"{tuple(prompts.shape)} and dtype {prompts.dtype}."
         )
     batch, width = prompts.shape
+    if width < 1:
+        raise ValueError(
+            f"generate: prompts must hold at least one token per row (e.g. BOS), got shape "
+            f"{tuple(prompts.shape)}."
+        )
     if prompt_lengths is None:
         return np.full((batch,), width, np.int32)
     given = np.asarray(prompt_lengths)

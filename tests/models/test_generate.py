@@ -134,6 +134,26 @@ def test_sampling_rules():
     assert int(top1[0]) == 1
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(temperature=-1.0),  # would sample the least likely tokens most often
+        dict(temperature=float("nan")),
+        dict(temperature=float("inf")),
+        dict(temperature=True),
+        dict(temperature=1.0, top_k=0),
+        dict(temperature=1.0, top_k=5),
+        dict(temperature=1.0, top_k=True),
+    ],
+)
+def test_sampling_refuses_bad_settings(kwargs):
+    logits = jnp.array([[0.0, 3.0, 1.0, 2.0]])
+    with pytest.raises(ValueError, match=r"sample_logits: (temperature|top_k) must be"):
+        sample_logits(logits, jax.random.PRNGKey(0), **kwargs)
+    with pytest.raises(ValueError, match=r"generate: (temperature|top_k) must be"):
+        generate_module.check_sampling(kwargs["temperature"], kwargs.get("top_k"), 4)
+
+
 def test_eos_pads_the_rest_of_a_row(decoder):
     model, variables, _, greedy = decoder("rope_local_block")
     params = variables["params"]
@@ -198,6 +218,12 @@ def test_prompt_lengths_that_are_not_whole_numbers_are_refused(lengths):
     with pytest.raises(ValueError, match=r"prompt_lengths must be \[B=3\] ints in \[1, 4\]"):
         generate_module.check_prompts(PROMPTS, lengths)
     np.testing.assert_array_equal(generate_module.check_prompts(PROMPTS, [4.0, 2, 1]), [4, 2, 1])
+
+
+def test_prompts_without_tokens_are_refused():
+    # Width 0 gave lengths 0 (against [1, P]) and then a ZeroDivisionError inside the loop.
+    with pytest.raises(ValueError, match=r"prompts must hold at least one token per row"):
+        generate_module.check_prompts(jnp.zeros((2, 0), jnp.int32), None)
 
 
 # Prefix LM: the same layers as the "rope_local_block" decoder. The local window is measured
