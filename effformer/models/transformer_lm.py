@@ -52,10 +52,17 @@ Ettin presets (``ettin_{encoder,decoder}_{17m,...,1b}``) use the sizes of the
 Ettin README's "Model Architecture" table (jhu-clsp/ettin-encoder-vs-decoder):
 layers 7/10/19/22/28/28, hidden 256/384/512/768/1024/1792, GLU intermediate
 384/576/768/1152/2624/3840, heads 4/6/8/12/16/28, vocabulary 50,368; and the
-ModernBERT recipe it shares: pre-LayerNorm without biases (none anywhere),
-GeGLU, RoPE, a 128-token local window with global attention every third
-layer starting at layer 0. RoPE base (10000 here) and context length are
-left at this library's defaults.
+ModernBERT recipe it shares: pre-LayerNorm without biases, GeGLU, RoPE,
+global attention every third layer starting at layer 0 and local attention
+between. ModernBERT's local window of 128 is 64 tokens on either side; the
+decoder keeps the left half (Hugging Face's ``ModernBertDecoderConfig``:
+"for the decoder to match ModernBERT this is actually half of the sliding
+window size, so 128 => 64", a causal window of 64 keys), so the encoder
+presets use ``local:128`` and the decoder presets ``local:64``. Not copied:
+ModernBERT's LayerNorm after the token embedding (its layer 0 has no
+attention norm instead: the same parameter count), the MLM head's bias, and
+its RoPE bases (160,000 global, 10,000 local; 10,000 here); context length
+is left at this library's default.
 
 MASFormer presets (Zhang et al., 2023, "Efficient Long-Range Transformers: You
 Need to Attend More, but Not Necessarily at Every Layer"): full attention in
@@ -643,6 +650,9 @@ ETTIN_SIZES = {
 }
 ETTIN_VOCAB_SIZE = 50368
 ETTIN_PATTERN = "global,local:128,local:128"
+# ModernBERT's 128-token window is 64 keys on either side; a causal layer keeps the left
+# 64 (the query and 63 before it, Hugging Face's ModernBertDecoder sliding_window = 128 // 2).
+ETTIN_DECODER_PATTERN = "global,local:64,local:64"
 
 
 def ettin_config(size: str) -> dict[str, Any]:
@@ -678,7 +688,8 @@ def _register_ettin(size: str) -> None:
         )
 
     def decoder(**overrides: Any) -> TransformerLM:
-        return TransformerLM(kind="decoder", **{**ettin_config(size), **overrides})
+        config = dict(ettin_config(size), layer_pattern=ETTIN_DECODER_PATTERN)
+        return TransformerLM(kind="decoder", **{**config, **overrides})
 
     layers, hidden, _, _ = ETTIN_SIZES[size]
     encoder.__doc__ = f"Ettin encoder {size} ({layers} x {hidden}, MLM head)."

@@ -17,9 +17,11 @@ and every run can start from every other.
 Model: one shape for both objectives, Ettin's recipe scaled down
 (``ettin_encoder_17m`` / ``ettin_decoder_17m`` with overrides): 3 pre-LayerNorm
 layers without biases, width 64, 4 heads, GeGLU 96 (Ettin-17m's 1.5x), RoPE,
-tied embeddings, the pattern "global, local, local" with a 16-token window
-(8 either way, one image row: Ettin's is 128 tokens of sequences up to 8K),
-106K parameters. The encoder adds the ModernBERT MLM head transform (dense +
+tied embeddings, the pattern "global, local, local" with ``local:16`` in both
+objectives: the encoder's local layers see 8 tokens either way (one image row;
+Ettin's window is 128 tokens of sequences up to 8K), the decoder's the query
+and the 15 tokens before it (the presets' decoder keeps ModernBERT's left half
+window, ``local:64``; these runs, measured before that, do not), 106K parameters. The encoder adds the ModernBERT MLM head transform (dense +
 GELU + norm, 4K parameters); the decoder has none.
 
 ARG (N = ``PRETRAIN_STEPS`` = 400, batch 32, about 9 epochs; AdamW, lr 2e-3,

@@ -14,6 +14,7 @@ from effformer.data.packing import pack_sequences
 from effformer.models.lm_layers import (
     LayerSpec,
     LayerStack,
+    attention_window,
     expand_layer_pattern,
     segment_positions,
 )
@@ -339,6 +340,19 @@ def test_ettin_presets_have_their_published_parameter_counts(size):
     assert abs(count / nominal[size] - 1) < 0.06, count
     assert all("bias" not in "/".join(map(str, path)) for path, _ in
                jax.tree_util.tree_flatten_with_path(shapes["params"])[0])  # fmt: skip
+
+
+def test_ettin_local_layers_see_modernberts_left_half_window_in_the_decoder():
+    # ModernBERT's 128-token window is 64 keys either side; Ettin's decoder keeps the left 64
+    # (Hugging Face's ModernBertDecoderConfig: sliding_window = local_attention // 2).
+    windows = {}
+    for kind in ("encoder", "decoder"):
+        model = models.create(f"ettin_{kind}_17m")
+        specs = expand_layer_pattern(model.layer_pattern, model.num_layers, None)
+        assert [spec.kind for spec in specs[:3]] == ["global", "local", "local"]
+        windows[kind] = attention_window(specs[1], causal=model.causal)
+    assert windows["encoder"] == (64, 64)
+    assert windows["decoder"] == (63, 0)  # the query and the 63 keys before it: 64 keys
 
 
 def test_gqa_classifier_and_untied_head_shapes():
