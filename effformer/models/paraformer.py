@@ -42,9 +42,9 @@ Outputs of ``__call__`` (a dict; every entry has the batch first):
 * with ``train=False`` also the greedy decode: ``predictions`` [B, max_tokens]
   (0 after the fired count) and ``num_tokens`` [B].
 
-The training losses (cross-entropy and the quantity loss) are the
-``paraformer`` task's (``effformer/train/paraformer_task.py``). Not built:
-the minimum word error rate training with negative samples of the paper, the
+The training losses (cross-entropy, the quantity loss and the paper's
+minimum word error rate loss over negative samples, ``mwer_weight``) are the
+``paraformer`` task's (``effformer/train/paraformer_task.py``). Not built: the
 CTC branch and the SAN-M/FSMN layers of FunASR.
 
 :class:`FrameEncoderDecoder` is the autoregressive baseline: the library's

@@ -180,8 +180,16 @@ def _check_factors(owner: str, basis: Array, coefficients: Array) -> None:
 def compact_coefficients(coefficients: Array, k: int) -> tuple[Array, Array]:
     """The inference form of the coefficients: (values [q, k], indices int32 [q, k]).
 
-    The k kept entries of every row (:func:`top_k_mask`), in decreasing magnitude.
+    The k kept entries of every row (:func:`top_k_mask`), in decreasing magnitude;
+    coefficients [q, r], k in [1, r].
     """
+    if coefficients.ndim != 2:
+        raise ValueError(
+            f"compact_coefficients: coefficients must be [q, r], got shape {coefficients.shape}."
+        )
+    rank = coefficients.shape[1]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= rank:
+        raise ValueError(f"compact_coefficients: k must be an int in [1, r={rank}], got {k!r}.")
     _, indices = jax.lax.top_k(jnp.abs(coefficients), k)
     return jnp.take_along_axis(coefficients, indices, axis=-1), indices.astype(jnp.int32)
 
@@ -351,7 +359,8 @@ def factorize(
     """
     if kernel.ndim != 2:
         raise ValueError(f"factorize: kernel must be [d_in, d_out], got shape {kernel.shape}.")
-    _check_positive_int("factorize", "iters", iters + 1)
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"factorize: iters must be an int >= 0, got {iters!r}.")
     d_in, d_out = kernel.shape
     side = sparse_side_for(d_in, d_out)
     p, _ = _side_dims(d_in, d_out, side)

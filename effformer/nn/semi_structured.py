@@ -21,12 +21,16 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def _check(kernel: Array, n: int, m: int) -> None:
+def _check_n_m(owner: str, n: int, m: int) -> None:
     for name, value in (("n", n), ("m", m)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"n_m_mask: {name} must be a positive int, got {value!r}.")
+            raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}.")
     if n > m:
-        raise ValueError(f"n_m_mask: n must be <= m={m}, got n={n}.")
+        raise ValueError(f"{owner}: n must be <= m={m}, got n={n}.")
+
+
+def _check(kernel: Array, n: int, m: int) -> None:
+    _check_n_m("n_m_mask", n, m)
     if kernel.ndim != 2:
         raise ValueError(
             f"n_m_mask: kernel must be a matrix [d_in, d_out], got shape {tuple(kernel.shape)}."
@@ -58,6 +62,7 @@ def n_m_mask(kernel: Array, n: int, m: int) -> Array:
 
 def n_m_param_count(d_in: int, d_out: int, n: int, m: int) -> int:
     """Values an N:M sparse [d_in, d_out] kernel stores: d_in * d_out * n / m."""
+    _check_n_m("n_m_param_count", n, m)
     if d_in % m:
         raise ValueError(f"n_m_param_count: d_in must be a multiple of m={m}, got d_in={d_in}.")
     return d_in * d_out * n // m

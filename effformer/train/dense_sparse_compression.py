@@ -5,8 +5,11 @@
 ``effformer/models/lm_layers.py``) and factorises the chosen linear layers'
 kernels (``effformer.nn.dense_sparse``): the FFN's (``fc1``, ``fc2``, or a gated
 FFN's ``w1``, ``w2``, ``w3``) and, optionally, attention's query, key, value and
-output projections. Every factorised module gets, in place of its ``kernel``,
-the parameters a :class:`~effformer.nn.dense_sparse.DenseSparseLinear` has
+output projections (self- and cross-attention: every module named
+``layer_*_attention``). Any model built on that layer stack is covered the same
+way (an ``EncoderDecoderLM``'s encoder and decoder alike). Every factorised
+module gets, in place of its ``kernel``, the parameters a
+:class:`~effformer.nn.dense_sparse.DenseSparseLinear` has
 (``basis`` [p, r], ``coefficients`` [q, r], the dense latent); its bias and every
 other parameter are copied unchanged. A ``FactorSpec`` per kernel records the
 static facts (the kernel's shape, r, k, the sparse side).

@@ -159,6 +159,12 @@ def distillation_token_loss(
     ``accuracy``, ``cross_entropy`` and, with a teacher, ``distill_kl`` (the
     KL at temperature T, per scored token).
     """
+    if teacher_logits is not None and teacher_logits.shape != logits.shape:
+        raise ValueError(
+            f"distillation_token_loss: teacher_logits must have the student's logits' shape "
+            f"{tuple(logits.shape)} (aligned to the targets, one vocabulary), got "
+            f"{tuple(teacher_logits.shape)}."
+        )
     logits = logits.astype(jnp.float32)
     weights = weights.astype(jnp.float32)
     hard = optax.softmax_cross_entropy_with_integer_labels(logits, targets)

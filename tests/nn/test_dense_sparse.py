@@ -142,3 +142,17 @@ def test_bad_rank_and_k_are_refused():
         sparse_project(jnp.zeros((3, 5)), 6)
     with pytest.raises(ValueError, match=r"cannot be compressed 100.0x"):
         shapes_for_compression(6, 9, 100.0, 0.25)
+
+
+@pytest.mark.parametrize("k", [0, 5, True])
+def test_compact_coefficients_refuses_k_outside_the_rank(k):
+    # k = 0 returned empty factors without a word; k > r failed inside lax.top_k.
+    with pytest.raises(ValueError, match=r"compact_coefficients: k must be an int in \[1, r=4\]"):
+        compact_coefficients(jnp.ones((6, 4)), k)
+
+
+@pytest.mark.parametrize("iters", [-1, True, 2.5])
+def test_factorize_refuses_iters_that_are_not_a_count(iters):
+    # The message named iters + 1 (and -1 read as "got 0"); True ran one step.
+    with pytest.raises(ValueError, match=rf"factorize: iters must be an int >= 0, got {iters!r}"):
+        factorize(jnp.ones((4, 6)), 2, 1, iters)

@@ -40,3 +40,8 @@ def test_bad_arguments_are_refused():
         n_m_mask(kernel, 1, 0)
     with pytest.raises(ValueError, match=r"d_in must be a multiple of m=3"):
         n_m_param_count(8, 3, 1, 3)
+    # n > m counted more values than the dense kernel holds (80 of 64) without a word.
+    with pytest.raises(ValueError, match=r"n_m_param_count: n must be <= m=4, got n=5"):
+        n_m_param_count(8, 8, 5, 4)
+    with pytest.raises(ValueError, match=r"n_m_param_count: n must be a positive int, got 0"):
+        n_m_param_count(8, 8, 0, 4)

@@ -15,7 +15,11 @@ import numpy as np
 import pytest
 
 from effformer import models
-from effformer.train.seq2seq_distillation import aligned_teacher_logits, teacher_sequence
+from effformer.train.seq2seq_distillation import (
+    aligned_teacher_logits,
+    distillation_token_loss,
+    teacher_sequence,
+)
 from effformer.train.tasks import create_task
 
 VOCAB = 12
@@ -148,6 +152,17 @@ def test_zero_weight_is_the_seq2seq_loss_exactly():
         np.testing.assert_array_equal(loss_sum, expected)
         assert weight == expected_weight
         assert ("distill_kl" in metrics) == train
+
+
+def test_teacher_logits_of_another_shape_are_refused_by_name():
+    # A batch's teacher_logits one position longer failed deep in a broadcast.
+    logits = jnp.zeros((2, 5, 7))
+    targets, weights = jnp.zeros((2, 5), jnp.int32), jnp.ones((2, 5))
+    for teacher in (jnp.zeros((2, 6, 7)), jnp.zeros((2, 5, 1))):
+        with pytest.raises(ValueError, match=r"teacher_logits must have the student's logits' "):
+            distillation_token_loss(
+                logits, targets, weights, teacher, temperature=1.0, distill_weight=0.5
+            )
 
 
 def test_bad_configs_fail_at_once(tmp_path):
