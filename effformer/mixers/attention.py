@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from effformer.nn.initializers import trunc_normal
 from effformer.nn.norms import RMSNorm
 from effformer.nn.position import PositionEncoding
 from effformer.ops.attention import dot_product_attention
@@ -48,7 +49,7 @@ class _AttentionProjections(nn.Module):
     scale: float | None = None
     attention_dropout_rate: float = 0.0
     implementation: str | None = None
-    kernel_init: Initializer = nn.initializers.truncated_normal(stddev=0.02)
+    kernel_init: Initializer = trunc_normal(0.02)
     bias_init: Initializer = nn.initializers.zeros
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32

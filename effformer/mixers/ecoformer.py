@@ -104,6 +104,7 @@ import optax
 from flax import traverse_util
 from jax import lax
 
+from effformer.nn.initializers import trunc_normal
 from effformer.ops.masks import AttentionMask, dense_mask
 
 Array = jax.Array
@@ -600,7 +601,7 @@ class EcoFormerAttention(nn.Module):
     causal: bool = True
     qkv_bias: bool = True
     out_bias: bool = True
-    kernel_init: Initializer = nn.initializers.truncated_normal(stddev=0.02)
+    kernel_init: Initializer = trunc_normal(0.02)
     bias_init: Initializer = nn.initializers.zeros
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32

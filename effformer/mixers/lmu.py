@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from effformer.mixers.mamba import symmetric_uniform, torch_default_init
+from effformer.nn.initializers import trunc_normal
 from effformer.ops.legendre_memory import (
     IMPLEMENTATIONS,
     discretised_state_space,
@@ -54,7 +55,7 @@ from effformer.ops.masks import token_mask as padding_token_mask
 Array = jax.Array
 
 # LMUFormer's init of its nn.Linear layers (timm's trunc_normal_(std=.02), zero bias).
-linear_init = nn.initializers.truncated_normal(stddev=0.02)
+linear_init = trunc_normal(0.02)
 
 
 class LMUMixer(nn.Module):

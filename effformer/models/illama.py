@@ -46,6 +46,7 @@ import numpy as np
 from effformer.models.registry import register
 from effformer.nn.block import ResidualBlock
 from effformer.nn.ffn import llama_hidden_dim
+from effformer.nn.initializers import trunc_normal
 from effformer.nn.norms import RMSNorm
 from effformer.nn.pooling import ClassToken
 from effformer.nn.position import LearnedPositionEmbedding, RotaryPositionEncoding
@@ -58,7 +59,7 @@ Array = jax.Array
 MASK_MODES = ("soft", "causal", "bidirectional")
 CLASS_TOKEN_PLACEMENTS = ("first", "last")
 
-truncated_normal_002 = nn.initializers.truncated_normal(stddev=0.02)
+truncated_normal_002 = trunc_normal(0.02)
 # PyTorch's default Conv2d init (the original leaves the patch conv to it):
 # weight and bias uniform in +-1/sqrt(fan_in), fan_in = patch area * channels.
 torch_conv_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")

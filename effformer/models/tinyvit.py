@@ -73,13 +73,14 @@ import numpy as np
 from effformer.models.registry import register
 from effformer.nn.droppath import DropPath
 from effformer.nn.ffn import MLP
+from effformer.nn.initializers import trunc_normal
 from effformer.nn.norms import LayerNorm
 from effformer.ops.attention import dot_product_attention
 
 Array = jax.Array
 Dtype = Any
 
-truncated_normal_002 = nn.initializers.truncated_normal(stddev=0.02)
+truncated_normal_002 = trunc_normal(0.02)
 # PyTorch's default Conv2d init (kaiming_uniform with a=sqrt(5)): U(-1/sqrt(fan_in), +).
 torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 

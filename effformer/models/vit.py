@@ -83,6 +83,7 @@ from flax.core import FrozenDict
 from effformer.mixers import MIXERS
 from effformer.nn.block import ORDERINGS, ResidualBlock
 from effformer.nn.ffn_widths import FfnWidths, granularity_runs, resolve_ffn_widths
+from effformer.nn.initializers import trunc_normal
 from effformer.nn.norms import LayerNorm
 from effformer.nn.pooling import ClassToken, SeqPool, mean_pool
 from effformer.nn.position import LearnedPositionEmbedding, SinusoidalPositionEncoding
@@ -118,7 +119,7 @@ PATCH_INITS = ("lecun_normal", "kaiming_normal")
 POOLINGS = ("class_token", "seq_pool", "mean")
 POSITION_EMBEDDINGS = ("learned", "sinusoidal", "none")
 
-truncated_normal_002 = nn.initializers.truncated_normal(stddev=0.02)
+truncated_normal_002 = trunc_normal(0.02)
 
 
 def conv_tokenizer_grid(image_size: int, kernel_size: int, num_conv_layers: int) -> int:

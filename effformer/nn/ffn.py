@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from effformer.nn.dense_sparse import DenseSparseLinear
+from effformer.nn.initializers import trunc_normal
 
 Array = jax.Array
 Dtype = Any
@@ -41,7 +42,7 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "silu": jax.nn.silu,
 }
 
-default_kernel_init = nn.initializers.truncated_normal(stddev=0.02)
+default_kernel_init = trunc_normal(0.02)
 
 
 def get_activation(name: str) -> Callable[[Array], Array]:

@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from effformer.nn.initializers import trunc_normal
+
 Array = jax.Array
 Dtype = Any
 Initializer = Callable[..., Array]
@@ -84,7 +86,7 @@ class SeqPool(nn.Module):
     ``token_mask [B, N]`` (True = real token) removes padding from the softmax.
     """
 
-    kernel_init: Initializer = nn.initializers.truncated_normal(stddev=0.02)
+    kernel_init: Initializer = trunc_normal(0.02)
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 

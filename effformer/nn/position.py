@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effformer.nn.initializers import trunc_normal
+
 Array = jax.Array
 Dtype = Any
 
@@ -127,11 +129,9 @@ class LearnedPositionEmbedding(PositionEncoding):
             raise ValueError(
                 f"LearnedPositionEmbedding: init_std must be positive, got {self.init_std!r}."
             )
-        # lower/upper are in units of the std: +-2 / init_std is +-2 in value, as in torch.
-        bound = 2.0 / self.init_std
         table = self.param(
             "embedding",
-            nn.initializers.truncated_normal(stddev=self.init_std, lower=-bound, upper=bound),
+            trunc_normal(self.init_std),
             (self.max_length, x.shape[-1]),
             self.param_dtype,
         )

@@ -81,6 +81,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from effformer.nn.initializers import trunc_normal
 from effformer.reducers.zero_tprune import importance_stage
 
 Array = jax.Array
@@ -169,7 +170,7 @@ class MultiHeadInterpreter(nn.Module):
 
     num_heads: int
     epsilon: float = 1e-5
-    kernel_init: Initializer = nn.initializers.truncated_normal(stddev=0.02)
+    kernel_init: Initializer = trunc_normal(0.02)
     param_dtype: Dtype = jnp.float32
 
     @nn.compact

@@ -47,6 +47,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from effformer.nn.initializers import trunc_normal
+
 Array = jax.Array
 Dtype = Any
 Initializer = Callable[..., Array]
@@ -207,7 +209,7 @@ class SizeWeightedSeqPool(nn.Module):
     at least, float64 for float64 inputs (SeqPool's always in float32).
     """
 
-    kernel_init: Initializer = nn.initializers.truncated_normal(stddev=0.02)
+    kernel_init: Initializer = trunc_normal(0.02)
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 

@@ -72,7 +72,9 @@ def test_initialisation_follows_the_original(spiking):
     params = jax.jit(model.init)(jax.random.PRNGKey(0), **model.dummy_inputs(2))["params"]
     lmu, ffn, tokenizer = params["block_0_lmu"], params["block_0_ffn"], params["tokenizer"]
     for layer in (lmu["memory_input"], lmu["hidden"], params["head"]):
-        assert 0 < np.max(np.abs(layer["kernel"])) <= 2 * 0.02 + 1e-7  # truncated at 2 std
+        # std 0.02 (torch's trunc_normal_ cuts at +-2 in value, far out): a few hundred
+        # draws stay within 5 std, where LeCun normal (std >= 0.125 here) would not.
+        assert 0 < np.max(np.abs(layer["kernel"])) <= 5 * 0.02
         np.testing.assert_array_equal(layer["bias"], 0.0)
     convs = {  # kernel, fan_in (in_channels * kernel size)
         "tokenizer conv_0": (tokenizer["conv_0"], 3 * channels),
