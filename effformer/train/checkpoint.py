@@ -8,8 +8,13 @@ Layout of a workdir::
 
 Saves are asynchronous and atomic (orbax writes to a temporary directory and
 renames it when complete), so an interrupted save never replaces the last
-good checkpoint. A checkpoint that fails to restore is reported by name,
-moved aside to ``checkpoints/<step>.corrupt``, and the previous one is used.
+good checkpoint. A checkpoint that fails to restore is reported by name and
+the previous one is used; a resuming training run also moves it aside to
+``checkpoints/<step>.corrupt`` (readers such as ``effformer eval`` leave the
+workdir as it is: a training run may be writing there). A train state that
+restores with NaN or infinite values has failed too: the trainer never saves
+one (``all_finite``), so its files were damaged after the save (a flipped bit
+in an array file reads back without an error).
 A checkpoint whose arrays (names and shapes, read from its metadata) differ
 from what the config builds is not corrupt: the config changed (e.g.
 ``config.optimizer.name`` or ``config.ema_decay``), and every checkpoint would
@@ -30,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
@@ -42,10 +48,30 @@ CONFIG_FILE = "config.json"
 IDENTITY_FIELDS = ("model.name", "model.tiny", "model.kwargs", "data.name", "task.name")
 
 
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    checks = [
+        jnp.all(jnp.isfinite(leaf))
+        for leaf in jax.tree.leaves(tree)
+        if jnp.issubdtype(leaf.dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
+
+
+def all_finite(tree: Any) -> bool:
+    """Whether every floating-point value of ``tree`` (a train state) is finite."""
+    return bool(jax.device_get(_all_finite(tree)))
+
+
 def save_config(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
     path = Path(workdir) / CONFIG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    # Written beside and renamed over: a run killed while writing must not leave a
+    # truncated config.json, which every later train, eval and resume reads first. One
+    # temporary file per process: every process of a multi-host run writes the config.
+    partial = path.with_name(f"{CONFIG_FILE}.tmp{jax.process_index()}")
+    partial.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    partial.replace(path)
 
 
 def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
@@ -186,14 +212,24 @@ class Checkpointer:
         self.manager.wait_until_finished()
         self.manager.close()
 
-    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, dict] | None:
+    def restore(
+        self, abstract_state: Any, step: int | None = None, *, move_corrupt: bool = False
+    ) -> tuple[int, Any, dict] | None:
         """Restore ``step`` (default: the latest that restores cleanly).
 
         Returns (step, state, data_state), or None when there is no checkpoint.
         ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with shardings.
+
+        ``move_corrupt``: move a checkpoint that fails to restore aside to
+        ``<step>.corrupt``. Only the training run that owns the workdir does (when it
+        resumes); readers (``effformer eval``, ``generate``, a fine-tuning run reading its
+        source) leave the directory alone and fall back to the previous checkpoint: a
+        training run may be writing there, and its retention policy deletes old steps,
+        so a step can vanish while it is read. Such a step is skipped, not reported, and
+        the steps are listed again, so a newer one saved meanwhile is found.
         """
-        steps = self.all_steps()
         if step is not None:
+            steps = self.all_steps()
             if step not in steps:
                 raise ValueError(
                     f"No checkpoint for step {step} in {self.directory}; available: {steps}."
@@ -201,29 +237,52 @@ class Checkpointer:
             self._check_structure(step, abstract_state)
             return step, *self._restore_step(step, abstract_state)
         failures = []
-        for candidate in reversed(steps):
+        tried: set[int] = set()
+        while True:
+            self.manager.reload()
+            remaining = [s for s in self.all_steps() if s not in tried]
+            if not remaining:
+                break
+            candidate = max(remaining)
+            tried.add(candidate)
             self._check_structure(candidate, abstract_state)
             try:
                 return candidate, *self._restore_step(candidate, abstract_state)
             except Exception as error:  # noqa: BLE001 - any failure means this checkpoint is unusable.
-                corrupt = self._corrupt_path(candidate)
+                path = self.directory / str(candidate)
+                if not path.exists():
+                    logging.warning(
+                        "Checkpoint %s was deleted while it was read (the run's retention "
+                        "policy); trying the next one.",
+                        path,
+                    )
+                    continue
+                if move_corrupt:
+                    corrupt = self._corrupt_path(candidate)
+                    path.rename(corrupt)
+                    where = f"moved it to {corrupt}"
+                else:
+                    where = "left it in place"
                 logging.error(
-                    "Checkpoint %s failed to restore (%s: %s); moved it to %s and trying the previous one.",
-                    self.directory / str(candidate),
+                    "Checkpoint %s failed to restore (%s: %s); %s and trying the previous one.",
+                    path,
                     type(error).__name__,
                     error,
-                    corrupt,
+                    where,
                 )
-                (self.directory / str(candidate)).rename(corrupt)
-                self.manager.reload()
                 failures.append(f"step {candidate} ({type(error).__name__}: {error})")
         if failures:
             # Every checkpoint failed: returning None would restart training from step 0
             # without a word beyond the log (e.g. on a transient filesystem error).
+            moved = (
+                "They were moved aside as <step>.corrupt*; rerun to start again from step 0, "
+                "or move them back if the failure was transient."
+                if move_corrupt
+                else "They were left in place."
+            )
             raise RuntimeError(
                 f"Every checkpoint in {self.directory} failed to restore: "
-                f"{'; '.join(failures)}. They were moved aside as <step>.corrupt*; rerun to "
-                "start again from step 0, or move them back if the failure was transient."
+                f"{'; '.join(failures)}. {moved}"
             )
         return None
 
@@ -267,4 +326,9 @@ class Checkpointer:
         )
         state = _from_item(restored["state"], abstract_state)
         jax.block_until_ready(state)
+        if isinstance(state, TrainState) and not all_finite(state):
+            raise ValueError(
+                f"checkpoint {self.directory / str(step)} restored NaN or infinite values; the "
+                "trainer saves only finite states, so its array files are damaged."
+            )
         return state, restored["data"]

@@ -133,12 +133,35 @@ class RestoredRun:
         return self.experiment.config
 
 
+def _mesh_that_fits_here(config: Any) -> Any:
+    """``config`` with its mesh replaced when the run's cannot be built on this machine.
+
+    A run trained with FSDP on 8 accelerators is evaluated on a 1-device laptop: its
+    ``config.mesh`` (fsdp=2, or num_devices=8) cannot be built there, and ``effformer
+    eval`` takes no config overrides. The checkpoint restores onto any sharding, so it
+    then goes onto a data-parallel mesh of every device here.
+    """
+    try:
+        sharding.create_mesh(config.mesh)
+    except ValueError as error:
+        logging.warning(
+            "The run's mesh cannot be built here (%s); restoring onto every one of this "
+            "machine's %d devices on the data axis.",
+            error,
+            jax.device_count(),
+        )
+        config.mesh.data, config.mesh.fsdp, config.mesh.num_devices = -1, 1, 0
+    return config
+
+
 def restore(workdir: str | Path, *, step: int | None = None) -> RestoredRun:
     """Read the checkpoint of ``workdir`` (the latest that restores, or ``step``).
 
-    Needs nothing but the workdir: the config saved there rebuilds the model.
+    Needs nothing but the workdir: the config saved there rebuilds the model, on the
+    run's mesh, or on every device of this machine when that mesh cannot be built here
+    (a run trained with FSDP on more devices than this machine has).
     """
-    exp = build_experiment(load_config(workdir))
+    exp = build_experiment(_mesh_that_fits_here(load_config(workdir)))
     checkpointer = Checkpointer(workdir)
     try:
         restored = checkpointer.restore(exp.abstract_state, step=step)

@@ -21,6 +21,7 @@ from effformer.data import create_input_pipeline
 from effformer.train import sharding
 from effformer.train.checkpoint import (
     Checkpointer,
+    all_finite,
     check_workdir_matches,
     has_checkpoint,
     save_config,
@@ -40,7 +41,7 @@ from effformer.train.teacher_logits import check_teacher_store
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; the run stopped without saving."""
+    """The loss or the train state became NaN or infinite; the run stopped without saving."""
 
 
 class _StopSignal:
@@ -108,7 +109,7 @@ def train_and_evaluate(
         seed=config.seed,
     )
     try:
-        restored = checkpointer.restore(exp.abstract_state)
+        restored = checkpointer.restore(exp.abstract_state, move_corrupt=True)
         if restored is None:
             state, step = exp.init_state(), 0
             if init_from_workdir(config):
@@ -167,9 +168,9 @@ def _train_loop(exp, state, step, pipeline, checkpointer, writer, stop_after_ste
             train_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             if not np.isfinite(train_metrics["loss"]):
                 raise NonFiniteLossError(
-                    f"Loss is {train_metrics['loss']} at step {step}. Stopped without saving; the last "
-                    f"good checkpoint (step {last_saved}) in {checkpointer.directory} is intact. Try a "
-                    "lower config.optimizer.learning_rate, warm-up or config.optimizer.grad_clip_norm."
+                    f"Loss is {train_metrics['loss']} at step {step}. Stopped without saving; "
+                    f"{_last_checkpoint(last_saved, checkpointer.directory)}. Try a lower "
+                    "config.optimizer.learning_rate, warm-up or config.optimizer.grad_clip_norm."
                 )
             if on_step is not None:
                 on_step(step, train_metrics)
@@ -196,6 +197,18 @@ def _train_loop(exp, state, step, pipeline, checkpointer, writer, stop_after_ste
                 # best_metric every evaluation is a candidate, whatever every_steps says.
                 or (eval_now and bool(config.checkpoint.best_metric))
             )
+            # A finite loss does not make the updated state finite: NaN gradients (a sqrt at
+            # 0, a bfloat16 overflow in the backward pass) or a step that overflows the
+            # parameters leave the loss of THIS step finite, and only the next step's loss
+            # would show it, after this step's checkpoint had replaced a good one.
+            if save_now and not all_finite(state):
+                raise NonFiniteLossError(
+                    f"The train state after step {step} holds NaN or infinite values although "
+                    f"its loss was finite. Stopped without saving; "
+                    f"{_last_checkpoint(last_saved, checkpointer.directory)}. Look for NaN "
+                    "gradients (train metric grad_norm) or try a lower "
+                    "config.optimizer.learning_rate or config.optimizer.grad_clip_norm."
+                )
             if save_now:
                 checkpointer.save(
                     step, state, pipeline.get_state(), metrics=eval_metrics if eval_now else None
@@ -208,6 +221,13 @@ def _train_loop(exp, state, step, pipeline, checkpointer, writer, stop_after_ste
     progress.close()
     checkpointer.wait()
     return {"step": step, "train": train_metrics, "eval": eval_metrics}
+
+
+def _last_checkpoint(step: int | None, directory: Path) -> str:
+    """What a stopped run left: its last checkpoint, or none (it stopped before the first)."""
+    if step is None:
+        return f"no checkpoint was saved in {directory}"
+    return f"the last good checkpoint (step {step}) in {directory} is intact"
 
 
 def _format(metrics: dict[str, float]) -> str:

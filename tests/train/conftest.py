@@ -64,6 +64,35 @@ def test_tiny_batch_norm_classifier(**overrides) -> nn.Module:
     return TinyBatchNormClassifier(**overrides)
 
 
+class TinyNanGradientClassifier(nn.Module):
+    """Flatten -> Dense, plus ``0 * sqrt(w - w)``: a finite loss whose gradients are NaN.
+
+    d sqrt(u) / du is infinite at u = 0, and the chain rule multiplies it by 0, so the
+    first step's loss is finite but its update turns every parameter into NaN.
+    """
+
+    num_classes: int = 10
+    image_size: int = 8
+    num_channels: int = 1
+
+    def dummy_inputs(self, batch_size: int) -> dict:
+        return {
+            "inputs": jnp.zeros((batch_size, self.image_size, self.image_size, self.num_channels))
+        }
+
+    @nn.compact
+    def __call__(self, inputs, *, train: bool = False):
+        w = self.param("w", nn.initializers.ones, ())
+        x = inputs.reshape(inputs.shape[0], -1)
+        return nn.Dense(self.num_classes)(x) + 0.0 * jnp.sqrt(w - w)
+
+
+@register("test_nan_gradient_classifier", tiny={})
+def test_nan_gradient_classifier(**overrides) -> nn.Module:
+    """Test-only classifier whose loss is finite and gradients NaN."""
+    return TinyNanGradientClassifier(**overrides)
+
+
 def build_config(data_dir: str, **changes) -> ml_collections.ConfigDict:
     """A 6-step run of the tiny classifier on digits; ``a__b=v`` sets ``config.a.b = v``."""
     config = default_config()

@@ -1,7 +1,9 @@
 """End-to-end trainer tests on the embedded digits dataset with a tiny model."""
 
+import json
 import logging
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -119,7 +121,80 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(make_config, tmp_path,
         metrics = evaluate(tmp_path)
     assert metrics["step"] == 2
     assert "checkpoints/4" in caplog.text
+    # A reader leaves the workdir alone (a training run may be writing there) ...
+    assert (tmp_path / "checkpoints" / "4").is_dir()
+    # ... the run that owns it moves the damaged checkpoint aside when it resumes.
+    assert train_and_evaluate(make_config(num_train_steps=6), tmp_path)["step"] == 6
     assert (tmp_path / "checkpoints" / "4.corrupt").is_dir()
+
+
+def test_a_checkpoint_deleted_while_eval_reads_it_is_skipped(make_config, tmp_path, monkeypatch):
+    # `effformer eval` beside a running training: the run's retention policy deletes a
+    # step while eval reads it. Eval used to report it corrupt and rename it (a
+    # FileNotFoundError, or a training run that then failed to delete its own step).
+    config = make_config(num_train_steps=4)
+    config.checkpoint.every_steps = 2
+    config.checkpoint.keep = 3
+    train_and_evaluate(config, tmp_path)
+    original = Checkpointer._restore_step
+
+    def deleted_meanwhile(self, step, abstract_state):
+        if step == 4:
+            shutil.rmtree(self.directory / "4")
+            raise FileNotFoundError(f"{self.directory / '4'} vanished")
+        return original(self, step, abstract_state)
+
+    monkeypatch.setattr(Checkpointer, "_restore_step", deleted_meanwhile)
+    assert evaluate(tmp_path)["step"] == 2
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
+
+
+def test_a_run_killed_while_writing_its_config_keeps_the_previous_one(
+    make_config, tmp_path, monkeypatch
+):
+    from effformer.train.checkpoint import save_config
+
+    save_config(make_config(num_train_steps=2), tmp_path)
+    write_text = Path.write_text
+
+    def killed_halfway(self, text, *args, **kwargs):
+        write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt  # as kill -9 would stop it, mid-write
+
+    monkeypatch.setattr(Path, "write_text", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        save_config(make_config(num_train_steps=4), tmp_path)
+    monkeypatch.undo()
+    assert load_config(tmp_path).num_train_steps == 2
+
+
+def test_a_checkpoint_restoring_non_finite_values_is_corrupt(make_config, tmp_path, caplog):
+    # A flipped bit in an array file restores without an error; the trainer never saves a
+    # non-finite state, so NaN in a restored one marks damaged files.
+    config = make_config(num_train_steps=2)
+    config.checkpoint.every_steps = 1
+    train_and_evaluate(config, tmp_path)
+    exp = build_experiment(config)
+    checkpointer = Checkpointer(tmp_path, config.checkpoint)
+    _, state, data_state = checkpointer.restore(exp.abstract_state)
+    damaged = state.replace(params=jax.tree.map(lambda x: x * np.nan, state.params))
+    checkpointer.save(3, damaged, data_state)
+    checkpointer.close()
+    with caplog.at_level(logging.ERROR):
+        assert evaluate(tmp_path)["step"] == 2
+    assert "restored NaN or infinite values" in caplog.text
+
+
+def test_a_run_restores_on_a_machine_where_its_mesh_cannot_be_built(make_config, tmp_path):
+    # As if trained with FSDP over 16 accelerators, evaluated here on 8 devices.
+    config = make_config(num_train_steps=2)
+    config.mesh.fsdp = 2
+    result = train_and_evaluate(config, tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["mesh"].update(num_devices=16, fsdp=16)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    metrics = evaluate(tmp_path)
+    assert metrics == pytest.approx({"step": 2, **result["eval"]}, rel=1e-6)
 
 
 def test_with_a_best_metric_every_evaluation_is_saved_as_a_candidate(
@@ -182,6 +257,16 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(make_config, tmp_path):
     assert step >= 1
 
 
+def test_a_non_finite_state_after_a_finite_loss_is_not_saved(make_config, tmp_path):
+    # NaN gradients with a finite loss: step 1's loss is finite, its updated parameters
+    # are NaN; the checkpoint of step 1 must not be written (only step 2's loss shows it).
+    config = make_config(num_train_steps=4, model__name="test_nan_gradient_classifier")
+    config.checkpoint.every_steps = 1
+    with pytest.raises(NonFiniteLossError, match="state after step 1 holds NaN.*no checkpoint"):
+        train_and_evaluate(config, tmp_path)
+    assert not list((tmp_path / "checkpoints").glob("[0-9]*"))
+
+
 def test_model_schedule_reaches_the_model(make_config, tmp_path):
     config = make_config(num_train_steps=4, log_every_steps=1)
     config.model_schedules.scale = dict(
@@ -206,6 +291,13 @@ def test_model_schedule_reaches_the_model(make_config, tmp_path):
         (dict(eval_batch_size=-8), r"config.eval_batch_size must be >= 0, got -8"),
         (dict(checkpoint__every_steps=-2), r"config.checkpoint.every_steps must be >= 0"),
         (dict(num_epochs=1.0, num_train_steps=-1), r"config.num_train_steps must be >= 0"),
+        # A typo in a closed section used to leave the default in force without a word.
+        (
+            dict(optimizer__warmup_step=5),
+            r"config.optimizer.warmup_step is not a field .* did you mean 'warmup_steps'",
+        ),
+        (dict(checkpoint__every=2), r"config.checkpoint.every is not a field"),
+        (dict(seed=-1), r"config.seed must be an int in \[0, 2\*\*32\), got -1"),
         (
             dict(checkpoint__best_metric="acc"),
             r"best_metric must be one of the eval metrics \['accuracy', 'loss'\].*got 'acc'",
@@ -216,6 +308,29 @@ def test_bad_config_fails_before_training(make_config, tmp_path, changes, messag
     with pytest.raises(ValueError, match=message):
         train_and_evaluate(make_config(**changes), tmp_path)
     assert not (Path(tmp_path) / "checkpoints").exists()
+
+
+def test_a_negative_batch_size_is_named(make_config, tmp_path):
+    # It used to fail on config.optimizer.warmup_steps (a negative epoch length).
+    config = make_config(num_train_steps=0, num_epochs=1.0, global_batch_size=-8)
+    with pytest.raises(ValueError, match=r"config.global_batch_size must be >= 1, got -8"):
+        train_and_evaluate(config, tmp_path)
+
+
+def test_eval_batch_size_is_checked_before_training(make_config, tmp_path):
+    # First used by the first evaluation, at the end of this run.
+    with pytest.raises(ValueError, match=r"eval batch size .* = 12 must be divisible by the 8"):
+        train_and_evaluate(make_config(eval_batch_size=12), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_mesh_that_does_not_split_the_processes_equally_is_refused(make_config, monkeypatch):
+    # Each process feeds 1/process_count of every batch (eval batches included, which are
+    # first used at the end of a run): a process without devices in the mesh, or with
+    # more than another, could not place its share. Here 2 processes, all devices on one.
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"spread equally over the 2 processes.*\{0: 8\}"):
+        build_experiment(make_config())
 
 
 def test_workdir_of_another_model_is_refused(make_config, tmp_path):
