@@ -8,6 +8,7 @@ compiled, so a bad config never starts a long job.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,29 @@ def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
     return value
 
 
+# Sections whose fields are all listed in default_config(): a name not there is a typo
+# (``config.optimizer.warmup_step``) that would otherwise leave the default in force without
+# a word. The other sections are open: config.task (tasks read their own fields),
+# config.model.kwargs, config.model_schedules, config.data (checked by the data package),
+# and the top level (experiment scripts keep their own fields there).
+CLOSED_SECTIONS = ("model", "optimizer", "checkpoint", "mesh", "init_from")
+
+
+def _check_closed_sections(config: ml_collections.ConfigDict) -> None:
+    reference = default_config()
+    for section in CLOSED_SECTIONS:
+        if section not in config or not hasattr(config[section], "keys"):
+            continue
+        known = sorted(reference[section].keys())
+        for name in sorted(set(config[section].keys()) - set(known)):
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else "."
+            raise ValueError(
+                f"config.{section}.{name} is not a field the trainer reads (config.{section} "
+                f"has {known}){hint}"
+            )
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raise ValueError naming the field and the fix for any config that cannot run."""
     from effformer.data import list_datasets
@@ -128,6 +152,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     from effformer.train.schedules import validate_model_schedules
     from effformer.train.tasks import TASKS, matformer_granularities
 
+    _check_closed_sections(config)
     for field in REQUIRED_FIELDS:
         value = _get(config, field)
         if value in (None, "", 0):
@@ -160,8 +185,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
     # Step counts the loop divides by or compares with: a negative one would be ignored
     # (num_train_steps beside num_epochs) or change meaning (step % -n), a zero
-    # log_every_steps would fail only after the first step.
+    # log_every_steps would fail only after the first step; a negative batch size gives
+    # a negative epoch length and a misleading error about warmup_steps.
     for field, lowest in (
+        ("global_batch_size", 1),
         ("num_train_steps", 0),
         ("num_epochs", 0),
         ("log_every_steps", 1),
@@ -172,6 +199,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         value = _get(config, field)
         if value is not None and not value >= lowest:
             raise ValueError(f"config.{field} must be >= {lowest}, got {value!r}.")
+    # The input pipeline's shuffle takes a uint32 seed; checked here to name the field.
+    seed = config.seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"config.seed must be an int in [0, 2**32), got {seed!r}.")
     if (config.num_train_steps > 0) == (config.num_epochs > 0):
         raise ValueError(
             "Set exactly one of config.num_train_steps and config.num_epochs to a positive value, "

@@ -7,6 +7,7 @@ so config errors surface before any compilation.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import inspect
 import math
@@ -56,22 +57,38 @@ class Experiment:
         return sharding.batch_sharding(self.mesh)
 
 
-def _check_batch_sizes(config: ml_collections.ConfigDict, num_devices: int) -> None:
+def _check_batch_sizes(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    """Refuse batch sizes the mesh and the processes cannot split, before any step.
+
+    Each process's pipeline yields batch / process_count examples, and
+    ``jax.make_array_from_process_local_data`` needs that share to be exactly what the
+    process's devices of the mesh hold: the mesh must give every process the same
+    number of devices, and every batch must split over the mesh's devices (which then
+    also splits it over the processes). The eval batch is checked here too: it is
+    first used at the first evaluation, which may be the end of the run.
+    """
+    num_devices, processes = mesh.size, jax.process_count()
+    per_process = collections.Counter(device.process_index for device in mesh.devices.flat)
+    if len(per_process) != processes or len(set(per_process.values())) != 1:
+        raise ValueError(
+            f"config.mesh: the mesh's {num_devices} devices must be spread equally over the "
+            f"{processes} processes (each process feeds 1/{processes} of every batch), got "
+            f"{dict(sorted(per_process.items()))} devices by process index; set "
+            "config.mesh.num_devices=0 to use every device."
+        )
     micro = config.global_batch_size // config.grad_accum_steps
     for name, size in (
         ("global_batch_size / grad_accum_steps", micro),
-        ("eval batch size", eval_batch_size(config)),
+        (
+            "eval batch size (config.eval_batch_size, or global_batch_size if 0)",
+            eval_batch_size(config),
+        ),
     ):
         if size % num_devices:
             raise ValueError(
-                f"config {name} = {size} must be divisible by the {num_devices} devices of the mesh; "
-                f"choose a multiple of {num_devices}."
+                f"config {name} = {size} must be divisible by the {num_devices} devices of the "
+                f"mesh; choose a multiple of {num_devices}."
             )
-    if config.global_batch_size % jax.process_count():
-        raise ValueError(
-            f"config.global_batch_size={config.global_batch_size} must be divisible by the "
-            f"{jax.process_count()} processes."
-        )
 
 
 def eval_batch_size(config: ml_collections.ConfigDict) -> int:
@@ -96,7 +113,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     info = get_dataset_info(config.data)
     task = create_task(config.task, info)
     mesh = sharding.create_mesh(config.mesh)
-    _check_batch_sizes(config, mesh.size)
+    _check_batch_sizes(config, mesh)
 
     train_examples = info.splits[info.train_split]
     steps_per_epoch = train_examples / config.global_batch_size

@@ -25,6 +25,7 @@ import optax
 
 OPTIMIZERS = ("adamw", "sgd", "lamb")
 LR_SCHEDULES = ("cosine", "linear", "constant")
+_FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)
 
 
 def _checked_number(
@@ -33,18 +34,32 @@ def _checked_number(
     """``config.<field>`` as a float, refused unless a number in [0, high] (no bound: >= 0).
 
     A negative learning rate, decay or clipping norm would not fail: it would
-    silently turn the update around.
+    silently turn the update around. An infinite one (or one past float32's largest
+    value, infinite once the step casts it) would turn the first update into NaN.
     """
     value = config[field]
     in_range = (
         isinstance(value, numbers.Real)
         and not isinstance(value, bool)
         and value >= 0
+        and value <= _FLOAT32_MAX
         and (high is None or value <= high)
     )
     if not in_range:
-        bounds = f"in [0, {high}]" if high is not None else ">= 0"
+        bounds = f"in [0, {high}]" if high is not None else ">= 0 and finite in float32"
         raise ValueError(f"config.optimizer.{field} must be a number {bounds}, got {value!r}.")
+    return float(value)
+
+
+def _checked_decay_rate(config: ml_collections.ConfigDict, field: str) -> float:
+    """``config.<field>`` (b1, b2, momentum) as a float, refused unless a number in [0, 1).
+
+    At 1 Adam's bias correction 1 - b**t is 0 (the first update is NaN), and a
+    momentum of 1 never forgets; above 1 or below 0 the averages diverge or flip sign.
+    """
+    value = config[field]
+    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 <= value < 1):
+        raise ValueError(f"config.optimizer.{field} must be a number in [0, 1), got {value!r}.")
     return float(value)
 
 
@@ -129,19 +144,17 @@ def create_optimizer(
     )
     wd = _checked_number(config, "weight_decay")
     clip = _checked_number(config, "grad_clip_norm")
-    if config.name == "adamw":
-        tx = optax.adamw(
-            schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=wd, mask=mask
-        )
-    elif config.name == "lamb":
-        tx = optax.lamb(
-            schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=wd, mask=mask
-        )
+    if config.name in ("adamw", "lamb"):
+        b1, b2 = _checked_decay_rate(config, "b1"), _checked_decay_rate(config, "b2")
+        eps = _checked_number(config, "eps")
+        make = optax.adamw if config.name == "adamw" else optax.lamb
+        tx = make(schedule, b1=b1, b2=b2, eps=eps, weight_decay=wd, mask=mask)
     else:
+        momentum = _checked_decay_rate(config, "momentum")
         # Coupled L2 as in PyTorch's SGD(weight_decay=...): added to the gradient before momentum.
         tx = optax.chain(
             optax.add_decayed_weights(wd, mask=mask),
-            optax.sgd(schedule, momentum=config.momentum or None, nesterov=bool(config.nesterov)),
+            optax.sgd(schedule, momentum=momentum or None, nesterov=bool(config.nesterov)),
         )
     if clip:
         tx = optax.chain(optax.clip_by_global_norm(clip), tx)

@@ -224,11 +224,23 @@ class ClassificationTask(MatFormerTask):
 
     name = "image_classification"
     required_keys = ("inputs", "label")
+    # Whether the task trains on Mixup / CutMix batches; the others refuse a mixing alpha.
+    mixes_inputs = True
 
     def __init__(self, config: ml_collections.ConfigDict, dataset_info: Any):
         super().__init__(config, dataset_info)
         # Outside [0, 1] the targets get negative entries and the loss is no cross-entropy.
         config_number(config, "label_smoothing", 0.0, low=0.0, high=1.0)
+        # A negative alpha would read as "off", and a task that does not mix would ignore a
+        # positive one: either way the run would train without the mixing asked for.
+        for field in ("mixup_alpha", "cutmix_alpha"):
+            alpha = config_number(config, field, 0.0, low=0.0, what="0 turns it off")
+            if alpha > 0 and not self.mixes_inputs:
+                raise ValueError(
+                    f"Task {self.name!r} does not mix inputs: config.task.{field} must be 0, "
+                    f"got {alpha!r}."
+                )
+        config_number(config, "mix_switch_prob", 0.5, low=0.0, high=1.0)
 
     @property
     def num_classes(self) -> int:
@@ -250,7 +262,7 @@ class ClassificationTask(MatFormerTask):
         return overrides
 
     def _mixing(self) -> bool:
-        return self.config.mixup_alpha > 0 or self.config.cutmix_alpha > 0
+        return self.mixes_inputs and (self.config.mixup_alpha > 0 or self.config.cutmix_alpha > 0)
 
     def prepare_batch(self, batch: Batch, rng: Array, train: bool) -> Batch:
         num_classes = self.num_classes
@@ -292,9 +304,7 @@ class SequenceClassificationTask(ClassificationTask):
     """Classification of sequences [b, L, C] (e.g. MNIST-1D); no Mixup."""
 
     name = "sequence_classification"
-
-    def _mixing(self) -> bool:
-        return False
+    mixes_inputs = False
 
 
 @register_task
@@ -322,6 +332,7 @@ class DistillationTask(ClassificationTask):
 
     name = "distillation"
     required_keys = ("inputs", "label")
+    mixes_inputs = False  # Mixed inputs would no longer match the stored teacher logits.
 
     def __init__(self, config: ml_collections.ConfigDict, dataset_info: Any):
         super().__init__(config, dataset_info)
@@ -333,9 +344,6 @@ class DistillationTask(ClassificationTask):
             raise ValueError(
                 f"config.task.distill_temperature must be a number > 0, got {temperature!r}."
             )
-
-    def _mixing(self) -> bool:
-        return False  # Mixed inputs would no longer match the stored teacher logits.
 
     def check_batch(self, batch: Batch) -> None:
         super().check_batch(batch)
@@ -407,6 +415,7 @@ class LMClassificationTask(ClassificationTask):
     """
 
     name = "lm_classification"
+    mixes_inputs = False  # Token ids cannot be mixed.
 
     def __init__(self, config: ml_collections.ConfigDict, dataset_info: Any):
         super().__init__(config, dataset_info)
@@ -428,9 +437,6 @@ class LMClassificationTask(ClassificationTask):
         if self.vocab_size:
             overrides["vocab_size"] = self.vocab_size
         return overrides
-
-    def _mixing(self) -> bool:
-        return False
 
     def base_inputs(self, batch: Batch) -> dict[str, Array]:
         return _sequence_inputs(batch, ("inputs", "segment_ids", "positions"))

@@ -48,11 +48,30 @@ def test_weight_decay_mask_excludes_per_head_attention_biases():
         ("weight_decay", -0.05),
         ("grad_clip_norm", -1.0),
         ("weight_decay", float("nan")),
+        ("learning_rate", float("inf")),
+        ("learning_rate", 1e39),  # infinite in float32
+        ("grad_clip_norm", float("inf")),
+        ("eps", -1e-8),
     ],
 )
 def test_optimizer_numbers_out_of_range_are_refused(field, value):
     with pytest.raises(ValueError, match=f"config.optimizer.{field} must be a number"):
         create_optimizer(_optimizer_config(**{field: value}), 10)
+
+
+@pytest.mark.parametrize(
+    "name, field, value",
+    [
+        ("adamw", "b1", 1.0),  # bias correction 1 - b1**t = 0: a NaN first update
+        ("adamw", "b2", 1.5),
+        ("lamb", "b2", -0.1),
+        ("sgd", "momentum", 1.0),
+        ("sgd", "momentum", -0.9),
+    ],
+)
+def test_optimizer_decay_rates_outside_zero_one_are_refused(name, field, value):
+    with pytest.raises(ValueError, match=rf"config.optimizer.{field} must be a number in \[0, 1\)"):
+        create_optimizer(_optimizer_config(name=name, **{field: value}), 10)
 
 
 def test_adamw_decays_only_masked_parameters():

@@ -60,6 +60,48 @@ def test_classification_loss_with_label_smoothing_and_padding_mask():
     np.testing.assert_array_equal(eval_batch["targets"], np.eye(3)[[0, 2, 1]])
 
 
+@pytest.mark.parametrize(
+    "name, fields, message",
+    [
+        # A negative alpha used to read as "off": a run without the mixing asked for.
+        (
+            "image_classification",
+            dict(mixup_alpha=-0.8),
+            r"config.task.mixup_alpha must be a number >= 0.0",
+        ),
+        (
+            "image_classification",
+            dict(cutmix_alpha=float("nan")),
+            r"config.task.cutmix_alpha must be a number",
+        ),
+        (
+            "image_classification",
+            dict(mix_switch_prob=1.5),
+            r"config.task.mix_switch_prob must be a number in \[0.0, 1.0\]",
+        ),
+        # Tasks that never mix used to ignore a positive alpha without a word.
+        (
+            "sequence_classification",
+            dict(mixup_alpha=0.8),
+            r"'sequence_classification' does not mix inputs: config.task.mixup_alpha must be 0, got 0.8",
+        ),
+        (
+            "distillation",
+            dict(cutmix_alpha=1.0),
+            r"'distillation' does not mix inputs: config.task.cutmix_alpha must be 0",
+        ),
+        (
+            "lm_classification",
+            dict(mixup_alpha=0.2, num_classes=3),
+            r"'lm_classification' does not mix inputs",
+        ),
+    ],
+)
+def test_mixing_settings_a_task_cannot_honour_are_refused(name, fields, message):
+    with pytest.raises(ValueError, match=message):
+        _task(name, **fields)
+
+
 def test_classification_mixup_keeps_label_mass():
     task = _task("image_classification", mixup_alpha=0.8, cutmix_alpha=1.0)
     batch = {
