@@ -17,9 +17,10 @@
 # The iLLaMA setup is `experiments/illama/digits.py`, arm `c` (55k parameters);
 # the ViT is the registry's `vit_digits` (136k parameters).
 #
-# **Time**: 92 s measured on the 2-core development CPU (shared, load average about 5).
-# That run: iLLaMA 71.4% test accuracy after 337 steps (`experiments/illama/README.md`
-# reports 69.4 ± 2.5% for this arm), ViT 80.3% after 225 steps. **Fast mode**: `EFFFORMER_FAST=1` in the environment
+# **Time**: 53 s measured on the idle 2-core development CPU.
+# That run: iLLaMA 72.2% test accuracy after 337 steps (`experiments/illama/README.md`
+# reports 69.4 ± 2.5% for this arm, before the init std of the ``trunc_normal_(0.02)``
+# weights became exactly 0.02), ViT 78.1% after 225 steps. **Fast mode**: `EFFFORMER_FAST=1` in the environment
 # trains tiny models for a few steps (seconds; used by the test suite).
 
 # %% [setup]
