@@ -90,7 +90,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.progress_bar = True
 
     config.checkpoint = ml_collections.ConfigDict()
-    config.checkpoint.every_steps = 0  # 0: only at the end (and on SIGTERM).
+    config.checkpoint.every_steps = 0  # 0: only at the end (and on SIGTERM or Ctrl-C).
     config.checkpoint.keep = 2  # The latest ones kept ...
     # ... plus the best by this eval metric, e.g. "accuracy" (every evaluation is then saved).
     config.checkpoint.best_metric = ""

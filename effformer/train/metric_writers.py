@@ -14,16 +14,39 @@ import jax
 
 
 class MetricWriter:
-    """Writes scalar metrics to a JSON-lines file and TensorBoard in ``workdir``."""
+    """Writes scalar metrics to a JSON-lines file and TensorBoard in ``workdir``.
 
-    def __init__(self, workdir: str | Path, *, tensorboard: bool = True):
+    ``resume_step``: the step training (re)starts from. Records of later steps, written
+    by an earlier run that was killed after its last checkpoint, are dropped (from
+    ``metrics.jsonl`` now, from TensorBoard by its purge mechanism), so the steps run
+    again are not recorded twice. None keeps every record (readers, tests).
+    """
+
+    def __init__(
+        self, workdir: str | Path, *, tensorboard: bool = True, resume_step: int | None = None
+    ):
         self.enabled = jax.process_index() == 0
         self.path = Path(workdir) / "metrics.jsonl"
         self._tb = None
+        if self.enabled and resume_step is not None:
+            self._drop_records_after(resume_step)
         if self.enabled and tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(workdir) / "tb"))
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(str(Path(workdir) / "tb"), purge_step=purge)
+
+    def _drop_records_after(self, step: int) -> None:
+        if not self.path.is_file():
+            return
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        if len(kept) == len(lines):
+            return
+        # Written beside and renamed over: a kill mid-write must not truncate the history.
+        partial = self.path.with_name(self.path.name + ".tmp")
+        partial.write_text("".join(line + "\n" for line in kept))
+        partial.replace(self.path)
 
     def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
         if not self.enabled:

@@ -7,6 +7,7 @@ the same parameters, bit for bit, as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 from collections.abc import Callable
@@ -45,26 +46,45 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class _StopSignal:
-    """Turns SIGTERM into a flag the loop checks after each step."""
+    """Turns SIGTERM and a first Ctrl-C (SIGINT) into a flag the loop checks after each step.
+
+    The loop then saves a checkpoint and returns, so stopping a run by hand (a terminal's
+    Ctrl-C, a notebook's interrupt) keeps its progress; with the default
+    ``checkpoint.every_steps = 0`` nothing would have been saved before. A second Ctrl-C
+    raises KeyboardInterrupt at once, without saving (a step or an evaluation may be long).
+    """
+
+    _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.received = False
-        self._previous = None
+        self._previous: dict[int, object] = {}
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # Not the main thread (e.g. some notebook runners): no handler.
-            self._previous = None
+        for signum in self._SIGNALS:
+            # Not the main thread (e.g. some notebook runners): signal.signal raises; no handler.
+            with contextlib.suppress(ValueError):
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint after this step, then stopping.")
+        if signum == signal.SIGINT and self.received:
+            self._restore()
+            raise KeyboardInterrupt
+        name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C (SIGINT)"
+        again = "; Ctrl-C again stops at once without saving" if signum == signal.SIGINT else ""
+        logging.warning(
+            "%s received: saving a checkpoint after this step, then stopping%s.", name, again
+        )
         self.received = True
 
+    def _restore(self):
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
+
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        self._restore()
 
 
 def train_and_evaluate(
@@ -100,7 +120,7 @@ def train_and_evaluate(
     _check_best_metric(exp)
 
     checkpointer = Checkpointer(workdir, config.checkpoint)
-    writer = MetricWriter(workdir)
+    writer = None  # opened once the step training starts from is known
     pipeline = create_input_pipeline(
         config.data,
         split=exp.info.train_split,
@@ -120,12 +140,14 @@ def train_and_evaluate(
             logging.info("Resumed from step %d in %s.", step, workdir)
         # Only now: a config its checkpoints refuse must not replace the one they were saved with.
         save_config(config, workdir)
+        writer = MetricWriter(workdir, resume_step=step)
         result = _train_loop(
             exp, state, step, pipeline, checkpointer, writer, stop_after_steps, on_step
         )
     finally:
         checkpointer.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
     return result
 
 

@@ -108,6 +108,48 @@ def test_sigterm_saves_and_stops(make_config, tmp_path):
     assert train_and_evaluate(config, tmp_path)["step"] == 10
 
 
+def test_ctrl_c_saves_and_stops_and_a_second_one_interrupts(make_config, tmp_path):
+    # With checkpoint.every_steps = 0 (the default) a Ctrl-C used to lose the whole run.
+    config = make_config(num_train_steps=10)
+    before = signal.getsignal(signal.SIGINT)
+
+    def send_sigint(step, metrics):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    assert train_and_evaluate(config, tmp_path / "once", on_step=send_sigint)["step"] == 3
+    assert _restore_params(config, tmp_path / "once")[0] == 3
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is restored
+
+    def send_two(step, metrics):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        train_and_evaluate(config, tmp_path / "twice", on_step=send_two)
+    assert not (tmp_path / "twice" / "checkpoints" / "3").exists()  # stopped without saving
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_steps_run_again_after_a_kill_are_recorded_once(make_config, tmp_path):
+    # A run killed after its step-4 checkpoint had logged steps 5 and 6; resuming from 4
+    # runs them again. metrics.jsonl used to hold them twice.
+    config = make_config(num_train_steps=6)
+    config.log_every_steps = 1
+    config.checkpoint.every_steps = 2
+    config.checkpoint.keep = 3
+    train_and_evaluate(config, tmp_path)
+    shutil.rmtree(tmp_path / "checkpoints" / "6")  # as if killed before saving step 6
+    before = read_metrics(tmp_path, "train")
+    assert train_and_evaluate(config, tmp_path)["step"] == 6
+    after = read_metrics(tmp_path, "train")
+    assert [r["step"] for r in after] == [1, 2, 3, 4, 5, 6]
+    # Steps up to the checkpoint keep their first records; 5 and 6 are the new run's.
+    assert after[:4] == before[:4]
+    assert [r["step"] for r in read_metrics(tmp_path, "eval")] == [6]
+
+
 def test_corrupt_latest_checkpoint_falls_back_to_previous(make_config, tmp_path, caplog):
     config = make_config(num_train_steps=4)
     config.checkpoint.every_steps = 2
