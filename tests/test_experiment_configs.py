@@ -78,3 +78,25 @@ def test_local_learning_schedule_can_be_overridden_from_the_command_line():
     # config.task.local_schedule; a --config.FIELD override needs the field in the config.
     config = _load(EXPERIMENTS / "local_learning" / "digits.py").get_config("k2_features")
     assert config.task.local_schedule == "joint"
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [("image_size", "16", 16), ("packing_row_length", "64", 64), ("data_dir", "/data", "/data")],
+)
+def test_data_fields_that_default_to_none_can_be_set_from_the_command_line(field, value, expected):
+    # Regression: ml_collections refused `--config.data.image_size=16` ("Type NoneType ...
+    # is not supported for overriding") while the field held a plain None.
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = [
+        "prog",
+        f"--config={EXPERIMENTS / 'digits' / 'vit.py'}",
+        f"--config.data.{field}={value}",
+    ]
+    flag_values = flags.FlagValues()
+    # sys_argv: config_flags reads the config file's path from it when the flag is defined.
+    config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, sys_argv=argv)
+    flag_values(argv)
+    assert flag_values.config.data[field] == expected

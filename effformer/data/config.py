@@ -23,6 +23,14 @@ _DEFAULTS: dict[str, Any] = {
     "teacher_store": "",
 }
 FIELDS = tuple(_DEFAULTS)
+# The types of the fields whose default is None. The ConfigDict holds them as typed
+# placeholders: a plain None field cannot be set from the command line
+# (`--config.data.image_size=16` fails in ml_collections with "NoneType ... not supported").
+_NONE_DEFAULT_TYPES: dict[str, type] = {
+    "data_dir": str,
+    "image_size": int,
+    "packing_row_length": int,
+}
 IMAGE_AUGMENTATION_FIELDS = ("crop_padding", "flip", "randaugment_num_layers", "random_erasing")
 # Dataset formats whose records are token rows of one width, which packing can cut and join.
 PACKABLE_TASKS = ("causal_lm",)
@@ -51,7 +59,10 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
     from effformer.data.registry import get_dataset_spec
 
     spec = get_dataset_spec(name)
-    config = ml_collections.ConfigDict(dict(_DEFAULTS))
+    fields = dict(_DEFAULTS)
+    for field, kind in _NONE_DEFAULT_TYPES.items():
+        fields[field] = ml_collections.config_dict.placeholder(kind)
+    config = ml_collections.ConfigDict(fields)
     config.name = name
     config.image_size = spec.default_image_size
     return config
