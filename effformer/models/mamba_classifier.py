@@ -46,13 +46,18 @@ POOLINGS = ("mean", "last")
 
 
 def last_real_token(x: Array, token_mask: Array | None) -> Array:
-    """x [B, L, D], token_mask [B, L] (True = real) -> the last real token of each row [B, D]."""
+    """x [B, L, D], token_mask [B, L] (True = real) -> the last real token of each row [B, D].
+
+    A row whose mask is all False gives zeros, as :func:`effformer.nn.mean_pool` does
+    (rather than its last padded token).
+    """
     if token_mask is None:
         return x[:, -1]
     length = token_mask.shape[1]
     # Index of the last True: L - 1 - (position of the first True in the reversed row).
     last = length - 1 - jnp.argmax(token_mask[:, ::-1], axis=1)
-    return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+    picked = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+    return jnp.where(token_mask.any(axis=1)[:, None], picked, jnp.zeros((), x.dtype))
 
 
 def step_sequence_dummy(

@@ -382,3 +382,12 @@ def test_tiny_classifier_learns_mnist1d_with_train_and_evaluate(data_dir, tmp_pa
     # Chance is log(10) = 2.30; the mean of the last five steps must be clearly below the first.
     assert np.mean(losses[-5:]) < losses[0] - 0.15, losses
     assert result["eval"]["accuracy"] > 0.15  # chance is 0.1
+
+
+def test_last_real_token_of_an_empty_row_is_zero():
+    # Regression: a row with no real token gave its last padded token, unlike mean_pool.
+    from effformer.models.mamba_classifier import last_real_token
+
+    x = jnp.arange(2 * 3 * 2, dtype=jnp.float32).reshape(2, 3, 2) + 1
+    mask = jnp.array([[True, True, False], [False, False, False]])
+    np.testing.assert_array_equal(last_real_token(x, mask), [x[0, 1], [0.0, 0.0]])
