@@ -122,6 +122,9 @@ def validate_data_config(data_config: ml_collections.ConfigDict | dict) -> dict[
         isinstance(row_length, bool) or not isinstance(row_length, int) or row_length < 1
     ):
         _fail("packing_row_length", "a positive int or None", row_length)
+    if row_length is not None and not config["packing"]:
+        # Without packing nothing reads it: a run that meant to pack would silently not.
+        _fail("packing_row_length", "None when packing is False (or set packing=True)", row_length)
     if config["packing"] and spec.task not in PACKABLE_TASKS:
         _fail(
             "packing",

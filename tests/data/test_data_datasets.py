@@ -209,6 +209,7 @@ def test_default_config_fields():
         ("oxford_flowers102", "image_size", None, "a positive int"),
         ("mnist1d", "flip", True, "image augmentation does not apply"),
         ("mnist1d", "image_size", 32, "None"),
+        ("copy", "packing_row_length", 64, "None when packing is False"),
     ],
 )
 def test_impossible_field_values(name, field, value, expected):
