@@ -138,8 +138,10 @@ def train_and_evaluate(
             step, state, data_state = restored
             pipeline.set_state(data_state)
             logging.info("Resumed from step %d in %s.", step, workdir)
-        # Only now: a config its checkpoints refuse must not replace the one they were saved with.
-        save_config(config, workdir)
+        # Only now: a config its checkpoints refuse must not replace the one they were saved
+        # with; nor one that trains no step (a finished run), which would then describe it.
+        if step < exp.num_train_steps:
+            save_config(config, workdir)
         writer = MetricWriter(workdir, resume_step=step)
         result = _train_loop(
             exp, state, step, pipeline, checkpointer, writer, stop_after_steps, on_step

@@ -150,6 +150,20 @@ def test_steps_run_again_after_a_kill_are_recorded_once(make_config, tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path, "eval")] == [6]
 
 
+def test_a_finished_run_keeps_the_config_it_trained_with(make_config, tmp_path):
+    # Re-running `train` on a finished workdir trains no step; its config used to replace
+    # config.json, which eval and resume read as the run's.
+    config = make_config(num_train_steps=2)
+    train_and_evaluate(config, tmp_path)
+    changed = make_config(num_train_steps=2)
+    changed.optimizer.learning_rate = 0.5
+    assert train_and_evaluate(changed, tmp_path)["step"] == 2
+    assert load_config(tmp_path).optimizer.learning_rate == config.optimizer.learning_rate
+    longer = make_config(num_train_steps=3)  # trains a step: its config is the run's now
+    assert train_and_evaluate(longer, tmp_path)["step"] == 3
+    assert load_config(tmp_path).num_train_steps == 3
+
+
 def test_corrupt_latest_checkpoint_falls_back_to_previous(make_config, tmp_path, caplog):
     config = make_config(num_train_steps=4)
     config.checkpoint.every_steps = 2
