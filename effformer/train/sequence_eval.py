@@ -102,18 +102,45 @@ def evaluate_sequence_task(
 ) -> dict[int, tuple[int, int]]:
     """Exact match by length of a trained experiment (``effformer.train.experiment``) on ``split``.
 
-    The model gets the inputs its task gives it in training (``exp.task.model_inputs``);
-    ``model_state``: its variables besides ``params``, if it has some.
+    The model runs as the trainer's evaluation runs it: on the inputs its task gives it
+    (``exp.task.model_inputs``), with the evaluation values of ``config.model_schedules``
+    (iLLaMA's soft-mask ratio at evaluation) and in ``config.compute_dtype``.
+    ``params``: the parameters evaluation uses (``RestoredRun.params``: the EMA when the
+    run kept one); ``model_state``: its variables besides ``params``, if it has some.
     """
     from effformer.data import create_input_pipeline
+    from effformer.train.experiment import compute_dtype
+    from effformer.train.model_state import variables
+    from effformer.train.schedules import eval_kwargs
+    from effformer.train.steps import _cast_floats as cast_floats
 
     if split not in exp.info.splits:
         raise ValueError(f"split: expected one of {sorted(exp.info.splits)}, got {split!r}.")
+    if getattr(exp.task, "granularities", None):
+        raise ValueError(
+            "evaluate_sequence_task: the run's task has config.task.matformer_widths="
+            f"{tuple(exp.config.task.matformer_widths)!r}, so its model gives one output per "
+            "width; evaluate one width at a time with matformer_widths=()."
+        )
+    model_state = {} if model_state is None else dict(model_state)
+    expected = sorted(exp.abstract_state.model_state)
+    if sorted(model_state) != expected:
+        raise ValueError(
+            f"evaluate_sequence_task: model {exp.config.model.name!r} needs model_state with "
+            f"the collections {expected}, got {sorted(model_state)}; pass "
+            "RestoredRun.model_state (or state.model_state)."
+        )
+    # As in the trainer's eval step (effformer.train.steps.make_eval_step).
+    model_kwargs = eval_kwargs(exp.config.model_schedules, exp.steps_per_epoch, exp.num_train_steps)
+    dtype = compute_dtype(exp.config)
 
     @jax.jit
-    def logits_fn(batch: Batch) -> jax.Array:
+    def logits_fn(params: Any, model_state: Any, batch: Batch) -> jax.Array:
+        inputs = exp.task.model_inputs(batch)
+        if dtype != jnp.float32:  # The parameters and the model's inputs, as the eval step.
+            params, inputs = cast_floats(params, dtype), cast_floats(inputs, dtype)
         return exp.model.apply(
-            {"params": params, **(model_state or {})}, **exp.task.model_inputs(batch), train=False
+            variables(params, model_state), **inputs, train=False, **model_kwargs
         )
 
     pipeline = create_input_pipeline(
@@ -126,26 +153,20 @@ def evaluate_sequence_task(
         process_count=1,
     )
     with pipeline:
-        return exact_match_by_length(logits_fn, pipeline)
+        return exact_match_by_length(lambda batch: logits_fn(params, model_state, batch), pipeline)
 
 
 def evaluate_workdir(
-    workdir: str | Path, split: str, *, batch_size: int = 64
+    workdir: str | Path, split: str, *, batch_size: int = 64, step: int | None = None
 ) -> dict[int, tuple[int, int]]:
-    """Restores the latest checkpoint of ``workdir`` and evaluates it (see above)."""
-    from effformer.train.checkpoint import Checkpointer, load_config
-    from effformer.train.evaluate import eval_params
-    from effformer.train.experiment import build_experiment
+    """Restores the checkpoint of ``workdir`` (latest, or ``step``) and evaluates it (see above).
 
-    exp = build_experiment(load_config(workdir))
-    checkpointer = Checkpointer(workdir)
-    try:
-        restored = checkpointer.restore(exp.abstract_state)
-    finally:
-        checkpointer.close()
-    if restored is None:
-        raise FileNotFoundError(f"No checkpoint in {Path(workdir) / 'checkpoints'} to evaluate.")
-    _, state, _ = restored
+    The run is read back as ``effformer eval`` reads it (``effformer.train.evaluate.restore``):
+    on a data-parallel mesh of this machine's devices when its own mesh cannot be used here.
+    """
+    from effformer.train.evaluate import restore
+
+    run = restore(workdir, step=step)
     return evaluate_sequence_task(
-        exp, eval_params(exp, state), split, batch_size=batch_size, model_state=state.model_state
+        run.experiment, run.params, split, batch_size=batch_size, model_state=run.model_state
     )

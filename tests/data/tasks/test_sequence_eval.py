@@ -1,7 +1,9 @@
 """Exact-match evaluation, and tiny models training on every generated task."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -9,6 +11,7 @@ import pytest
 from effformer import models
 from effformer.data.registry import get_dataset_spec
 from effformer.data.tasks import DATASETS
+from effformer.models import register
 from effformer.train.sequence_eval import (
     accuracies,
     answer_exact_match,
@@ -126,3 +129,101 @@ def test_trainer_runs_a_task_and_the_workdir_evaluates(tmp_path):
     buckets = evaluate_workdir(tmp_path, "test_long", batch_size=256)
     assert sorted(buckets) == list(range(9, 17))
     assert sum(count for _, count in buckets.values()) == 512
+
+
+class _NextTokenModel(nn.Module):
+    """Predicts the next input token (right at every answer position of 'copy'), or its opposite.
+
+    The prediction is right only when ``flip`` < 0.5 (a call argument, as a scheduled one
+    is) and the parameters reach the model in ``want_dtype`` (the run's compute dtype).
+    """
+
+    vocab_size: int = 13
+    want_dtype: str = "float32"
+
+    def dummy_inputs(self, batch_size: int) -> dict:
+        return {"inputs": jnp.zeros((batch_size, 34), jnp.int32)}
+
+    @nn.compact
+    def __call__(self, inputs, *, train: bool = False, flip: float = 1.0):
+        scale = self.param("scale", nn.initializers.ones, ())
+        logits = jax.nn.one_hot(jnp.pad(inputs[:, 1:], ((0, 0), (0, 1))), self.vocab_size) * scale
+        if scale.dtype != jnp.dtype(self.want_dtype):
+            return -logits
+        return jnp.where(flip < 0.5, logits, -logits)
+
+
+@register("test_next_token_model", tiny={})
+def _next_token_model(**overrides) -> nn.Module:
+    """Test-only model whose exact match shows its call arguments and dtype."""
+    return _NextTokenModel(**overrides)
+
+
+def _next_token_config(**model_kwargs):
+    from effformer.data import default_data_config
+    from effformer.train import default_config
+
+    config = default_config()
+    config.model.name, config.model.tiny = "test_next_token_model", True
+    config.model.kwargs = ml_collections.ConfigDict(model_kwargs)
+    config.data = default_data_config("copy")
+    config.task.name = "causal_lm"
+    config.global_batch_size, config.num_train_steps = 8, 2
+    config.progress_bar = False
+    # Training passes flip=1 (wrong); evaluation must pass the eval value, 0 (right).
+    config.model_schedules.flip = ml_collections.ConfigDict(
+        dict(kind="fixed", value=1.0, eval_value=0.0)
+    )
+    return config
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_sequence_eval_passes_the_eval_schedule_values_in_the_compute_dtype(compute_dtype):
+    from effformer.train.experiment import build_experiment
+    from effformer.train.sequence_eval import evaluate_sequence_task
+
+    config = _next_token_config(want_dtype=compute_dtype)
+    config.compute_dtype = compute_dtype
+    exp = build_experiment(config)
+    params = exp.init_state().params
+    buckets = evaluate_sequence_task(exp, params, "test", batch_size=512)
+    assert sum(count for _, count in buckets.values()) == 512
+    assert accuracies(buckets) == {length: 1.0 for length in buckets}
+
+
+def test_evaluate_workdir_restores_a_run_whose_mesh_this_machine_lacks(tmp_path):
+    import json
+
+    from effformer.train import train_and_evaluate
+    from effformer.train.sequence_eval import evaluate_workdir
+
+    config = _next_token_config()
+    config.num_train_steps = 1
+    config.optimizer.learning_rate = 0.0  # The parameters stay right.
+    train_and_evaluate(config, tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    # Trained on 4 times the devices this machine has: the mesh cannot be built here.
+    saved["mesh"]["num_devices"] = 4 * jax.device_count()
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    buckets = evaluate_workdir(tmp_path, "test", batch_size=512)
+    assert accuracies(buckets) == {length: 1.0 for length in buckets}
+
+
+def test_sequence_eval_refuses_matformer_runs_and_missing_model_state():
+    from types import SimpleNamespace
+
+    from effformer.train.sequence_eval import evaluate_sequence_task
+
+    exp = SimpleNamespace(
+        info=SimpleNamespace(splits={"test": 8}),
+        task=SimpleNamespace(granularities=((32,), (64,))),
+        config=ml_collections.ConfigDict(
+            dict(task=dict(matformer_widths=(32, 64)), model=dict(name="m"))
+        ),
+        abstract_state=SimpleNamespace(model_state={"hashing": {}}),
+    )
+    with pytest.raises(ValueError, match=r"matformer_widths=\(32, 64\).*matformer_widths=\(\)"):
+        evaluate_sequence_task(exp, {}, "test")
+    exp.task.granularities = ()
+    with pytest.raises(ValueError, match=r"needs model_state with the collections \['hashing'\]"):
+        evaluate_sequence_task(exp, {}, "test")
