@@ -134,23 +134,44 @@ class RestoredRun:
 
 
 def _mesh_that_fits_here(config: Any) -> Any:
-    """``config`` with its mesh replaced when the run's cannot be built on this machine.
+    """``config`` with its mesh replaced when the run's cannot be used on this machine.
 
     A run trained with FSDP on 8 accelerators is evaluated on a 1-device laptop: its
     ``config.mesh`` (fsdp=2, or num_devices=8) cannot be built there, and ``effformer
-    eval`` takes no config overrides. The checkpoint restores onto any sharding, so it
-    then goes onto a data-parallel mesh of every device here.
+    eval`` takes no config overrides. A run trained on every device of a 1-GPU machine
+    (num_devices=0) with a batch of 6 is evaluated on 8 devices: the mesh builds, but
+    its batches do not split over it. The checkpoint restores onto any sharding, so it
+    then goes onto a data-parallel mesh of every device here, or of as many as split
+    the batches.
     """
+    micro = int(config.global_batch_size) // int(config.grad_accum_steps)
+    batches = (micro, eval_batch_size(config))
     try:
-        sharding.create_mesh(config.mesh)
+        mesh_size = sharding.create_mesh(config.mesh).size
     except ValueError as error:
-        logging.warning(
-            "The run's mesh cannot be built here (%s); restoring onto every one of this "
-            "machine's %d devices on the data axis.",
-            error,
-            jax.device_count(),
+        reason = str(error)
+    else:
+        if all(batch % mesh_size == 0 for batch in batches):
+            return config
+        reason = (
+            f"its {mesh_size} devices do not split the run's batches of {micro} (per "
+            f"micro-batch) and {batches[1]} (eval)"
         )
-        config.mesh.data, config.mesh.fsdp, config.mesh.num_devices = -1, 1, 0
+    count = jax.device_count()
+    if jax.process_count() == 1:
+        # The most devices that split both batches (1 always does); the first ones of the
+        # machine. With several processes every process must hold an equal share of the
+        # mesh, which only every device is sure to give.
+        count = max(n for n in range(1, count + 1) if all(batch % n == 0 for batch in batches))
+    logging.warning(
+        "The run's mesh cannot be used here (%s); restoring onto %d of this machine's %d "
+        "devices on the data axis.",
+        reason,
+        count,
+        jax.device_count(),
+    )
+    config.mesh.data, config.mesh.fsdp = -1, 1
+    config.mesh.num_devices = 0 if count == jax.device_count() else count
     return config
 
 
@@ -158,8 +179,9 @@ def restore(workdir: str | Path, *, step: int | None = None) -> RestoredRun:
     """Read the checkpoint of ``workdir`` (the latest that restores, or ``step``).
 
     Needs nothing but the workdir: the config saved there rebuilds the model, on the
-    run's mesh, or on every device of this machine when that mesh cannot be built here
-    (a run trained with FSDP on more devices than this machine has).
+    run's mesh, or on a data-parallel mesh of this machine's devices when that mesh
+    cannot be built here (a run trained with FSDP on more devices than this machine has)
+    or does not split the run's batches (see :func:`_mesh_that_fits_here`).
     """
     exp = build_experiment(_mesh_that_fits_here(load_config(workdir)))
     checkpointer = Checkpointer(workdir)
