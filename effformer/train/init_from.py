@@ -24,13 +24,15 @@ EcoFormer's hash functions) are copied when the source has them with the same
 shapes, and start fresh otherwise. The optimizer state starts fresh, and so
 does the step: this is a new run. The
 source's EMA parameters are used when the source kept an EMA (they are what its
-evaluation used). Once the new run has saved a checkpoint, resuming it restores
-that checkpoint and never reads the source again.
+evaluation used). The source may have trained on another mesh and number of
+devices: its checkpoint is read onto the new run's mesh. Once the new run has saved a
+checkpoint, resuming it restores that checkpoint and never reads the source again.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from effformer.data import get_dataset_info
 from effformer.train.checkpoint import CONFIG_FILE, Checkpointer, load_config
 
 
@@ -101,7 +104,8 @@ def load_source_state(
     """The new run's first state: ``target_state`` with the source checkpoint's parameters.
 
     Args:
-      config: the new run's config (reads ``init_from``, ``mesh`` and ``ema_decay``).
+      config: the new run's config (reads ``init_from``, ``mesh``, ``ema_decay`` and its
+        batch sizes, which the source is built with: see :func:`_source_config_on_this_mesh`).
       target_model: the new run's model.
       target_state: the new run's freshly initialised ``TrainState`` (values are used for
         the reinitialised modules, shapes and shardings for everything).
@@ -144,10 +148,7 @@ def _load_source(config: ml_collections.ConfigDict, target_model: Any, target_pa
 
     check_init_from_source(config)
     source_dir = Path(config.init_from.workdir)
-    source_config = load_config(source_dir)
-    # The source's state is restored onto this run's mesh.
-    source_config.mesh = config.mesh
-    source = build_experiment(source_config)
+    source = build_experiment(_source_config_on_this_mesh(load_config(source_dir), config))
     checkpointer = Checkpointer(source_dir)
     try:
         restored = checkpointer.restore(source.abstract_state, step=config.init_from.step or None)
@@ -158,7 +159,7 @@ def _load_source(config: ml_collections.ConfigDict, target_model: Any, target_pa
             f"config.init_from.workdir={str(source_dir)!r} has no checkpoint to start from."
         )
     step, state, _ = restored
-    params = state.ema_params if source_config.ema_decay > 0 else state.params
+    params = state.ema_params if source.config.ema_decay > 0 else state.params
     logging.info("Initialising from %s, step %d.", source_dir, step)
     adapted = adapt_params(
         params,
@@ -170,6 +171,32 @@ def _load_source(config: ml_collections.ConfigDict, target_model: Any, target_pa
     )
     shardings = jax.tree.map(lambda x: x.sharding, target_params)
     return jax.device_put(adapted, shardings), dict(state.model_state)
+
+
+def _source_config_on_this_mesh(
+    source_config: ml_collections.ConfigDict, config: ml_collections.ConfigDict
+) -> ml_collections.ConfigDict:
+    """``source_config`` changed so that its experiment builds on the new run's mesh.
+
+    The source's state is restored onto this run's mesh. Only its parameters and model
+    state are read, so its batch sizes, which ``build_experiment`` checks against the
+    mesh, do not matter here: a source trained on 8 devices with a batch of 8 must start
+    a run on 16 (or on 3). They become the new run's, which fit this mesh; the source's
+    number of steps is kept (its learning-rate schedule is checked against it).
+    """
+    if not source_config.num_train_steps:
+        # As build_experiment counts the steps of a run given in epochs.
+        info = get_dataset_info(source_config.data)
+        steps_per_epoch = info.splits[info.train_split] / source_config.global_batch_size
+        source_config.num_train_steps = max(
+            1, math.ceil(source_config.num_epochs * steps_per_epoch)
+        )
+        source_config.num_epochs = 0.0
+    source_config.mesh = config.mesh
+    source_config.global_batch_size = config.global_batch_size
+    source_config.grad_accum_steps = config.grad_accum_steps
+    source_config.eval_batch_size = config.eval_batch_size
+    return source_config
 
 
 def adapt_params(

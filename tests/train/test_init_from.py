@@ -155,3 +155,25 @@ def test_adapt_params_renames_the_layer_stack_between_decoder_and_encoder():
     config.init_from.rename = "decoder-encoder"
     with pytest.raises(ValueError, match="source:target pairs.*'decoder-encoder'"):
         rename_modules(config)
+
+
+def test_source_trained_on_another_device_count_starts_a_run_here(make_config, tmp_path):
+    import json
+
+    # Trained on 2 devices with a batch of 2, which this run's 8-device mesh cannot split.
+    source_dir = tmp_path / "source"
+    source_config = make_config(num_train_steps=1, global_batch_size=2, mesh__num_devices=2)
+    train_and_evaluate(source_config, source_dir)
+    # Given in epochs, with a warmup longer than an epoch at the new run's batch of 32:
+    # the source's own step count (an epoch of batches of 2) must be kept.
+    saved = json.loads((source_dir / "config.json").read_text())
+    saved["num_train_steps"], saved["num_epochs"] = 0, 1.0
+    saved["optimizer"]["warmup_steps"] = 100
+    (source_dir / "config.json").write_text(json.dumps(saved))
+    config = make_config(num_train_steps=1, init_from__workdir=str(source_dir))
+    config.optimizer.learning_rate = 0.0
+    train_and_evaluate(config, tmp_path / "target")
+    _, source = _restored(source_config, source_dir)
+    _, target = _restored(config, tmp_path / "target")
+    for a, b in zip(jax.tree.leaves(source.params), jax.tree.leaves(target.params), strict=True):
+        np.testing.assert_array_equal(a, b)
