@@ -9,9 +9,13 @@ dataset's answer:
 
 * ``causal_lm`` runs (a decoder or prefix LM ``TransformerLM``, or a
   ``MambaLM``): the prompt is the row up to and including ``<sep>``; the
-  continuation is cut after its first ``<eos>``;
+  continuation is cut after its first ``<eos>``; a prefix LM gets the prefix it
+  trained with (the records' ``prefix_lengths``; none, so causal, on these tasks);
 * ``seq2seq`` runs (an ``EncoderDecoderLM``): the prompt is the source; the
   decoder starts from the task's ``bos_id`` (0).
+
+A run of a task built on one of these (``causal_lm_distillation``,
+``seq2seq_distillation``: a student) is continued as that one.
 
 A continuation is ``exact`` when it is the answer followed by ``<eos>``. With
 greedy decoding this is the exact match that ``effformer.train.sequence_eval``
@@ -33,8 +37,10 @@ from effformer.data.tasks.base import EOS
 from effformer.models.generate import generate, generate_seq2seq
 from effformer.models.mamba_lm import MambaLM, generate_mamba
 from effformer.models.transformer_lm import EncoderDecoderLM, TransformerLM
+from effformer.train.tasks import CausalLMTask, Seq2SeqTask
 
 TASKS = ("causal_lm", "seq2seq")
+_TASK_CLASSES = {"causal_lm": CausalLMTask, "seq2seq": Seq2SeqTask}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,17 +105,21 @@ def sample_continuations(
     Returns one :class:`Sample` per example, in order.
     """
     config, model = experiment.config, experiment.model
-    task = config.task.name
-    if task not in TASKS:
+    # The layout the run's task reads; a task built on one (causal_lm_distillation, the
+    # student of a distillation run) gives the model the same inputs.
+    run_task = getattr(experiment, "task", None)
+    task = next((name for name, cls in _TASK_CLASSES.items() if isinstance(run_task, cls)), None)
+    if task is None:
         raise ValueError(
-            f"sample_continuations: the run's task must be one of {TASKS} (a language model on "
-            f"a generated sequence task), got config.task.name={task!r}."
+            f"sample_continuations: the run's task must be one of {TASKS} or built on one (a "
+            "language model on a generated sequence task, e.g. causal_lm_distillation), got "
+            f"config.task.name={config.task.name!r}."
         )
     data = _dataset(config)
     if data.format != task:
         raise ValueError(
             f"sample_continuations: the dataset {config.data.name!r} has the {data.format!r} "
-            f"layout but the run's task is {task!r}."
+            f"layout but the run's task is {config.task.name!r} ({task})."
         )
     available = data.num_examples.get(split, 0)
     if split not in data.num_examples:
@@ -143,8 +153,16 @@ def sample_continuations(
             out = generate_mamba(model, params, jnp.asarray(prompts), lengths,
                                  max_new_tokens=new, **sampling)  # fmt: skip
         elif isinstance(model, TransformerLM) and model.kind in ("decoder", "prefix_lm"):
+            # A prefix LM runs as it trained: the task (CausalLMTask) gives it the batch's
+            # prefix_lengths, and without them (these tasks' records hold none) it trained,
+            # and sequence_eval scores it, causal everywhere: a prefix of 0. generate's
+            # default prefix, the prompt, would let the prompt attend both ways.
+            prefixes = None
+            if model.kind == "prefix_lm":
+                prefixes = batch.get("prefix_lengths", np.zeros_like(lengths))
             out = generate(model, params, jnp.asarray(prompts), lengths, max_new_tokens=new,
-                           model_state=model_state, **sampling)  # fmt: skip
+                           prefix_lengths=prefixes, model_state=model_state,
+                           **sampling)  # fmt: skip
         else:
             raise ValueError(
                 "sample_continuations: a causal_lm run needs a decoder or prefix-LM "

@@ -74,6 +74,45 @@ def test_decoder_prompts_answers_and_greedy_self_consistency(runs):
                                       rows[sample.index, start:stop])  # fmt: skip
 
 
+def test_prefix_lm_generates_as_it_trained_and_as_sequence_eval_scores(runs):
+    # The task gives the model no prefix_lengths on these records: the prefix LM trained
+    # causal, and teacher forcing (sequence_eval) runs it so. Greedy continuations must
+    # be the ones that forward pass predicts.
+    exp, variables = runs("reverse")
+    exp = dataclasses.replace(exp, model=exp.model.clone(kind="prefix_lm"))
+    # Sharper than the initialisation's near-uniform logits, so a bidirectional prompt
+    # changes the argmax (it does at this scale, with this seed).
+    variables = jax.tree.map(lambda x: 4.0 * x, variables)
+    data = get_dataset_spec("reverse").generated
+    samples = sample_continuations(exp, variables, split="test", num_examples=4)
+    width = max(len(sample.prompt) + len(sample.generated) for sample in samples)
+    rows = np.zeros((len(samples), width), np.int32)
+    for sample in samples:
+        row = _ids(data, sample.prompt + sample.generated)
+        rows[sample.index, : len(row)] = row
+    inputs = exp.task.model_inputs({"inputs": rows})
+    predicted = np.asarray(jnp.argmax(jax.jit(exp.model.apply)(variables, **inputs), -1))
+    for sample in samples:
+        start, stop = len(sample.prompt), len(sample.prompt) + len(sample.generated)
+        np.testing.assert_array_equal(predicted[sample.index, start - 1 : stop - 1],
+                                      rows[sample.index, start:stop])  # fmt: skip
+
+
+def test_a_run_of_a_task_built_on_causal_lm_is_continued(runs):
+    # A distillation student (causal_lm_distillation) gives its model causal_lm's inputs.
+    from effformer.train.tasks import CausalLMTask
+
+    class StudentTask(CausalLMTask):
+        name = "test_student_lm"
+
+    exp, variables = runs("reverse")
+    config = ml_collections.ConfigDict(exp.config.to_dict())
+    config.task.name = StudentTask.name
+    student = dataclasses.replace(exp, config=config, task=StudentTask(config.task, exp.info))
+    expected = sample_continuations(exp, variables, split="test", num_examples=2)
+    assert sample_continuations(student, variables, split="test", num_examples=2) == expected
+
+
 def test_encoder_decoder_prompts_and_greedy_self_consistency(runs):
     exp, variables = runs("reverse_seq2seq")
     data = get_dataset_spec("reverse_seq2seq").generated
