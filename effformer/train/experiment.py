@@ -28,7 +28,7 @@ from effformer.train.config import validate_config
 from effformer.train.model_state import check_model_collections
 from effformer.train.optim import create_optimizer
 from effformer.train.state import TrainState
-from effformer.train.tasks import Task, create_task
+from effformer.train.tasks import CausalLMTask, Task, create_task
 
 
 @dataclasses.dataclass
@@ -108,6 +108,24 @@ def _check_model_takes_granularities(model: nn.Module, config: ml_collections.Co
         )
 
 
+def _give_prefix_lm_its_prompt(task: Any, model: Any, config: ml_collections.ConfigDict) -> None:
+    """A prefix LM on a causal_lm task attends both ways inside each row's prompt.
+
+    ``CausalLMTask.prompt_is_prefix``: the records' ``prefix_lengths``, else their
+    ``prompt_length``. Packed rows hold several sequences and no prompt lengths, and a
+    prefix LM takes one prefix per row, so packing is refused.
+    """
+    if not (isinstance(task, CausalLMTask) and getattr(model, "kind", None) == "prefix_lm"):
+        return
+    if config.data.packing:
+        raise ValueError(
+            f"config.data.packing must be False for a prefix LM (config.model.name="
+            f"{config.model.name!r}): it takes one prefix per row, and packed rows hold "
+            "several sequences."
+        )
+    task.prompt_is_prefix = True
+
+
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     validate_config(config)
     info = get_dataset_info(config.data)
@@ -125,6 +143,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     overrides = {**config.model.kwargs.to_dict(), **task.model_overrides()}
     model = models.create(config.model.name, tiny=config.model.tiny, **overrides)
     _check_model_takes_granularities(model, config)
+    _give_prefix_lm_its_prompt(task, model, config)
     tx, lr_schedule = create_optimizer(config.optimizer, num_train_steps)
     use_ema = config.ema_decay > 0
 

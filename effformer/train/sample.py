@@ -10,7 +10,8 @@ dataset's answer:
 * ``causal_lm`` runs (a decoder or prefix LM ``TransformerLM``, or a
   ``MambaLM``): the prompt is the row up to and including ``<sep>``; the
   continuation is cut after its first ``<eos>``; a prefix LM gets the prefix it
-  trained with (the records' ``prefix_lengths``; none, so causal, on these tasks);
+  trained with (the records' ``prefix_lengths``, else the prompt: see
+  ``effformer.train.tasks.CausalLMTask.prompt_is_prefix``);
 * ``seq2seq`` runs (an ``EncoderDecoderLM``): the prompt is the source; the
   decoder starts from the task's ``bos_id`` (0).
 
@@ -153,13 +154,11 @@ def sample_continuations(
             out = generate_mamba(model, params, jnp.asarray(prompts), lengths,
                                  max_new_tokens=new, **sampling)  # fmt: skip
         elif isinstance(model, TransformerLM) and model.kind in ("decoder", "prefix_lm"):
-            # A prefix LM runs as it trained: the task (CausalLMTask) gives it the batch's
-            # prefix_lengths, and without them (these tasks' records hold none) it trained,
-            # and sequence_eval scores it, causal everywhere: a prefix of 0. generate's
-            # default prefix, the prompt, would let the prompt attend both ways.
+            # A prefix LM runs as it trained (CausalLMTask.prompt_is_prefix): the records'
+            # prefix_lengths, else its prompt (prompt_length), as sequence_eval scores it.
             prefixes = None
             if model.kind == "prefix_lm":
-                prefixes = batch.get("prefix_lengths", np.zeros_like(lengths))
+                prefixes = batch.get("prefix_lengths", lengths)
             out = generate(model, params, jnp.asarray(prompts), lengths, max_new_tokens=new,
                            prefix_lengths=prefixes, model_state=model_state,
                            **sampling)  # fmt: skip

@@ -614,10 +614,24 @@ class CausalLMTask(LanguageModelTask):
 
     name = "causal_lm"
     required_keys = ("inputs",)
+    # Set by build_experiment when the model is a prefix LM: each row's prefix is then
+    # its records' prefix_lengths, else its prompt (``prompt_length``: the prompt and
+    # <sep> of the generated tasks, whose answer tokens alone are scored). Without it a
+    # prefix LM would silently train causal everywhere, as a decoder.
+    prompt_is_prefix: bool = False
 
     def base_inputs(self, batch: Batch) -> dict[str, Array]:
         # prefix_lengths [b]: a prefix LM attends bidirectionally inside each row's prefix.
-        return _sequence_inputs(batch, ("inputs", "segment_ids", "positions", "prefix_lengths"))
+        inputs = _sequence_inputs(batch, ("inputs", "segment_ids", "positions", "prefix_lengths"))
+        if self.prompt_is_prefix and "prefix_lengths" not in inputs:
+            if "prompt_length" not in batch:
+                raise ValueError(
+                    f"Task {self.name!r}: a prefix LM needs each row's prefix, the batch's "
+                    "prefix_lengths or prompt_length [b] (the generated sequence tasks give "
+                    f"prompt_length, without packing); the batch has {sorted(batch)}."
+                )
+            inputs["prefix_lengths"] = batch["prompt_length"]
+        return inputs
 
     def output_loss(self, outputs: Array, batch: Batch) -> tuple[Array, Array, Metrics]:
         if "targets" in batch:

@@ -29,18 +29,19 @@ def runs(session_make_config):
     """dataset name -> (experiment, variables) of an untrained tiny model."""
     built = {}
 
-    def get(dataset: str):
-        if dataset not in built:
+    def get(dataset: str, model_name: str | None = None):
+        seq2seq = dataset.endswith("_seq2seq")
+        model_name = model_name or ("lm_encoder_decoder" if seq2seq else "lm_decoder")
+        if (dataset, model_name) not in built:
             config = session_make_config(mesh__num_devices=1)
             config.data = default_data_config(dataset)
-            seq2seq = dataset.endswith("_seq2seq")
-            config.model.name = "lm_encoder_decoder" if seq2seq else "lm_decoder"
+            config.model.name = model_name
             config.model.tiny = True
             config.task.name = "seq2seq" if seq2seq else "causal_lm"
             exp = build_experiment(config)
             params = jax.jit(exp.model.init)(jax.random.PRNGKey(1), **exp.model.dummy_inputs(1))
-            built[dataset] = exp, params
-        return built[dataset]
+            built[dataset, model_name] = exp, params
+        return built[dataset, model_name]
 
     return get
 
@@ -75,12 +76,12 @@ def test_decoder_prompts_answers_and_greedy_self_consistency(runs):
 
 
 def test_prefix_lm_generates_as_it_trained_and_as_sequence_eval_scores(runs):
-    # The task gives the model no prefix_lengths on these records: the prefix LM trained
-    # causal, and teacher forcing (sequence_eval) runs it so. Greedy continuations must
-    # be the ones that forward pass predicts.
-    exp, variables = runs("reverse")
-    exp = dataclasses.replace(exp, model=exp.model.clone(kind="prefix_lm"))
-    # Sharper than the initialisation's near-uniform logits, so a bidirectional prompt
+    # A prefix LM trains with its prompt (prompt and <sep>) as the bidirectional prefix
+    # (CausalLMTask.prompt_is_prefix), and teacher forcing (sequence_eval) runs it so.
+    # Greedy continuations must be the ones that forward pass predicts.
+    exp, variables = runs("reverse", "lm_prefix")
+    assert exp.task.prompt_is_prefix
+    # Sharper than the initialisation's near-uniform logits, so the prefix's attention
     # changes the argmax (it does at this scale, with this seed).
     variables = jax.tree.map(lambda x: 4.0 * x, variables)
     data = get_dataset_spec("reverse").generated
@@ -90,12 +91,17 @@ def test_prefix_lm_generates_as_it_trained_and_as_sequence_eval_scores(runs):
     for sample in samples:
         row = _ids(data, sample.prompt + sample.generated)
         rows[sample.index, : len(row)] = row
-    inputs = exp.task.model_inputs({"inputs": rows})
+    prompt_length = np.array([len(sample.prompt) for sample in samples], np.int32)
+    inputs = exp.task.model_inputs({"inputs": rows, "prompt_length": prompt_length})
+    np.testing.assert_array_equal(inputs["prefix_lengths"], prompt_length)
     predicted = np.asarray(jnp.argmax(jax.jit(exp.model.apply)(variables, **inputs), -1))
     for sample in samples:
         start, stop = len(sample.prompt), len(sample.prompt) + len(sample.generated)
         np.testing.assert_array_equal(predicted[sample.index, start - 1 : stop - 1],
                                       rows[sample.index, start:stop])  # fmt: skip
+    # The same rows run causal (as a decoder) predict otherwise: the prefix matters here.
+    causal = np.asarray(jnp.argmax(jax.jit(exp.model.apply)(variables, inputs=rows), -1))
+    assert not np.array_equal(causal, predicted)
 
 
 def test_a_run_of_a_task_built_on_causal_lm_is_continued(runs):

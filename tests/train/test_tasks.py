@@ -282,3 +282,26 @@ def test_task_numbers_out_of_range_are_refused(name, fields, field):
     # negatively weighted term, or batches with nothing scored.
     with pytest.raises(ValueError, match=f"config.task.{field} must be"):
         _task(name, **fields)
+
+
+def test_a_prefix_lm_trains_with_its_prompt_as_prefix(make_config):
+    # Regression: the generated tasks' records carry prompt_length, not prefix_lengths, so
+    # a prefix LM got no prefix and trained causal everywhere, as a decoder.
+    from effformer.data import default_data_config
+    from effformer.train.experiment import build_experiment
+
+    config = make_config(mesh__num_devices=1)
+    config.data = default_data_config("reverse")
+    config.model.name, config.model.tiny, config.task.name = "lm_prefix", True, "causal_lm"
+    exp = build_experiment(config)
+    batch = {"inputs": np.ones((2, 6), np.int32), "prompt_length": np.array([3, 4], np.int32)}
+    np.testing.assert_array_equal(exp.task.model_inputs(batch)["prefix_lengths"], [3, 4])
+    given = {**batch, "prefix_lengths": np.array([1, 2], np.int32)}  # the records' own win
+    np.testing.assert_array_equal(exp.task.model_inputs(given)["prefix_lengths"], [1, 2])
+    with pytest.raises(ValueError, match="a prefix LM needs each row's prefix"):
+        exp.task.model_inputs({"inputs": batch["inputs"]})
+    config.model.name = "lm_decoder"  # a decoder is given no prefix
+    assert "prefix_lengths" not in build_experiment(config).task.model_inputs(batch)
+    config.model.name, config.data.packing = "lm_prefix", True
+    with pytest.raises(ValueError, match="packing must be False for a prefix LM"):
+        build_experiment(config)
