@@ -27,9 +27,14 @@ Batch = dict[str, jax.Array]
 
 
 def _cast_floats(tree: Any, dtype: jnp.dtype) -> Any:
-    return jax.tree.map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
-    )
+    """Float arrays of ``tree`` cast to ``dtype``; other leaves (Python numbers such as
+    MatFormer's ``ffn_granularities``, integer arrays) unchanged."""
+
+    def cast(x: Any) -> Any:
+        is_float = hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
+        return x.astype(dtype) if is_float else x
+
+    return jax.tree.map(cast, tree)
 
 
 def _split_micro(batch: Batch, k: int) -> Batch:
@@ -66,11 +71,14 @@ def make_train_step(exp: Experiment) -> Callable[[TrainState, Batch], tuple[Trai
     mutable = forward_updated(exp.abstract_state.model_state)
 
     def micro_loss(params, model_state, batch, rng, model_kwargs):
+        inputs = task.model_inputs(batch)
         if dtype != jnp.float32:
-            params, batch = _cast_floats(params, dtype), _cast_floats(batch, dtype)
+            # Only what the model reads: the loss's float targets (label-smoothed or mixed
+            # labels, a teacher's logits) and weights stay float32, as the loss does.
+            params, inputs = _cast_floats(params, dtype), _cast_floats(inputs, dtype)
         outputs = model.apply(
             variables(params, model_state),
-            **task.model_inputs(batch),
+            **inputs,
             train=True,
             rngs={"dropout": rng},
             mutable=mutable or False,  # flax returns (outputs, {}) for an empty list
@@ -166,12 +174,13 @@ def make_eval_step(
     shardings = exp.state_shardings
 
     def eval_step(params: Any, model_state: Any, batch: Batch) -> dict:
-        if dtype != jnp.float32:
-            params, batch = _cast_floats(params, dtype), _cast_floats(batch, dtype)
         batch = task.prepare_batch(batch, jax.random.PRNGKey(0), train=False)
+        inputs = task.model_inputs(batch)
+        if dtype != jnp.float32:  # As in the train step: the model's inputs only.
+            params, inputs = _cast_floats(params, dtype), _cast_floats(inputs, dtype)
         outputs = model.apply(
             variables(params, model_state),
-            **task.model_inputs(batch),
+            **inputs,
             train=False,
             **model_kwargs,
         )
