@@ -156,12 +156,6 @@ class LocalLearningTask(ClassificationTask):
         return total, count, metrics
 
 
-def _cast_floats(tree: Any, dtype: Any) -> Any:
-    return jax.tree.map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
-    )
-
-
 def _check_outputs(task_name: str, outputs: Any) -> tuple[Array, Array]:
     if not (isinstance(outputs, dict) and {"logits", "reconstruction"} <= set(outputs)):
         raise ValueError(
@@ -191,8 +185,9 @@ def sequential_value_and_grad(
 
     params: the model's ``params``; batch: a batch after ``task.prepare_batch``;
     rng: the ``dropout`` key (the same masks as the whole model's call with this key);
-    dtype: the compute dtype: parameters and the batch's floats are cast to it as the
-    train step casts them (the gradients stay in the parameters' dtype).
+    dtype: the compute dtype: parameters and the model's float inputs are cast to it as
+    the train step casts them (the loss's targets stay float32; the gradients stay in
+    the parameters' dtype).
     Returns ``((loss_sum, (weight, metrics)), grads)``: equal to ``jax.grad`` of the
     task's loss sum over the whole model (tests/train/test_local_learning.py), with
     module k's backward pass finished before module k + 1's forward pass starts.
@@ -208,9 +203,12 @@ def sequential_value_and_grad(
         )
     model_kwargs = model_kwargs or {}
     num_modules = model.num_modules
-    batch = _cast_floats(batch, dtype)
+    # Imported here: steps imports tasks, which imports this module to register its task.
+    from effformer.train.steps import cast_floats
+
     weights = batch["mask"].astype(jnp.float32) if "mask" in batch else None
-    inputs = task.model_inputs(batch)
+    # The model's inputs only, as the train step: the loss's targets stay float32.
+    inputs = cast_floats(task.model_inputs(batch), dtype)
     grads: dict = {}
     features = None
     logits, errors = [], []
@@ -220,7 +218,7 @@ def sequential_value_and_grad(
 
         def module_loss(own: dict, features: Array | None, k: int = k, rest: dict = rest):
             outputs = model.apply(
-                {"params": _cast_floats({**rest, **own}, dtype)},
+                {"params": cast_floats({**rest, **own}, dtype)},
                 **inputs,
                 train=True,
                 rngs={"dropout": rng},

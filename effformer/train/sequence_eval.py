@@ -112,7 +112,7 @@ def evaluate_sequence_task(
     from effformer.train.experiment import compute_dtype
     from effformer.train.model_state import variables
     from effformer.train.schedules import eval_kwargs
-    from effformer.train.steps import _cast_floats as cast_floats
+    from effformer.train.steps import cast_floats
 
     if split not in exp.info.splits:
         raise ValueError(f"split: expected one of {sorted(exp.info.splits)}, got {split!r}.")

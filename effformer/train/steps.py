@@ -26,7 +26,7 @@ from effformer.train.state import TrainState
 Batch = dict[str, jax.Array]
 
 
-def _cast_floats(tree: Any, dtype: jnp.dtype) -> Any:
+def cast_floats(tree: Any, dtype: jnp.dtype) -> Any:
     """Float arrays of ``tree`` cast to ``dtype``; other leaves (Python numbers such as
     MatFormer's ``ffn_granularities``, integer arrays) unchanged."""
 
@@ -75,7 +75,7 @@ def make_train_step(exp: Experiment) -> Callable[[TrainState, Batch], tuple[Trai
         if dtype != jnp.float32:
             # Only what the model reads: the loss's float targets (label-smoothed or mixed
             # labels, a teacher's logits) and weights stay float32, as the loss does.
-            params, inputs = _cast_floats(params, dtype), _cast_floats(inputs, dtype)
+            params, inputs = cast_floats(params, dtype), cast_floats(inputs, dtype)
         outputs = model.apply(
             variables(params, model_state),
             **inputs,
@@ -177,7 +177,7 @@ def make_eval_step(
         batch = task.prepare_batch(batch, jax.random.PRNGKey(0), train=False)
         inputs = task.model_inputs(batch)
         if dtype != jnp.float32:  # As in the train step: the model's inputs only.
-            params, inputs = _cast_floats(params, dtype), _cast_floats(inputs, dtype)
+            params, inputs = cast_floats(params, dtype), cast_floats(inputs, dtype)
         outputs = model.apply(
             variables(params, model_state),
             **inputs,

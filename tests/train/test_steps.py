@@ -41,9 +41,9 @@ def test_bfloat16_casts_the_model_inputs_but_not_the_loss_targets(make_config, w
 def test_the_cast_leaves_python_numbers_and_integer_arrays_alone():
     # The steps cast the model's inputs, which may hold Python numbers (Paraformer's
     # glancing_ratio, MatFormer's ffn_granularities): they have no dtype to cast.
-    from effformer.train.steps import _cast_floats
+    from effformer.train.steps import cast_floats
 
-    cast = _cast_floats(
+    cast = cast_floats(
         {"x": jnp.ones(2), "tokens": jnp.ones(2, jnp.int32), "ratio": 0.75, "widths": (0.5, 1.0)},
         jnp.bfloat16,
     )
