@@ -144,11 +144,14 @@ def gumbel_softmax_straight_through(key: Array, logits: Array, temperature: Arra
     2017, straight-through). Written ``hard + (soft - stop_gradient(soft))`` so
     the forward value is the one-hot vector to the bit.
     """
-    noise = jax.random.gumbel(key, logits.shape, logits.dtype)
-    perturbed = logits + noise
+    # Sampled in float32 at least, whatever the compute dtype: bfloat16 Gumbel noise ties
+    # in ~2% of draws (argmax then takes the first candidate) and tops out near 4.8, which
+    # skews the choice. The one-hot value is exact in any dtype, so the result is cast back.
+    dtype = jnp.promote_types(logits.dtype, jnp.float32)
+    perturbed = logits.astype(dtype) + jax.random.gumbel(key, logits.shape, dtype)
     soft = jax.nn.softmax(perturbed / temperature, axis=-1)
     hard = jax.nn.one_hot(jnp.argmax(perturbed, axis=-1), logits.shape[-1], dtype=soft.dtype)
-    return hard + (soft - jax.lax.stop_gradient(soft))
+    return (hard + (soft - jax.lax.stop_gradient(soft))).astype(logits.dtype)
 
 
 def _check_logits(logits: Array, candidates: Array) -> None:

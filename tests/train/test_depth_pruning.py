@@ -89,6 +89,18 @@ def test_straight_through_sample_is_one_hot_with_the_softmax_gradient(x64):
     np.testing.assert_allclose(grad, soft * (cotangent - dot) / temperature, rtol=1e-12)
 
 
+def test_bfloat16_logits_are_sampled_with_float32_noise():
+    # Regression: bfloat16 logits drew bfloat16 Gumbel noise, which ties in ~2% of draws
+    # (argmax then takes the first candidate) and skews the choice. The sample must be
+    # the float32 one, returned in the logits' dtype.
+    logits = jnp.zeros((400, 6), jnp.bfloat16)
+    key = jax.random.PRNGKey(7)
+    sample = gumbel_softmax_straight_through(key, logits, 1.0)
+    assert sample.dtype == jnp.bfloat16
+    want = gumbel_softmax_straight_through(key, logits.astype(jnp.float32), 1.0)
+    np.testing.assert_array_equal(np.asarray(sample, np.float32), np.asarray(want))
+
+
 def test_sampled_gates_are_the_chosen_candidates():
     candidates = candidate_masks(2, 4)
     logits = jnp.zeros((2, len(candidates))).at[0, 5].set(50.0).at[1, 0].set(50.0)
