@@ -235,6 +235,10 @@ class MambaLM(nn.Module):
     def padded_vocab_size(self) -> int:
         return pad_vocab_size(self.vocab_size, self.pad_vocab_size_multiple)
 
+    # Segment ids are a padding mask only (the state runs across packed sequences): one
+    # sequence per row. The trainer refuses packed data for a model saying False here.
+    supports_packing = False
+
     def dummy_inputs(self, batch_size: int) -> dict[str, Array]:
         return {"inputs": jnp.ones((batch_size, 8), jnp.int32)}
 

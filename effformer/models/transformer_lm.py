@@ -21,9 +21,10 @@ Ettin's local/global alternation and Mamba/attention hybrids are configs:
 Packed batches: ``segment_ids [B, L]`` (0 = padding) keep attention inside
 each sequence and ``positions [B, L]`` restart at 0 in each (computed from the
 segment ids when not given), so a packed row computes exactly what its
-sequences would, padded, one per row (see ``effformer.data.packing``). Mamba
-layers treat segment ids as a padding mask only: they do not reset their
-state between packed sequences, so hybrids need one sequence per row.
+sequences would, padded, one per row (see ``effformer.data.packing``). Mamba,
+LMU and Combiner layers treat segment ids as a padding mask only (Mamba and LMU
+do not reset their state between packed sequences, Combiner's summaries span
+them), so models with such layers need one sequence per row.
 
 Decoding (``decode=True``, ``mutable=["cache"]``): attention layers keep a KV
 cache, Mamba and LMU layers their recurrent states; see ``effformer.models.generate``.
@@ -271,6 +272,14 @@ class TransformerLM(_LMBase):
     @property
     def causal(self) -> bool:
         return self.kind != "encoder"
+
+    @property
+    def supports_packing(self) -> bool:
+        """Whether a packed row (sequences told apart by ``segment_ids``) computes what each
+        sequence would alone: attention and EcoFormer layers keep sequences apart; Mamba,
+        LMU and Combiner layers read segment ids as a padding mask only."""
+        specs = expand_layer_pattern(self.layer_pattern, self.num_layers, self.layer_overrides)
+        return all(spec.is_attention or spec.kind == "ecoformer" for spec in specs)
 
     @property
     def supports_chunked_decode(self) -> bool:

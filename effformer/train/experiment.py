@@ -108,6 +108,18 @@ def _check_model_takes_granularities(model: nn.Module, config: ml_collections.Co
         )
 
 
+def _check_model_packs(model: Any, config: ml_collections.ConfigDict) -> None:
+    """Packed data needs a model that keeps packed sequences apart (``supports_packing``):
+    Mamba, LMU and Combiner layers read segment ids as padding only, and would silently
+    mix the sequences of a row."""
+    if config.data.packing and getattr(model, "supports_packing", True) is False:
+        raise ValueError(
+            f"config.data.packing must be False for config.model.name={config.model.name!r} "
+            f"({type(model).__name__}): its layers read segment ids as a padding mask only, "
+            "so the sequences packed in a row would mix; give one sequence per row."
+        )
+
+
 def _give_prefix_lm_its_prompt(task: Any, model: Any, config: ml_collections.ConfigDict) -> None:
     """A prefix LM on a causal_lm task attends both ways inside each row's prompt.
 
@@ -144,6 +156,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     model = models.create(config.model.name, tiny=config.model.tiny, **overrides)
     _check_model_takes_granularities(model, config)
     _give_prefix_lm_its_prompt(task, model, config)
+    _check_model_packs(model, config)
     tx, lr_schedule = create_optimizer(config.optimizer, num_train_steps)
     use_ema = config.ema_decay > 0
 

@@ -305,3 +305,23 @@ def test_a_prefix_lm_trains_with_its_prompt_as_prefix(make_config):
     config.model.name, config.data.packing = "lm_prefix", True
     with pytest.raises(ValueError, match="packing must be False for a prefix LM"):
         build_experiment(config)
+
+
+@pytest.mark.parametrize(
+    "name, packs", [("lm_decoder", True), ("lm_hybrid_mamba", False), ("mamba_130m", False)]
+)
+def test_packed_data_is_refused_for_models_that_would_mix_the_sequences(make_config, name, packs):
+    # Regression: Mamba (and LMU, Combiner) layers read segment ids as padding only, so a
+    # packed row silently mixed its sequences.
+    from effformer.data import default_data_config
+    from effformer.train.experiment import build_experiment
+
+    config = make_config(mesh__num_devices=1)
+    config.data = default_data_config("reverse")
+    config.data.packing = True
+    config.model.name, config.model.tiny, config.task.name = name, True, "causal_lm"
+    if packs:
+        assert build_experiment(config).model.supports_packing
+    else:
+        with pytest.raises(ValueError, match="packing must be False for config.model.name"):
+            build_experiment(config)
