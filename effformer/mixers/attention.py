@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from effformer.nn.initializers import trunc_normal
+from effformer.initializers import trunc_normal
 from effformer.nn.norms import RMSNorm
 from effformer.nn.position import PositionEncoding
 from effformer.ops.attention import dot_product_attention

@@ -104,7 +104,7 @@ import optax
 from flax import traverse_util
 from jax import lax
 
-from effformer.nn.initializers import trunc_normal
+from effformer.initializers import trunc_normal
 from effformer.ops.masks import AttentionMask, dense_mask
 
 Array = jax.Array

@@ -41,8 +41,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from effformer.initializers import trunc_normal
 from effformer.mixers.mamba import symmetric_uniform, torch_default_init
-from effformer.nn.initializers import trunc_normal
 from effformer.ops.legendre_memory import (
     IMPLEMENTATIONS,
     discretised_state_space,

@@ -43,10 +43,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effformer.initializers import trunc_normal
 from effformer.models.registry import register
 from effformer.nn.block import ResidualBlock
 from effformer.nn.ffn import llama_hidden_dim
-from effformer.nn.initializers import trunc_normal
 from effformer.nn.norms import RMSNorm
 from effformer.nn.pooling import ClassToken
 from effformer.nn.position import LearnedPositionEmbedding, RotaryPositionEncoding

@@ -70,10 +70,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effformer.initializers import trunc_normal
 from effformer.models.registry import register
 from effformer.nn.droppath import DropPath
 from effformer.nn.ffn import MLP
-from effformer.nn.initializers import trunc_normal
 from effformer.nn.norms import LayerNorm
 from effformer.ops.attention import dot_product_attention
 

@@ -80,10 +80,10 @@ import jax
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
+from effformer.initializers import trunc_normal
 from effformer.mixers import MIXERS
 from effformer.nn.block import ORDERINGS, ResidualBlock
 from effformer.nn.ffn_widths import FfnWidths, granularity_runs, resolve_ffn_widths
-from effformer.nn.initializers import trunc_normal
 from effformer.nn.norms import LayerNorm
 from effformer.nn.pooling import ClassToken, SeqPool, mean_pool
 from effformer.nn.position import LearnedPositionEmbedding, SinusoidalPositionEncoding

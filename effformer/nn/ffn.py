@@ -27,8 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from effformer.initializers import trunc_normal
 from effformer.nn.dense_sparse import DenseSparseLinear
-from effformer.nn.initializers import trunc_normal
 
 Array = jax.Array
 Dtype = Any

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effformer.nn.initializers import trunc_normal
+from effformer.initializers import trunc_normal
 
 Array = jax.Array
 Dtype = Any

@@ -81,7 +81,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from effformer.nn.initializers import trunc_normal
+from effformer.initializers import trunc_normal
 from effformer.reducers.zero_tprune import importance_stage
 
 Array = jax.Array

@@ -47,7 +47,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from effformer.nn.initializers import trunc_normal
+from effformer.initializers import trunc_normal
 
 Array = jax.Array
 Dtype = Any

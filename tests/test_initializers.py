@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from effformer.nn.initializers import trunc_normal
+from effformer.initializers import trunc_normal
 
 
 @pytest.mark.parametrize("std", [0.02, 0.2])
