@@ -35,6 +35,20 @@ def cached_eval_step(exp: Experiment, model_kwargs: dict[str, float]):
     return exp.eval_steps[key]
 
 
+def checked_model_state(owner: str, exp: Any, model_state: Any) -> dict:
+    """``model_state`` as a dict, refused unless it holds exactly the experiment's
+    collections besides ``params`` (EcoFormer's hash functions, ...)."""
+    model_state = {} if model_state is None else dict(model_state)
+    expected = sorted(exp.abstract_state.model_state)
+    if sorted(model_state) != expected:
+        raise ValueError(
+            f"{owner}: model {exp.config.model.name!r} needs model_state with the collections "
+            f"{expected}, got {sorted(model_state)}; pass state.model_state (or "
+            "RestoredRun.model_state)."
+        )
+    return model_state
+
+
 def run_evaluation(
     exp: Experiment, params: Any, split: str | None = None, model_state: Any = None
 ) -> dict[str, float]:
@@ -47,14 +61,7 @@ def run_evaluation(
     split = split or exp.info.eval_split
     if split not in exp.info.splits:
         raise ValueError(f"split must be one of {sorted(exp.info.splits)}, got {split!r}.")
-    model_state = {} if model_state is None else dict(model_state)
-    expected = sorted(exp.abstract_state.model_state)
-    if sorted(model_state) != expected:
-        raise ValueError(
-            f"run_evaluation: model {exp.config.model.name!r} needs model_state with the "
-            f"collections {expected}, got {sorted(model_state)}; pass state.model_state (or "
-            "RestoredRun.model_state)."
-        )
+    model_state = checked_model_state("run_evaluation", exp, model_state)
     model_kwargs = eval_kwargs(exp.config.model_schedules, exp.steps_per_epoch, exp.num_train_steps)
     eval_step = cached_eval_step(exp, model_kwargs)
     pipeline = create_input_pipeline(

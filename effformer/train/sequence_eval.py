@@ -109,6 +109,7 @@ def evaluate_sequence_task(
     run kept one); ``model_state``: its variables besides ``params``, if it has some.
     """
     from effformer.data import create_input_pipeline
+    from effformer.train.evaluate import checked_model_state
     from effformer.train.experiment import compute_dtype
     from effformer.train.model_state import variables
     from effformer.train.schedules import eval_kwargs
@@ -122,14 +123,7 @@ def evaluate_sequence_task(
             f"{tuple(exp.config.task.matformer_widths)!r}, so its model gives one output per "
             "width; evaluate one width at a time with matformer_widths=()."
         )
-    model_state = {} if model_state is None else dict(model_state)
-    expected = sorted(exp.abstract_state.model_state)
-    if sorted(model_state) != expected:
-        raise ValueError(
-            f"evaluate_sequence_task: model {exp.config.model.name!r} needs model_state with "
-            f"the collections {expected}, got {sorted(model_state)}; pass "
-            "RestoredRun.model_state (or state.model_state)."
-        )
+    model_state = checked_model_state("evaluate_sequence_task", exp, model_state)
     # As in the trainer's eval step (effformer.train.steps.make_eval_step).
     model_kwargs = eval_kwargs(exp.config.model_schedules, exp.steps_per_epoch, exp.num_train_steps)
     dtype = compute_dtype(exp.config)
