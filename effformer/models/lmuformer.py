@@ -100,6 +100,19 @@ Array = jax.Array
 Dtype = Any
 
 
+def _conv3(features: int, dtype: Dtype | None, name: str) -> nn.Conv:
+    """The patch embedding's kernel-3 ``Conv1d`` (padding 1, no bias), PyTorch's default init."""
+    return nn.Conv(
+        features,
+        (3,),
+        padding=((1, 1),),
+        use_bias=False,
+        kernel_init=torch_default_init,
+        dtype=dtype,
+        name=name,
+    )
+
+
 def _conv1x1(features: int, fan_in: int, dtype: Dtype | None, name: str) -> nn.Dense:
     """A 1x1 ``Conv1d`` of the original (with bias), as a Dense with PyTorch's default init."""
     return nn.Dense(
@@ -197,25 +210,9 @@ class ConvTokenizer(nn.Module):
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
         for i in range(self.num_conv_layers):
-            x = nn.Conv(
-                self.embed_dim,
-                (3,),
-                padding=((1, 1),),
-                use_bias=False,
-                kernel_init=torch_default_init,
-                dtype=self.dtype,
-                name=f"conv_{i}",
-            )(x)
+            x = _conv3(self.embed_dim, self.dtype, f"conv_{i}")(x)
             x = _batch_norm(deterministic, f"norm_{i}")(nn.relu(x)).astype(x.dtype)
-        position = nn.Conv(
-            self.embed_dim,
-            (3,),
-            padding=((1, 1),),
-            use_bias=False,
-            kernel_init=torch_default_init,
-            dtype=self.dtype,
-            name="position_conv",
-        )(x)
+        position = _conv3(self.embed_dim, self.dtype, "position_conv")(x)
         return x + position
 
 
@@ -249,15 +246,7 @@ class SpikingConvTokenizer(nn.Module):
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
         def conv(name: str) -> nn.Conv:
-            return nn.Conv(
-                self.embed_dim,
-                (3,),
-                padding=((1, 1),),
-                use_bias=False,
-                kernel_init=torch_default_init,
-                dtype=self.dtype,
-                name=name,
-            )
+            return _conv3(self.embed_dim, self.dtype, name)
 
         x = conv("conv_0")(x)
         for i in range(1, self.num_conv_layers):
